@@ -1,0 +1,820 @@
+//! The checked-out client and its transactions. Every statement passes through [`Ctx`]: it
+//! is checked against the pinning rules, bounded by the query timeout and the deadline, and
+//! counted in flight until it finishes.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Buf;
+use tokio::time::Instant;
+use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
+use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
+
+use crate::conn::{Conn, ConnState, InFlight};
+use crate::deadline::{Bound, within};
+use crate::error::{Error, Phase};
+use crate::pinning::{Classification, Protocol, Reason, Reasons, TxnControl, classify};
+use crate::pool::PoolInner;
+use crate::statement::{Statement, StatementRef, ToStatement};
+use crate::stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream};
+
+/// What runs a statement needs besides the client: the connection's state, the pool's
+/// settings and the caller's cutoff.
+#[derive(Clone, Copy)]
+struct Guarded<'a> {
+    state: &'a ConnState,
+    pool: &'a PoolInner,
+    cutoff: Option<Instant>,
+}
+
+impl<'a> Guarded<'a> {
+    fn bound(&self) -> Result<Option<Bound>, Error> {
+        let bound = Bound::new(self.pool.settings.query_timeout, self.cutoff);
+        match bound {
+            Some(b) if b.passed() => Err(b.error(Phase::Query)),
+            b => Ok(b),
+        }
+    }
+
+    /// Checks `sql` against the pin rules before it is sent; returns its transaction effect.
+    fn check(&self, sql: &str, class: Option<Classification>, protocol: Protocol) -> Result<TxnControl, Error> {
+        let c = class.unwrap_or_else(|| classify(sql));
+        let pins = self.pool.settings.pin_rules.pinning_reasons(&c, protocol);
+        if !pins.is_empty() {
+            self.pool.on_pin(self.state, pins, sql)?;
+        }
+        Ok(c.txn)
+    }
+
+    /// Runs a statement to completion under the bound. On timeout the socket closes at once.
+    async fn run<T>(
+        self,
+        txn: TxnControl,
+        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Error> {
+        let bound = self.bound()?;
+        let in_flight = self.state.begin();
+        match within(bound, fut).await {
+            Ok(res) => {
+                self.state.text_txn(txn, res.is_ok());
+                in_flight.done();
+                res.map_err(Error::Query)
+            }
+            Err(()) => Err(self.expire(bound)),
+        }
+    }
+
+    /// Starts a stream or copy under the bound; it stays in flight until the wrapper finishes.
+    async fn open<S>(
+        self,
+        txn: TxnControl,
+        fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
+    ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
+        let bound = self.bound()?;
+        if txn != TxnControl::None {
+            // A stream's end cannot tell whether each statement succeeded.
+            self.state.text_txn(txn, false);
+        }
+        let in_flight = self.state.begin();
+        match within(bound, fut).await {
+            Ok(Ok(s)) => Ok((s, bound, in_flight)),
+            Ok(Err(e)) => {
+                in_flight.done();
+                Err(Error::Query(e))
+            }
+            Err(()) => Err(self.expire(bound)),
+        }
+    }
+
+    fn expire(&self, bound: Option<Bound>) -> Error {
+        self.state.kill();
+        match bound {
+            Some(b) => b.error(Phase::Query),
+            None => unreachable!("a future without a bound cannot time out"),
+        }
+    }
+}
+
+/// A client and its guard: the single place statements pass through.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    client: &'a Client,
+    g: Guarded<'a>,
+}
+
+/// Checks and runs a statement argument with `$run` (`run` or `open`), binding `$s` to the
+/// SQL text or the prepared tokio-postgres statement.
+macro_rules! dispatch {
+    ($ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
+        let ctx = $ctx;
+        match $stmt.__statement() {
+            StatementRef::Text(sql) => {
+                let txn = ctx.g.check(sql, None, Protocol::Parse)?;
+                let $s = sql;
+                dispatch!(@$run ctx, txn, $call)
+            }
+            StatementRef::Prepared(p) => {
+                let txn = ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
+                let $s = &p.inner;
+                dispatch!(@$run ctx, txn, $call)
+            }
+        }
+    }};
+    (@run $ctx:ident, $txn:ident, $call:expr) => { $ctx.g.run($txn, $call).await };
+    (@open $ctx:ident, $txn:ident, $call:expr) => { $ctx.g.open($txn, $call).await };
+}
+
+impl<'a> Ctx<'a> {
+    async fn prepare_typed(self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+        // Preparing sends a Parse, which pins only under the legacy rules; what the SQL itself
+        // does is checked each time the statement is executed.
+        let parse_only = Classification {
+            reasons: Reasons::EMPTY,
+            txn: TxnControl::None,
+        };
+        self.g.check(query, Some(parse_only), Protocol::Parse)?;
+        let inner = self
+            .g
+            .run(TxnControl::None, self.client.prepare_typed(query, types))
+            .await?;
+        Ok(Statement {
+            inner,
+            sql: Arc::from(query),
+            class: classify(query),
+        })
+    }
+
+    async fn query<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+        dispatch!(self, statement, run, |s| self.client.query(s, params))
+    }
+
+    async fn query_one<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+        dispatch!(self, statement, run, |s| self.client.query_one(s, params))
+    }
+
+    async fn query_opt<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error> {
+        dispatch!(self, statement, run, |s| self.client.query_opt(s, params))
+    }
+
+    async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<R>, Error> {
+        dispatch!(self, statement, run, |s| self.client.query_scalar(s, params))
+    }
+
+    async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<R, Error> {
+        dispatch!(self, statement, run, |s| self.client.query_one_scalar(s, params))
+    }
+
+    async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<R>, Error> {
+        dispatch!(self, statement, run, |s| self.client.query_opt_scalar(s, params))
+    }
+
+    async fn query_raw<T, P, I>(self, statement: &T, params: I) -> Result<RowStream<'a>, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let (s, bound, f) = dispatch!(self, statement, open, |s| self.client.query_raw(s, params))?;
+        Ok(RowStream::new(s, bound, self.g.state, f))
+    }
+
+    async fn query_typed(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
+        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.run(txn, self.client.query_typed(query, params)).await
+    }
+
+    async fn query_typed_one(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row, Error> {
+        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.run(txn, self.client.query_typed_one(query, params)).await
+    }
+
+    async fn query_typed_opt(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Option<Row>, Error> {
+        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.run(txn, self.client.query_typed_opt(query, params)).await
+    }
+
+    async fn query_typed_raw<P, I>(self, query: &str, params: I) -> Result<RowStream<'a>, Error>
+    where
+        P: BorrowToSql,
+        I: IntoIterator<Item = (P, Type)>,
+    {
+        let txn = self.g.check(query, None, Protocol::Parse)?;
+        let (s, bound, f) = self.g.open(txn, self.client.query_typed_raw(query, params)).await?;
+        Ok(RowStream::new(s, bound, self.g.state, f))
+    }
+
+    async fn execute<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
+        dispatch!(self, statement, run, |s| self.client.execute(s, params))
+    }
+
+    async fn execute_typed(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64, Error> {
+        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.run(txn, self.client.execute_typed(query, params)).await
+    }
+
+    async fn execute_raw<T, P, I>(self, statement: &T, params: I) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        dispatch!(self, statement, run, |s| self.client.execute_raw(s, params))
+    }
+
+    async fn copy_in<T, U>(self, statement: &T) -> Result<CopyInSink<'a, U>, Error>
+    where
+        T: ?Sized + ToStatement,
+        U: Buf + 'static + Send,
+    {
+        let (s, bound, f) = dispatch!(self, statement, open, |s| self.client.copy_in(s))?;
+        Ok(CopyInSink::new(s, bound, self.g.state, f))
+    }
+
+    async fn copy_out<T: ?Sized + ToStatement>(self, statement: &T) -> Result<CopyOutStream<'a>, Error> {
+        let (s, bound, f) = dispatch!(self, statement, open, |s| self.client.copy_out(s))?;
+        Ok(CopyOutStream::new(s, bound, self.g.state, f))
+    }
+
+    async fn simple_query(self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        let txn = self.g.check(query, None, Protocol::Simple)?;
+        self.g.run(txn, self.client.simple_query(query)).await
+    }
+
+    async fn simple_query_raw(self, query: &str) -> Result<SimpleQueryStream<'a>, Error> {
+        let txn = self.g.check(query, None, Protocol::Simple)?;
+        let (s, bound, f) = self.g.open(txn, self.client.simple_query_raw(query)).await?;
+        Ok(SimpleQueryStream::new(s, bound, self.g.state, f))
+    }
+
+    async fn batch_execute(self, query: &str) -> Result<(), Error> {
+        let txn = self.g.check(query, None, Protocol::Simple)?;
+        self.g.run(txn, self.client.batch_execute(query)).await
+    }
+}
+
+/// Generates the statement methods, with tokio-postgres's names and argument shapes, on a
+/// type with a `fn ctx(&self) -> Ctx<'_>`.
+macro_rules! statement_methods {
+    () => {
+        /// Prepares a statement (a protocol-level Parse; it does not pin on today's RDS Proxy).
+        ///
+        /// # Errors
+        /// The server's error, a timeout, or [`Error::PinRefused`](crate::Error::PinRefused).
+        pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+            self.ctx().prepare_typed(query, &[]).await
+        }
+
+        /// Prepares a statement with the given parameter types.
+        ///
+        /// # Errors
+        /// As [`prepare`](Self::prepare).
+        pub async fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> Result<Statement, Error> {
+            self.ctx().prepare_typed(query, parameter_types).await
+        }
+
+        /// Runs a statement and returns its rows.
+        ///
+        /// # Errors
+        /// The server's error, a timeout (the connection is then closed), or
+        /// [`Error::PinRefused`](crate::Error::PinRefused).
+        pub async fn query<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+            self.ctx().query(statement, params).await
+        }
+
+        /// Runs a statement that returns exactly one row.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query), and when the row count is not one.
+        pub async fn query_one<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+            self.ctx().query_one(statement, params).await
+        }
+
+        /// Runs a statement that returns at most one row.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query), and when more than one row comes back.
+        pub async fn query_opt<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error> {
+            self.ctx().query_opt(statement, params).await
+        }
+
+        /// Runs a statement returning one column and collects its values.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query), and when a row has more than one column.
+        pub async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<R>, Error> {
+            self.ctx().query_scalar(statement, params).await
+        }
+
+        /// Runs a statement returning exactly one row of one column.
+        ///
+        /// # Errors
+        /// As [`query_one`](Self::query_one).
+        pub async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<R, Error> {
+            self.ctx().query_one_scalar(statement, params).await
+        }
+
+        /// Runs a statement returning at most one row of one column.
+        ///
+        /// # Errors
+        /// As [`query_opt`](Self::query_opt).
+        pub async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<R>, Error> {
+            self.ctx().query_opt_scalar(statement, params).await
+        }
+
+        /// Runs a statement and streams its rows. Read the stream to its end: one dropped
+        /// early makes the pool close the connection.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+        where
+            T: ?Sized + ToStatement,
+            P: BorrowToSql,
+            I: IntoIterator<Item = P>,
+            I::IntoIter: ExactSizeIterator,
+        {
+            self.ctx().query_raw(statement, params).await
+        }
+
+        /// Runs a statement with explicitly typed parameters in one round trip (unnamed
+        /// statement).
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
+            self.ctx().query_typed(query, params).await
+        }
+
+        /// [`query_typed`](Self::query_typed) for exactly one row.
+        ///
+        /// # Errors
+        /// As [`query_one`](Self::query_one).
+        pub async fn query_typed_one(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row, Error> {
+            self.ctx().query_typed_one(query, params).await
+        }
+
+        /// [`query_typed`](Self::query_typed) for at most one row.
+        ///
+        /// # Errors
+        /// As [`query_opt`](Self::query_opt).
+        pub async fn query_typed_opt(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Option<Row>, Error> {
+            self.ctx().query_typed_opt(query, params).await
+        }
+
+        /// [`query_typed`](Self::query_typed), streaming the rows.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn query_typed_raw<P, I>(&self, query: &str, params: I) -> Result<RowStream<'_>, Error>
+        where
+            P: BorrowToSql,
+            I: IntoIterator<Item = (P, Type)>,
+        {
+            self.ctx().query_typed_raw(query, params).await
+        }
+
+        /// Runs a statement and returns the number of rows it affected.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn execute<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
+            self.ctx().execute(statement, params).await
+        }
+
+        /// [`execute`](Self::execute) with explicitly typed parameters, in one round trip.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn execute_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64, Error> {
+            self.ctx().execute_typed(query, params).await
+        }
+
+        /// [`execute`](Self::execute) with parameters from an iterator.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+        where
+            T: ?Sized + ToStatement,
+            P: BorrowToSql,
+            I: IntoIterator<Item = P>,
+            I::IntoIter: ExactSizeIterator,
+        {
+            self.ctx().execute_raw(statement, params).await
+        }
+
+        /// Starts a `COPY ... FROM STDIN`. Call [`CopyInSink::finish`] at the end.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn copy_in<T, U>(&self, statement: &T) -> Result<CopyInSink<'_, U>, Error>
+        where
+            T: ?Sized + ToStatement,
+            U: Buf + 'static + Send,
+        {
+            self.ctx().copy_in(statement).await
+        }
+
+        /// Starts a `COPY ... TO STDOUT`. Read the stream to its end.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn copy_out<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<CopyOutStream<'_>, Error> {
+            self.ctx().copy_out(statement).await
+        }
+
+        /// Sends a text of one or more statements with the simple protocol; returns their
+        /// rows as text.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+            self.ctx().simple_query(query).await
+        }
+
+        /// [`simple_query`](Self::simple_query), streaming the messages.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn simple_query_raw(&self, query: &str) -> Result<SimpleQueryStream<'_>, Error> {
+            self.ctx().simple_query_raw(query).await
+        }
+
+        /// Sends a text of one or more statements with the simple protocol, ignoring rows.
+        ///
+        /// # Errors
+        /// As [`query`](Self::query).
+        pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+            self.ctx().batch_execute(query).await
+        }
+    };
+}
+
+/// A connection checked out of the pool. It goes back when dropped, synchronously: to the idle
+/// set if its state is known and clean, otherwise it is closed.
+///
+/// It offers tokio-postgres's statement methods with the same names and argument shapes.
+/// Pool-specific calls are associated functions ([`PooledClient::pin_state`],
+/// [`PooledClient::raw`]) so they never shadow a driver method.
+pub struct PooledClient {
+    conn: Option<Conn>,
+    pool: Arc<PoolInner>,
+    cutoff: Option<Instant>,
+}
+
+/// Whether a connection may be pinned, and by what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PinState {
+    /// Every reason seen on this connection; empty when not pinned.
+    pub reasons: Reasons,
+    /// The start of the first statement that pinned it.
+    pub first_statement: Option<String>,
+}
+
+impl PinState {
+    /// True when the connection may be pinned.
+    pub fn is_pinned(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+}
+
+impl PooledClient {
+    pub(crate) fn new(conn: Conn, pool: Arc<PoolInner>, cutoff: Option<Instant>) -> Self {
+        PooledClient {
+            conn: Some(conn),
+            pool,
+            cutoff,
+        }
+    }
+
+    fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("a PooledClient holds its connection until dropped")
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        let conn = self.conn();
+        Ctx {
+            client: &conn.client,
+            g: Guarded {
+                state: &conn.state,
+                pool: &self.pool,
+                cutoff: self.cutoff,
+            },
+        }
+    }
+
+    statement_methods!();
+
+    /// Checks the connection with a round trip (a protocol Sync), bounded like a statement.
+    ///
+    /// # Errors
+    /// When the connection is broken or the bound passes.
+    pub async fn check_connection(&self) -> Result<(), Error> {
+        let ctx = self.ctx();
+        ctx.g.run(TxnControl::None, ctx.client.check_connection()).await
+    }
+
+    /// True when the connection is known to be closed.
+    pub fn is_closed(&self) -> bool {
+        self.conn().client.is_closed() || self.conn().state.health(false).killed
+    }
+
+    /// Begins a transaction. Dropping it without `commit` rolls it back.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        self.build_transaction().start().await
+    }
+
+    /// A builder for a transaction with an isolation level, read-only or deferrable.
+    pub fn build_transaction(&mut self) -> TransactionBuilder<'_> {
+        let conn = self.conn.as_mut().expect("a PooledClient holds its connection until dropped");
+        TransactionBuilder {
+            inner: conn.client.build_transaction(),
+            g: Guarded {
+                state: &conn.state,
+                pool: &self.pool,
+                cutoff: self.cutoff,
+            },
+        }
+    }
+
+    /// Whether this connection may be pinned, and by which statement first.
+    pub fn pin_state(this: &Self) -> PinState {
+        let state = &this.conn().state;
+        PinState {
+            reasons: state.pinned(),
+            first_statement: state.first_pin(),
+        }
+    }
+
+    /// The tokio-postgres client, for what pinpool does not wrap. pinpool cannot see what is
+    /// sent through it, so the connection counts as possibly pinned
+    /// ([`Reason::Untracked`]) and is closed when returned.
+    pub fn raw(this: &Self) -> &Client {
+        let conn = this.conn();
+        conn.state.set_untracked();
+        let _ = this.pool.on_pin(&conn.state, Reasons::of(Reason::Untracked), "(raw access)");
+        &conn.client
+    }
+
+    /// The deadline-derived cutoff this client's statements stop at, if any.
+    pub fn cutoff(this: &Self) -> Option<Instant> {
+        this.cutoff
+    }
+}
+
+impl Drop for PooledClient {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put_back(conn);
+        }
+    }
+}
+
+impl std::fmt::Debug for PooledClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = &self.conn().state;
+        f.debug_struct("PooledClient")
+            .field("connection", &state.id)
+            .field("pinned", &state.pinned())
+            .finish()
+    }
+}
+
+/// Marks a connection as inside a pinpool transaction while the outermost one lives. If the
+/// transaction is leaked (`mem::forget`), the mark stays and the connection is closed.
+struct TxnMark<'a>(&'a ConnState);
+
+impl<'a> TxnMark<'a> {
+    fn new(state: &'a ConnState) -> Self {
+        state.set_txn_object(true);
+        TxnMark(state)
+    }
+}
+
+impl Drop for TxnMark<'_> {
+    fn drop(&mut self) {
+        self.0.set_txn_object(false);
+    }
+}
+
+/// A transaction (or a savepoint inside one). Dropping it without [`Transaction::commit`]
+/// queues a `ROLLBACK` (sent before anything else on the connection).
+pub struct Transaction<'a> {
+    // Field order matters: the rollback is queued before the mark is cleared.
+    inner: tokio_postgres::Transaction<'a>,
+    g: Guarded<'a>,
+    _mark: Option<TxnMark<'a>>,
+}
+
+impl<'a> Transaction<'a> {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            client: self.inner.client(),
+            g: self.g,
+        }
+    }
+
+    statement_methods!();
+
+    /// Commits the transaction (or releases the savepoint).
+    ///
+    /// # Errors
+    /// The server's error or a timeout.
+    pub async fn commit(self) -> Result<(), Error> {
+        let Transaction { inner, g, _mark } = self;
+        g.run(TxnControl::None, inner.commit()).await
+    }
+
+    /// Rolls the transaction back (or back to the savepoint).
+    ///
+    /// # Errors
+    /// The server's error or a timeout.
+    pub async fn rollback(self) -> Result<(), Error> {
+        let Transaction { inner, g, _mark } = self;
+        g.run(TxnControl::None, inner.rollback()).await
+    }
+
+    /// A nested transaction (a savepoint).
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        let g = self.g;
+        let inner = g.run(TxnControl::None, self.inner.transaction()).await?;
+        Ok(Transaction { inner, g, _mark: None })
+    }
+
+    /// A nested transaction with a savepoint name.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn savepoint<I: Into<String>>(&mut self, name: I) -> Result<Transaction<'_>, Error> {
+        let g = self.g;
+        let inner = g.run(TxnControl::None, self.inner.savepoint(name)).await?;
+        Ok(Transaction { inner, g, _mark: None })
+    }
+
+    /// Binds a statement's parameters to a portal, read with [`query_portal`](Self::query_portal):
+    /// the pin-free way to read a large result in pieces (instead of `DECLARE CURSOR`).
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn bind<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Portal, Error> {
+        let inner = &self.inner;
+        dispatch!(self.ctx(), statement, run, |s| inner.bind(s, params))
+    }
+
+    /// [`bind`](Self::bind) with parameters from an iterator.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn bind_raw<P, T, I>(&self, statement: &T, params: I) -> Result<Portal, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let inner = &self.inner;
+        dispatch!(self.ctx(), statement, run, |s| inner.bind_raw(s, params))
+    }
+
+    /// Reads up to `max_rows` rows from a portal (0: all).
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn query_portal(&self, portal: &Portal, max_rows: i32) -> Result<Vec<Row>, Error> {
+        self.g.run(TxnControl::None, self.inner.query_portal(portal, max_rows)).await
+    }
+
+    /// [`query_portal`](Self::query_portal), streaming the rows.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn query_portal_raw(&self, portal: &Portal, max_rows: i32) -> Result<RowStream<'_>, Error> {
+        let (s, bound, f) = self.g.open(TxnControl::None, self.inner.query_portal_raw(portal, max_rows)).await?;
+        Ok(RowStream::new(s, bound, self.g.state, f))
+    }
+}
+
+/// Builds a transaction, from [`PooledClient::build_transaction`].
+#[must_use = "a transaction builder does nothing until start() is called"]
+pub struct TransactionBuilder<'a> {
+    inner: tokio_postgres::TransactionBuilder<'a>,
+    g: Guarded<'a>,
+}
+
+impl<'a> TransactionBuilder<'a> {
+    /// The isolation level.
+    pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
+        self.inner = self.inner.isolation_level(level);
+        self
+    }
+
+    /// A read-only transaction.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.inner = self.inner.read_only(read_only);
+        self
+    }
+
+    /// A deferrable transaction (with serializable and read-only).
+    pub fn deferrable(mut self, deferrable: bool) -> Self {
+        self.inner = self.inner.deferrable(deferrable);
+        self
+    }
+
+    /// Begins the transaction.
+    ///
+    /// # Errors
+    /// The server's error or a timeout.
+    pub async fn start(self) -> Result<Transaction<'a>, Error> {
+        let mark = TxnMark::new(self.g.state);
+        let inner = self.g.run(TxnControl::None, self.inner.start()).await?;
+        Ok(Transaction {
+            inner,
+            g: self.g,
+            _mark: Some(mark),
+        })
+    }
+}
+
+/// What a pooled client and a transaction have in common, for code that takes either.
+pub trait GenericClient: private::Sealed + Sync {
+    /// See [`PooledClient::prepare`].
+    fn prepare(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send;
+    /// See [`PooledClient::prepare_typed`].
+    fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> impl Future<Output = Result<Statement, Error>> + Send;
+    /// See [`PooledClient::query`].
+    fn query<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
+    /// See [`PooledClient::query_one`].
+    fn query_one<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<Row, Error>> + Send;
+    /// See [`PooledClient::query_opt`].
+    fn query_opt<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<Option<Row>, Error>> + Send;
+    /// See [`PooledClient::query_typed`].
+    fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
+    /// See [`PooledClient::execute`].
+    fn execute<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<u64, Error>> + Send;
+    /// See [`PooledClient::execute_typed`].
+    fn execute_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> impl Future<Output = Result<u64, Error>> + Send;
+    /// See [`PooledClient::simple_query`].
+    fn simple_query(&self, query: &str) -> impl Future<Output = Result<Vec<SimpleQueryMessage>, Error>> + Send;
+    /// See [`PooledClient::batch_execute`].
+    fn batch_execute(&self, query: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    /// See [`PooledClient::transaction`].
+    fn transaction(&mut self) -> impl Future<Output = Result<Transaction<'_>, Error>> + Send;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::PooledClient {}
+    impl Sealed for super::Transaction<'_> {}
+}
+
+macro_rules! generic_client {
+    ($ty:ty) => {
+        impl GenericClient for $ty {
+            async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+                Self::prepare(self, query).await
+            }
+            async fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> Result<Statement, Error> {
+                Self::prepare_typed(self, query, parameter_types).await
+            }
+            async fn query<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+                Self::query(self, statement, params).await
+            }
+            async fn query_one<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+                Self::query_one(self, statement, params).await
+            }
+            async fn query_opt<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error> {
+                Self::query_opt(self, statement, params).await
+            }
+            async fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
+                Self::query_typed(self, query, params).await
+            }
+            async fn execute<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
+                Self::execute(self, statement, params).await
+            }
+            async fn execute_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64, Error> {
+                Self::execute_typed(self, query, params).await
+            }
+            async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+                Self::simple_query(self, query).await
+            }
+            async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+                Self::batch_execute(self, query).await
+            }
+            async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+                Self::transaction(self).await
+            }
+        }
+    };
+}
+
+generic_client!(PooledClient);
+generic_client!(Transaction<'_>);

@@ -1,0 +1,400 @@
+//! Configuration: a `#[must_use]` builder whose `build()` validates every option.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{NoTls, Socket};
+
+use crate::connect::{Connect, Connector, PasswordProvider, SharedPasswordProvider};
+use crate::error::Error;
+use crate::pinning::PinRules;
+use crate::pool::Pool;
+
+/// RDS Proxy closes client connections after 24 hours; `max_lifetime` must stay below.
+pub const PROXY_MAX_CLIENT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// What the pool does with a connection that may be pinned to a database connection by RDS
+/// Proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum PinPolicy {
+    /// Close it when it is returned to the pool, so it never sits pinned while the Lambda
+    /// environment is frozen (the default).
+    #[default]
+    CloseOnReturn,
+    /// Keep it (observe and report only).
+    Keep,
+    /// Refuse a statement that may pin with [`Error::PinRefused`] before sending it (strict
+    /// mode, for tests and development).
+    Refuse,
+}
+
+/// Where to connect: a connection string (URL or key-value) or a `tokio_postgres::Config`.
+pub struct ConnectionConfig {
+    parsed: Result<tokio_postgres::Config, Error>,
+    verify: Option<&'static str>,
+}
+
+impl From<tokio_postgres::Config> for ConnectionConfig {
+    fn from(config: tokio_postgres::Config) -> Self {
+        ConnectionConfig {
+            parsed: Ok(config),
+            verify: None,
+        }
+    }
+}
+
+impl From<&str> for ConnectionConfig {
+    fn from(s: &str) -> Self {
+        let (text, verify) = accept_verify_modes(s);
+        let parsed = text
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| Error::config("url", format!("cannot parse the connection string: {e}")));
+        ConnectionConfig { parsed, verify }
+    }
+}
+
+impl From<String> for ConnectionConfig {
+    fn from(s: String) -> Self {
+        ConnectionConfig::from(s.as_str())
+    }
+}
+
+impl From<&String> for ConnectionConfig {
+    fn from(s: &String) -> Self {
+        ConnectionConfig::from(s.as_str())
+    }
+}
+
+/// tokio-postgres rejects `sslmode=verify-full` and `verify-ca`, which RDS documents. Turn them
+/// into `require` (the TLS connector does the verifying) and drop `sslrootcert`, which
+/// tokio-postgres does not know (the TLS connector is given the roots instead).
+fn accept_verify_modes(s: &str) -> (String, Option<&'static str>) {
+    let mut verify = None;
+    let mut keep = |key: &str, value: &str| -> Option<String> {
+        match (key, value) {
+            ("sslmode", "verify-full") => verify = Some("verify-full"),
+            ("sslmode", "verify-ca") => verify = Some("verify-ca"),
+            ("sslrootcert", _) => return None,
+            _ => return Some(format!("{key}={value}")),
+        }
+        Some("sslmode=require".to_string())
+    };
+    let text = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        match s.split_once('?') {
+            Some((base, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .filter_map(|p| match p.split_once('=') {
+                        Some((k, v)) => keep(k, v),
+                        None => Some(p.to_string()),
+                    })
+                    .collect();
+                if params.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", params.join("&"))
+                }
+            }
+            None => s.to_string(),
+        }
+    } else {
+        // Key-value form: only the unquoted `key=value` pairs these keys take are rewritten.
+        s.split_ascii_whitespace()
+            .filter_map(|p| match p.split_once('=') {
+                Some((k @ ("sslmode" | "sslrootcert"), v)) => keep(k, v),
+                _ => Some(p.to_string()),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (text, verify)
+}
+
+/// The validated settings of a pool.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) max_size: usize,
+    pub(crate) min_idle: usize,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) query_timeout: Option<Duration>,
+    pub(crate) deadline_margin: Duration,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) pin_rules: PinRules,
+    pub(crate) pin_policy: PinPolicy,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // tokio-postgres's Config redacts the password in its Debug output.
+        f.debug_struct("Settings")
+            .field("pg", &self.pg)
+            .field("max_size", &self.max_size)
+            .field("min_idle", &self.min_idle)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("query_timeout", &self.query_timeout)
+            .field("deadline_margin", &self.deadline_margin)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("pin_rules", &self.pin_rules)
+            .field("pin_policy", &self.pin_policy)
+            .finish()
+    }
+}
+
+/// Builds a [`Pool`]. Every setter takes a value; [`Builder::build`] checks them all and
+/// opens nothing.
+///
+/// | option | default | why |
+/// |---|---|---|
+/// | `max_size` | 4 | a Lambda environment serves one invocation at a time; a few connections cover concurrent statements in it |
+/// | `min_idle` | 0 | opened only by [`Pool::warm_up`], never in the background |
+/// | `acquire_timeout` | 5 s | bounded further by the deadline |
+/// | `connect_timeout` | 5 s | bounds DNS, TCP, TLS, startup and authentication together |
+/// | `query_timeout` | 30 s | client side, per statement; bounded further by the deadline |
+/// | `deadline_margin` | 200 ms | time left to the handler to answer after a pool error |
+/// | `max_lifetime` | 1 h | well below RDS Proxy's 24 h client connection limit |
+/// | `idle_timeout` | 10 min | below RDS Proxy's 30 min `IdleClientTimeout`; wall clock, so a frozen environment counts |
+/// | `pin_policy` | `CloseOnReturn` | a pinned connection never sits idle while the environment is frozen |
+/// | `pin_rules` | today's AWS rules | see [`crate::pinning`] |
+#[must_use = "a builder does nothing until build() is called"]
+pub struct Builder {
+    conn: ConnectionConfig,
+    settings: SettingsDraft,
+    connector: Option<Arc<dyn Connect>>,
+    password: Option<SharedPasswordProvider>,
+}
+
+struct SettingsDraft {
+    max_size: usize,
+    min_idle: usize,
+    acquire_timeout: Duration,
+    connect_timeout: Duration,
+    query_timeout: Option<Duration>,
+    deadline_margin: Duration,
+    max_lifetime: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    pin_rules: PinRules,
+    pin_policy: PinPolicy,
+}
+
+impl Builder {
+    pub(crate) fn new(conn: ConnectionConfig) -> Builder {
+        Builder {
+            conn,
+            settings: SettingsDraft {
+                max_size: 4,
+                min_idle: 0,
+                acquire_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(5),
+                query_timeout: Some(Duration::from_secs(30)),
+                deadline_margin: Duration::from_millis(200),
+                max_lifetime: Some(Duration::from_secs(3600)),
+                idle_timeout: Some(Duration::from_secs(600)),
+                pin_rules: PinRules::new(),
+                pin_policy: PinPolicy::CloseOnReturn,
+            },
+            connector: None,
+            password: None,
+        }
+    }
+
+    /// The most connections open at once (idle and in use). Default 4.
+    pub fn max_size(mut self, n: usize) -> Self {
+        self.settings.max_size = n;
+        self
+    }
+
+    /// Connections [`Pool::warm_up`] opens and end-of-invocation trimming keeps. Default 0.
+    pub fn min_idle(mut self, n: usize) -> Self {
+        self.settings.min_idle = n;
+        self
+    }
+
+    /// The longest `get()` waits for a free connection. Default 5 s.
+    pub fn acquire_timeout(mut self, d: Duration) -> Self {
+        self.settings.acquire_timeout = d;
+        self
+    }
+
+    /// The longest opening a connection may take, all steps included. Default 5 s.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.settings.connect_timeout = d;
+        self
+    }
+
+    /// The longest one statement (or a stream, or a copy) may take, measured by the client;
+    /// `None` leaves only the deadline. When it fires, the connection is closed at once.
+    /// Default 30 s. Not the server's `statement_timeout`: set that on the role too.
+    pub fn query_timeout(mut self, d: Option<Duration>) -> Self {
+        self.settings.query_timeout = d;
+        self
+    }
+
+    /// How long before a deadline pinpool gives up, so the handler can still answer.
+    /// Default 200 ms.
+    pub fn deadline_margin(mut self, d: Duration) -> Self {
+        self.settings.deadline_margin = d;
+        self
+    }
+
+    /// Connections older than this are closed instead of reused; `None` keeps them. Must be
+    /// below 24 h (RDS Proxy's limit). Default 1 h.
+    pub fn max_lifetime(mut self, d: Option<Duration>) -> Self {
+        self.settings.max_lifetime = d;
+        self
+    }
+
+    /// Idle connections older than this (wall clock) are replaced instead of handed out;
+    /// `None` keeps them. Default 10 min.
+    pub fn idle_timeout(mut self, d: Option<Duration>) -> Self {
+        self.settings.idle_timeout = d;
+        self
+    }
+
+    /// A fixed password (overrides one in the connection string).
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        if let Ok(pg) = self.conn.parsed.as_mut() {
+            pg.password(password.into());
+        }
+        self
+    }
+
+    /// Called for every new connection; its answer is the password (an RDS IAM token, a
+    /// rotated secret).
+    pub fn password_provider(mut self, provider: impl PasswordProvider) -> Self {
+        self.password = Some(Arc::new(provider));
+        self
+    }
+
+    /// A TLS connector (any tokio-postgres `MakeTlsConnect`). The pool's type does not change.
+    pub fn tls<T>(mut self, tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        self.connector = Some(Arc::new(Connector::new(tls, true)));
+        self
+    }
+
+    /// The pinning rules the pool classifies statements with. Default: today's AWS rules.
+    pub fn pin_rules(mut self, rules: PinRules) -> Self {
+        self.settings.pin_rules = rules;
+        self
+    }
+
+    /// What to do with a possibly pinned connection. Default [`PinPolicy::CloseOnReturn`].
+    pub fn pin_policy(mut self, policy: PinPolicy) -> Self {
+        self.settings.pin_policy = policy;
+        self
+    }
+
+    /// Validates every option and creates the pool. Opens no connection.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first invalid option.
+    pub fn build(self) -> Result<Pool, Error> {
+        let Builder {
+            conn,
+            settings: s,
+            connector,
+            password,
+        } = self;
+        let mut pg = conn.parsed?;
+        if pg.get_hosts().is_empty() {
+            return Err(Error::config("host", "no host given"));
+        }
+        if pg.get_hosts().iter().any(|h| matches!(h, Host::Tcp(h) if h.is_empty())) {
+            return Err(Error::config("host", "empty host name"));
+        }
+        if pg.get_user().is_none_or(str::is_empty) {
+            return Err(Error::config("user", "no user given"));
+        }
+        if s.max_size == 0 {
+            return Err(Error::config("max_size", "must be at least 1"));
+        }
+        if s.min_idle > s.max_size {
+            return Err(Error::config(
+                "min_idle",
+                format!("{} is more than max_size ({})", s.min_idle, s.max_size),
+            ));
+        }
+        for (name, d) in [
+            ("acquire_timeout", Some(s.acquire_timeout)),
+            ("connect_timeout", Some(s.connect_timeout)),
+            ("query_timeout", s.query_timeout),
+            ("max_lifetime", s.max_lifetime),
+            ("idle_timeout", s.idle_timeout),
+        ] {
+            if d == Some(Duration::ZERO) {
+                return Err(Error::config(name, "must be longer than zero"));
+            }
+        }
+        if s.max_lifetime.is_some_and(|d| d >= PROXY_MAX_CLIENT_LIFETIME) {
+            return Err(Error::config(
+                "max_lifetime",
+                "must be below 24 h: RDS Proxy closes client connections at 24 h",
+            ));
+        }
+        let connector = connector.unwrap_or_else(|| Arc::new(Connector::new(NoTls, false)));
+        if !connector.tls() && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
+            return Err(Error::config(
+                "sslmode",
+                format!(
+                    "sslmode={} needs TLS: give the builder a connector with .tls(...)",
+                    conn.verify.unwrap_or("require")
+                ),
+            ));
+        }
+        if !connector.tls() {
+            // Without a TLS connector, do not send an SSLRequest that can only be refused.
+            pg.ssl_mode(SslMode::Disable);
+        }
+        // tokio-postgres's own connect_timeout covers only the TCP connect; the pool bounds the
+        // whole connect with its own, and keeps the user's value when shorter.
+        if pg.get_connect_timeout().is_none_or(|d| *d > s.connect_timeout) {
+            pg.connect_timeout(s.connect_timeout);
+        }
+        let settings = Settings {
+            pg,
+            max_size: s.max_size,
+            min_idle: s.min_idle,
+            acquire_timeout: s.acquire_timeout,
+            connect_timeout: s.connect_timeout,
+            query_timeout: s.query_timeout,
+            deadline_margin: s.deadline_margin,
+            max_lifetime: s.max_lifetime,
+            idle_timeout: s.idle_timeout,
+            pin_rules: s.pin_rules,
+            pin_policy: s.pin_policy,
+        };
+        Ok(Pool::from_parts(settings, connector, password))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_modes_become_require() {
+        let (t, v) = accept_verify_modes("postgres://a@h/db?sslmode=verify-full&sslrootcert=/x.pem");
+        assert_eq!(t, "postgres://a@h/db?sslmode=require");
+        assert_eq!(v, Some("verify-full"));
+        let (t, v) = accept_verify_modes("host=h user=a sslmode=verify-ca dbname=d");
+        assert_eq!(t, "host=h user=a sslmode=require dbname=d");
+        assert_eq!(v, Some("verify-ca"));
+        let (t, v) = accept_verify_modes("postgres://a@h/db?application_name=x");
+        assert_eq!(t, "postgres://a@h/db?application_name=x");
+        assert_eq!(v, None);
+    }
+}

@@ -1,0 +1,100 @@
+//! Deadlines: every phase ends at the earlier of its configured timeout and the caller's
+//! deadline minus `deadline_margin`.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::error::{Error, Phase, TimeoutCause};
+
+/// The instant at which pinpool stops working for a caller whose deadline is `deadline`
+/// (wall clock, as Lambda gives it): the deadline minus `margin`, never before now.
+pub(crate) fn cutoff(deadline: SystemTime, margin: Duration) -> Instant {
+    let left = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Instant::now() + left.saturating_sub(margin)
+}
+
+/// When a phase must end and which bound that is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bound {
+    pub(crate) at: Instant,
+    pub(crate) cause: TimeoutCause,
+    pub(crate) allowed: Duration,
+}
+
+impl Bound {
+    /// The earlier of `now + configured` and `cutoff`; `None` when neither is set.
+    pub(crate) fn new(configured: Option<Duration>, cutoff: Option<Instant>) -> Option<Bound> {
+        let now = Instant::now();
+        let configured = configured.map(|d| Bound {
+            at: now + d,
+            cause: TimeoutCause::Configured,
+            allowed: d,
+        });
+        let deadline = cutoff.map(|at| Bound {
+            at,
+            cause: TimeoutCause::Deadline,
+            allowed: at.saturating_duration_since(now),
+        });
+        match (configured, deadline) {
+            (Some(c), Some(d)) => Some(if d.at < c.at { d } else { c }),
+            (c, d) => c.or(d),
+        }
+    }
+
+    pub(crate) fn error(&self, phase: Phase) -> Error {
+        crate::metrics::timeout(phase, self.cause);
+        tracing::warn!(
+            phase = phase.as_str(),
+            cause = self.cause.as_str(),
+            allowed_ms = self.allowed.as_millis() as u64,
+            "pinpool: timed out"
+        );
+        Error::Timeout {
+            phase,
+            cause: self.cause,
+            after: self.allowed,
+        }
+    }
+
+    /// True when the bound has already passed.
+    pub(crate) fn passed(&self) -> bool {
+        self.at <= Instant::now()
+    }
+}
+
+/// Runs `fut` until `bound`; `Err(())` when the bound came first (the future is dropped).
+pub(crate) async fn within<F: Future>(bound: Option<Bound>, fut: F) -> Result<F::Output, ()> {
+    match bound {
+        None => Ok(fut.await),
+        Some(b) => tokio::time::timeout_at(b.at, fut).await.map_err(|_| ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_earlier_bound_wins() {
+        let soon = Instant::now() + Duration::from_millis(100);
+        let b = Bound::new(Some(Duration::from_secs(5)), Some(soon)).unwrap();
+        assert_eq!(b.cause, TimeoutCause::Deadline);
+        let b = Bound::new(Some(Duration::from_millis(10)), Some(soon)).unwrap();
+        assert_eq!(b.cause, TimeoutCause::Configured);
+        assert!(Bound::new(None, None).is_none());
+    }
+
+    #[tokio::test]
+    async fn cutoff_subtracts_the_margin_and_never_goes_before_now() {
+        let now = Instant::now();
+        let c = cutoff(SystemTime::now() + Duration::from_secs(10), Duration::from_secs(1));
+        let left = c - now;
+        assert!(left <= Duration::from_secs(9) && left > Duration::from_secs(8), "{left:?}");
+        let past = cutoff(SystemTime::now() - Duration::from_secs(10), Duration::from_secs(1));
+        assert!(past >= now);
+    }
+}

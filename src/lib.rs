@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod client;
+mod config;
+mod conn;
+mod connect;
+mod deadline;
+mod error;
+pub mod metrics;
+pub mod pinning;
+mod pool;
+mod statement;
+mod status;
+mod stream;
+
+pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};
+pub use config::{Builder, ConnectionConfig, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};
+pub use connect::{BoxFuture, PasswordProvider};
+pub use error::{BoxError, Error, Phase, TimeoutCause};
+pub use pool::Pool;
+pub use statement::{Statement, ToStatement};
+pub use status::{CloseReason, ClosedCounts, Status};
+pub use stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream, Tracked};
+pub use tokio_postgres;

@@ -1,0 +1,120 @@
+//! What the pool reports about itself: why connections closed, and a snapshot of its state.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why the pool closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The server or the network closed it.
+    Broken,
+    /// Older than `max_lifetime`.
+    MaxLifetime,
+    /// Idle (wall clock) longer than `idle_timeout`.
+    IdleTimeout,
+    /// It may be pinned by RDS Proxy and the pin policy closes such connections.
+    Pinned,
+    /// Raw access was used: pinpool cannot know its session state.
+    Untracked,
+    /// Returned with a statement, stream or copy in flight, or inside a transaction.
+    UnknownState,
+    /// A statement ran past its timeout or deadline.
+    TimedOut,
+    /// The pool was closed.
+    PoolClosed,
+}
+
+const REASONS: [CloseReason; 8] = [
+    CloseReason::Broken,
+    CloseReason::MaxLifetime,
+    CloseReason::IdleTimeout,
+    CloseReason::Pinned,
+    CloseReason::Untracked,
+    CloseReason::UnknownState,
+    CloseReason::TimedOut,
+    CloseReason::PoolClosed,
+];
+
+impl CloseReason {
+    /// All reasons, in a fixed order.
+    pub fn all() -> &'static [CloseReason] {
+        &REASONS
+    }
+
+    /// The reason in snake_case, as in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Broken => "broken",
+            CloseReason::MaxLifetime => "max_lifetime",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Pinned => "pinned",
+            CloseReason::Untracked => "untracked",
+            CloseReason::UnknownState => "unknown_state",
+            CloseReason::TimedOut => "timed_out",
+            CloseReason::PoolClosed => "pool_closed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Connections closed, counted by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClosedCounts([u64; REASONS.len()]);
+
+impl ClosedCounts {
+    /// How many were closed for `reason`.
+    pub fn get(&self, reason: CloseReason) -> u64 {
+        self.0[reason.index()]
+    }
+
+    /// How many were closed in all.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// A snapshot of the pool, from [`Pool::status`](crate::Pool::status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Status {
+    /// `max_size`.
+    pub max_size: usize,
+    /// Connections open or being opened.
+    pub size: usize,
+    /// Connections idle in the pool.
+    pub idle: usize,
+    /// Connections checked out.
+    pub in_use: usize,
+    /// Callers waiting in `get()`.
+    pub waiters: usize,
+    /// Connections opened since the pool was built.
+    pub opened: u64,
+    /// Connections closed since the pool was built, by reason.
+    pub closed: ClosedCounts,
+    /// Statements refused by [`PinPolicy::Refuse`](crate::PinPolicy::Refuse).
+    pub refused: u64,
+    /// Checkouts of a connection that was (or became) possibly pinned.
+    pub pinned: u64,
+}
+
+/// The pool's counters, updated without a lock.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) opened: AtomicU64,
+    closed: [AtomicU64; REASONS.len()],
+    pub(crate) refused: AtomicU64,
+    pub(crate) pinned: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn closed(&self, reason: CloseReason) {
+        self.closed[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn closed_counts(&self) -> ClosedCounts {
+        ClosedCounts(std::array::from_fn(|i| self.closed[i].load(Relaxed)))
+    }
+}

@@ -1,0 +1,197 @@
+//! Streams and copy sinks that stay under the statement's bound and tell the connection when
+//! they finish. One dropped before it finishes leaves the connection in an unknown protocol
+//! state, so the pool closes it on return.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Buf;
+use futures_util::{Sink, Stream};
+use pin_project_lite::pin_project;
+use tokio::time::{Sleep, sleep_until};
+
+use crate::conn::{ConnState, InFlight};
+use crate::deadline::Bound;
+use crate::error::{Error, Phase};
+
+pin_project! {
+    /// A stream of results from the server, bounded by the statement's timeout and deadline.
+    /// See [`RowStream`], [`SimpleQueryStream`] and [`CopyOutStream`].
+    pub struct Tracked<'a, S> {
+        #[pin]
+        inner: S,
+        #[pin]
+        sleep: Option<Sleep>,
+        bound: Option<Bound>,
+        state: &'a ConnState,
+        guard: Option<InFlight<'a>>,
+        failed: bool,
+    }
+}
+
+/// Rows of a query, from `query_raw`, `query_typed_raw` or `query_portal_raw`.
+pub type RowStream<'a> = Tracked<'a, tokio_postgres::RowStream>;
+/// Messages of a simple query, from `simple_query_raw`.
+pub type SimpleQueryStream<'a> = Tracked<'a, tokio_postgres::SimpleQueryStream>;
+/// Data of a `COPY ... TO STDOUT`, from `copy_out`.
+pub type CopyOutStream<'a> = Tracked<'a, tokio_postgres::CopyOutStream>;
+
+impl<'a, S> Tracked<'a, S> {
+    pub(crate) fn new(inner: S, bound: Option<Bound>, state: &'a ConnState, guard: InFlight<'a>) -> Self {
+        Tracked {
+            inner,
+            sleep: bound.map(|b| sleep_until(b.at)),
+            bound,
+            state,
+            guard: Some(guard),
+            failed: false,
+        }
+    }
+}
+
+impl Tracked<'_, tokio_postgres::RowStream> {
+    /// The number of rows the statement affected, once the stream is exhausted.
+    pub fn rows_affected(&self) -> Option<u64> {
+        self.inner.rows_affected()
+    }
+}
+
+/// Checks the bound; on expiry closes the connection and returns the timeout error.
+fn expired(
+    sleep: Pin<&mut Option<Sleep>>,
+    bound: &Option<Bound>,
+    state: &ConnState,
+    cx: &mut Context<'_>,
+) -> Option<Error> {
+    let sleep = sleep.as_pin_mut()?;
+    if sleep.poll(cx).is_pending() {
+        return None;
+    }
+    state.kill();
+    bound.map(|b| b.error(Phase::Query))
+}
+
+impl<S, T> Stream for Tracked<'_, S>
+where
+    S: Stream<Item = Result<T, tokio_postgres::Error>>,
+{
+    type Item = Result<T, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        if this.guard.is_none() || *this.failed {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = this.inner.poll_next(cx) {
+            return Poll::Ready(match item {
+                Some(Ok(v)) => Some(Ok(v)),
+                // An error response ends the statement; the connection stays usable.
+                Some(Err(e)) => {
+                    if let Some(g) = this.guard.take() {
+                        g.done();
+                    }
+                    Some(Err(Error::Query(e)))
+                }
+                None => {
+                    if let Some(g) = this.guard.take() {
+                        g.done();
+                    }
+                    None
+                }
+            });
+        }
+        match expired(this.sleep, this.bound, this.state, cx) {
+            Some(e) => {
+                *this.failed = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+pin_project! {
+    /// A sink for `COPY ... FROM STDIN`, from `copy_in`. Call [`CopyInSink::finish`] at the
+    /// end; a sink dropped unfinished makes the pool close the connection.
+    pub struct CopyInSink<'a, T> {
+        #[pin]
+        inner: tokio_postgres::CopyInSink<T>,
+        #[pin]
+        sleep: Option<Sleep>,
+        bound: Option<Bound>,
+        state: &'a ConnState,
+        guard: Option<InFlight<'a>>,
+    }
+}
+
+impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
+    pub(crate) fn new(
+        inner: tokio_postgres::CopyInSink<T>,
+        bound: Option<Bound>,
+        state: &'a ConnState,
+        guard: InFlight<'a>,
+    ) -> Self {
+        CopyInSink {
+            inner,
+            sleep: bound.map(|b| sleep_until(b.at)),
+            bound,
+            state,
+            guard: Some(guard),
+        }
+    }
+
+    fn poll_bounded<R>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(Pin<&mut tokio_postgres::CopyInSink<T>>, &mut Context<'_>) -> Poll<Result<R, tokio_postgres::Error>>,
+    ) -> Poll<Result<R, Error>> {
+        let this = self.project();
+        if let Poll::Ready(r) = f(this.inner, cx) {
+            return Poll::Ready(r.map_err(Error::Query));
+        }
+        match expired(this.sleep, this.bound, this.state, cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Completes the copy and returns the number of rows copied.
+    ///
+    /// # Errors
+    /// The server's error, or a timeout (the connection is then closed).
+    pub async fn finish(mut self: Pin<&mut Self>) -> Result<u64, Error> {
+        let rows = std::future::poll_fn(|cx| {
+            self.as_mut()
+                .poll_bounded(cx, |inner, cx| inner.poll_finish(cx))
+        })
+        .await?;
+        if let Some(g) = self.project().guard.take() {
+            g.done();
+        }
+        Ok(rows)
+    }
+}
+
+impl<T: Buf + 'static + Send> Sink<T> for CopyInSink<'_, T> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.poll_bounded(cx, |inner, cx| inner.poll_ready(cx))
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), Error> {
+        self.project().inner.start_send(item).map_err(Error::Query)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.poll_bounded(cx, |inner, cx| inner.poll_flush(cx))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        ready!(self.as_mut().poll_bounded(cx, |inner, cx| inner.poll_close(cx)))?;
+        if let Some(g) = self.project().guard.take() {
+            g.done();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
