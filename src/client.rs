@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Buf;
 use tokio::time::Instant;
 use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
+use tokio_postgres::error::Severity;
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
 
 use crate::conn::{Conn, ConnState, InFlight};
@@ -58,7 +59,7 @@ impl<'a> Guarded<'a> {
             Ok(res) => {
                 self.state.text_txn(txn, res.is_ok());
                 in_flight.done();
-                res.map_err(Error::Query)
+                res.map_err(|e| self.failed(e))
             }
             Err(()) => Err(self.expire(bound)),
         }
@@ -80,10 +81,19 @@ impl<'a> Guarded<'a> {
             Ok(Ok(s)) => Ok((s, bound, in_flight)),
             Ok(Err(e)) => {
                 in_flight.done();
-                Err(Error::Query(e))
+                Err(self.failed(e))
             }
             Err(()) => Err(self.expire(bound)),
         }
+    }
+
+    /// Wraps a statement's error; one that ends the session closes the connection now, so it
+    /// is never handed out again.
+    fn failed(&self, e: tokio_postgres::Error) -> Error {
+        if ends_session(&e) {
+            self.state.kill_broken();
+        }
+        Error::Query(e)
     }
 
     fn expire(&self, bound: Option<Bound>) -> Error {
@@ -93,6 +103,17 @@ impl<'a> Guarded<'a> {
             None => unreachable!("a future without a bound cannot time out"),
         }
     }
+}
+
+/// True for errors after which the session cannot be trusted: the connection closed, a FATAL
+/// or PANIC from the server, or a connection exception (SQLSTATE class 08, which is also how
+/// RDS Proxy reports a borrow timeout).
+pub(crate) fn ends_session(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error().is_some_and(|d| {
+            matches!(d.parsed_severity(), Some(Severity::Fatal | Severity::Panic))
+                || d.code().code().starts_with("08")
+        })
 }
 
 /// A client and its guard: the single place statements pass through.

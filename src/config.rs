@@ -52,7 +52,7 @@ impl From<&str> for ConnectionConfig {
         let (text, verify) = accept_verify_modes(s);
         let parsed = text
             .parse::<tokio_postgres::Config>()
-            .map_err(|e| Error::config("url", format!("cannot parse the connection string: {e}")));
+            .map_err(|e| Error::config("url", format!("cannot parse the connection string: {}", explain(&text, e))));
         ConnectionConfig { parsed, verify }
     }
 }
@@ -67,6 +67,32 @@ impl From<&String> for ConnectionConfig {
     fn from(s: &String) -> Self {
         ConnectionConfig::from(s.as_str())
     }
+}
+
+/// tokio-postgres answers only "invalid connection string" for a bad URL; find the part at
+/// fault, so the message names it.
+fn explain(text: &str, e: tokio_postgres::Error) -> String {
+    let Some(rest) = text.split_once("://").map(|(_, r)| r) else {
+        return e.to_string();
+    };
+    let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = param.split_once('=').unwrap_or((param, ""));
+        if let Err(e) = format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")).parse::<tokio_postgres::Config>() {
+            return format!("parameter `{k}`: {e}");
+        }
+    }
+    let hosts = authority.split('/').next().unwrap_or("");
+    let hosts = hosts.rsplit_once('@').map_or(hosts, |(_, h)| h);
+    for host in hosts.split(',') {
+        // The port follows the last ':' unless that ':' is inside an IPv6 [address].
+        if let Some((_, port)) = host.rsplit_once(':').filter(|(_, p)| !p.contains(']')) {
+            if !port.is_empty() && port.parse::<u16>().is_err() {
+                return format!("`port`: {port:?} is not a port number");
+            }
+        }
+    }
+    e.to_string()
 }
 
 /// tokio-postgres rejects `sslmode=verify-full` and `verify-ca`, which RDS documents. Turn them

@@ -54,7 +54,8 @@ const TXN_TEXT: u8 = 1; // a BEGIN sent as text, not yet ended
 const UNKNOWN: u8 = 2; // a transaction-control statement failed: state unknown
 const TXN_OBJECT: u8 = 4; // a pinpool Transaction is alive (cleared by its drop)
 const UNTRACKED: u8 = 8; // raw access was handed out
-const KILLED: u8 = 16; // the socket was closed by pinpool
+const KILLED: u8 = 16; // the socket was closed by pinpool after a timeout
+const BROKEN: u8 = 32; // the socket was closed by pinpool after a fatal error
 
 /// The state statements update through `&self`; atomics so clients and their futures are
 /// `Sync`/`Send`. Only the one holder of the connection touches it, so `Relaxed` suffices.
@@ -70,9 +71,18 @@ pub(crate) struct ConnState {
 }
 
 impl ConnState {
-    /// Closes the socket now (synchronously) and marks the connection dead.
+    /// Closes the socket now (synchronously) after a timeout.
     pub(crate) fn kill(&self) {
-        self.flags.fetch_or(KILLED, Relaxed);
+        self.close_socket(KILLED);
+    }
+
+    /// Closes the socket now after an error that ends the session (FATAL, connection lost).
+    pub(crate) fn kill_broken(&self) {
+        self.close_socket(BROKEN);
+    }
+
+    fn close_socket(&self, flag: u8) {
+        self.flags.fetch_or(flag, Relaxed);
         let fut = self.task.fut.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(fut);
         if let Some(abort) = self.task.abort.get() {
@@ -138,7 +148,7 @@ impl ConnState {
         let flags = self.flags.load(Relaxed);
         Health {
             killed: flags & KILLED != 0,
-            closed,
+            closed: closed || flags & BROKEN != 0,
             in_flight: self.in_flight.load(Relaxed),
             in_txn: flags & (TXN_TEXT | UNKNOWN | TXN_OBJECT) != 0,
             untracked: flags & UNTRACKED != 0,
@@ -197,7 +207,8 @@ impl Conn {
 
     /// Why this idle connection must not be handed out, if it must not.
     pub(crate) fn stale(&self, s: &Settings, now: SystemTime) -> Option<CloseReason> {
-        if self.client.is_closed() || self.state.health(false).killed {
+        let health = self.state.health(self.client.is_closed());
+        if health.closed || health.killed {
             return Some(CloseReason::Broken);
         }
         if exceeded(s.max_lifetime, self.created, now) {

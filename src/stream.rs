@@ -90,6 +90,9 @@ where
                     if let Some(g) = this.guard.take() {
                         g.done();
                     }
+                    if crate::client::ends_session(&e) {
+                        this.state.kill_broken();
+                    }
                     Some(Err(Error::Query(e)))
                 }
                 None => {

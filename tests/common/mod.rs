@@ -1,0 +1,178 @@
+//! Helpers shared by the integration tests: the database URL, tagged pools, an admin client
+//! and a small in-memory metrics recorder.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// The database URL with `application_name` set, so a test can find its own backends.
+pub fn url_for(app: &str) -> String {
+    let url = database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={app}")
+}
+
+pub fn builder(app: &str) -> pinpool::Builder {
+    pinpool::Pool::builder(url_for(app))
+}
+
+/// A direct tokio-postgres client, outside any pool.
+pub async fn admin() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to DATABASE_URL");
+    tokio::spawn(conn);
+    client
+}
+
+/// Backend pids of the connections tagged `app`.
+pub async fn backends(admin: &tokio_postgres::Client, app: &str) -> Vec<i32> {
+    admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 ORDER BY pid",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Terminates the backends tagged `app` (only this test's own connections).
+pub async fn kill_backends(admin: &tokio_postgres::Client, app: &str) -> u64 {
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .len() as u64
+}
+
+/// Polls `cond` every 20 ms for up to `secs` seconds.
+pub async fn eventually<F, Fut>(secs: u64, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while tokio::time::Instant::now() < end {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Checks the pool's invariants once nothing is checked out.
+pub fn assert_quiet(pool: &pinpool::Pool) {
+    let s = pool.status();
+    assert!(s.size <= s.max_size, "{s:?}");
+    assert_eq!(s.in_use, 0, "{s:?}");
+    assert_eq!(s.waiters, 0, "{s:?}");
+    assert_eq!(s.size, s.idle, "{s:?}");
+}
+
+/// A recorder that keeps counter, gauge and histogram values by name and sorted labels.
+#[derive(Default, Clone)]
+pub struct TestRecorder {
+    values: Arc<Mutex<BTreeMap<String, Arc<Cell>>>>,
+}
+
+#[derive(Default)]
+pub struct Cell {
+    pub count: AtomicU64,
+    pub bits: AtomicU64,
+    pub samples: Mutex<Vec<f64>>,
+}
+
+impl metrics::CounterFn for Cell {
+    fn increment(&self, value: u64) {
+        self.count.fetch_add(value, Ordering::Relaxed);
+    }
+    fn absolute(&self, value: u64) {
+        self.count.store(value, Ordering::Relaxed);
+    }
+}
+
+impl metrics::GaugeFn for Cell {
+    fn increment(&self, value: f64) {
+        self.set(f64::from_bits(self.bits.load(Ordering::Relaxed)) + value);
+    }
+    fn decrement(&self, value: f64) {
+        self.set(f64::from_bits(self.bits.load(Ordering::Relaxed)) - value);
+    }
+    fn set(&self, value: f64) {
+        self.bits.store(value.to_bits(), Ordering::Relaxed);
+    }
+}
+
+impl metrics::HistogramFn for Cell {
+    fn record(&self, value: f64) {
+        self.samples.lock().unwrap().push(value);
+    }
+}
+
+impl TestRecorder {
+    fn cell(&self, key: &Key) -> Arc<Cell> {
+        let mut labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+        labels.sort();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        self.values.lock().unwrap().entry(name).or_default().clone()
+    }
+
+    /// The counter `name{labels}`; labels as `k=v`, sorted, comma-separated.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.values
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |c| c.count.load(Ordering::Relaxed))
+    }
+
+    pub fn gauge(&self, name: &str) -> Option<f64> {
+        self.values
+            .lock()
+            .unwrap()
+            .get(name)
+            .map(|c| f64::from_bits(c.bits.load(Ordering::Relaxed)))
+    }
+
+    pub fn samples(&self, name: &str) -> Vec<f64> {
+        self.values
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or_else(Vec::new, |c| c.samples.lock().unwrap().clone())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.values.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+impl Recorder for TestRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.cell(key))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.cell(key))
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.cell(key))
+    }
+}

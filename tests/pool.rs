@@ -1,0 +1,419 @@
+//! The pool's behaviour against PostgreSQL: bounds, deadlines, errors, replacement, fairness
+//! and cancellation safety.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{admin, assert_quiet, backends, builder, eventually, kill_backends};
+use futures_util::StreamExt;
+use pinpool::{CloseReason, Error, Phase, Pool, TimeoutCause};
+
+fn timeout_of(e: &Error) -> (Phase, TimeoutCause) {
+    match e {
+        Error::Timeout { phase, cause, .. } => (*phase, *cause),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn exhaustion_fails_with_an_acquire_timeout_within_the_bound() {
+    let pool = builder("pl_exhaust")
+        .max_size(1)
+        .acquire_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let t = Instant::now();
+    let err = pool.get().await.unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(timeout_of(&err), (Phase::Acquire, TimeoutCause::Configured));
+    assert!(err.to_string().contains("acquire_timeout"), "{err}");
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(pool.status().waiters, 0);
+    drop(held);
+    assert_quiet(&pool);
+}
+
+#[tokio::test]
+async fn get_by_stops_at_the_deadline_minus_the_margin() {
+    let pool = builder("pl_deadline")
+        .max_size(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .deadline_margin(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let held = pool.get().await.unwrap();
+    let deadline = SystemTime::now() + Duration::from_millis(700);
+    let err = pool.get_by(deadline).await.unwrap_err();
+    assert_eq!(timeout_of(&err), (Phase::Acquire, TimeoutCause::Deadline));
+    assert!(err.is_deadline());
+    assert!(SystemTime::now() < deadline, "failed before the deadline itself");
+    drop(held);
+
+    // A statement of a client checked out with a deadline stops there too.
+    let deadline = SystemTime::now() + Duration::from_millis(1200);
+    let c = pool.get_by(deadline).await.unwrap();
+    let err = c.query("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    assert_eq!(timeout_of(&err), (Phase::Query, TimeoutCause::Deadline));
+    assert!(SystemTime::now() < deadline);
+    assert!(c.is_closed(), "a timed-out statement closes the connection");
+    drop(c);
+    assert_eq!(pool.status().closed.get(CloseReason::TimedOut), 1);
+
+    // A deadline already inside the margin fails at once.
+    let t = Instant::now();
+    let err = pool.get_by(SystemTime::now() + Duration::from_millis(100)).await.unwrap_err();
+    assert!(err.is_deadline());
+    assert!(t.elapsed() < Duration::from_millis(100));
+    assert_quiet(&pool);
+}
+
+#[tokio::test]
+async fn a_query_timeout_closes_the_socket_and_the_server_notices() {
+    let admin = admin().await;
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE pinpool_cci LOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
+             ALTER ROLE pinpool_cci SET client_connection_check_interval = '100ms'",
+        )
+        .await
+        .unwrap();
+    let mut cfg: tokio_postgres::Config = common::url_for("pl_qtimeout").parse().unwrap();
+    cfg.user("pinpool_cci");
+    let pool = Pool::builder(cfg)
+        .query_timeout(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    let t = Instant::now();
+    let err = c.query("SELECT pg_sleep(60)", &[]).await.unwrap_err();
+    assert_eq!(timeout_of(&err), (Phase::Query, TimeoutCause::Configured));
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert!(c.is_closed());
+    drop(c);
+    let gone = eventually(2, || async { backends(&admin, "pl_qtimeout").await.is_empty() }).await;
+    assert!(gone, "the backend outlived the closed socket by more than 2 s");
+    assert_quiet(&pool);
+}
+
+#[tokio::test]
+async fn a_killed_backend_is_replaced() {
+    let admin = admin().await;
+    let pool = builder("pl_killed").max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    let pid: i32 = c.query_one_scalar("SELECT pg_backend_pid()", &[]).await.unwrap();
+    drop(c);
+    assert_eq!(kill_backends(&admin, "pl_killed").await, 1);
+    assert!(eventually(5, || async { backends(&admin, "pl_killed").await.is_empty() }).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = pool.get().await.unwrap();
+    let new_pid: i32 = c.query_one_scalar("SELECT pg_backend_pid()", &[]).await.unwrap();
+    assert_ne!(pid, new_pid);
+    drop(c);
+    assert_eq!(pool.status().closed.get(CloseReason::Broken), 1);
+    assert_eq!(pool.status().opened, 2);
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_query_fails_that_query_and_the_pool_recovers() {
+    let admin = admin().await;
+    let pool = builder("pl_killmid").max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    let q = tokio::spawn(async move {
+        let r = c.query("SELECT pg_sleep(30)", &[]).await;
+        (r.map(|_| ()), c)
+    });
+    assert!(eventually(5, || async { backends(&admin, "pl_killmid").await.len() == 1 }).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    kill_backends(&admin, "pl_killmid").await;
+    let (r, c) = q.await.unwrap();
+    let err = r.unwrap_err();
+    assert!(matches!(err, Error::Query(_)), "{err:?}");
+    drop(c);
+    assert_eq!(pool.status().closed.get(CloseReason::Broken), 1, "{:?}", pool.status());
+    let c = pool.get().await.unwrap();
+    let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn unreachable_databases_fail_within_the_connect_timeout() {
+    // Refused: fails at once, not after the acquire timeout.
+    let pool = Pool::builder("postgres://postgres@127.0.0.1:1/postgres")
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, Error::Connect(_)), "{err:?}");
+    assert!(err.to_string().contains("could not connect"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert_quiet(&pool);
+    assert_eq!(pool.status().size, 0);
+
+    // Silent: a listener that never answers the startup message.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let pool = Pool::builder(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let err = pool.get().await.unwrap_err();
+    assert_eq!(timeout_of(&err), (Phase::Connect, TimeoutCause::Configured));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(pool.status().size, 0);
+
+    // Unresolvable host name.
+    let pool = Pool::builder("postgres://postgres@pinpool-no-such-host.invalid/postgres")
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, Error::Connect(_) | Error::Timeout { phase: Phase::Connect, .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+    drop(silent);
+}
+
+#[test]
+fn invalid_options_fail_at_build_naming_the_option() {
+    let url = common::database_url();
+    let cases: Vec<(pinpool::Builder, &str)> = vec![
+        (Pool::builder("postgres://u@h:notaport/db"), "url"),
+        (Pool::builder("postgres://u@h/db?bogus=1"), "url"),
+        (Pool::builder("host=h dbname=d"), "user"),
+        (Pool::builder("postgres://u@/db"), "host"),
+        (Pool::builder(url.as_str()).max_size(0), "max_size"),
+        (Pool::builder(url.as_str()).max_size(2).min_idle(3), "min_idle"),
+        (Pool::builder(url.as_str()).acquire_timeout(Duration::ZERO), "acquire_timeout"),
+        (Pool::builder(url.as_str()).connect_timeout(Duration::ZERO), "connect_timeout"),
+        (Pool::builder(url.as_str()).query_timeout(Some(Duration::ZERO)), "query_timeout"),
+        (Pool::builder(url.as_str()).idle_timeout(Some(Duration::ZERO)), "idle_timeout"),
+        (Pool::builder(url.as_str()).max_lifetime(Some(Duration::from_secs(25 * 3600))), "max_lifetime"),
+        (Pool::builder("postgres://u@h/db?sslmode=verify-full"), "sslmode"),
+        (Pool::builder("postgres://u@h/db?sslmode=require"), "sslmode"),
+    ];
+    for (b, option) in cases {
+        match b.build() {
+            Err(Error::Config { option: got, message }) => {
+                assert_eq!(got, option, "{message}");
+                let text = Error::Config { option: got, message }.to_string();
+                assert!(text.contains(option), "{text}");
+            }
+            other => panic!("{option}: expected a config error, got {other:?}"),
+        }
+    }
+    let err = Pool::builder("postgres://u@h/db?bogus=1").build().unwrap_err();
+    assert!(err.to_string().contains("bogus"), "{err}");
+    let err = Pool::builder("postgres://u@h:notaport/db").build().unwrap_err();
+    assert!(err.to_string().contains("port"), "{err}");
+    // Secrets never show in errors or Debug.
+    let pool = Pool::builder("postgres://u:hunter2@h/db").build().unwrap();
+    assert!(!format!("{pool:?}").contains("hunter2"));
+}
+
+#[tokio::test]
+async fn waiters_are_served_in_order() {
+    let pool = builder("pl_fifo").max_size(1).build().unwrap();
+    let held = pool.get().await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let (pool2, order) = (pool.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = pool2.get().await.unwrap();
+            order.lock().unwrap().push(i);
+            tokio::task::yield_now().await;
+            drop(c);
+        }));
+        let p = pool.clone();
+        assert!(eventually(5, move || { let p = p.clone(); async move { p.status().waiters == i + 1 } }).await);
+    }
+    drop(held);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
+    assert_quiet(&pool);
+}
+
+#[tokio::test]
+async fn idle_and_old_connections_are_replaced() {
+    let pool = builder("pl_idle")
+        .idle_timeout(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    drop(pool.get().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(pool.get().await.unwrap());
+    let s = pool.status();
+    assert_eq!((s.opened, s.closed.get(CloseReason::IdleTimeout)), (2, 1), "{s:?}");
+
+    let pool = builder("pl_lifetime")
+        .max_lifetime(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(c);
+    let s = pool.status();
+    assert_eq!((s.idle, s.closed.get(CloseReason::MaxLifetime)), (0, 1), "{s:?}");
+}
+
+#[tokio::test]
+async fn warm_up_opens_min_idle_and_close_refuses_new_gets() {
+    let pool = builder("pl_warm").max_size(3).min_idle(2).build().unwrap();
+    assert_eq!(pool.status().size, 0, "build() opens nothing");
+    assert_eq!(pool.warm_up().await.unwrap(), 2);
+    assert_eq!(pool.warm_up().await.unwrap(), 0);
+    assert_eq!(pool.status().idle, 2);
+    let c = pool.get().await.unwrap();
+    pool.close();
+    assert!(pool.is_closed());
+    assert!(matches!(pool.get().await, Err(Error::Closed)));
+    assert_eq!(pool.status().idle, 0);
+    drop(c);
+    let s = pool.status();
+    assert_eq!((s.size, s.closed.get(CloseReason::PoolClosed)), (0, 2), "{s:?}");
+}
+
+/// Resolves to `None` after `polls_left` pending polls, dropping the inner future there.
+struct Cancellable<F> {
+    fut: Pin<Box<F>>,
+    polls_left: usize,
+}
+
+impl<F: Future> Future for Cancellable<F> {
+    type Output = Option<F::Output>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.fut.as_mut().poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending if self.polls_left == 0 => Poll::Ready(None),
+            Poll::Pending => {
+                self.polls_left -= 1;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+async fn work(pool: &Pool, n: i32) -> Result<(), Error> {
+    let mut c = pool.get().await?;
+    let tx = c.transaction().await?;
+    tx.execute("INSERT INTO pl_sweep_t VALUES ($1)", &[&n]).await?;
+    tx.commit().await?;
+    let mut rows = Box::pin(c.query_raw("SELECT id FROM pl_sweep_t WHERE id = $1", [n]).await?);
+    while let Some(row) = rows.next().await {
+        row?;
+    }
+    c.batch_execute("SELECT 1").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn futures_dropped_at_every_poll_leak_nothing() {
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS pl_sweep_t; CREATE TABLE pl_sweep_t (id int)")
+        .await
+        .unwrap();
+    let pool = builder("pl_sweep").max_size(2).build().unwrap();
+    let mut completed = false;
+    for polls in 0..500 {
+        let fut = Cancellable {
+            fut: Box::pin(work(&pool, polls as i32)),
+            polls_left: polls,
+        };
+        if let Some(r) = fut.await {
+            r.unwrap();
+            completed = true;
+            break;
+        }
+        assert_quiet(&pool);
+        // Whatever was dropped, the pool still serves.
+        let c = pool.get().await.unwrap();
+        let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+        assert_eq!(one, 1);
+    }
+    assert!(completed, "the work never completed within 500 polls");
+    assert_quiet(&pool);
+    // Cancelled transactions never committed half-way: each id is there at most once.
+    let dup: i64 = admin
+        .query_one("SELECT count(*) FROM (SELECT id FROM pl_sweep_t GROUP BY id HAVING count(*) > 1) d", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dup, 0);
+    admin.batch_execute("DROP TABLE pl_sweep_t").await.unwrap();
+}
+
+#[tokio::test]
+async fn many_waiters_with_random_timeouts_leak_no_capacity() {
+    let pool = builder("pl_waiters").max_size(2).build().unwrap();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let pool = pool.clone();
+        let (wait, hold, query) = (rand(40) + 1, rand(10), rand(2) == 0);
+        tasks.push(tokio::spawn(async move {
+            let got = tokio::time::timeout(Duration::from_millis(wait), pool.get()).await;
+            if let Ok(Ok(c)) = got {
+                if query {
+                    let _ = tokio::time::timeout(Duration::from_millis(hold), c.query("SELECT pg_sleep(0.005)", &[])).await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(hold)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_quiet(&pool);
+    let a = pool.get().await.unwrap();
+    let b = pool.get().await.unwrap();
+    assert_eq!(pool.status().in_use, 2);
+    drop((a, b));
+    assert_quiet(&pool);
+}
+
+#[test]
+fn metrics_are_recorded_under_the_documented_names() {
+    let rec = common::TestRecorder::default();
+    metrics::with_local_recorder(&rec, || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let pool = builder("pl_metrics")
+                .max_size(1)
+                .acquire_timeout(Duration::from_millis(50))
+                .build()
+                .unwrap();
+            let c = pool.get().await.unwrap();
+            assert!(pool.get().await.is_err());
+            c.batch_execute("SET application_name = 'pl_metrics'").await.unwrap();
+            drop(c);
+        });
+    });
+    assert_eq!(rec.counter("pinpool_connections_opened{}"), 1, "{:?}", rec.names());
+    assert_eq!(rec.counter("pinpool_timeouts{cause=timeout,phase=acquire}"), 1);
+    assert_eq!(rec.counter("pinpool_pinned{reason=set}"), 1);
+    assert_eq!(rec.counter("pinpool_connections_closed{reason=pinned}"), 1);
+    assert_eq!(rec.gauge("pinpool_connections_in_use{}"), Some(0.0));
+    assert_eq!(rec.samples("pinpool_acquire_wait{}").len(), 1);
+}
