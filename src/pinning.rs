@@ -400,15 +400,31 @@ pub struct Finding<'a> {
 }
 
 /// Splits `sql` into statements (aware of literals, quoted identifiers and comments) and
-/// classifies each, as the `pinpool-lint` command does. Statements sent as a script go through
-/// the simple protocol, so the legacy Parse rule does not apply here.
+/// classifies each, as the `pinpool-lint` command does. Under the legacy rules every statement
+/// pins ([`Reason::Parse`]): applications send them with the extended protocol.
+///
+/// ```
+/// use pinpool::pinning::{PinRules, lint};
+/// let findings = lint("SELECT 1;\nSET search_path = app;", &PinRules::new());
+/// assert!(findings[0].pins.is_empty());
+/// assert_eq!(findings[1].line, 2);
+/// assert!(!findings[1].pins.is_empty());
+/// ```
 pub fn lint<'a>(sql: &'a str, rules: &PinRules) -> Vec<Finding<'a>> {
+    let protocol = if rules.is_legacy_parse() {
+        Protocol::Parse
+    } else {
+        Protocol::Simple
+    };
     let bytes = sql.as_bytes();
     let mut out = Vec::new();
     let mut line = 1;
     let mut counted = 0;
     scan(bytes, |s| {
-        line += bytes[counted..s.start].iter().filter(|&&b| b == b'\n').count();
+        line += bytes[counted..s.start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
         counted = s.start;
         let text = &sql[s.start..s.end];
         let mut classification = Classification {
@@ -422,7 +438,7 @@ pub fn lint<'a>(sql: &'a str, rules: &PinRules) -> Vec<Finding<'a>> {
             statement: out.len() + 1,
             line,
             text,
-            pins: rules.pinning_reasons(&classification, Protocol::Simple),
+            pins: rules.pinning_reasons(&classification, protocol),
             classification,
         });
     });
@@ -568,8 +584,7 @@ impl<'a> Lexer<'a> {
                 }
             }
             b'0'..=b'9' => {
-                while self.i < s.len() && (s[self.i].is_ascii_alphanumeric() || s[self.i] == b'_')
-                {
+                while self.i < s.len() && (s[self.i].is_ascii_alphanumeric() || s[self.i] == b'_') {
                     self.i += 1;
                 }
                 Tok::Other
@@ -883,8 +898,7 @@ fn scan<'a>(s: &'a [u8], mut report: impl FnMut(StmtInfo)) {
             Tok::RParen => st.depth = st.depth.saturating_sub(1),
             Tok::Word(w) if eq(w, "temp") || eq(w, "temporary") => {
                 let into = matches!(prev, Tok::Word(p) if eq(p, "into"));
-                let insert =
-                    matches!(prev2, Tok::Word(p) if eq(p, "insert") || eq(p, "merge"));
+                let insert = matches!(prev2, Tok::Word(p) if eq(p, "insert") || eq(p, "merge"));
                 if into && !insert {
                     st.reasons.insert(Reason::TempObject);
                 }
@@ -915,7 +929,10 @@ mod tests {
 
     #[test]
     fn lint_counts_lines_and_statements() {
-        let f = lint("SELECT 1;\n\nSET x = 1;\n-- c\nSELECT nextval('s')", &PinRules::new());
+        let f = lint(
+            "SELECT 1;\n\nSET x = 1;\n-- c\nSELECT nextval('s')",
+            &PinRules::new(),
+        );
         assert_eq!(f.len(), 3);
         assert_eq!((f[1].statement, f[1].line, f[1].text), (2, 3, "SET x = 1"));
         assert_eq!(f[2].line, 5);
@@ -937,14 +954,31 @@ mod tests {
     fn rules_adjust_possible_reasons_and_parse() {
         let c = classify("SET LOCAL x = 1");
         assert!(c.possibly());
-        assert!(PinRules::new().pinning_reasons(&c, Protocol::Simple).contains(Reason::SetLocal));
-        assert!(PinRules::new().set_local_safe(true).pinning_reasons(&c, Protocol::Simple).is_empty());
+        assert!(
+            PinRules::new()
+                .pinning_reasons(&c, Protocol::Simple)
+                .contains(Reason::SetLocal)
+        );
+        assert!(
+            PinRules::new()
+                .set_local_safe(true)
+                .pinning_reasons(&c, Protocol::Simple)
+                .is_empty()
+        );
         let plain = classify("SELECT $1");
-        assert!(PinRules::new().pinning_reasons(&plain, Protocol::Parse).is_empty());
+        assert!(
+            PinRules::new()
+                .pinning_reasons(&plain, Protocol::Parse)
+                .is_empty()
+        );
         assert_eq!(
             PinRules::legacy().pinning_reasons(&plain, Protocol::Parse),
             Reasons::of(Reason::Parse)
         );
-        assert!(PinRules::legacy().pinning_reasons(&plain, Protocol::Execute).is_empty());
+        assert!(
+            PinRules::legacy()
+                .pinning_reasons(&plain, Protocol::Execute)
+                .is_empty()
+        );
     }
 }
