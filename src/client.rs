@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use bytes::Buf;
 use tokio::time::Instant;
-use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
 use tokio_postgres::error::Severity;
+use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
 
 use crate::conn::{Conn, ConnState, InFlight};
@@ -38,7 +38,12 @@ impl<'a> Guarded<'a> {
     }
 
     /// Checks `sql` against the pin rules before it is sent; returns its transaction effect.
-    fn check(&self, sql: &str, class: Option<Classification>, protocol: Protocol) -> Result<TxnControl, Error> {
+    fn check(
+        &self,
+        sql: &str,
+        class: Option<Classification>,
+        protocol: Protocol,
+    ) -> Result<TxnControl, Error> {
         let c = class.unwrap_or_else(|| classify(sql));
         let pins = self.pool.settings.pin_rules.pinning_reasons(&c, protocol);
         if !pins.is_empty() {
@@ -165,28 +170,58 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    async fn query<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+    async fn query<T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
         dispatch!(self, statement, run, |s| self.client.query(s, params))
     }
 
-    async fn query_one<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+    async fn query_one<T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
         dispatch!(self, statement, run, |s| self.client.query_one(s, params))
     }
 
-    async fn query_opt<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error> {
+    async fn query_opt<T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
         dispatch!(self, statement, run, |s| self.client.query_opt(s, params))
     }
 
-    async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<R>, Error> {
-        dispatch!(self, statement, run, |s| self.client.query_scalar(s, params))
+    async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<R>, Error> {
+        dispatch!(self, statement, run, |s| self
+            .client
+            .query_scalar(s, params))
     }
 
-    async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<R, Error> {
-        dispatch!(self, statement, run, |s| self.client.query_one_scalar(s, params))
+    async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<R, Error> {
+        dispatch!(self, statement, run, |s| self
+            .client
+            .query_one_scalar(s, params))
     }
 
-    async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<R>, Error> {
-        dispatch!(self, statement, run, |s| self.client.query_opt_scalar(s, params))
+    async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<R>, Error> {
+        dispatch!(self, statement, run, |s| self
+            .client
+            .query_opt_scalar(s, params))
     }
 
     async fn query_raw<T, P, I>(self, statement: &T, params: I) -> Result<RowStream<'a>, Error>
@@ -200,19 +235,37 @@ impl<'a> Ctx<'a> {
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
 
-    async fn query_typed(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
+    async fn query_typed(
+        self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
         let txn = self.g.check(query, None, Protocol::Parse)?;
-        self.g.run(txn, self.client.query_typed(query, params)).await
+        self.g
+            .run(txn, self.client.query_typed(query, params))
+            .await
     }
 
-    async fn query_typed_one(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row, Error> {
+    async fn query_typed_one(
+        self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Row, Error> {
         let txn = self.g.check(query, None, Protocol::Parse)?;
-        self.g.run(txn, self.client.query_typed_one(query, params)).await
+        self.g
+            .run(txn, self.client.query_typed_one(query, params))
+            .await
     }
 
-    async fn query_typed_opt(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Option<Row>, Error> {
+    async fn query_typed_opt(
+        self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<Row>, Error> {
         let txn = self.g.check(query, None, Protocol::Parse)?;
-        self.g.run(txn, self.client.query_typed_opt(query, params)).await
+        self.g
+            .run(txn, self.client.query_typed_opt(query, params))
+            .await
     }
 
     async fn query_typed_raw<P, I>(self, query: &str, params: I) -> Result<RowStream<'a>, Error>
@@ -221,17 +274,30 @@ impl<'a> Ctx<'a> {
         I: IntoIterator<Item = (P, Type)>,
     {
         let txn = self.g.check(query, None, Protocol::Parse)?;
-        let (s, bound, f) = self.g.open(txn, self.client.query_typed_raw(query, params)).await?;
+        let (s, bound, f) = self
+            .g
+            .open(txn, self.client.query_typed_raw(query, params))
+            .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
 
-    async fn execute<T: ?Sized + ToStatement>(self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
+    async fn execute<T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
         dispatch!(self, statement, run, |s| self.client.execute(s, params))
     }
 
-    async fn execute_typed(self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64, Error> {
+    async fn execute_typed(
+        self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Error> {
         let txn = self.g.check(query, None, Protocol::Parse)?;
-        self.g.run(txn, self.client.execute_typed(query, params)).await
+        self.g
+            .run(txn, self.client.execute_typed(query, params))
+            .await
     }
 
     async fn execute_raw<T, P, I>(self, statement: &T, params: I) -> Result<u64, Error>
@@ -253,7 +319,10 @@ impl<'a> Ctx<'a> {
         Ok(CopyInSink::new(s, bound, self.g.state, f))
     }
 
-    async fn copy_out<T: ?Sized + ToStatement>(self, statement: &T) -> Result<CopyOutStream<'a>, Error> {
+    async fn copy_out<T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+    ) -> Result<CopyOutStream<'a>, Error> {
         let (s, bound, f) = dispatch!(self, statement, open, |s| self.client.copy_out(s))?;
         Ok(CopyOutStream::new(s, bound, self.g.state, f))
     }
@@ -265,7 +334,10 @@ impl<'a> Ctx<'a> {
 
     async fn simple_query_raw(self, query: &str) -> Result<SimpleQueryStream<'a>, Error> {
         let txn = self.g.check(query, None, Protocol::Simple)?;
-        let (s, bound, f) = self.g.open(txn, self.client.simple_query_raw(query)).await?;
+        let (s, bound, f) = self
+            .g
+            .open(txn, self.client.simple_query_raw(query))
+            .await?;
         Ok(SimpleQueryStream::new(s, bound, self.g.state, f))
     }
 
@@ -291,7 +363,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`prepare`](Self::prepare).
-        pub async fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> Result<Statement, Error> {
+        pub async fn prepare_typed(
+            &self,
+            query: &str,
+            parameter_types: &[Type],
+        ) -> Result<Statement, Error> {
             self.ctx().prepare_typed(query, parameter_types).await
         }
 
@@ -300,7 +376,11 @@ macro_rules! statement_methods {
         /// # Errors
         /// The server's error, a timeout (the connection is then closed), or
         /// [`Error::PinRefused`](crate::Error::PinRefused).
-        pub async fn query<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+        pub async fn query<T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Vec<Row>, Error> {
             self.ctx().query(statement, params).await
         }
 
@@ -308,7 +388,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query), and when the row count is not one.
-        pub async fn query_one<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+        pub async fn query_one<T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Row, Error> {
             self.ctx().query_one(statement, params).await
         }
 
@@ -316,7 +400,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query), and when more than one row comes back.
-        pub async fn query_opt<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error> {
+        pub async fn query_opt<T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Option<Row>, Error> {
             self.ctx().query_opt(statement, params).await
         }
 
@@ -324,7 +412,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query), and when a row has more than one column.
-        pub async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<R>, Error> {
+        pub async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Vec<R>, Error> {
             self.ctx().query_scalar(statement, params).await
         }
 
@@ -332,7 +424,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query_one`](Self::query_one).
-        pub async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<R, Error> {
+        pub async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<R, Error> {
             self.ctx().query_one_scalar(statement, params).await
         }
 
@@ -340,7 +436,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query_opt`](Self::query_opt).
-        pub async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<R>, Error> {
+        pub async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Option<R>, Error> {
             self.ctx().query_opt_scalar(statement, params).await
         }
 
@@ -349,7 +449,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query).
-        pub async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+        pub async fn query_raw<T, P, I>(
+            &self,
+            statement: &T,
+            params: I,
+        ) -> Result<RowStream<'_>, Error>
         where
             T: ?Sized + ToStatement,
             P: BorrowToSql,
@@ -364,7 +468,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query).
-        pub async fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
+        pub async fn query_typed(
+            &self,
+            query: &str,
+            params: &[(&(dyn ToSql + Sync), Type)],
+        ) -> Result<Vec<Row>, Error> {
             self.ctx().query_typed(query, params).await
         }
 
@@ -372,7 +480,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query_one`](Self::query_one).
-        pub async fn query_typed_one(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row, Error> {
+        pub async fn query_typed_one(
+            &self,
+            query: &str,
+            params: &[(&(dyn ToSql + Sync), Type)],
+        ) -> Result<Row, Error> {
             self.ctx().query_typed_one(query, params).await
         }
 
@@ -380,7 +492,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query_opt`](Self::query_opt).
-        pub async fn query_typed_opt(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Option<Row>, Error> {
+        pub async fn query_typed_opt(
+            &self,
+            query: &str,
+            params: &[(&(dyn ToSql + Sync), Type)],
+        ) -> Result<Option<Row>, Error> {
             self.ctx().query_typed_opt(query, params).await
         }
 
@@ -388,7 +504,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query).
-        pub async fn query_typed_raw<P, I>(&self, query: &str, params: I) -> Result<RowStream<'_>, Error>
+        pub async fn query_typed_raw<P, I>(
+            &self,
+            query: &str,
+            params: I,
+        ) -> Result<RowStream<'_>, Error>
         where
             P: BorrowToSql,
             I: IntoIterator<Item = (P, Type)>,
@@ -400,7 +520,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query).
-        pub async fn execute<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
+        pub async fn execute<T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<u64, Error> {
             self.ctx().execute(statement, params).await
         }
 
@@ -408,7 +532,11 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query).
-        pub async fn execute_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64, Error> {
+        pub async fn execute_typed(
+            &self,
+            query: &str,
+            params: &[(&(dyn ToSql + Sync), Type)],
+        ) -> Result<u64, Error> {
             self.ctx().execute_typed(query, params).await
         }
 
@@ -442,7 +570,10 @@ macro_rules! statement_methods {
         ///
         /// # Errors
         /// As [`query`](Self::query).
-        pub async fn copy_out<T: ?Sized + ToStatement>(&self, statement: &T) -> Result<CopyOutStream<'_>, Error> {
+        pub async fn copy_out<T: ?Sized + ToStatement>(
+            &self,
+            statement: &T,
+        ) -> Result<CopyOutStream<'_>, Error> {
             self.ctx().copy_out(statement).await
         }
 
@@ -512,7 +643,9 @@ impl PooledClient {
     }
 
     fn conn(&self) -> &Conn {
-        self.conn.as_ref().expect("a PooledClient holds its connection until dropped")
+        self.conn
+            .as_ref()
+            .expect("a PooledClient holds its connection until dropped")
     }
 
     fn ctx(&self) -> Ctx<'_> {
@@ -535,7 +668,9 @@ impl PooledClient {
     /// When the connection is broken or the bound passes.
     pub async fn check_connection(&self) -> Result<(), Error> {
         let ctx = self.ctx();
-        ctx.g.run(TxnControl::None, ctx.client.check_connection()).await
+        ctx.g
+            .run(TxnControl::None, ctx.client.check_connection())
+            .await
     }
 
     /// True when the connection is known to be closed.
@@ -553,7 +688,10 @@ impl PooledClient {
 
     /// A builder for a transaction with an isolation level, read-only or deferrable.
     pub fn build_transaction(&mut self) -> TransactionBuilder<'_> {
-        let conn = self.conn.as_mut().expect("a PooledClient holds its connection until dropped");
+        let conn = self
+            .conn
+            .as_mut()
+            .expect("a PooledClient holds its connection until dropped");
         TransactionBuilder {
             inner: conn.client.build_transaction(),
             g: Guarded {
@@ -579,7 +717,9 @@ impl PooledClient {
     pub fn raw(this: &Self) -> &Client {
         let conn = this.conn();
         conn.state.set_untracked();
-        let _ = this.pool.on_pin(&conn.state, Reasons::of(Reason::Untracked), "(raw access)");
+        let _ = this
+            .pool
+            .on_pin(&conn.state, Reasons::of(Reason::Untracked), "(raw access)");
         &conn.client
     }
 
@@ -668,7 +808,11 @@ impl<'a> Transaction<'a> {
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
         let g = self.g;
         let inner = g.run(TxnControl::None, self.inner.transaction()).await?;
-        Ok(Transaction { inner, g, _mark: None })
+        Ok(Transaction {
+            inner,
+            g,
+            _mark: None,
+        })
     }
 
     /// A nested transaction with a savepoint name.
@@ -678,7 +822,11 @@ impl<'a> Transaction<'a> {
     pub async fn savepoint<I: Into<String>>(&mut self, name: I) -> Result<Transaction<'_>, Error> {
         let g = self.g;
         let inner = g.run(TxnControl::None, self.inner.savepoint(name)).await?;
-        Ok(Transaction { inner, g, _mark: None })
+        Ok(Transaction {
+            inner,
+            g,
+            _mark: None,
+        })
     }
 
     /// Binds a statement's parameters to a portal, read with [`query_portal`](Self::query_portal):
@@ -686,7 +834,11 @@ impl<'a> Transaction<'a> {
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn bind<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Portal, Error> {
+    pub async fn bind<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Portal, Error> {
         let inner = &self.inner;
         dispatch!(self.ctx(), statement, run, |s| inner.bind(s, params))
     }
@@ -711,15 +863,27 @@ impl<'a> Transaction<'a> {
     /// # Errors
     /// As [`query`](Self::query).
     pub async fn query_portal(&self, portal: &Portal, max_rows: i32) -> Result<Vec<Row>, Error> {
-        self.g.run(TxnControl::None, self.inner.query_portal(portal, max_rows)).await
+        self.g
+            .run(TxnControl::None, self.inner.query_portal(portal, max_rows))
+            .await
     }
 
     /// [`query_portal`](Self::query_portal), streaming the rows.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn query_portal_raw(&self, portal: &Portal, max_rows: i32) -> Result<RowStream<'_>, Error> {
-        let (s, bound, f) = self.g.open(TxnControl::None, self.inner.query_portal_raw(portal, max_rows)).await?;
+    pub async fn query_portal_raw(
+        &self,
+        portal: &Portal,
+        max_rows: i32,
+    ) -> Result<RowStream<'_>, Error> {
+        let (s, bound, f) = self
+            .g
+            .open(
+                TxnControl::None,
+                self.inner.query_portal_raw(portal, max_rows),
+            )
+            .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
 }
@@ -770,21 +934,52 @@ pub trait GenericClient: private::Sealed + Sync {
     /// See [`PooledClient::prepare`].
     fn prepare(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send;
     /// See [`PooledClient::prepare_typed`].
-    fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> impl Future<Output = Result<Statement, Error>> + Send;
+    fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> impl Future<Output = Result<Statement, Error>> + Send;
     /// See [`PooledClient::query`].
-    fn query<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
+    fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
     /// See [`PooledClient::query_one`].
-    fn query_one<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<Row, Error>> + Send;
+    fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row, Error>> + Send;
     /// See [`PooledClient::query_opt`].
-    fn query_opt<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<Option<Row>, Error>> + Send;
+    fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>, Error>> + Send;
     /// See [`PooledClient::query_typed`].
-    fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
+    fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
     /// See [`PooledClient::execute`].
-    fn execute<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> impl Future<Output = Result<u64, Error>> + Send;
+    fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
     /// See [`PooledClient::execute_typed`].
-    fn execute_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> impl Future<Output = Result<u64, Error>> + Send;
+    fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
     /// See [`PooledClient::simple_query`].
-    fn simple_query(&self, query: &str) -> impl Future<Output = Result<Vec<SimpleQueryMessage>, Error>> + Send;
+    fn simple_query(
+        &self,
+        query: &str,
+    ) -> impl Future<Output = Result<Vec<SimpleQueryMessage>, Error>> + Send;
     /// See [`PooledClient::batch_execute`].
     fn batch_execute(&self, query: &str) -> impl Future<Output = Result<(), Error>> + Send;
     /// See [`PooledClient::transaction`].
@@ -803,25 +998,53 @@ macro_rules! generic_client {
             async fn prepare(&self, query: &str) -> Result<Statement, Error> {
                 Self::prepare(self, query).await
             }
-            async fn prepare_typed(&self, query: &str, parameter_types: &[Type]) -> Result<Statement, Error> {
+            async fn prepare_typed(
+                &self,
+                query: &str,
+                parameter_types: &[Type],
+            ) -> Result<Statement, Error> {
                 Self::prepare_typed(self, query, parameter_types).await
             }
-            async fn query<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error> {
+            async fn query<T: ?Sized + ToStatement>(
+                &self,
+                statement: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Vec<Row>, Error> {
                 Self::query(self, statement, params).await
             }
-            async fn query_one<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error> {
+            async fn query_one<T: ?Sized + ToStatement>(
+                &self,
+                statement: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Row, Error> {
                 Self::query_one(self, statement, params).await
             }
-            async fn query_opt<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Error> {
+            async fn query_opt<T: ?Sized + ToStatement>(
+                &self,
+                statement: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Option<Row>, Error> {
                 Self::query_opt(self, statement, params).await
             }
-            async fn query_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>, Error> {
+            async fn query_typed(
+                &self,
+                query: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<Vec<Row>, Error> {
                 Self::query_typed(self, query, params).await
             }
-            async fn execute<T: ?Sized + ToStatement>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error> {
+            async fn execute<T: ?Sized + ToStatement>(
+                &self,
+                statement: &T,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<u64, Error> {
                 Self::execute(self, statement, params).await
             }
-            async fn execute_typed(&self, query: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64, Error> {
+            async fn execute_typed(
+                &self,
+                query: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<u64, Error> {
                 Self::execute_typed(self, query, params).await
             }
             async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {

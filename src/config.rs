@@ -50,9 +50,12 @@ impl From<tokio_postgres::Config> for ConnectionConfig {
 impl From<&str> for ConnectionConfig {
     fn from(s: &str) -> Self {
         let (text, verify) = accept_verify_modes(s);
-        let parsed = text
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| Error::config("url", format!("cannot parse the connection string: {}", explain(&text, e))));
+        let parsed = text.parse::<tokio_postgres::Config>().map_err(|e| {
+            Error::config(
+                "url",
+                format!("cannot parse the connection string: {}", explain(&text, e)),
+            )
+        });
         ConnectionConfig { parsed, verify }
     }
 }
@@ -78,7 +81,9 @@ fn explain(text: &str, e: tokio_postgres::Error) -> String {
     let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
     for param in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = param.split_once('=').unwrap_or((param, ""));
-        if let Err(e) = format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")).parse::<tokio_postgres::Config>() {
+        if let Err(e) = format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+            .parse::<tokio_postgres::Config>()
+        {
             return format!("parameter `{k}`: {e}");
         }
     }
@@ -86,10 +91,11 @@ fn explain(text: &str, e: tokio_postgres::Error) -> String {
     let hosts = hosts.rsplit_once('@').map_or(hosts, |(_, h)| h);
     for host in hosts.split(',') {
         // The port follows the last ':' unless that ':' is inside an IPv6 [address].
-        if let Some((_, port)) = host.rsplit_once(':').filter(|(_, p)| !p.contains(']')) {
-            if !port.is_empty() && port.parse::<u16>().is_err() {
-                return format!("`port`: {port:?} is not a port number");
-            }
+        if let Some((_, port)) = host.rsplit_once(':').filter(|(_, p)| !p.contains(']'))
+            && !port.is_empty()
+            && port.parse::<u16>().is_err()
+        {
+            return format!("`port`: {port:?} is not a port number");
         }
     }
     e.to_string()
@@ -339,7 +345,11 @@ impl Builder {
         if pg.get_hosts().is_empty() {
             return Err(Error::config("host", "no host given"));
         }
-        if pg.get_hosts().iter().any(|h| matches!(h, Host::Tcp(h) if h.is_empty())) {
+        if pg
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, Host::Tcp(h) if h.is_empty()))
+        {
             return Err(Error::config("host", "empty host name"));
         }
         if pg.get_user().is_none_or(str::is_empty) {
@@ -365,7 +375,9 @@ impl Builder {
                 return Err(Error::config(name, "must be longer than zero"));
             }
         }
-        if s.max_lifetime.is_some_and(|d| d >= PROXY_MAX_CLIENT_LIFETIME) {
+        if s.max_lifetime
+            .is_some_and(|d| d >= PROXY_MAX_CLIENT_LIFETIME)
+        {
             return Err(Error::config(
                 "max_lifetime",
                 "must be below 24 h: RDS Proxy closes client connections at 24 h",
@@ -387,7 +399,10 @@ impl Builder {
         }
         // tokio-postgres's own connect_timeout covers only the TCP connect; the pool bounds the
         // whole connect with its own, and keeps the user's value when shorter.
-        if pg.get_connect_timeout().is_none_or(|d| *d > s.connect_timeout) {
+        if pg
+            .get_connect_timeout()
+            .is_none_or(|d| *d > s.connect_timeout)
+        {
             pg.connect_timeout(s.connect_timeout);
         }
         let settings = Settings {
@@ -413,7 +428,8 @@ mod tests {
 
     #[test]
     fn verify_modes_become_require() {
-        let (t, v) = accept_verify_modes("postgres://a@h/db?sslmode=verify-full&sslrootcert=/x.pem");
+        let (t, v) =
+            accept_verify_modes("postgres://a@h/db?sslmode=verify-full&sslrootcert=/x.pem");
         assert_eq!(t, "postgres://a@h/db?sslmode=require");
         assert_eq!(v, Some("verify-full"));
         let (t, v) = accept_verify_modes("host=h user=a sslmode=verify-ca dbname=d");

@@ -83,7 +83,12 @@ impl ConnState {
 
     fn close_socket(&self, flag: u8) {
         self.flags.fetch_or(flag, Relaxed);
-        let fut = self.task.fut.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let fut = self
+            .task
+            .fut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         drop(fut);
         if let Some(abort) = self.task.abort.get() {
             abort.abort();
@@ -225,7 +230,9 @@ impl Conn {
         self.state
             .health(self.client.is_closed())
             .verdict(s.pin_policy)
-            .or_else(|| exceeded(s.max_lifetime, self.created, now).then_some(CloseReason::MaxLifetime))
+            .or_else(|| {
+                exceeded(s.max_lifetime, self.created, now).then_some(CloseReason::MaxLifetime)
+            })
     }
 }
 
@@ -284,12 +291,48 @@ mod tests {
         let p = PinPolicy::CloseOnReturn;
         assert_eq!(healthy().verdict(p), None);
         let cases = [
-            (Health { killed: true, ..healthy() }, CloseReason::TimedOut),
-            (Health { closed: true, ..healthy() }, CloseReason::Broken),
-            (Health { in_flight: 1, ..healthy() }, CloseReason::UnknownState),
-            (Health { in_txn: true, ..healthy() }, CloseReason::UnknownState),
-            (Health { untracked: true, ..healthy() }, CloseReason::Untracked),
-            (Health { pinned: Reasons::of(Reason::Set), ..healthy() }, CloseReason::Pinned),
+            (
+                Health {
+                    killed: true,
+                    ..healthy()
+                },
+                CloseReason::TimedOut,
+            ),
+            (
+                Health {
+                    closed: true,
+                    ..healthy()
+                },
+                CloseReason::Broken,
+            ),
+            (
+                Health {
+                    in_flight: 1,
+                    ..healthy()
+                },
+                CloseReason::UnknownState,
+            ),
+            (
+                Health {
+                    in_txn: true,
+                    ..healthy()
+                },
+                CloseReason::UnknownState,
+            ),
+            (
+                Health {
+                    untracked: true,
+                    ..healthy()
+                },
+                CloseReason::Untracked,
+            ),
+            (
+                Health {
+                    pinned: Reasons::of(Reason::Set),
+                    ..healthy()
+                },
+                CloseReason::Pinned,
+            ),
         ];
         for (h, want) in cases {
             assert_eq!(h.verdict(p), Some(want), "{h:?}");
@@ -298,10 +341,19 @@ mod tests {
 
     #[test]
     fn keep_policy_keeps_pinned_but_not_unknown_state() {
-        let pinned = Health { pinned: Reasons::of(Reason::Set), ..healthy() };
+        let pinned = Health {
+            pinned: Reasons::of(Reason::Set),
+            ..healthy()
+        };
         assert_eq!(pinned.verdict(PinPolicy::Keep), None);
-        let both = Health { in_flight: 2, ..pinned };
-        assert_eq!(both.verdict(PinPolicy::Keep), Some(CloseReason::UnknownState));
+        let both = Health {
+            in_flight: 2,
+            ..pinned
+        };
+        assert_eq!(
+            both.verdict(PinPolicy::Keep),
+            Some(CloseReason::UnknownState)
+        );
     }
 
     #[test]

@@ -7,15 +7,17 @@
 //! | `pinpool_timeouts` | counter | count | `phase` (acquire, connect, query), `cause` (timeout, deadline) |
 //! | `pinpool_connections_opened` | counter | count | |
 //! | `pinpool_connect_errors` | counter | count | |
-//! | `pinpool_connections_closed` | counter | count | `reason` ([`CloseReason`](crate::CloseReason)) |
+//! | `pinpool_connections_closed` | counter | count | `reason` ([`crate::CloseReason`]) |
 //! | `pinpool_connections_in_use` | gauge | count | |
 //! | `pinpool_connections_idle` | gauge | count | |
-//! | `pinpool_pinned` | counter | count | `reason` ([`Reason`](crate::pinning::Reason)) |
+//! | `pinpool_pinned` | counter | count | `reason` ([`crate::pinning::Reason`]) |
 //! | `pinpool_statements_refused` | counter | count | `reason` |
 
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 use crate::error::{Phase, TimeoutCause};
 use crate::pinning::Reasons;
@@ -43,15 +45,31 @@ pub const STATEMENTS_REFUSED: &str = "pinpool_statements_refused";
 /// Describes every metric (units and help text) to the installed recorder. Call it once after
 /// installing a recorder; CloudWatch EMF recorders take the unit from here.
 pub fn describe() {
-    describe_histogram!(ACQUIRE_WAIT, Unit::Milliseconds, "time get() waited for a connection");
+    describe_histogram!(
+        ACQUIRE_WAIT,
+        Unit::Milliseconds,
+        "time get() waited for a connection"
+    );
     describe_counter!(TIMEOUTS, Unit::Count, "timeouts by phase and cause");
     describe_counter!(CONNECTIONS_OPENED, Unit::Count, "connections opened");
     describe_counter!(CONNECT_ERRORS, Unit::Count, "failed connection attempts");
-    describe_counter!(CONNECTIONS_CLOSED, Unit::Count, "connections closed by reason");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        Unit::Count,
+        "connections closed by reason"
+    );
     describe_gauge!(CONNECTIONS_IN_USE, Unit::Count, "connections checked out");
     describe_gauge!(CONNECTIONS_IDLE, Unit::Count, "connections idle");
-    describe_counter!(PINNED, Unit::Count, "connections that became possibly pinned, by reason");
-    describe_counter!(STATEMENTS_REFUSED, Unit::Count, "statements refused by the strict pin policy");
+    describe_counter!(
+        PINNED,
+        Unit::Count,
+        "connections that became possibly pinned, by reason"
+    );
+    describe_counter!(
+        STATEMENTS_REFUSED,
+        Unit::Count,
+        "statements refused by the strict pin policy"
+    );
 }
 
 pub(crate) fn acquire_wait(d: Duration) {

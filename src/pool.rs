@@ -151,7 +151,13 @@ impl Pool {
         Ok(self.hand_out(conn, permit, cut, start))
     }
 
-    fn hand_out(&self, conn: Conn, permit: SemaphorePermit<'_>, cut: Option<Instant>, start: Instant) -> PooledClient {
+    fn hand_out(
+        &self,
+        conn: Conn,
+        permit: SemaphorePermit<'_>,
+        cut: Option<Instant>,
+        start: Instant,
+    ) -> PooledClient {
         // From here the PooledClient owns the slot; its drop adds the permit back.
         permit.forget();
         let in_use = self.inner.in_use.fetch_add(1, Relaxed) + 1;
@@ -294,7 +300,11 @@ impl PoolInner {
         self.size.fetch_sub(1, Relaxed);
         self.counters.closed(reason);
         metrics::closed(reason);
-        tracing::debug!(connection = id, reason = reason.as_str(), "pinpool: connection closed");
+        tracing::debug!(
+            connection = id,
+            reason = reason.as_str(),
+            "pinpool: connection closed"
+        );
     }
 
     /// Takes a connection back from a dropped [`PooledClient`]. Synchronous: it never spawns.
@@ -327,7 +337,9 @@ impl PoolInner {
     /// record it and report what is new.
     pub(crate) fn on_pin(&self, state: &ConnState, pins: Reasons, sql: &str) -> Result<(), Error> {
         let statement = truncate(sql, 120);
-        if self.settings.pin_policy == PinPolicy::Refuse && pins.iter().any(|r| r != crate::pinning::Reason::Untracked) {
+        if self.settings.pin_policy == PinPolicy::Refuse
+            && pins.iter().any(|r| r != crate::pinning::Reason::Untracked)
+        {
             self.counters.refused.fetch_add(1, Relaxed);
             metrics::refused(pins);
             tracing::warn!(reasons = %pins, statement, "pinpool: refused a statement that may pin the RDS Proxy session");

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use tokio_postgres::types::Type;
 use tokio_postgres::Column;
+use tokio_postgres::types::Type;
 
 use crate::pinning::Classification;
 

@@ -37,7 +37,12 @@ pub type SimpleQueryStream<'a> = Tracked<'a, tokio_postgres::SimpleQueryStream>;
 pub type CopyOutStream<'a> = Tracked<'a, tokio_postgres::CopyOutStream>;
 
 impl<'a, S> Tracked<'a, S> {
-    pub(crate) fn new(inner: S, bound: Option<Bound>, state: &'a ConnState, guard: InFlight<'a>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        bound: Option<Bound>,
+        state: &'a ConnState,
+        guard: InFlight<'a>,
+    ) -> Self {
         Tracked {
             inner,
             sleep: bound.map(|b| sleep_until(b.at)),
@@ -146,7 +151,10 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
     fn poll_bounded<R>(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        f: impl FnOnce(Pin<&mut tokio_postgres::CopyInSink<T>>, &mut Context<'_>) -> Poll<Result<R, tokio_postgres::Error>>,
+        f: impl FnOnce(
+            Pin<&mut tokio_postgres::CopyInSink<T>>,
+            &mut Context<'_>,
+        ) -> Poll<Result<R, tokio_postgres::Error>>,
     ) -> Poll<Result<R, Error>> {
         let this = self.project();
         if let Poll::Ready(r) = f(this.inner, cx) {
@@ -191,7 +199,10 @@ impl<T: Buf + 'static + Send> Sink<T> for CopyInSink<'_, T> {
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        ready!(self.as_mut().poll_bounded(cx, |inner, cx| inner.poll_close(cx)))?;
+        ready!(
+            self.as_mut()
+                .poll_bounded(cx, |inner, cx| inner.poll_close(cx))
+        )?;
         if let Some(g) = self.project().guard.take() {
             g.done();
         }

@@ -33,7 +33,10 @@ async fn exhaustion_fails_with_an_acquire_timeout_within_the_bound() {
     let took = t.elapsed();
     assert_eq!(timeout_of(&err), (Phase::Acquire, TimeoutCause::Configured));
     assert!(err.to_string().contains("acquire_timeout"), "{err}");
-    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     assert_eq!(pool.status().waiters, 0);
     drop(held);
     assert_quiet(&pool);
@@ -52,7 +55,10 @@ async fn get_by_stops_at_the_deadline_minus_the_margin() {
     let err = pool.get_by(deadline).await.unwrap_err();
     assert_eq!(timeout_of(&err), (Phase::Acquire, TimeoutCause::Deadline));
     assert!(err.is_deadline());
-    assert!(SystemTime::now() < deadline, "failed before the deadline itself");
+    assert!(
+        SystemTime::now() < deadline,
+        "failed before the deadline itself"
+    );
     drop(held);
 
     // A statement of a client checked out with a deadline stops there too.
@@ -67,7 +73,10 @@ async fn get_by_stops_at_the_deadline_minus_the_margin() {
 
     // A deadline already inside the margin fails at once.
     let t = Instant::now();
-    let err = pool.get_by(SystemTime::now() + Duration::from_millis(100)).await.unwrap_err();
+    let err = pool
+        .get_by(SystemTime::now() + Duration::from_millis(100))
+        .await
+        .unwrap_err();
     assert!(err.is_deadline());
     assert!(t.elapsed() < Duration::from_millis(100));
     assert_quiet(&pool);
@@ -97,8 +106,14 @@ async fn a_query_timeout_closes_the_socket_and_the_server_notices() {
     assert!(t.elapsed() < Duration::from_secs(3));
     assert!(c.is_closed());
     drop(c);
-    let gone = eventually(2, || async { backends(&admin, "pl_qtimeout").await.is_empty() }).await;
-    assert!(gone, "the backend outlived the closed socket by more than 2 s");
+    let gone = eventually(2, || async {
+        backends(&admin, "pl_qtimeout").await.is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "the backend outlived the closed socket by more than 2 s"
+    );
     assert_quiet(&pool);
 }
 
@@ -107,13 +122,24 @@ async fn a_killed_backend_is_replaced() {
     let admin = admin().await;
     let pool = builder("pl_killed").max_size(1).build().unwrap();
     let c = pool.get().await.unwrap();
-    let pid: i32 = c.query_one_scalar("SELECT pg_backend_pid()", &[]).await.unwrap();
+    let pid: i32 = c
+        .query_one_scalar("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap();
     drop(c);
     assert_eq!(kill_backends(&admin, "pl_killed").await, 1);
-    assert!(eventually(5, || async { backends(&admin, "pl_killed").await.is_empty() }).await);
+    assert!(
+        eventually(5, || async {
+            backends(&admin, "pl_killed").await.is_empty()
+        })
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     let c = pool.get().await.unwrap();
-    let new_pid: i32 = c.query_one_scalar("SELECT pg_backend_pid()", &[]).await.unwrap();
+    let new_pid: i32 = c
+        .query_one_scalar("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap();
     assert_ne!(pid, new_pid);
     drop(c);
     assert_eq!(pool.status().closed.get(CloseReason::Broken), 1);
@@ -129,14 +155,24 @@ async fn a_backend_killed_mid_query_fails_that_query_and_the_pool_recovers() {
         let r = c.query("SELECT pg_sleep(30)", &[]).await;
         (r.map(|_| ()), c)
     });
-    assert!(eventually(5, || async { backends(&admin, "pl_killmid").await.len() == 1 }).await);
+    assert!(
+        eventually(5, || async {
+            backends(&admin, "pl_killmid").await.len() == 1
+        })
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     kill_backends(&admin, "pl_killmid").await;
     let (r, c) = q.await.unwrap();
     let err = r.unwrap_err();
     assert!(matches!(err, Error::Query(_)), "{err:?}");
     drop(c);
-    assert_eq!(pool.status().closed.get(CloseReason::Broken), 1, "{:?}", pool.status());
+    assert_eq!(
+        pool.status().closed.get(CloseReason::Broken),
+        1,
+        "{:?}",
+        pool.status()
+    );
     let c = pool.get().await.unwrap();
     let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
     assert_eq!(one, 1);
@@ -180,7 +216,17 @@ async fn unreachable_databases_fail_within_the_connect_timeout() {
         .unwrap();
     let t = Instant::now();
     let err = pool.get().await.unwrap_err();
-    assert!(matches!(err, Error::Connect(_) | Error::Timeout { phase: Phase::Connect, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Connect(_)
+                | Error::Timeout {
+                    phase: Phase::Connect,
+                    ..
+                }
+        ),
+        "{err:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(4));
     drop(silent);
 }
@@ -194,28 +240,63 @@ fn invalid_options_fail_at_build_naming_the_option() {
         (Pool::builder("host=h dbname=d"), "user"),
         (Pool::builder("postgres://u@/db"), "host"),
         (Pool::builder(url.as_str()).max_size(0), "max_size"),
-        (Pool::builder(url.as_str()).max_size(2).min_idle(3), "min_idle"),
-        (Pool::builder(url.as_str()).acquire_timeout(Duration::ZERO), "acquire_timeout"),
-        (Pool::builder(url.as_str()).connect_timeout(Duration::ZERO), "connect_timeout"),
-        (Pool::builder(url.as_str()).query_timeout(Some(Duration::ZERO)), "query_timeout"),
-        (Pool::builder(url.as_str()).idle_timeout(Some(Duration::ZERO)), "idle_timeout"),
-        (Pool::builder(url.as_str()).max_lifetime(Some(Duration::from_secs(25 * 3600))), "max_lifetime"),
-        (Pool::builder("postgres://u@h/db?sslmode=verify-full"), "sslmode"),
-        (Pool::builder("postgres://u@h/db?sslmode=require"), "sslmode"),
+        (
+            Pool::builder(url.as_str()).max_size(2).min_idle(3),
+            "min_idle",
+        ),
+        (
+            Pool::builder(url.as_str()).acquire_timeout(Duration::ZERO),
+            "acquire_timeout",
+        ),
+        (
+            Pool::builder(url.as_str()).connect_timeout(Duration::ZERO),
+            "connect_timeout",
+        ),
+        (
+            Pool::builder(url.as_str()).query_timeout(Some(Duration::ZERO)),
+            "query_timeout",
+        ),
+        (
+            Pool::builder(url.as_str()).idle_timeout(Some(Duration::ZERO)),
+            "idle_timeout",
+        ),
+        (
+            Pool::builder(url.as_str()).max_lifetime(Some(Duration::from_secs(25 * 3600))),
+            "max_lifetime",
+        ),
+        (
+            Pool::builder("postgres://u@h/db?sslmode=verify-full"),
+            "sslmode",
+        ),
+        (
+            Pool::builder("postgres://u@h/db?sslmode=require"),
+            "sslmode",
+        ),
     ];
     for (b, option) in cases {
         match b.build() {
-            Err(Error::Config { option: got, message }) => {
+            Err(Error::Config {
+                option: got,
+                message,
+            }) => {
                 assert_eq!(got, option, "{message}");
-                let text = Error::Config { option: got, message }.to_string();
+                let text = Error::Config {
+                    option: got,
+                    message,
+                }
+                .to_string();
                 assert!(text.contains(option), "{text}");
             }
             other => panic!("{option}: expected a config error, got {other:?}"),
         }
     }
-    let err = Pool::builder("postgres://u@h/db?bogus=1").build().unwrap_err();
+    let err = Pool::builder("postgres://u@h/db?bogus=1")
+        .build()
+        .unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
-    let err = Pool::builder("postgres://u@h:notaport/db").build().unwrap_err();
+    let err = Pool::builder("postgres://u@h:notaport/db")
+        .build()
+        .unwrap_err();
     assert!(err.to_string().contains("port"), "{err}");
     // Secrets never show in errors or Debug.
     let pool = Pool::builder("postgres://u:hunter2@h/db").build().unwrap();
@@ -237,7 +318,13 @@ async fn waiters_are_served_in_order() {
             drop(c);
         }));
         let p = pool.clone();
-        assert!(eventually(5, move || { let p = p.clone(); async move { p.status().waiters == i + 1 } }).await);
+        assert!(
+            eventually(5, move || {
+                let p = p.clone();
+                async move { p.status().waiters == i + 1 }
+            })
+            .await
+        );
     }
     drop(held);
     for t in tasks {
@@ -257,7 +344,11 @@ async fn idle_and_old_connections_are_replaced() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(pool.get().await.unwrap());
     let s = pool.status();
-    assert_eq!((s.opened, s.closed.get(CloseReason::IdleTimeout)), (2, 1), "{s:?}");
+    assert_eq!(
+        (s.opened, s.closed.get(CloseReason::IdleTimeout)),
+        (2, 1),
+        "{s:?}"
+    );
 
     let pool = builder("pl_lifetime")
         .max_lifetime(Some(Duration::from_millis(300)))
@@ -267,7 +358,11 @@ async fn idle_and_old_connections_are_replaced() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(c);
     let s = pool.status();
-    assert_eq!((s.idle, s.closed.get(CloseReason::MaxLifetime)), (0, 1), "{s:?}");
+    assert_eq!(
+        (s.idle, s.closed.get(CloseReason::MaxLifetime)),
+        (0, 1),
+        "{s:?}"
+    );
 }
 
 #[tokio::test]
@@ -284,7 +379,11 @@ async fn warm_up_opens_min_idle_and_close_refuses_new_gets() {
     assert_eq!(pool.status().idle, 0);
     drop(c);
     let s = pool.status();
-    assert_eq!((s.size, s.closed.get(CloseReason::PoolClosed)), (0, 2), "{s:?}");
+    assert_eq!(
+        (s.size, s.closed.get(CloseReason::PoolClosed)),
+        (0, 2),
+        "{s:?}"
+    );
 }
 
 /// Resolves to `None` after `polls_left` pending polls, dropping the inner future there.
@@ -310,9 +409,13 @@ impl<F: Future> Future for Cancellable<F> {
 async fn work(pool: &Pool, n: i32) -> Result<(), Error> {
     let mut c = pool.get().await?;
     let tx = c.transaction().await?;
-    tx.execute("INSERT INTO pl_sweep_t VALUES ($1)", &[&n]).await?;
+    tx.execute("INSERT INTO pl_sweep_t VALUES ($1)", &[&n])
+        .await?;
     tx.commit().await?;
-    let mut rows = Box::pin(c.query_raw("SELECT id FROM pl_sweep_t WHERE id = $1", [n]).await?);
+    let mut rows = Box::pin(
+        c.query_raw("SELECT id FROM pl_sweep_t WHERE id = $1", [n])
+            .await?,
+    );
     while let Some(row) = rows.next().await {
         row?;
     }
@@ -349,7 +452,10 @@ async fn futures_dropped_at_every_poll_leak_nothing() {
     assert_quiet(&pool);
     // Cancelled transactions never committed half-way: each id is there at most once.
     let dup: i64 = admin
-        .query_one("SELECT count(*) FROM (SELECT id FROM pl_sweep_t GROUP BY id HAVING count(*) > 1) d", &[])
+        .query_one(
+            "SELECT count(*) FROM (SELECT id FROM pl_sweep_t GROUP BY id HAVING count(*) > 1) d",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -375,7 +481,11 @@ async fn many_waiters_with_random_timeouts_leak_no_capacity() {
             let got = tokio::time::timeout(Duration::from_millis(wait), pool.get()).await;
             if let Ok(Ok(c)) = got {
                 if query {
-                    let _ = tokio::time::timeout(Duration::from_millis(hold), c.query("SELECT pg_sleep(0.005)", &[])).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(hold),
+                        c.query("SELECT pg_sleep(0.005)", &[]),
+                    )
+                    .await;
                 } else {
                     tokio::time::sleep(Duration::from_millis(hold)).await;
                 }
@@ -397,7 +507,10 @@ async fn many_waiters_with_random_timeouts_leak_no_capacity() {
 fn metrics_are_recorded_under_the_documented_names() {
     let rec = common::TestRecorder::default();
     metrics::with_local_recorder(&rec, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let pool = builder("pl_metrics")
                 .max_size(1)
@@ -406,12 +519,22 @@ fn metrics_are_recorded_under_the_documented_names() {
                 .unwrap();
             let c = pool.get().await.unwrap();
             assert!(pool.get().await.is_err());
-            c.batch_execute("SET application_name = 'pl_metrics'").await.unwrap();
+            c.batch_execute("SET application_name = 'pl_metrics'")
+                .await
+                .unwrap();
             drop(c);
         });
     });
-    assert_eq!(rec.counter("pinpool_connections_opened{}"), 1, "{:?}", rec.names());
-    assert_eq!(rec.counter("pinpool_timeouts{cause=timeout,phase=acquire}"), 1);
+    assert_eq!(
+        rec.counter("pinpool_connections_opened{}"),
+        1,
+        "{:?}",
+        rec.names()
+    );
+    assert_eq!(
+        rec.counter("pinpool_timeouts{cause=timeout,phase=acquire}"),
+        1
+    );
     assert_eq!(rec.counter("pinpool_pinned{reason=set}"), 1);
     assert_eq!(rec.counter("pinpool_connections_closed{reason=pinned}"), 1);
     assert_eq!(rec.gauge("pinpool_connections_in_use{}"), Some(0.0));

@@ -25,22 +25,50 @@ async fn query_methods_return_what_tokio_postgres_returns() {
     let c = pool.get().await.unwrap();
     table(&c, "st_query_t").await;
     assert_eq!(
-        c.execute("INSERT INTO st_query_t VALUES ($1, $2), ($3, $4)", &[&1i32, &"a", &2i32, &"b"])
-            .await
-            .unwrap(),
+        c.execute(
+            "INSERT INTO st_query_t VALUES ($1, $2), ($3, $4)",
+            &[&1i32, &"a", &2i32, &"b"]
+        )
+        .await
+        .unwrap(),
         2
     );
-    let rows = c.query("SELECT v FROM st_query_t ORDER BY id", &[]).await.unwrap();
-    assert_eq!(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), ["a", "b"]);
-    let one = c.query_one("SELECT v FROM st_query_t WHERE id = $1", &[&2i32]).await.unwrap();
+    let rows = c
+        .query("SELECT v FROM st_query_t ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    let one = c
+        .query_one("SELECT v FROM st_query_t WHERE id = $1", &[&2i32])
+        .await
+        .unwrap();
     assert_eq!(one.get::<_, &str>(0), "b");
-    assert!(c.query_opt("SELECT v FROM st_query_t WHERE id = 9", &[]).await.unwrap().is_none());
+    assert!(
+        c.query_opt("SELECT v FROM st_query_t WHERE id = 9", &[])
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(c.query_one("SELECT v FROM st_query_t", &[]).await.is_err());
-    let ids: Vec<i32> = c.query_scalar("SELECT id FROM st_query_t ORDER BY id", &[]).await.unwrap();
+    let ids: Vec<i32> = c
+        .query_scalar("SELECT id FROM st_query_t ORDER BY id", &[])
+        .await
+        .unwrap();
     assert_eq!(ids, [1, 2]);
-    let n: i64 = c.query_one_scalar("SELECT count(*) FROM st_query_t", &[]).await.unwrap();
+    let n: i64 = c
+        .query_one_scalar("SELECT count(*) FROM st_query_t", &[])
+        .await
+        .unwrap();
     assert_eq!(n, 2);
-    let none: Option<i32> = c.query_opt_scalar("SELECT id FROM st_query_t WHERE id = 7", &[]).await.unwrap();
+    let none: Option<i32> = c
+        .query_opt_scalar("SELECT id FROM st_query_t WHERE id = 7", &[])
+        .await
+        .unwrap();
     assert_eq!(none, None);
 
     let typed = c
@@ -48,25 +76,59 @@ async fn query_methods_return_what_tokio_postgres_returns() {
         .await
         .unwrap();
     assert_eq!(typed[0].get::<_, i32>(0), 42);
-    let t1 = c.query_typed_one("SELECT $1::text", &[(&"x", Type::TEXT)]).await.unwrap();
+    let t1 = c
+        .query_typed_one("SELECT $1::text", &[(&"x", Type::TEXT)])
+        .await
+        .unwrap();
     assert_eq!(t1.get::<_, &str>(0), "x");
-    assert!(c.query_typed_opt("SELECT 1 WHERE false", &[]).await.unwrap().is_none());
-    assert_eq!(
-        c.execute_typed("UPDATE st_query_t SET v = $1 WHERE id = 1", &[(&"z", Type::TEXT)])
+    assert!(
+        c.query_typed_opt("SELECT 1 WHERE false", &[])
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        c.execute_typed(
+            "UPDATE st_query_t SET v = $1 WHERE id = 1",
+            &[(&"z", Type::TEXT)]
+        )
+        .await
+        .unwrap(),
         1
     );
-    assert_eq!(c.execute_raw("DELETE FROM st_query_t WHERE id = $1", [3i32]).await.unwrap(), 0);
+    assert_eq!(
+        c.execute_raw("DELETE FROM st_query_t WHERE id = $1", [3i32])
+            .await
+            .unwrap(),
+        0
+    );
 
-    let stmt = c.prepare("SELECT v FROM st_query_t WHERE id = $1").await.unwrap();
+    let stmt = c
+        .prepare("SELECT v FROM st_query_t WHERE id = $1")
+        .await
+        .unwrap();
     assert_eq!(stmt.sql(), "SELECT v FROM st_query_t WHERE id = $1");
     assert_eq!(stmt.params(), &[Type::INT4]);
-    assert_eq!(c.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, &str>(0), "z");
+    assert_eq!(
+        c.query_one(&stmt, &[&1i32])
+            .await
+            .unwrap()
+            .get::<_, &str>(0),
+        "z"
+    );
     let typed_stmt = c.prepare_typed("SELECT $1", &[Type::INT8]).await.unwrap();
-    assert_eq!(c.query_one(&typed_stmt, &[&7i64]).await.unwrap().get::<_, i64>(0), 7);
+    assert_eq!(
+        c.query_one(&typed_stmt, &[&7i64])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        7
+    );
 
-    let stream = c.query_raw("SELECT id FROM st_query_t ORDER BY id", [] as [i32; 0]).await.unwrap();
+    let stream = c
+        .query_raw("SELECT id FROM st_query_t ORDER BY id", [] as [i32; 0])
+        .await
+        .unwrap();
     let mut stream = pin!(stream);
     let mut ids = vec![];
     while let Some(row) = stream.next().await {
@@ -92,13 +154,23 @@ async fn query_methods_return_what_tokio_postgres_returns() {
         })
         .collect();
     assert_eq!(rows, ["1", "2"]);
-    let raw: Vec<_> = c.simple_query_raw("SELECT 3").await.unwrap().try_collect().await.unwrap();
+    let raw: Vec<_> = c
+        .simple_query_raw("SELECT 3")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
     assert!(!raw.is_empty());
     c.check_connection().await.unwrap();
     c.batch_execute("DROP TABLE st_query_t").await.unwrap();
     drop(c);
     assert_quiet(&pool);
-    assert_eq!(pool.status().closed.total(), 0, "a clean connection goes back to the pool");
+    assert_eq!(
+        pool.status().closed.total(),
+        0,
+        "a clean connection goes back to the pool"
+    );
 }
 
 #[tokio::test]
@@ -109,7 +181,9 @@ async fn copy_in_and_out() {
     let sink = c.copy_in("COPY st_copy_t FROM STDIN").await.unwrap();
     let mut sink = pin!(sink);
     for i in 0..100 {
-        sink.send(Bytes::from(format!("{i}\tv{i}\n"))).await.unwrap();
+        sink.send(Bytes::from(format!("{i}\tv{i}\n")))
+            .await
+            .unwrap();
     }
     assert_eq!(sink.as_mut().finish().await.unwrap(), 100);
     let out: Vec<Bytes> = c
@@ -132,20 +206,29 @@ async fn transactions_commit_roll_back_and_nest() {
     table(&c, "st_txn_t").await;
     {
         let mut tx = c.transaction().await.unwrap();
-        tx.execute("INSERT INTO st_txn_t VALUES (1, 'a')", &[]).await.unwrap();
+        tx.execute("INSERT INTO st_txn_t VALUES (1, 'a')", &[])
+            .await
+            .unwrap();
         {
             let sp = tx.savepoint("sp_inner").await.unwrap();
-            sp.execute("INSERT INTO st_txn_t VALUES (2, 'b')", &[]).await.unwrap();
+            sp.execute("INSERT INTO st_txn_t VALUES (2, 'b')", &[])
+                .await
+                .unwrap();
             sp.rollback().await.unwrap();
         }
         let nested = tx.transaction().await.unwrap();
-        nested.execute("INSERT INTO st_txn_t VALUES (3, 'c')", &[]).await.unwrap();
+        nested
+            .execute("INSERT INTO st_txn_t VALUES (3, 'c')", &[])
+            .await
+            .unwrap();
         nested.commit().await.unwrap();
         tx.commit().await.unwrap();
     }
     {
         let tx = c.transaction().await.unwrap();
-        tx.execute("INSERT INTO st_txn_t VALUES (4, 'd')", &[]).await.unwrap();
+        tx.execute("INSERT INTO st_txn_t VALUES (4, 'd')", &[])
+            .await
+            .unwrap();
         // Dropped without commit: rolled back.
     }
     {
@@ -156,20 +239,39 @@ async fn transactions_commit_roll_back_and_nest() {
             .start()
             .await
             .unwrap();
-        let level: String = tx.query_one_scalar("SHOW transaction_isolation", &[]).await.unwrap();
+        let level: String = tx
+            .query_one_scalar("SHOW transaction_isolation", &[])
+            .await
+            .unwrap();
         assert_eq!(level, "serializable");
-        assert!(tx.execute("INSERT INTO st_txn_t VALUES (5, 'e')", &[]).await.is_err());
+        assert!(
+            tx.execute("INSERT INTO st_txn_t VALUES (5, 'e')", &[])
+                .await
+                .is_err()
+        );
         tx.rollback().await.unwrap();
     }
     {
         let tx = c.transaction().await.unwrap();
-        let portal = tx.bind("SELECT id FROM st_txn_t ORDER BY id", &[]).await.unwrap();
+        let portal = tx
+            .bind("SELECT id FROM st_txn_t ORDER BY id", &[])
+            .await
+            .unwrap();
         let first = tx.query_portal(&portal, 1).await.unwrap();
-        let rest: Vec<_> = tx.query_portal_raw(&portal, 0).await.unwrap().try_collect().await.unwrap();
+        let rest: Vec<_> = tx
+            .query_portal_raw(&portal, 0)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         assert_eq!(first.len() + rest.len(), 2);
         tx.commit().await.unwrap();
     }
-    let ids: Vec<i32> = c.query_scalar("SELECT id FROM st_txn_t ORDER BY id", &[]).await.unwrap();
+    let ids: Vec<i32> = c
+        .query_scalar("SELECT id FROM st_txn_t ORDER BY id", &[])
+        .await
+        .unwrap();
     assert_eq!(ids, [1, 3]);
     c.batch_execute("DROP TABLE st_txn_t").await.unwrap();
     drop(c);
@@ -191,7 +293,9 @@ async fn generic_client_takes_a_client_or_a_transaction() {
     table(&c, "st_generic_t").await;
     assert_eq!(count_rows(&c, "st_generic_t").await, 0);
     let tx = c.transaction().await.unwrap();
-    tx.execute("INSERT INTO st_generic_t VALUES (1, 'a')", &[]).await.unwrap();
+    tx.execute("INSERT INTO st_generic_t VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
     assert_eq!(count_rows(&tx, "st_generic_t").await, 1);
     tx.rollback().await.unwrap();
     c.batch_execute("DROP TABLE st_generic_t").await.unwrap();
@@ -201,9 +305,15 @@ async fn generic_client_takes_a_client_or_a_transaction() {
 async fn a_sql_error_leaves_the_connection_usable_and_pooled() {
     let pool = builder("st_sqlerr").max_size(1).build().unwrap();
     let c = pool.get().await.unwrap();
-    let pid: i32 = c.query_one_scalar("SELECT pg_backend_pid()", &[]).await.unwrap();
+    let pid: i32 = c
+        .query_one_scalar("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap();
     let err = c.query("SELECT 1/0", &[]).await.unwrap_err();
-    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO));
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
     assert!(err.as_db_error().is_some());
     assert!(!err.is_timeout());
     assert!(c.batch_execute("SELEC oops").await.is_err());
@@ -211,7 +321,10 @@ async fn a_sql_error_leaves_the_connection_usable_and_pooled() {
     assert_eq!(one, 1);
     drop(c);
     let c = pool.get().await.unwrap();
-    let again: i32 = c.query_one_scalar("SELECT pg_backend_pid()", &[]).await.unwrap();
+    let again: i32 = c
+        .query_one_scalar("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap();
     assert_eq!(pid, again, "the same connection came back");
     drop(c);
     assert_eq!(pool.status().closed.total(), 0);
@@ -225,7 +338,11 @@ async fn text_transactions_are_tracked() {
     c.batch_execute("BEGIN").await.unwrap();
     c.batch_execute("COMMIT").await.unwrap();
     drop(c);
-    assert_eq!(pool.status().closed.total(), 0, "ended text transactions keep the connection");
+    assert_eq!(
+        pool.status().closed.total(),
+        0,
+        "ended text transactions keep the connection"
+    );
     let c = pool.get().await.unwrap();
     c.simple_query("START TRANSACTION").await.unwrap();
     drop(c);

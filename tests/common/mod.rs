@@ -126,7 +126,10 @@ impl metrics::HistogramFn for Cell {
 
 impl TestRecorder {
     fn cell(&self, key: &Key) -> Arc<Cell> {
-        let mut labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+        let mut labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
         labels.sort();
         let name = format!("{}{{{}}}", key.name(), labels.join(","));
         self.values.lock().unwrap().entry(name).or_default().clone()

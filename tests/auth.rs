@@ -1,0 +1,111 @@
+//! Passwords: fixed, from a provider that rotates, from a provider that fails; and no secret
+//! in any message. Needs the role made by `scripts/test-db-setup.sh`; where the server does
+//! not ask that role for a password, the tests say so and stop, unless
+//! `PINPOOL_REQUIRE_PASSWORD_AUTH=1` (set by CI) makes that a failure.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pinpool::{Error, Pool};
+
+const ROLE: &str = "pinpool_pw";
+const SECRET: &str = "pinpool-test-secret";
+const WRONG: &str = "wrong-secret-4711";
+
+fn url(app: &str) -> tokio_postgres::Config {
+    let mut cfg: tokio_postgres::Config = common::url_for(app).parse().unwrap();
+    cfg.user(ROLE);
+    cfg
+}
+
+/// True when the server rejects a wrong password for the test role.
+async fn password_enforced() -> bool {
+    let mut cfg = url("auth_probe");
+    cfg.password(WRONG);
+    let enforced = cfg.connect(tokio_postgres::NoTls).await.is_err();
+    if !enforced {
+        assert!(
+            std::env::var("PINPOOL_REQUIRE_PASSWORD_AUTH").is_err(),
+            "the server does not ask {ROLE} for a password: run scripts/test-db-setup.sh"
+        );
+        eprintln!(
+            "skipped: the server does not ask {ROLE} for a password (run scripts/test-db-setup.sh)"
+        );
+    }
+    enforced
+}
+
+#[tokio::test]
+async fn a_wrong_password_gives_a_clear_connect_error_without_the_password() {
+    if !password_enforced().await {
+        return;
+    }
+    let pool = Pool::builder(url("auth_wrong"))
+        .password(WRONG)
+        .build()
+        .unwrap();
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, Error::Connect(_)), "{err:?}");
+    let text = format!("{err} / {err:?} / {pool:?}");
+    assert!(text.contains("password authentication failed"), "{text}");
+    assert!(!text.contains(WRONG), "the password leaked: {text}");
+    assert_eq!(pool.status().size, 0);
+
+    let pool = Pool::builder(url("auth_right"))
+        .password(SECRET)
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    let user: String = c
+        .query_one_scalar("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(user, ROLE);
+    assert!(!format!("{pool:?}").contains(SECRET));
+}
+
+#[tokio::test]
+async fn the_provider_is_asked_for_every_new_connection() {
+    if !password_enforced().await {
+        return;
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // Rotates: the first answer is stale, later ones are current.
+    let pool = Pool::builder(url("auth_rotate"))
+        .max_size(2)
+        .password_provider(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, std::io::Error>(if n == 0 { WRONG } else { SECRET }.to_string()) }
+        })
+        .build()
+        .unwrap();
+    assert!(matches!(pool.get().await, Err(Error::Connect(_))));
+    let a = pool.get().await.unwrap();
+    let b = pool.get().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    drop((a, b));
+    let _c = pool.get().await.unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "idle connections are reused without asking"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_provider_gives_a_password_error() {
+    let pool = Pool::builder(url("auth_failing"))
+        .password_provider(|| async {
+            Err::<String, _>(std::io::Error::other("token service down"))
+        })
+        .build()
+        .unwrap();
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, Error::Password(_)), "{err:?}");
+    assert!(err.to_string().contains("token service down"), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
+    assert_eq!(pool.status().size, 0);
+}
