@@ -370,6 +370,17 @@ impl PinRules {
 
 /// Classifies a text that may hold several statements (as `batch_execute` sends).
 pub fn classify(sql: &str) -> Classification {
+    if plainly_safe(sql.as_bytes()) {
+        return Classification {
+            reasons: Reasons::EMPTY,
+            txn: TxnControl::None,
+        };
+    }
+    classify_full(sql)
+}
+
+/// The full scan behind [`classify`].
+fn classify_full(sql: &str) -> Classification {
     let mut reasons = Reasons::EMPTY;
     let mut txn = TxnControl::None;
     scan(sql.as_bytes(), |s| {
@@ -472,12 +483,38 @@ struct Lexer<'a> {
     i: usize,
 }
 
+const START: u8 = 1; // may start an identifier
+const CONT: u8 = 2; // may continue an identifier
+const SPACE: u8 = 4; // white space
+const LOOK: u8 = 8; // worth a look in the fast path: ( ; - / " t T
+
+/// Byte classes, looked up once per byte: the lexer's inner loops are table lookups.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            t[b] = START | CONT;
+        } else if c.is_ascii_digit() || c == b'$' {
+            t[b] = CONT;
+        } else if matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            t[b] = SPACE;
+        }
+        if matches!(c, b'(' | b';' | b'-' | b'/' | b'"' | b't' | b'T') {
+            t[b] |= LOOK;
+        }
+        b += 1;
+    }
+    t
+};
+
 fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+    CLASS[b as usize] & START != 0
 }
 
 fn is_ident_cont(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+    CLASS[b as usize] & CONT != 0
 }
 
 impl<'a> Lexer<'a> {
@@ -516,30 +553,33 @@ impl<'a> Lexer<'a> {
         let s = self.s;
         loop {
             let b = *s.get(self.i)?;
-            match b {
-                b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => self.i += 1,
-                b'-' if self.peek(self.i + 1) == b'-' => {
-                    match s[self.i..].iter().position(|&c| c == b'\n') {
-                        Some(p) => self.i += p + 1,
-                        None => self.i = s.len(),
+            let class = CLASS[b as usize];
+            if class & SPACE != 0 {
+                self.i += 1;
+            } else if class & START != 0 {
+                // The most common token first: an identifier or keyword.
+                return Some((self.i, self.word()));
+            } else if b == b'-' && self.peek(self.i + 1) == b'-' {
+                match s[self.i..].iter().position(|&c| c == b'\n') {
+                    Some(p) => self.i += p + 1,
+                    None => self.i = s.len(),
+                }
+            } else if b == b'/' && self.peek(self.i + 1) == b'*' {
+                let mut depth = 1usize;
+                self.i += 2;
+                while self.i < s.len() && depth > 0 {
+                    if s[self.i] == b'/' && self.peek(self.i + 1) == b'*' {
+                        depth += 1;
+                        self.i += 2;
+                    } else if s[self.i] == b'*' && self.peek(self.i + 1) == b'/' {
+                        depth -= 1;
+                        self.i += 2;
+                    } else {
+                        self.i += 1;
                     }
                 }
-                b'/' if self.peek(self.i + 1) == b'*' => {
-                    let mut depth = 1usize;
-                    self.i += 2;
-                    while self.i < s.len() && depth > 0 {
-                        if s[self.i] == b'/' && self.peek(self.i + 1) == b'*' {
-                            depth += 1;
-                            self.i += 2;
-                        } else if s[self.i] == b'*' && self.peek(self.i + 1) == b'/' {
-                            depth -= 1;
-                            self.i += 2;
-                        } else {
-                            self.i += 1;
-                        }
-                    }
-                }
-                _ => break,
+            } else {
+                break;
             }
         }
         let start = self.i;
@@ -554,35 +594,6 @@ impl<'a> Lexer<'a> {
             b'\'' => Tok::Str(self.quoted(b'\'', false)),
             b'"' => Tok::Quoted(self.quoted(b'"', false)),
             b'$' => self.dollar(start),
-            _ if is_ident_start(b) => {
-                let mut i = self.i;
-                while i < s.len() && is_ident_cont(s[i]) {
-                    i += 1;
-                }
-                self.i = i;
-                let word = &s[start..i];
-                match (word, self.peek(i)) {
-                    (b"e" | b"E", b'\'') => {
-                        self.i += 1;
-                        Tok::Str(self.quoted(b'\'', true))
-                    }
-                    (b"b" | b"B" | b"x" | b"X" | b"n" | b"N", b'\'') => {
-                        self.i += 1;
-                        Tok::Str(self.quoted(b'\'', false))
-                    }
-                    (b"u" | b"U", b'&') if matches!(self.peek(i + 1), b'\'' | b'"') => {
-                        let q = self.peek(i + 1);
-                        self.i += 2;
-                        let body = self.quoted(q, false);
-                        if q == b'"' {
-                            Tok::Quoted(body)
-                        } else {
-                            Tok::Str(body)
-                        }
-                    }
-                    _ => Tok::Word(word),
-                }
-            }
             b'0'..=b'9' => {
                 while self.i < s.len() && (s[self.i].is_ascii_alphanumeric() || s[self.i] == b'_') {
                     self.i += 1;
@@ -592,6 +603,43 @@ impl<'a> Lexer<'a> {
             _ => Tok::Other,
         };
         Some((start, tok))
+    }
+
+    /// An identifier or keyword at `self.i`, or a string literal with a prefix (`E'...'`,
+    /// `B'...'`, `X'...'`, `N'...'`, `U&'...'`, `U&"..."`).
+    fn word(&mut self) -> Tok<'a> {
+        let s = self.s;
+        let start = self.i;
+        let i = match s[start + 1..].iter().position(|&c| !is_ident_cont(c)) {
+            Some(p) => start + 1 + p,
+            None => s.len(),
+        };
+        self.i = i;
+        let word = &s[start..i];
+        if word.len() > 1 {
+            return Tok::Word(word);
+        }
+        match (word[0], self.peek(i)) {
+            (b'e' | b'E', b'\'') => {
+                self.i += 1;
+                Tok::Str(self.quoted(b'\'', true))
+            }
+            (b'b' | b'B' | b'x' | b'X' | b'n' | b'N', b'\'') => {
+                self.i += 1;
+                Tok::Str(self.quoted(b'\'', false))
+            }
+            (b'u' | b'U', b'&') if matches!(self.peek(i + 1), b'\'' | b'"') => {
+                let q = self.peek(i + 1);
+                self.i += 2;
+                let body = self.quoted(q, false);
+                if q == b'"' {
+                    Tok::Quoted(body)
+                } else {
+                    Tok::Str(body)
+                }
+            }
+            _ => Tok::Word(word),
+        }
     }
 
     /// After a `$` at `start`: a parameter (`$1`), a dollar-quoted string, or an operator.
@@ -631,6 +679,79 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
         (Ok(h), Ok(n)) => h.find(n),
         _ => hay.windows(needle.len()).position(|w| w == needle),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast path.
+
+/// Keywords that decide a statement's verdict when they lead it.
+const LEADING: [&str; 16] = [
+    "set",
+    "reset",
+    "prepare",
+    "execute",
+    "deallocate",
+    "discard",
+    "declare",
+    "listen",
+    "load",
+    "create",
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+];
+
+/// True when `s` certainly neither pins nor controls a transaction, judged without lexing:
+/// one statement (no `;`), led by a word that is no statement-level rule's, with no comment,
+/// no `temp` anywhere, and no pinning function's name before a `(`. Looking at every byte,
+/// literals included, it can only send more texts to the full scan, never fewer.
+fn plainly_safe(s: &[u8]) -> bool {
+    if s.len() > OVERSIZED_BYTES {
+        return false;
+    }
+    let lead = match s.iter().position(|&b| CLASS[b as usize] & SPACE == 0) {
+        Some(p) => p,
+        None => return true,
+    };
+    if !is_ident_start(s[lead]) {
+        return false;
+    }
+    let word_end = s[lead..]
+        .iter()
+        .position(|&b| !is_ident_cont(b))
+        .map_or(s.len(), |p| lead + p);
+    if LEADING.iter().any(|k| eq(&s[lead..word_end], k)) {
+        return false;
+    }
+    for i in 0..s.len() {
+        let b = s[i];
+        if CLASS[b as usize] & LOOK == 0 {
+            continue;
+        }
+        match b {
+            b';' | b'"' => return false,
+            b'-' | b'/' if matches!(s.get(i + 1), Some(b'-' | b'*')) => return false,
+            b't' | b'T' if s.len() >= i + 4 && eq(&s[i..i + 4], "temp") => return false,
+            b'(' => {
+                let before = s[..i]
+                    .iter()
+                    .rposition(|&c| CLASS[c as usize] & SPACE == 0)
+                    .map_or(0, |p| p + 1);
+                let name_start = s[..before]
+                    .iter()
+                    .rposition(|&c| !is_ident_cont(c))
+                    .map_or(0, |p| p + 1);
+                if pinning_function(Tok::Word(&s[name_start..before])).is_some() {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -896,7 +1017,7 @@ fn scan<'a>(s: &'a [u8], mut report: impl FnMut(StmtInfo)) {
                 st.depth += 1;
             }
             Tok::RParen => st.depth = st.depth.saturating_sub(1),
-            Tok::Word(w) if eq(w, "temp") || eq(w, "temporary") => {
+            Tok::Word(w) if matches!(w.len(), 4 | 9) && (eq(w, "temp") || eq(w, "temporary")) => {
                 let into = matches!(prev, Tok::Word(p) if eq(p, "into"));
                 let insert = matches!(prev2, Tok::Word(p) if eq(p, "insert") || eq(p, "merge"));
                 if into && !insert {
@@ -914,6 +1035,32 @@ fn scan<'a>(s: &'a [u8], mut report: impl FnMut(StmtInfo)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The fast path never calls a text safe that the full scan finds pinning.
+        #[test]
+        fn the_fast_path_agrees_with_the_full_scan(
+            s in r#"([ \n]|SELECT|select|set|SET|create|temp|TeMp|\$|\$\$|'|"|E'|--|/\*|\*/|;|\(|\)|,|\.|nextval|setval|set_config|pg_advisory_lock|x|1|begin){0,24}"#
+        ) {
+            if plainly_safe(s.as_bytes()) {
+                let full = classify_full(&s);
+                prop_assert!(full.reasons.is_empty() && full.txn == TxnControl::None, "{:?}: {:?}", s, full);
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_path_takes_plain_queries() {
+        assert!(plainly_safe(b"SELECT * FROM users WHERE id = $1"));
+        assert!(plainly_safe(b"  insert into t (a) values (lower($1))"));
+        assert!(!plainly_safe(b"SELECT nextval ('s')"));
+        assert!(!plainly_safe(b"SELECT 1 FROM attempts"));
+        assert!(!plainly_safe(b"SET a = 1"));
+        assert!(!plainly_safe(b"SELECT 1; SELECT 2"));
+    }
 
     fn reasons(sql: &str) -> Vec<Reason> {
         classify(sql).reasons.iter().collect()
