@@ -6,6 +6,8 @@ mod config;
 mod conn;
 mod connect;
 mod deadline;
+#[cfg(feature = "emulator")]
+pub mod emulator;
 mod error;
 pub mod metrics;
 pub mod pinning;

@@ -1,0 +1,330 @@
+//! A local RDS Proxy emulator (feature `emulator`): a PostgreSQL wire-protocol proxy that
+//! multiplexes client sessions over few database connections one transaction at a time, pins
+//! sessions on the same conditions as RDS Proxy ([`crate::pinning`]), queues transactions when
+//! every database connection is busy and fails them after the borrow timeout with SQLSTATE
+//! 08000, and closes idle clients.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use pinpool::emulator::{Emulator, EmulatorConfig};
+//! let proxy = Emulator::start(
+//!     EmulatorConfig::new("postgres://postgres@127.0.0.1:5432/postgres").max_connections(4),
+//! )
+//! .await?;
+//! let url = proxy.url("postgres", "postgres"); // connect clients here
+//! println!("{url}: {:?}", proxy.counters());
+//! # Ok(()) }
+//! ```
+//!
+//! Named protocol-level statements keep working when a client's next transaction lands on
+//! another database connection (the emulator prepares them again there, under names of its
+//! own), as RDS Proxy does since November 2023; [`PinRules::legacy`] brings back the older
+//! behaviour where any Parse pins. Clients log in against the emulator itself (trust, or an
+//! md5 password), so a login succeeds even when no database connection is free.
+
+mod session;
+mod upstream;
+mod wire;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::pinning::{PinRules, Reason};
+use upstream::{UpstreamConfig, UpstreamPool};
+
+/// How the emulator behaves. Defaults are RDS Proxy's.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    listen: SocketAddr,
+    upstream: String,
+    max_connections: usize,
+    borrow_timeout: Duration,
+    idle_client_timeout: Duration,
+    rules: PinRules,
+    password: Option<String>,
+    close_on_borrow_timeout: bool,
+    application_name: String,
+}
+
+impl EmulatorConfig {
+    /// An emulator in front of the PostgreSQL at `upstream` (a tokio-postgres URL or key-value
+    /// string), listening on an ephemeral loopback port.
+    pub fn new(upstream: impl Into<String>) -> Self {
+        EmulatorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            upstream: upstream.into(),
+            max_connections: 40,
+            borrow_timeout: Duration::from_secs(120),
+            idle_client_timeout: Duration::from_secs(1800),
+            rules: PinRules::new(),
+            password: None,
+            close_on_borrow_timeout: false,
+            application_name: "pinpool-emulator".to_string(),
+        }
+    }
+
+    /// The address to listen on. Default `127.0.0.1:0` (an ephemeral port).
+    #[must_use]
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// The most database connections. Default 40 (a micro instance).
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a transaction waits for a database connection (RDS Proxy's
+    /// `ConnectionBorrowTimeout`). Default 120 s.
+    #[must_use]
+    pub fn borrow_timeout(mut self, d: Duration) -> Self {
+        self.borrow_timeout = d;
+        self
+    }
+
+    /// Idle client connections are closed after this long (RDS Proxy's `IdleClientTimeout`).
+    /// Default 1,800 s.
+    #[must_use]
+    pub fn idle_client_timeout(mut self, d: Duration) -> Self {
+        self.idle_client_timeout = d;
+        self
+    }
+
+    /// The pinning rules of this proxy, independent of the pool's.
+    #[must_use]
+    pub fn rules(mut self, rules: PinRules) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// Require clients to log in with this password (md5). Default: trust.
+    #[must_use]
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Close the client connection after a borrow timeout (RDS Proxy's behaviour here is not
+    /// documented). Default false.
+    #[must_use]
+    pub fn close_on_borrow_timeout(mut self, close: bool) -> Self {
+        self.close_on_borrow_timeout = close;
+        self
+    }
+
+    /// The `application_name` of the database connections, so tests can find and kill only
+    /// their own. Default `pinpool-emulator`.
+    #[must_use]
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+}
+
+/// Live counters, updated without locks.
+#[derive(Default)]
+pub(crate) struct Counters {
+    clients: AtomicU64,
+    clients_total: AtomicU64,
+    upstream_open: AtomicU64,
+    upstream_in_use: AtomicU64,
+    pinned_now: AtomicU64,
+    peak_pinned: AtomicU64,
+    pins: [AtomicU64; 16],
+    borrow_waits: AtomicU64,
+    borrow_timeouts: AtomicU64,
+    idle_client_closes: AtomicU64,
+}
+
+impl Counters {
+    fn pin(&self, r: Reason) {
+        let i = Reason::all().iter().position(|x| *x == r).unwrap_or(15);
+        self.pins[i].fetch_add(1, Relaxed);
+    }
+}
+
+/// A snapshot of the emulator's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmulatorCounters {
+    /// Client connections open now.
+    pub clients: u64,
+    /// Client connections accepted since start.
+    pub clients_total: u64,
+    /// Database connections open now.
+    pub upstream_open: u64,
+    /// Database connections lent to a client now (in a transaction or pinned).
+    pub upstream_in_use: u64,
+    /// Client sessions pinned now.
+    pub pinned_now: u64,
+    /// The most client sessions pinned at once.
+    pub peak_pinned: u64,
+    /// Sessions pinned, by reason (a session pinned for two reasons counts under both).
+    pub pins: Vec<(Reason, u64)>,
+    /// Transactions that had to wait for a database connection.
+    pub borrow_waits: u64,
+    /// Transactions that waited longer than the borrow timeout.
+    pub borrow_timeouts: u64,
+    /// Client connections closed for idleness.
+    pub idle_client_closes: u64,
+}
+
+impl EmulatorCounters {
+    /// Sessions pinned for `reason`.
+    pub fn pins_for(&self, reason: Reason) -> u64 {
+        self.pins
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+pub(crate) struct Shared {
+    config: EmulatorConfig,
+    pool: UpstreamPool,
+    counters: Arc<Counters>,
+    silent: AtomicBool,
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+/// A running emulator. Dropping it stops it: every client and database connection closes.
+pub struct Emulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl Emulator {
+    /// Starts listening. Opens one database connection first, to check the upstream and learn
+    /// the parameters the server reports to clients.
+    ///
+    /// # Errors
+    /// An upstream URL that does not parse, an address that cannot be bound, or a database
+    /// that cannot be reached.
+    pub async fn start(config: EmulatorConfig) -> io::Result<Emulator> {
+        let pg: tokio_postgres::Config = config.upstream.parse().map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("upstream URL: {e}"))
+        })?;
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "upstream URL: a TCP host is needed",
+                ));
+            }
+        };
+        let upstream = UpstreamConfig {
+            host,
+            port: pg.get_ports().first().copied().unwrap_or(5432),
+            user: pg.get_user().unwrap_or("postgres").to_string(),
+            database: pg
+                .get_dbname()
+                .or(pg.get_user())
+                .unwrap_or("postgres")
+                .to_string(),
+            password: pg.get_password().map(<[u8]>::to_vec),
+            application_name: config.application_name.clone(),
+        };
+        let counters = Arc::new(Counters::default());
+        let pool = UpstreamPool::new(upstream, config.max_connections, counters.clone());
+        match pool.borrow(Duration::from_secs(10)).await {
+            Ok(u) => pool.give_back(u),
+            Err(upstream::BorrowError::Connect(e)) => return Err(e),
+            Err(upstream::BorrowError::Timeout) => {
+                return Err(io::Error::other("upstream connect timed out"));
+            }
+        }
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            pool,
+            counters,
+            silent: AtomicBool::new(false),
+            epoch: tokio::sync::watch::channel(0).0,
+        });
+        let accepting = shared.clone();
+        let accept = tokio::spawn(async move {
+            // Sessions live in this set: aborting the accept task ends them all.
+            let mut sessions = tokio::task::JoinSet::new();
+            let mut next_id = 1u64;
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let s = session::Session::new(accepting.clone(), stream, next_id);
+                        next_id += 1;
+                        sessions.spawn(s.run());
+                    }
+                    Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+                }
+            }
+        });
+        Ok(Emulator {
+            shared,
+            addr,
+            accept,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A connection URL for clients: `postgres://user@addr/database`.
+    pub fn url(&self, user: &str, database: &str) -> String {
+        format!("postgres://{user}@{}/{database}", self.addr)
+    }
+
+    /// The counters now.
+    pub fn counters(&self) -> EmulatorCounters {
+        let c = &self.shared.counters;
+        EmulatorCounters {
+            clients: c.clients.load(Relaxed),
+            clients_total: c.clients_total.load(Relaxed),
+            upstream_open: c.upstream_open.load(Relaxed),
+            upstream_in_use: c.upstream_in_use.load(Relaxed),
+            pinned_now: c.pinned_now.load(Relaxed),
+            peak_pinned: c.peak_pinned.load(Relaxed),
+            pins: Reason::all()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (*r, c.pins[i].load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            borrow_waits: c.borrow_waits.load(Relaxed),
+            borrow_timeouts: c.borrow_timeouts.load(Relaxed),
+            idle_client_closes: c.idle_client_closes.load(Relaxed),
+        }
+    }
+
+    /// The fault of a half-open connection: while on, client connections stay open but
+    /// nothing is answered.
+    pub fn set_silent(&self, silent: bool) {
+        self.shared.silent.store(silent, Relaxed);
+    }
+
+    /// The fault of a database failover: closes every database connection at once; clients
+    /// inside a transaction or pinned get a FATAL error and are disconnected.
+    pub fn drop_upstream_connections(&self) {
+        self.shared.pool.drop_all();
+        self.shared.epoch.send_modify(|e| *e += 1);
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

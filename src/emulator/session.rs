@@ -1,0 +1,873 @@
+//! One client connection to the emulator: login against the emulator itself, then each
+//! transaction on a borrowed database connection, with statement names mapped so they work
+//! on whichever connection the next transaction lands on, and pinning as RDS Proxy pins.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::Shared;
+use super::upstream::{BorrowError, Upstream, cancel};
+use super::wire::{self, Frame, cstr, take_frame};
+use crate::pinning::{Classification, Protocol, Reason, Reasons, classify};
+
+/// A statement the client prepared under its own name, known to the emulator by another.
+struct Stmt {
+    global: String,
+    /// The Parse body after the name: query text and parameter types.
+    rest: Bytes,
+    class: Classification,
+}
+
+/// The messages between two Syncs, and what of their answers the client must not see.
+#[derive(Default)]
+struct Cycle {
+    swallow_parse: u32,
+    swallow_close: u32,
+    /// The whole cycle was injected by the emulator: the client sees none of it.
+    injected: bool,
+    errored: bool,
+    /// Statement names prepared on the upstream in this cycle (undone if it errored).
+    prepared: Vec<String>,
+}
+
+/// A borrowed database connection and the state of the conversation on it.
+struct Held {
+    up: Upstream,
+    out: BytesMut,
+    /// Cycles sent (ended by Sync or Query) whose ReadyForQuery has not come back.
+    cycles: VecDeque<Cycle>,
+    /// Messages sent since the last Sync.
+    open: Cycle,
+    open_dirty: bool,
+    status: u8,
+    copy_in: bool,
+}
+
+impl Held {
+    fn new(up: Upstream) -> Held {
+        Held {
+            up,
+            out: BytesMut::new(),
+            cycles: VecDeque::new(),
+            open: Cycle::default(),
+            open_dirty: false,
+            status: b'I',
+            copy_in: false,
+        }
+    }
+
+    fn end_cycle(&mut self) {
+        let c = std::mem::take(&mut self.open);
+        self.cycles.push_back(c);
+        self.open_dirty = false;
+    }
+
+    /// The cycle the next answer belongs to.
+    fn answering(&mut self) -> &mut Cycle {
+        match self.cycles.front_mut() {
+            Some(c) => c,
+            None => &mut self.open,
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        self.cycles.is_empty() && !self.open_dirty && !self.copy_in
+    }
+}
+
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    id: u64,
+    client: TcpStream,
+    cbuf: BytesMut,
+    to_client: BytesMut,
+    held: Option<Held>,
+    pinned: Reasons,
+    stmts: HashMap<String, Stmt>,
+    unnamed: Option<Stmt>,
+    unnamed_seq: u64,
+    next_stmt: u64,
+    discard_until_sync: bool,
+    epoch: tokio::sync::watch::Receiver<u64>,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl Session {
+    pub(crate) fn new(shared: Arc<Shared>, client: TcpStream, id: u64) -> Session {
+        let epoch = shared.epoch.subscribe();
+        Session {
+            shared,
+            id,
+            client,
+            cbuf: BytesMut::with_capacity(8192),
+            to_client: BytesMut::with_capacity(8192),
+            held: None,
+            pinned: Reasons::EMPTY,
+            stmts: HashMap::new(),
+            unnamed: None,
+            unnamed_seq: 0,
+            next_stmt: 0,
+            discard_until_sync: false,
+            epoch,
+        }
+    }
+
+    /// Serves the client until it leaves, then resets and returns what it held.
+    pub(crate) async fn run(mut self) {
+        let _ = self.client.set_nodelay(true);
+        let c = &self.shared.counters;
+        c.clients.fetch_add(1, Relaxed);
+        c.clients_total.fetch_add(1, Relaxed);
+        match self.login().await {
+            Ok(true) => {
+                if let Err(e) = self.serve().await {
+                    tracing::debug!(client = self.id, error = %e, "emulator: client session ended with an error");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(client = self.id, error = %e, "emulator: login failed"),
+        }
+        self.leave().await;
+        self.shared.counters.clients.fetch_sub(1, Relaxed);
+    }
+
+    async fn write_client(&mut self) -> io::Result<()> {
+        if !self.to_client.is_empty() {
+            let out = self.to_client.split();
+            self.client.write_all(&out).await?;
+        }
+        Ok(())
+    }
+
+    async fn fatal(&mut self, code: &str, text: &str) -> io::Result<bool> {
+        wire::error(&mut self.to_client, "FATAL", code, text);
+        self.write_client().await?;
+        Ok(false)
+    }
+
+    /// The startup handshake, answered by the emulator: a login succeeds even when no
+    /// database connection is free, as with RDS Proxy.
+    async fn login(&mut self) -> io::Result<bool> {
+        self.wait_while_silent().await;
+        let params = loop {
+            let Some(mut body) = wire::read_startup(&mut self.client, &mut self.cbuf).await? else {
+                return Ok(false);
+            };
+            match body.get_i32() {
+                80_877_103 | 80_877_104 => {
+                    // SSLRequest or GSSENCRequest: this emulator speaks plain TCP.
+                    self.client.write_all(b"N").await?;
+                }
+                80_877_102 => return Ok(false), // CancelRequest: RDS Proxy does not support it
+                196_608 => {
+                    let mut params = HashMap::new();
+                    while body.first().is_some_and(|&b| b != 0) {
+                        let k = cstr(&mut body)?;
+                        let v = cstr(&mut body)?;
+                        params.insert(k, v);
+                    }
+                    break params;
+                }
+                _ => return self.fatal("08P01", "unsupported frontend protocol").await,
+            }
+        };
+        if params.contains_key("options") {
+            return self
+                .fatal("0A000", "The proxy doesn't support the option options. Remove it from the connection string.")
+                .await;
+        }
+        let user = params.get("user").cloned().unwrap_or_default();
+        if let Some(password) = self.shared.config.password.clone() {
+            let salt = (self.id as u32 ^ std::process::id())
+                .wrapping_mul(2_654_435_761)
+                .to_be_bytes();
+            wire::auth_md5(&mut self.to_client, salt);
+            self.write_client().await?;
+            let Some(frame) = wire::read_frame(&mut self.client, &mut self.cbuf).await? else {
+                return Ok(false);
+            };
+            let mut body = frame.body.clone();
+            let answer = if frame.tag == b'p' {
+                cstr(&mut body).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            if answer != md5_hash(user.as_bytes(), password.as_bytes(), salt) {
+                tracing::info!(
+                    client = self.id,
+                    user,
+                    "emulator: password authentication failed"
+                );
+                return self
+                    .fatal(
+                        "28P01",
+                        &format!("password authentication failed for user \"{user}\""),
+                    )
+                    .await;
+            }
+        }
+        wire::auth_ok(&mut self.to_client);
+        let parameters = self.shared.pool.0.parameters.lock().unwrap().clone();
+        for (k, v) in &parameters {
+            if k != "application_name" {
+                wire::parameter_status(&mut self.to_client, k, v);
+            }
+        }
+        let app = params.get("application_name").map_or("", String::as_str);
+        wire::parameter_status(&mut self.to_client, "application_name", app);
+        wire::backend_key(&mut self.to_client, self.id as i32, 0x5eed);
+        wire::ready(&mut self.to_client, b'I');
+        self.write_client().await?;
+        Ok(true)
+    }
+
+    async fn wait_while_silent(&self) {
+        while self.shared.silent.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn serve(&mut self) -> io::Result<()> {
+        loop {
+            self.wait_while_silent().await;
+            while let Some(frame) = take_frame(&mut self.cbuf)? {
+                if frame.tag == b'P' && self.parse_locally(&frame)? {
+                    continue;
+                }
+                if let Flow::Close = self.on_client(frame).await? {
+                    return Ok(());
+                }
+            }
+            if let Some(h) = self.held.as_mut()
+                && !h.out.is_empty()
+            {
+                let out = h.out.split();
+                h.up.stream.write_all(&out).await?;
+            }
+            self.write_client().await?;
+            self.maybe_release();
+            let idle = self.shared.config.idle_client_timeout;
+            let Session {
+                client,
+                cbuf,
+                held,
+                epoch,
+                ..
+            } = self;
+            match held {
+                None => match tokio::time::timeout(idle, client.read_buf(cbuf)).await {
+                    Err(_) => {
+                        self.shared
+                            .counters
+                            .idle_client_closes
+                            .fetch_add(1, Relaxed);
+                        return Ok(());
+                    }
+                    Ok(n) => {
+                        if n? == 0 {
+                            return Ok(());
+                        }
+                    }
+                },
+                Some(h) => {
+                    let quiet = h.quiet();
+                    tokio::select! {
+                        n = client.read_buf(cbuf) => {
+                            if n? == 0 {
+                                return Ok(());
+                            }
+                        }
+                        n = h.up.stream.read_buf(&mut h.up.rbuf) => {
+                            if n? == 0 {
+                                return self.upstream_lost().await;
+                            }
+                            self.on_upstream()?;
+                        }
+                        _ = epoch.changed() => {
+                            if h.up.epoch != *epoch.borrow() {
+                                return self.upstream_lost().await;
+                            }
+                        }
+                        () = tokio::time::sleep(idle), if quiet => {
+                            self.shared.counters.idle_client_closes.fetch_add(1, Relaxed);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The database connection went away under the client: tell it and close.
+    async fn upstream_lost(&mut self) -> io::Result<()> {
+        if let Some(h) = self.held.take() {
+            self.shared.pool.discard(h.up);
+            self.unpin();
+        }
+        wire::error(
+            &mut self.to_client,
+            "FATAL",
+            "08006",
+            "The database connection was closed.",
+        );
+        self.write_client().await
+    }
+
+    fn unpin(&mut self) {
+        if !self.pinned.is_empty() {
+            self.pinned = Reasons::EMPTY;
+            self.shared.counters.pinned_now.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Gives the database connection back after a transaction, unless the session is pinned.
+    fn maybe_release(&mut self) {
+        let release = self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.quiet() && h.status == b'I' && h.out.is_empty())
+            && self.pinned.is_empty();
+        if release {
+            let h = self.held.take().expect("held");
+            self.shared.pool.give_back(h.up);
+        }
+    }
+
+    fn pin(&mut self, reasons: Reasons, sql: &str) {
+        let new = Reasons::from_bits(reasons.bits() & !self.pinned.bits());
+        if new.is_empty() {
+            return;
+        }
+        let c = &self.shared.counters;
+        if self.pinned.is_empty() {
+            let now = c.pinned_now.fetch_add(1, Relaxed) + 1;
+            c.peak_pinned.fetch_max(now, Relaxed);
+            let conn = self.held.as_ref().map_or(0, |h| h.up.id);
+            let digest: String = sql.chars().take(80).collect();
+            tracing::info!(
+                client = self.id,
+                "The client session was pinned to the database connection [dbConnection={conn}] for the remainder of the session. The proxy can't reuse this connection until the session ends. Reason: {}. Digest: \"{digest}\"",
+                describe(new)
+            );
+        }
+        for r in new.iter() {
+            c.pin(r);
+        }
+        self.pinned = self.pinned.union(new);
+    }
+
+    /// Makes sure the client's statement exists on the held connection, injecting a Parse
+    /// (after a Close, in case an earlier one half-failed) where it does not.
+    fn ensure(&mut self, name: &str) {
+        let id = self.id;
+        let h = self.held.as_mut().expect("held");
+        if name.is_empty() {
+            let Some(s) = self.unnamed.as_ref() else {
+                return;
+            };
+            if h.up.unnamed != Some((id, self.unnamed_seq)) {
+                wire::named(b'P', b"", "", &s.rest).write_to(&mut h.out);
+                h.open.swallow_parse += 1;
+                h.up.unnamed = Some((id, self.unnamed_seq));
+            }
+            return;
+        }
+        let Some(s) = self.stmts.get(name) else {
+            return;
+        };
+        if h.up.prepared.contains(&s.global) {
+            return;
+        }
+        wire::named(b'C', b"S", &s.global, b"").write_to(&mut h.out);
+        wire::named(b'P', b"", &s.global, &s.rest).write_to(&mut h.out);
+        h.open.swallow_close += 1;
+        h.open.swallow_parse += 1;
+        h.up.prepared.insert(s.global.clone());
+        h.open.prepared.push(s.global.clone());
+        self.shared
+            .pool
+            .0
+            .registry
+            .lock()
+            .unwrap()
+            .prepared(&s.global);
+    }
+
+    /// Answers a batch of only Parse messages and a Sync (libpq's `PQprepare`) without a
+    /// database connection: the statements are prepared where they are first used. A client
+    /// that prepares while another of the same thread holds a connection in a transaction
+    /// (pgbench -M prepared) would otherwise wait for a connection that cannot come.
+    fn parse_locally(&mut self, first: &Frame) -> io::Result<bool> {
+        if self.held.is_some()
+            || self.discard_until_sync
+            || self.shared.config.rules.is_legacy_parse()
+        {
+            return Ok(false);
+        }
+        // The rest of the batch must already be here: more Parse messages, then a Sync.
+        let mut at = 0;
+        let mut parses = 0;
+        loop {
+            if self.cbuf.len() < at + 5 {
+                return Ok(false);
+            }
+            let tag = self.cbuf[at];
+            let len = i32::from_be_bytes([
+                self.cbuf[at + 1],
+                self.cbuf[at + 2],
+                self.cbuf[at + 3],
+                self.cbuf[at + 4],
+            ]);
+            if len < 4 || self.cbuf.len() < at + 1 + len as usize {
+                return Ok(false);
+            }
+            match tag {
+                b'P' => parses += 1,
+                b'S' => break,
+                _ => return Ok(false),
+            }
+            at += 1 + len as usize;
+        }
+        let mut frames = vec![first.clone()];
+        for _ in 0..=parses {
+            frames.extend(take_frame(&mut self.cbuf)?);
+        }
+        for frame in frames {
+            if frame.tag != b'P' {
+                continue;
+            }
+            let (name, rest) = wire::split_name(&frame.body)?;
+            let class = classify(&wire::parse_query(&rest)?);
+            if name.is_empty() {
+                self.unnamed_seq += 1;
+                self.unnamed = Some(Stmt {
+                    global: String::new(),
+                    rest,
+                    class,
+                });
+            } else {
+                self.next_stmt += 1;
+                let global = format!("pe{}_{}", self.id, self.next_stmt);
+                if let Some(old) = self.stmts.insert(
+                    name,
+                    Stmt {
+                        global,
+                        rest,
+                        class,
+                    },
+                ) {
+                    self.shared
+                        .pool
+                        .0
+                        .registry
+                        .lock()
+                        .unwrap()
+                        .retire(old.global);
+                }
+            }
+            self.to_client.put_slice(&[b'1', 0, 0, 0, 4]);
+        }
+        wire::ready(&mut self.to_client, b'I');
+        Ok(true)
+    }
+
+    /// Borrows a database connection for the client's next transaction; closes statement
+    /// names no client uses any more on it first.
+    async fn borrow(&mut self) -> io::Result<Result<(), BorrowError>> {
+        let timeout = self.shared.config.borrow_timeout;
+        let pool = self.shared.pool.clone();
+        let borrow = pool.borrow(timeout);
+        tokio::pin!(borrow);
+        // While waiting, notice a client that leaves.
+        let up = loop {
+            tokio::select! {
+                r = &mut borrow => break r,
+                n = self.client.read_buf(&mut self.cbuf) => {
+                    if n? == 0 {
+                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "client left while queued"));
+                    }
+                }
+            }
+        };
+        let up = match up {
+            Ok(up) => up,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut h = Held::new(up);
+        let dead: Vec<String> = {
+            let reg = self.shared.pool.0.registry.lock().unwrap();
+            h.up.prepared
+                .iter()
+                .filter(|n| reg.is_dead(n))
+                .cloned()
+                .collect()
+        };
+        if !dead.is_empty() {
+            let mut reg = self.shared.pool.0.registry.lock().unwrap();
+            for name in &dead {
+                wire::named(b'C', b"S", name, b"").write_to(&mut h.out);
+                h.up.prepared.remove(name);
+                reg.closed(name);
+            }
+            drop(reg);
+            h.out.put_slice(&[b'S', 0, 0, 0, 4]);
+            h.cycles.push_back(Cycle {
+                swallow_close: dead.len() as u32,
+                injected: true,
+                ..Cycle::default()
+            });
+        }
+        self.held = Some(h);
+        Ok(Ok(()))
+    }
+
+    /// Handles one client message.
+    async fn on_client(&mut self, frame: Frame) -> io::Result<Flow> {
+        if frame.tag == b'X' {
+            return Ok(Flow::Close);
+        }
+        if self.discard_until_sync {
+            if frame.tag == b'S' {
+                self.discard_until_sync = false;
+                wire::ready(&mut self.to_client, b'I');
+            }
+            return Ok(Flow::Continue);
+        }
+        if self.held.is_none() {
+            match self.borrow().await? {
+                Ok(()) => {}
+                Err(e) => {
+                    let text = match e {
+                        BorrowError::Timeout => {
+                            tracing::info!(
+                                client = self.id,
+                                "emulator: timed out waiting to acquire a database connection"
+                            );
+                            "Timed-out waiting to acquire database connection.".to_string()
+                        }
+                        BorrowError::Connect(e) => {
+                            format!("The proxy could not connect to the database: {e}")
+                        }
+                    };
+                    wire::error(&mut self.to_client, "ERROR", "08000", &text);
+                    match frame.tag {
+                        b'Q' | b'S' | b'F' => wire::ready(&mut self.to_client, b'I'),
+                        _ => self.discard_until_sync = true,
+                    }
+                    if self.shared.config.close_on_borrow_timeout {
+                        self.write_client().await?;
+                        return Ok(Flow::Close);
+                    }
+                    return Ok(Flow::Continue);
+                }
+            }
+        }
+        let rules = self.shared.config.rules;
+        match frame.tag {
+            b'Q' => {
+                let sql = cstr(&mut frame.body.clone())?;
+                let r = rules.pinning_reasons(&classify(&sql), Protocol::Simple);
+                self.pin(r, &sql);
+                let h = self.held.as_mut().expect("held");
+                frame.write_to(&mut h.out);
+                h.end_cycle();
+            }
+            b'F' => {
+                let h = self.held.as_mut().expect("held");
+                frame.write_to(&mut h.out);
+                h.end_cycle();
+            }
+            b'P' => {
+                let (name, rest) = wire::split_name(&frame.body)?;
+                let sql = wire::parse_query(&rest)?;
+                let class = classify(&sql);
+                let r = rules.pinning_reasons(
+                    &Classification {
+                        reasons: Reasons::EMPTY,
+                        txn: class.txn,
+                    },
+                    Protocol::Parse,
+                );
+                self.pin(r, &sql);
+                if name.is_empty() {
+                    self.unnamed_seq += 1;
+                    self.unnamed = Some(Stmt {
+                        global: String::new(),
+                        rest,
+                        class,
+                    });
+                    let h = self.held.as_mut().expect("held");
+                    h.up.unnamed = Some((self.id, self.unnamed_seq));
+                    frame.write_to(&mut h.out);
+                } else {
+                    self.next_stmt += 1;
+                    let global = format!("pe{}_{}", self.id, self.next_stmt);
+                    let h = self.held.as_mut().expect("held");
+                    wire::named(b'P', b"", &global, &rest).write_to(&mut h.out);
+                    h.up.prepared.insert(global.clone());
+                    h.open.prepared.push(global.clone());
+                    let mut reg = self.shared.pool.0.registry.lock().unwrap();
+                    reg.prepared(&global);
+                    if let Some(old) = self.stmts.insert(
+                        name,
+                        Stmt {
+                            global,
+                            rest,
+                            class,
+                        },
+                    ) {
+                        reg.retire(old.global);
+                    }
+                }
+                self.held.as_mut().expect("held").open_dirty = true;
+            }
+            b'B' => {
+                let mut body = frame.body.clone();
+                let portal = cstr(&mut body)?;
+                let name = cstr(&mut body)?;
+                let stmt = if name.is_empty() {
+                    self.unnamed.as_ref()
+                } else {
+                    self.stmts.get(&name)
+                };
+                let (global, class) = match stmt {
+                    Some(s) => (
+                        if name.is_empty() {
+                            String::new()
+                        } else {
+                            s.global.clone()
+                        },
+                        Some(s.class),
+                    ),
+                    None => (name.clone(), None),
+                };
+                if let Some(class) = class {
+                    let r = rules.pinning_reasons(&class, Protocol::Execute);
+                    let sql = stmt
+                        .map(|s| wire::parse_query(&s.rest).unwrap_or_default())
+                        .unwrap_or_default();
+                    self.pin(r, &sql);
+                    self.ensure(&name);
+                }
+                let h = self.held.as_mut().expect("held");
+                wire::named(b'B', &[portal.as_bytes(), &[0]].concat(), &global, &body)
+                    .write_to(&mut h.out);
+                h.open_dirty = true;
+            }
+            b'D' | b'C' => {
+                let mut body = frame.body.clone();
+                let kind = body.get_u8();
+                let name = cstr(&mut body)?;
+                if kind == b'S' && !name.is_empty() {
+                    if frame.tag == b'D' {
+                        self.ensure(&name);
+                    }
+                    let global = self
+                        .stmts
+                        .get(&name)
+                        .map_or(name.clone(), |s| s.global.clone());
+                    let h = self.held.as_mut().expect("held");
+                    wire::named(frame.tag, &[kind], &global, b"").write_to(&mut h.out);
+                    if frame.tag == b'C' && self.stmts.remove(&name).is_some() {
+                        let mut reg = self.shared.pool.0.registry.lock().unwrap();
+                        if h.up.prepared.remove(&global) {
+                            reg.closed(&global);
+                        }
+                        reg.retire(global);
+                    }
+                } else {
+                    if frame.tag == b'D' && kind == b'S' {
+                        self.ensure("");
+                    }
+                    frame.write_to(&mut self.held.as_mut().expect("held").out);
+                }
+                self.held.as_mut().expect("held").open_dirty = true;
+            }
+            b'S' => {
+                let h = self.held.as_mut().expect("held");
+                frame.write_to(&mut h.out);
+                h.end_cycle();
+            }
+            b'c' | b'f' => {
+                let h = self.held.as_mut().expect("held");
+                frame.write_to(&mut h.out);
+                h.copy_in = false;
+            }
+            _ => {
+                // Execute, Flush, CopyData and anything else: passed through.
+                let h = self.held.as_mut().expect("held");
+                frame.write_to(&mut h.out);
+                if frame.tag != b'd' {
+                    h.open_dirty = true;
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Relays what the database connection sent, hiding the answers to injected messages.
+    fn on_upstream(&mut self) -> io::Result<()> {
+        let Some(h) = self.held.as_mut() else {
+            return Ok(());
+        };
+        while let Some(frame) = take_frame(&mut h.up.rbuf)? {
+            let c = h.answering();
+            let swallow = c.injected
+                || match frame.tag {
+                    b'1' if c.swallow_parse > 0 => {
+                        c.swallow_parse -= 1;
+                        true
+                    }
+                    b'3' if c.swallow_close > 0 => {
+                        c.swallow_close -= 1;
+                        true
+                    }
+                    _ => false,
+                };
+            match frame.tag {
+                b'E' => c.errored = true,
+                b'G' => h.copy_in = true,
+                b'Z' => {
+                    h.status = frame.body.first().copied().unwrap_or(b'I');
+                    if let Some(done) = h.cycles.pop_front()
+                        && done.errored
+                    {
+                        // What this cycle prepared may not exist: prepare it again next time.
+                        let mut reg = self.shared.pool.0.registry.lock().unwrap();
+                        for name in done.prepared {
+                            if h.up.prepared.remove(&name) {
+                                reg.closed(&name);
+                            }
+                        }
+                        h.up.unnamed = None;
+                    }
+                    h.copy_in = false;
+                }
+                _ => {}
+            }
+            if !swallow {
+                frame.write_to(&mut self.to_client);
+            }
+        }
+        Ok(())
+    }
+
+    /// The client is gone: return its database connection in a clean state, as RDS Proxy
+    /// resets a session before reusing its connection.
+    async fn leave(&mut self) {
+        {
+            let mut reg = self.shared.pool.0.registry.lock().unwrap();
+            for (_, s) in self.stmts.drain() {
+                reg.retire(s.global);
+            }
+        }
+        let Some(mut h) = self.held.take() else {
+            self.unpin();
+            return;
+        };
+        let pinned = !self.pinned.is_empty();
+        let clean = h.quiet() && h.status == b'I' && !pinned;
+        let config = self.shared.pool.0.config.clone();
+        let reset = async {
+            if clean {
+                return Ok::<(), io::Error>(());
+            }
+            if h.copy_in {
+                postgres_protocol::message::frontend::copy_fail("client disconnected", &mut h.out)?;
+            }
+            if h.open_dirty || h.copy_in {
+                h.out.put_slice(&[b'S', 0, 0, 0, 4]);
+                h.end_cycle();
+            }
+            let (pid, key) = (h.up.pid, h.up.key);
+            if tokio::time::timeout(Duration::from_secs(1), drain(&mut h))
+                .await
+                .is_err()
+            {
+                // A query still runs: cancel it, then wait for its end.
+                let _ = cancel(&config, pid, key).await;
+                tokio::time::timeout(Duration::from_secs(5), drain(&mut h))
+                    .await
+                    .map_err(|_| io::Error::other("upstream did not finish"))??;
+            }
+            if h.status != b'I' {
+                simple(&mut h, "ROLLBACK").await?;
+            }
+            if pinned {
+                simple(&mut h, "DISCARD ALL").await?;
+                let mut reg = self.shared.pool.0.registry.lock().unwrap();
+                for name in h.up.prepared.drain() {
+                    reg.closed(&name);
+                }
+                h.up.unnamed = None;
+                tracing::info!(
+                    client = self.id,
+                    "The database connection [dbConnection={}] was released to the connection pool upon session reset.",
+                    h.up.id
+                );
+            }
+            Ok(())
+        };
+        let ok = tokio::time::timeout(Duration::from_secs(8), reset)
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok {
+            self.shared.pool.give_back(h.up);
+        } else {
+            self.shared.pool.discard(h.up);
+        }
+        self.unpin();
+    }
+}
+
+/// Sends what is queued and reads until every sent cycle has its ReadyForQuery.
+async fn drain(h: &mut Held) -> io::Result<()> {
+    if !h.out.is_empty() {
+        let out = h.out.split();
+        h.up.stream.write_all(&out).await?;
+    }
+    while !h.cycles.is_empty() {
+        let frame = wire::read_frame(&mut h.up.stream, &mut h.up.rbuf)
+            .await?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed"))?;
+        if frame.tag == b'Z' {
+            h.status = frame.body.first().copied().unwrap_or(b'I');
+            h.cycles.pop_front();
+        }
+    }
+    Ok(())
+}
+
+async fn simple(h: &mut Held, sql: &str) -> io::Result<()> {
+    postgres_protocol::message::frontend::query(sql, &mut h.out)?;
+    h.end_cycle();
+    drain(h).await
+}
+
+/// The proxy's words for a set of pinning reasons.
+fn describe(reasons: Reasons) -> String {
+    reasons
+        .iter()
+        .map(|r| match r {
+            Reason::Parse => "A parse message was detected.",
+            Reason::Oversized => {
+                "The connection ran a SQL query which exceeded the 16384 byte limit."
+            }
+            _ => "SQL changed session settings that the proxy doesn't track.",
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        + &format!(" ({reasons})")
+}

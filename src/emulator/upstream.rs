@@ -1,0 +1,389 @@
+//! The emulator's database connections: opening and authenticating them, and lending them to
+//! client sessions one transaction at a time through a FIFO queue with a borrow timeout.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::Counters;
+
+/// Where and how the emulator logs in upstream.
+#[derive(Clone)]
+pub(crate) struct UpstreamConfig {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) user: String,
+    pub(crate) database: String,
+    pub(crate) password: Option<Vec<u8>>,
+    pub(crate) application_name: String,
+}
+
+/// One database connection.
+pub(crate) struct Upstream {
+    pub(crate) id: u64,
+    pub(crate) stream: TcpStream,
+    pub(crate) rbuf: BytesMut,
+    pub(crate) pid: i32,
+    pub(crate) key: i32,
+    /// The emulator's statement names prepared here.
+    pub(crate) prepared: HashSet<String>,
+    /// Which client's unnamed statement (client id, its Parse sequence) is current here.
+    pub(crate) unnamed: Option<(u64, u64)>,
+    pub(crate) epoch: u64,
+    pool: Arc<PoolShared>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // Every way an upstream connection ends passes here: the count can never leak.
+        self.pool.open.fetch_sub(1, Relaxed);
+        self.pool.counters.upstream_open.fetch_sub(1, Relaxed);
+        self.pool.registry.lock().unwrap().forget(&self.prepared);
+    }
+}
+
+/// Which upstream connections hold each emulator statement name, and which names no client
+/// uses any more (closed lazily, the next time a holder is borrowed).
+#[derive(Default)]
+pub(crate) struct Registry {
+    holders: HashMap<String, u32>,
+    dead: HashSet<String>,
+}
+
+impl Registry {
+    pub(crate) fn prepared(&mut self, name: &str) {
+        *self.holders.entry(name.to_string()).or_default() += 1;
+    }
+
+    pub(crate) fn closed(&mut self, name: &str) {
+        if let Some(n) = self.holders.get_mut(name) {
+            *n -= 1;
+            if *n == 0 {
+                self.holders.remove(name);
+                self.dead.remove(name);
+            }
+        }
+    }
+
+    fn forget(&mut self, names: &HashSet<String>) {
+        for name in names {
+            self.closed(name);
+        }
+    }
+
+    /// The client no longer uses `name`: close it wherever it is prepared.
+    pub(crate) fn retire(&mut self, name: String) {
+        if self.holders.contains_key(&name) {
+            self.dead.insert(name);
+        }
+    }
+
+    pub(crate) fn is_dead(&self, name: &str) -> bool {
+        self.dead.contains(name)
+    }
+}
+
+/// Why a borrow failed.
+pub(crate) enum BorrowError {
+    Timeout,
+    Connect(io::Error),
+}
+
+pub(crate) struct PoolShared {
+    pub(crate) config: UpstreamConfig,
+    pub(crate) max: usize,
+    open: AtomicUsize,
+    next_id: AtomicU64,
+    pub(crate) epoch: AtomicU64,
+    state: Mutex<PoolState>,
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) counters: Arc<Counters>,
+    /// ParameterStatus values of the first upstream connection, replayed to clients.
+    pub(crate) parameters: Mutex<Vec<(String, String)>>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<Upstream>,
+    waiters: VecDeque<oneshot::Sender<Upstream>>,
+}
+
+/// The emulator's pool of database connections.
+#[derive(Clone)]
+pub(crate) struct UpstreamPool(pub(crate) Arc<PoolShared>);
+
+impl UpstreamPool {
+    pub(crate) fn new(config: UpstreamConfig, max: usize, counters: Arc<Counters>) -> Self {
+        UpstreamPool(Arc::new(PoolShared {
+            config,
+            max,
+            open: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
+            state: Mutex::new(PoolState::default()),
+            registry: Mutex::new(Registry::default()),
+            counters,
+            parameters: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Claims room for one more connection, if there is room.
+    fn claim(&self) -> bool {
+        self.0
+            .open
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.0.max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Lends a connection: an idle one, a new one while under `max`, or the first one
+    /// returned, waiting in FIFO order for at most `timeout`.
+    pub(crate) async fn borrow(&self, timeout: Duration) -> Result<Upstream, BorrowError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = {
+            let mut st = self.0.state.lock().unwrap();
+            let epoch = self.0.epoch.load(Relaxed);
+            while let Some(u) = st.idle.pop() {
+                if u.epoch == epoch {
+                    return Ok(self.lent(u));
+                }
+            }
+            if !self.claim() {
+                let (tx, rx) = oneshot::channel();
+                st.waiters.push_back(tx);
+                Some(rx)
+            } else {
+                None
+            }
+        };
+        if rx.is_none() {
+            return self.open_new().await;
+        }
+        self.0.counters.borrow_waits.fetch_add(1, Relaxed);
+        // Wait for a returned connection; every 50 ms look whether a closed one left room.
+        loop {
+            let wait = tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(50)),
+            );
+            tokio::select! {
+                got = rx.as_mut().expect("waiting") => {
+                    if let Ok(u) = got {
+                        return Ok(self.lent(u));
+                    }
+                    // The pool dropped our place (it cannot): treat as a timeout.
+                    return Err(BorrowError::Timeout);
+                }
+                () = wait => {
+                    if tokio::time::Instant::now() >= deadline {
+                        // A connection may have been sent just now: give it back.
+                        let mut rx = rx.take().expect("waiting");
+                        rx.close();
+                        if let Ok(u) = rx.try_recv() {
+                            let u = self.lent(u);
+                            self.give_back(u);
+                        }
+                        self.0.counters.borrow_timeouts.fetch_add(1, Relaxed);
+                        return Err(BorrowError::Timeout);
+                    }
+                    if self.claim() {
+                        drop(rx.take());
+                        return self.open_new().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn lent(&self, u: Upstream) -> Upstream {
+        self.0.counters.upstream_in_use.fetch_add(1, Relaxed);
+        u
+    }
+
+    async fn open_new(&self) -> Result<Upstream, BorrowError> {
+        self.0.counters.upstream_open.fetch_add(1, Relaxed);
+        let id = self.0.next_id.fetch_add(1, Relaxed);
+        match connect(&self.0.config).await {
+            Ok((stream, rbuf, pid, key, params)) => {
+                let mut p = self.0.parameters.lock().unwrap();
+                if p.is_empty() {
+                    *p = params;
+                }
+                drop(p);
+                Ok(self.lent(Upstream {
+                    id,
+                    stream,
+                    rbuf,
+                    pid,
+                    key,
+                    prepared: HashSet::new(),
+                    unnamed: None,
+                    epoch: self.0.epoch.load(Relaxed),
+                    pool: self.0.clone(),
+                }))
+            }
+            Err(e) => {
+                self.0.open.fetch_sub(1, Relaxed);
+                self.0.counters.upstream_open.fetch_sub(1, Relaxed);
+                Err(BorrowError::Connect(e))
+            }
+        }
+    }
+
+    /// Returns a connection in a clean state (idle, not pinned) to the next waiter or the idle
+    /// set.
+    pub(crate) fn give_back(&self, mut u: Upstream) {
+        self.0.counters.upstream_in_use.fetch_sub(1, Relaxed);
+        if u.epoch != self.0.epoch.load(Relaxed) {
+            return; // dropped: the fault closed every connection of its epoch
+        }
+        let mut st = self.0.state.lock().unwrap();
+        while let Some(tx) = st.waiters.pop_front() {
+            // The waiter counts it in use when it receives it.
+            match tx.send(u) {
+                Ok(()) => return,
+                Err(back) => u = back,
+            }
+        }
+        st.idle.push(u);
+    }
+
+    /// A lent connection that cannot be reused: close it.
+    pub(crate) fn discard(&self, u: Upstream) {
+        self.0.counters.upstream_in_use.fetch_sub(1, Relaxed);
+        drop(u);
+    }
+
+    /// The fault: close every database connection at once.
+    pub(crate) fn drop_all(&self) {
+        self.0.epoch.fetch_add(1, Relaxed);
+        let idle = std::mem::take(&mut self.0.state.lock().unwrap().idle);
+        drop(idle);
+    }
+}
+
+type Connected = (TcpStream, BytesMut, i32, i32, Vec<(String, String)>);
+
+/// Opens and authenticates one database connection (trust, cleartext, md5, SCRAM-SHA-256).
+async fn connect(c: &UpstreamConfig) -> io::Result<Connected> {
+    let mut stream = TcpStream::connect((c.host.as_str(), c.port)).await?;
+    stream.set_nodelay(true)?;
+    let mut out = BytesMut::new();
+    frontend::startup_message(
+        [
+            ("user", c.user.as_str()),
+            ("database", c.database.as_str()),
+            ("application_name", c.application_name.as_str()),
+        ],
+        &mut out,
+    )?;
+    stream.write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    let mut scram: Option<ScramSha256> = None;
+    let mut params = Vec::new();
+    let (mut pid, mut key) = (0, 0);
+    let password = || {
+        c.password.clone().ok_or_else(|| {
+            io::Error::other("the upstream asks for a password and none is configured")
+        })
+    };
+    loop {
+        let msg = loop {
+            if let Some(m) = backend::Message::parse(&mut buf)? {
+                break m;
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "upstream closed during login",
+                ));
+            }
+        };
+        out.clear();
+        match msg {
+            backend::Message::AuthenticationOk => continue,
+            backend::Message::AuthenticationCleartextPassword => {
+                frontend::password_message(&password()?, &mut out)?;
+            }
+            backend::Message::AuthenticationMd5Password(body) => {
+                let hash = md5_hash(c.user.as_bytes(), &password()?, body.salt());
+                frontend::password_message(hash.as_bytes(), &mut out)?;
+            }
+            backend::Message::AuthenticationSasl(body) => {
+                let mut mechanisms = body.mechanisms();
+                let mut ok = false;
+                while let Some(m) = mechanisms.next()? {
+                    ok |= m == SCRAM_SHA_256;
+                }
+                if !ok {
+                    return Err(io::Error::other(
+                        "the upstream offers no SASL mechanism the emulator knows",
+                    ));
+                }
+                let s = ScramSha256::new(&password()?, ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                scram = Some(s);
+            }
+            backend::Message::AuthenticationSaslContinue(body) => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| io::Error::other("unexpected SASL message"))?;
+                s.update(body.data())?;
+                frontend::sasl_response(s.message(), &mut out)?;
+            }
+            backend::Message::AuthenticationSaslFinal(body) => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| io::Error::other("unexpected SASL message"))?;
+                s.finish(body.data())?;
+                continue;
+            }
+            backend::Message::ParameterStatus(body) => {
+                params.push((body.name()?.to_string(), body.value()?.to_string()));
+                continue;
+            }
+            backend::Message::BackendKeyData(body) => {
+                pid = body.process_id();
+                key = body.secret_key();
+                continue;
+            }
+            backend::Message::NoticeResponse(_) => continue,
+            backend::Message::ReadyForQuery(_) => return Ok((stream, buf, pid, key, params)),
+            backend::Message::ErrorResponse(body) => {
+                let mut fields = body.fields();
+                let mut text = String::from("upstream refused the login");
+                while let Some(f) = fields.next()? {
+                    if f.type_() == b'M' {
+                        text = format!(
+                            "upstream refused the login: {}",
+                            String::from_utf8_lossy(f.value_bytes())
+                        );
+                    }
+                }
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, text));
+            }
+            _ => return Err(io::Error::other("unexpected message during upstream login")),
+        }
+        stream.write_all(&out).await?;
+    }
+}
+
+/// Asks the upstream to cancel the query running on `u` (a CancelRequest on a new socket).
+pub(crate) async fn cancel(config: &UpstreamConfig, pid: i32, key: i32) -> io::Result<()> {
+    let mut s = TcpStream::connect((config.host.as_str(), config.port)).await?;
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, key, &mut out);
+    s.write_all(&out).await?;
+    let mut sink = [0u8; 16];
+    let _ = s.read(&mut sink).await;
+    Ok(())
+}

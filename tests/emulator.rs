@@ -1,0 +1,443 @@
+//! The RDS Proxy emulator against the real PostgreSQL, with real clients (tokio-postgres,
+//! pgbench).
+#![cfg(feature = "emulator")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{admin, database_url, eventually};
+use pinpool::emulator::{Emulator, EmulatorConfig};
+use pinpool::pinning::{PinRules, Reason};
+use tokio_postgres::error::SqlState;
+
+async fn start(
+    app: &str,
+    max: usize,
+    f: impl FnOnce(EmulatorConfig) -> EmulatorConfig,
+) -> Emulator {
+    let config = EmulatorConfig::new(database_url())
+        .max_connections(max)
+        .application_name(app);
+    Emulator::start(f(config)).await.expect("emulator starts")
+}
+
+async fn client(emu: &Emulator) -> tokio_postgres::Client {
+    let (c, conn) =
+        tokio_postgres::connect(&emu.url("postgres", "postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect through the emulator");
+    tokio::spawn(conn);
+    c
+}
+
+async fn settle(emu: &Emulator) {
+    let ok = eventually(5, || async {
+        emu.counters().upstream_in_use == 0 && emu.counters().pinned_now == 0
+    })
+    .await;
+    assert!(ok, "{:?}", emu.counters());
+}
+
+#[tokio::test]
+async fn many_clients_share_fewer_database_connections_without_pinning() {
+    let emu = start("em_share", 2, |c| c).await;
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS em_share_t; CREATE TABLE em_share_t (c int, i int)")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for c in 0..8i32 {
+        let mut cl = client(&emu).await;
+        tasks.push(tokio::spawn(async move {
+            // A statement prepared once and executed in later transactions, which land on
+            // whichever database connection is free.
+            let stmt = cl.prepare("SELECT $1::int * 2").await.unwrap();
+            for i in 0..20i32 {
+                let v: i32 = cl
+                    .query_one("SELECT $1::int + 1", &[&i])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(v, i + 1);
+                let d: i32 = cl.query_one(&stmt, &[&i]).await.unwrap().get(0);
+                assert_eq!(d, i * 2);
+                let tx = cl.transaction().await.unwrap();
+                tx.execute("INSERT INTO em_share_t VALUES ($1, $2)", &[&c, &i])
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                let rows = cl.simple_query("SELECT 1; SELECT 2").await.unwrap();
+                assert!(rows.len() >= 4);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM em_share_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 160);
+    let c = emu.counters();
+    assert!(c.upstream_open <= 2, "{c:?}");
+    assert_eq!((c.peak_pinned, c.clients_total), (0, 8), "{c:?}");
+    assert!(
+        c.borrow_waits > 0,
+        "8 clients over 2 connections must have queued: {c:?}"
+    );
+    admin.batch_execute("DROP TABLE em_share_t").await.unwrap();
+}
+
+#[tokio::test]
+async fn each_pinning_condition_pins_and_ordinary_statements_do_not() {
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP SEQUENCE IF EXISTS em_pin_seq; CREATE SEQUENCE em_pin_seq")
+        .await
+        .unwrap();
+    let emu = start("em_pins", 4, |c| c).await;
+    let big = format!("SELECT '{}'", "x".repeat(17_000));
+    let cases: Vec<(&str, Reason)> = vec![
+        ("SET work_mem = '5MB'", Reason::Set),
+        ("RESET work_mem", Reason::Set),
+        (
+            "SELECT set_config('work_mem', '5MB', false)",
+            Reason::SetConfig,
+        ),
+        ("PREPARE em_q AS SELECT 1", Reason::PreparedStatement),
+        ("DISCARD PLANS", Reason::Discard),
+        ("CREATE TEMP TABLE em_tt (id int)", Reason::TempObject),
+        ("DECLARE em_c CURSOR WITH HOLD FOR SELECT 1", Reason::Cursor),
+        ("LISTEN em_chan", Reason::Listen),
+        ("LOAD 'auto_explain'", Reason::Load),
+        ("SELECT nextval('em_pin_seq')", Reason::SequenceFunction),
+        ("SELECT pg_advisory_lock(4711)", Reason::AdvisoryLock),
+        (big.as_str(), Reason::Oversized),
+    ];
+    for (sql, reason) in cases {
+        let c = client(&emu).await;
+        let _ = c.batch_execute(sql).await; // LOAD may fail where the library is missing: it pinned anyway
+        let counters = emu.counters();
+        assert_eq!(counters.pinned_now, 1, "{sql}: {counters:?}");
+        assert!(counters.pins_for(reason) >= 1, "{sql}: {counters:?}");
+        drop(c);
+        settle(&emu).await;
+    }
+    // The extended protocol: a parameterised query and a transaction-level lock do not pin.
+    let c = client(&emu).await;
+    c.query("SELECT $1::text", &[&"x"]).await.unwrap();
+    let mut c2 = client(&emu).await;
+    let tx = c2.transaction().await.unwrap();
+    tx.query("SELECT pg_advisory_xact_lock(4712)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(emu.counters().pinned_now, 0, "{:?}", emu.counters());
+    // A pinning statement sent with the extended protocol pins when executed.
+    c.query("SELECT nextval('em_pin_seq')", &[]).await.unwrap();
+    assert_eq!(emu.counters().pinned_now, 1);
+    drop((c, c2));
+    settle(&emu).await;
+    admin
+        .batch_execute("DROP SEQUENCE em_pin_seq")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_legacy_switch_pins_on_any_parse() {
+    let emu = start("em_legacy", 2, |c| c.rules(PinRules::legacy())).await;
+    let c = client(&emu).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(emu.counters().pinned_now, 0);
+    c.query("SELECT $1::int", &[&1i32]).await.unwrap();
+    let counters = emu.counters();
+    assert_eq!(
+        (counters.pinned_now, counters.pins_for(Reason::Parse)),
+        (1, 1),
+        "{counters:?}"
+    );
+    drop(c);
+    settle(&emu).await;
+}
+
+#[tokio::test]
+async fn a_pinned_connection_is_freed_only_by_disconnect_and_reset_before_reuse() {
+    let emu = start("em_reset", 1, |c| {
+        c.borrow_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let probe = client(&emu).await;
+    let default: String = probe.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    let a = client(&emu).await;
+    a.batch_execute("SET work_mem = '13MB'").await.unwrap();
+    // The only database connection is pinned to `a`: another client's transaction times out.
+    let err = probe.query("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_EXCEPTION), "{err:?}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert_eq!(message, "Timed-out waiting to acquire database connection.");
+    assert_eq!(emu.counters().borrow_timeouts, 1);
+    // Still pinned after a finished transaction of its own.
+    a.query("SELECT 1", &[]).await.unwrap();
+    assert_eq!(emu.counters().pinned_now, 1);
+    drop(a);
+    settle(&emu).await;
+    let now: String = probe.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(
+        now, default,
+        "the session was reset before its connection was reused"
+    );
+    let session: i64 = probe
+        .query_one(
+            "SELECT count(*) FROM pg_settings WHERE source = 'session'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(session, 0);
+}
+
+#[tokio::test]
+async fn an_open_transaction_holds_its_connection_until_it_ends() {
+    let emu = start("em_txn", 1, |c| {
+        c.borrow_timeout(Duration::from_millis(300))
+    })
+    .await;
+    let a = client(&emu).await;
+    let b = client(&emu).await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.query("SELECT 1", &[]).await.unwrap();
+    let err = b.query("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_EXCEPTION));
+    a.batch_execute("COMMIT").await.unwrap();
+    b.query("SELECT 1", &[]).await.unwrap();
+    assert_eq!(emu.counters().peak_pinned, 0);
+}
+
+#[tokio::test]
+async fn logins_succeed_without_a_free_connection_and_options_are_refused() {
+    let emu = start("em_login", 1, |c| {
+        c.borrow_timeout(Duration::from_millis(200))
+    })
+    .await;
+    let a = client(&emu).await;
+    a.batch_execute("SET work_mem = '6MB'").await.unwrap(); // pins the only connection
+    let b = client(&emu).await; // still logs in
+    assert!(b.query("SELECT 1", &[]).await.is_err());
+    let url = format!(
+        "{}?options=-c%20work_mem%3D1MB",
+        emu.url("postgres", "postgres")
+    );
+    let err = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("doesn't support the option"), "{err:?}");
+    drop(a);
+}
+
+#[tokio::test]
+async fn passwords_are_checked_by_the_emulator() {
+    let emu = start("em_password", 1, |c| c.password("proxy-secret")).await;
+    let base = emu.url("postgres", "postgres");
+    let wrong = format!("{}?password=nope", base);
+    let err = tokio_postgres::connect(&wrong, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+    let right = format!("{}?password=proxy-secret", base);
+    let (c, conn) = tokio_postgres::connect(&right, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.query("SELECT 1", &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_clients_are_closed() {
+    let emu = start("em_idle", 1, |c| {
+        c.idle_client_timeout(Duration::from_millis(300))
+    })
+    .await;
+    let c = client(&emu).await;
+    c.query("SELECT 1", &[]).await.unwrap();
+    assert!(eventually(5, || async { c.is_closed() }).await);
+    assert_eq!(emu.counters().idle_client_closes, 1);
+}
+
+#[tokio::test]
+async fn dropping_every_database_connection_fails_pinned_clients_and_serves_new_ones() {
+    let emu = start("em_dropall", 2, |c| c).await;
+    let pinned = client(&emu).await;
+    pinned.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    emu.drop_upstream_connections();
+    assert!(eventually(5, || async { pinned.is_closed() }).await);
+    let fresh = client(&emu).await;
+    fresh.query("SELECT 1", &[]).await.unwrap();
+    settle(&emu).await;
+}
+
+#[tokio::test]
+async fn pgbench_prepared_with_16_clients_over_4_connections_has_no_failed_transaction() {
+    let admin = admin().await;
+    let exists = admin
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = 'pinpool_pgbench'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_some();
+    if !exists {
+        let _ = admin.batch_execute("CREATE DATABASE pinpool_pgbench").await;
+    }
+    let url: tokio_postgres::Config = database_url().parse().unwrap();
+    let host = "127.0.0.1";
+    let user = url.get_user().unwrap_or("postgres").to_string();
+    let init = tokio::process::Command::new("pgbench")
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "-h",
+            host,
+            "-p",
+            "5432",
+            "-U",
+            &user,
+            "pinpool_pgbench",
+        ])
+        .output()
+        .await
+        .expect("pgbench is installed");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut cfg = url.clone();
+    cfg.dbname("pinpool_pgbench");
+    let upstream = format!("postgres://{user}@{host}:5432/pinpool_pgbench");
+    let emu = Emulator::start(
+        EmulatorConfig::new(upstream)
+            .max_connections(4)
+            .application_name("em_pgbench"),
+    )
+    .await
+    .unwrap();
+    let port = emu.addr().port().to_string();
+    let run = tokio::process::Command::new("pgbench")
+        .args([
+            "-M",
+            "prepared",
+            "-c",
+            "16",
+            "-j",
+            "2",
+            "-T",
+            "3",
+            "-h",
+            host,
+            "-p",
+            &port,
+            "-U",
+            &user,
+            "pinpool_pgbench",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let c = emu.counters();
+    assert!(c.upstream_open <= 4 && c.peak_pinned == 0, "{c:?}");
+}
+
+#[tokio::test]
+async fn a_hundred_clients_pinning_and_leaving_abruptly_leak_nothing() {
+    let emu = start("em_stress", 4, |c| c.borrow_timeout(Duration::from_secs(2))).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for n in 0..100u64 {
+        let url = emu.url("postgres", "postgres");
+        tasks.push(tokio::spawn(async move {
+            let mut seed = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut rand = move |m: u64| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed % m
+            };
+            let mut wrong = 0;
+            while tokio::time::Instant::now() < end {
+                let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
+                    continue;
+                };
+                let task = tokio::spawn(conn);
+                for _ in 0..rand(5) + 1 {
+                    let v = rand(1000) as i32;
+                    let step = match rand(6) {
+                        0 => c.batch_execute("SET work_mem = '8MB'").await.map(|_| v),
+                        1 => c.batch_execute("BEGIN").await.map(|_| v),
+                        2 => {
+                            // Leave mid-query: end the connection while the statement runs.
+                            let q = c.query("SELECT pg_sleep(0.05)", &[]);
+                            let _ = tokio::time::timeout(Duration::from_millis(10), q).await;
+                            break;
+                        }
+                        _ => c
+                            .query_one("SELECT $1::int", &[&v])
+                            .await
+                            .map(|r| r.get::<_, i32>(0)),
+                    };
+                    match step {
+                        Ok(got) if got != v => wrong += 1,
+                        _ => {}
+                    }
+                }
+                drop(c);
+                task.abort(); // abrupt: no Terminate message
+            }
+            wrong
+        }));
+    }
+    let mut wrong = 0;
+    for t in tasks {
+        wrong += tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("no deadlock")
+            .unwrap();
+    }
+    assert_eq!(wrong, 0, "a client got another's answer");
+    let ok = eventually(15, || async {
+        let c = emu.counters();
+        c.upstream_in_use == 0 && c.pinned_now == 0 && c.clients == 0
+    })
+    .await;
+    let c = emu.counters();
+    assert!(ok, "{c:?}");
+    assert!(c.upstream_open <= 4 && c.peak_pinned >= 1, "{c:?}");
+    // The connections still work.
+    let probe = client(&emu).await;
+    probe.query("SELECT 1", &[]).await.unwrap();
+}
