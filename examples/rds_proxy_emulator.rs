@@ -17,7 +17,7 @@ use pinpool::pinning::PinRules;
 const USAGE: &str =
     "usage: rds_proxy_emulator [--listen ADDR] [--upstream URL] [--max-connections N] \
 [--borrow-timeout DURATION] [--idle-client-timeout DURATION] [--legacy-parse-pinning] \
-[--set-local-safe] [--password P] [--close-on-borrow-timeout]
+[--set-local-safe] [--password P] [--close-on-borrow-timeout] [--tls-cert F --tls-key F [--tls-required]]
 durations: 500ms, 10s, 30m, 2h";
 
 /// Parses `500ms`, `10s`, `30m`, `2h` (a bare number is seconds).
@@ -66,6 +66,22 @@ fn parse() -> Result<EmulatorConfig, String> {
     }
     let mut config = EmulatorConfig::new(upstream).listen(listen);
     let mut rules = PinRules::new();
+    let file = |k: &str| {
+        rest.iter()
+            .find(|(a, _)| a == k)
+            .and_then(|(_, v)| v.clone())
+    };
+    match (file("--tls-cert"), file("--tls-key")) {
+        (Some(cert), Some(key)) => {
+            let read = |f: &str| std::fs::read(f).map_err(|e| format!("{f}: {e}"));
+            let required = rest.iter().any(|(a, _)| a == "--tls-required");
+            config = config
+                .tls_pem(&read(&cert)?, &read(&key)?, required)
+                .map_err(|e| e.to_string())?;
+        }
+        (None, None) => {}
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    }
     for (k, v) in rest {
         let v = v.unwrap_or_default();
         config =
@@ -98,11 +114,12 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt().with_target(false).init();
     let config = match parse() {
         Ok(c) => c,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            if !e.is_empty() {
-                eprintln!("rds_proxy_emulator: {e}");
-            }
-            eprintln!("{USAGE}");
+            eprintln!("rds_proxy_emulator: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };

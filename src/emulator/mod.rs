@@ -23,6 +23,7 @@
 //! md5 password), so a login succeeds even when no database connection is free.
 
 mod session;
+mod stream;
 mod upstream;
 mod wire;
 
@@ -50,6 +51,24 @@ pub struct EmulatorConfig {
     password: Option<String>,
     close_on_borrow_timeout: bool,
     application_name: String,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<TlsSetting>>,
+}
+
+/// TLS to clients: the server certificate and whether plain connections are refused.
+#[cfg(feature = "tls")]
+pub(crate) struct TlsSetting {
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    pub(crate) required: bool,
+}
+
+#[cfg(feature = "tls")]
+impl std::fmt::Debug for TlsSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSetting")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EmulatorConfig {
@@ -66,7 +85,40 @@ impl EmulatorConfig {
             password: None,
             close_on_borrow_timeout: false,
             application_name: "pinpool-emulator".to_string(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Offers TLS to clients with this certificate chain and private key (PEM), as RDS Proxy
+    /// does; with `required`, plain connections are refused. Without TLS configured the
+    /// emulator answers `N` to SSLRequest.
+    ///
+    /// # Errors
+    /// PEM that does not parse, or a key that does not match.
+    #[cfg(feature = "tls")]
+    pub fn tls_pem(mut self, cert_chain: &[u8], key: &[u8], required: bool) -> io::Result<Self> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |what: &str, e: &dyn std::fmt::Display| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}"))
+        };
+        let certs = CertificateDer::pem_slice_iter(cert_chain)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("certificate", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| invalid("private key", &e))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let server = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("TLS", &e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid("certificate and key", &e))?;
+        self.tls = Some(Arc::new(TlsSetting {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            required,
+        }));
+        Ok(self)
     }
 
     /// The address to listen on. Default `127.0.0.1:0` (an ephemeral port).

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Shared;
+use super::stream::ClientStream;
 use super::upstream::{BorrowError, Upstream, cancel};
 use super::wire::{self, Frame, cstr, take_frame};
 use crate::pinning::{Classification, Protocol, Reason, Reasons, classify};
@@ -86,7 +87,7 @@ impl Held {
 pub(crate) struct Session {
     shared: Arc<Shared>,
     id: u64,
-    client: TcpStream,
+    client: ClientStream,
     cbuf: BytesMut,
     to_client: BytesMut,
     held: Option<Held>,
@@ -110,7 +111,7 @@ impl Session {
         Session {
             shared,
             id,
-            client,
+            client: ClientStream::Plain(client),
             cbuf: BytesMut::with_capacity(8192),
             to_client: BytesMut::with_capacity(8192),
             held: None,
@@ -126,7 +127,9 @@ impl Session {
 
     /// Serves the client until it leaves, then resets and returns what it held.
     pub(crate) async fn run(mut self) {
-        let _ = self.client.set_nodelay(true);
+        if let ClientStream::Plain(s) = &self.client {
+            let _ = s.set_nodelay(true);
+        }
         let c = &self.shared.counters;
         c.clients.fetch_add(1, Relaxed);
         c.clients_total.fetch_add(1, Relaxed);
@@ -166,8 +169,9 @@ impl Session {
                 return Ok(false);
             };
             match body.get_i32() {
+                80_877_103 if self.tls_offered() => self.start_tls().await?,
                 80_877_103 | 80_877_104 => {
-                    // SSLRequest or GSSENCRequest: this emulator speaks plain TCP.
+                    // SSLRequest without TLS configured, or GSSENCRequest: plain TCP.
                     self.client.write_all(b"N").await?;
                 }
                 80_877_102 => return Ok(false), // CancelRequest: RDS Proxy does not support it
@@ -183,6 +187,11 @@ impl Session {
                 _ => return self.fatal("08P01", "unsupported frontend protocol").await,
             }
         };
+        if self.tls_required() && matches!(self.client, ClientStream::Plain(_)) {
+            return self
+                .fatal("28000", "This RDS Proxy requires TLS connections")
+                .await;
+        }
         if params.contains_key("options") {
             return self
                 .fatal("0A000", "The proxy doesn't support the option options. Remove it from the connection string.")
@@ -231,6 +240,54 @@ impl Session {
         wire::ready(&mut self.to_client, b'I');
         self.write_client().await?;
         Ok(true)
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls_offered(&self) -> bool {
+        self.shared.config.tls.is_some()
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_offered(&self) -> bool {
+        false
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls_required(&self) -> bool {
+        self.shared.config.tls.as_ref().is_some_and(|t| t.required)
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_required(&self) -> bool {
+        false
+    }
+
+    /// Answers an SSLRequest with `S` and runs the TLS handshake.
+    #[cfg(feature = "tls")]
+    async fn start_tls(&mut self) -> io::Result<()> {
+        let tls = self.shared.config.tls.clone().expect("offered");
+        if !self.cbuf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "data after SSLRequest",
+            ));
+        }
+        self.client.write_all(b"S").await?;
+        let ClientStream::Plain(tcp) = std::mem::replace(&mut self.client, ClientStream::Upgrading)
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a second SSLRequest",
+            ));
+        };
+        let stream = tls.acceptor.accept(tcp).await?;
+        self.client = ClientStream::Tls(Box::new(stream));
+        Ok(())
+    }
+
+    #[cfg(not(feature = "tls"))]
+    async fn start_tls(&mut self) -> io::Result<()> {
+        unreachable!("TLS is never offered without the tls feature")
     }
 
     async fn wait_while_silent(&self) {
