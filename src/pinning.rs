@@ -740,10 +740,14 @@ fn plainly_safe(s: &[u8]) -> bool {
                     .iter()
                     .rposition(|&c| CLASS[c as usize] & SPACE == 0)
                     .map_or(0, |p| p + 1);
-                let name_start = s[..before]
+                let mut name_start = s[..before]
                     .iter()
                     .rposition(|&c| !is_ident_cont(c))
                     .map_or(0, |p| p + 1);
+                // A name starts at a letter: in `$nextval(` the lexer sees `$`, then `nextval`.
+                while name_start < before && !is_ident_start(s[name_start]) {
+                    name_start += 1;
+                }
                 if pinning_function(Tok::Word(&s[name_start..before])).is_some() {
                     return false;
                 }
@@ -1060,6 +1064,8 @@ mod tests {
         assert!(!plainly_safe(b"SELECT 1 FROM attempts"));
         assert!(!plainly_safe(b"SET a = 1"));
         assert!(!plainly_safe(b"SELECT 1; SELECT 2"));
+        assert!(!plainly_safe(b"SELECT$\n$nextval("));
+        assert!(!plainly_safe(b"SELECT 1nextval(2)"));
     }
 
     fn reasons(sql: &str) -> Vec<Reason> {
