@@ -6,7 +6,9 @@ use std::process::Command;
 fn lint(args: &[&str], sql: &str) -> (i32, String) {
     let dir = std::env::temp_dir().join(format!("pinpool-lint-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("q{}.sql", args.len()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let file = dir.join(format!("q{n}.sql"));
     std::fs::write(&file, sql).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_pinpool-lint"))
         .args(args)
