@@ -14,6 +14,7 @@ use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
 use crate::conn::{Conn, ConnState, InFlight};
 use crate::deadline::{Bound, within};
 use crate::error::{Error, Phase};
+use crate::invocation::Invocation;
 use crate::pinning::{Classification, Protocol, Reason, Reasons, TxnControl, classify};
 use crate::pool::PoolInner;
 use crate::statement::{Statement, StatementRef, ToStatement};
@@ -614,6 +615,7 @@ pub struct PooledClient {
     conn: Option<Conn>,
     pool: Arc<PoolInner>,
     cutoff: Option<Instant>,
+    invocation: Option<Invocation>,
 }
 
 /// Whether a connection may be pinned, and by what.
@@ -634,11 +636,17 @@ impl PinState {
 }
 
 impl PooledClient {
-    pub(crate) fn new(conn: Conn, pool: Arc<PoolInner>, cutoff: Option<Instant>) -> Self {
+    pub(crate) fn new(
+        conn: Conn,
+        pool: Arc<PoolInner>,
+        cutoff: Option<Instant>,
+        invocation: Option<Invocation>,
+    ) -> Self {
         PooledClient {
             conn: Some(conn),
             pool,
             cutoff,
+            invocation,
         }
     }
 
@@ -732,7 +740,7 @@ impl PooledClient {
 impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.put_back(conn);
+            self.pool.put_back(conn, self.invocation.as_ref());
         }
     }
 }
@@ -749,18 +757,28 @@ impl std::fmt::Debug for PooledClient {
 
 /// Marks a connection as inside a pinpool transaction while the outermost one lives. If the
 /// transaction is leaked (`mem::forget`), the mark stays and the connection is closed.
-struct TxnMark<'a>(&'a ConnState);
+/// A mark dropped before `commit` or `rollback` ran means tokio-postgres queued a ROLLBACK.
+struct TxnMark<'a> {
+    state: &'a ConnState,
+    finished: bool,
+}
 
 impl<'a> TxnMark<'a> {
     fn new(state: &'a ConnState) -> Self {
         state.set_txn_object(true);
-        TxnMark(state)
+        TxnMark {
+            state,
+            finished: false,
+        }
     }
 }
 
 impl Drop for TxnMark<'_> {
     fn drop(&mut self) {
-        self.0.set_txn_object(false);
+        if !self.finished {
+            self.state.set_rollback_queued(true);
+        }
+        self.state.set_txn_object(false);
     }
 }
 
@@ -788,8 +806,16 @@ impl<'a> Transaction<'a> {
     /// # Errors
     /// The server's error or a timeout.
     pub async fn commit(self) -> Result<(), Error> {
-        let Transaction { inner, g, _mark } = self;
-        g.run(TxnControl::None, inner.commit()).await
+        let Transaction {
+            inner,
+            g,
+            mut _mark,
+        } = self;
+        let r = g.run(TxnControl::None, inner.commit()).await;
+        if let Some(m) = _mark.as_mut() {
+            m.finished = true;
+        }
+        r
     }
 
     /// Rolls the transaction back (or back to the savepoint).
@@ -797,8 +823,16 @@ impl<'a> Transaction<'a> {
     /// # Errors
     /// The server's error or a timeout.
     pub async fn rollback(self) -> Result<(), Error> {
-        let Transaction { inner, g, _mark } = self;
-        g.run(TxnControl::None, inner.rollback()).await
+        let Transaction {
+            inner,
+            g,
+            mut _mark,
+        } = self;
+        let r = g.run(TxnControl::None, inner.rollback()).await;
+        if let Some(m) = _mark.as_mut() {
+            m.finished = true;
+        }
+        r
     }
 
     /// A nested transaction (a savepoint).

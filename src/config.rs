@@ -27,9 +27,26 @@ pub enum PinPolicy {
     CloseOnReturn,
     /// Keep it (observe and report only).
     Keep,
+    /// Keep it for the rest of its invocation ([`Pool::invocation`]): later `get()`s of the
+    /// same invocation get it back, and it is closed when the invocation ends. Outside an
+    /// invocation, as `CloseOnReturn`.
+    KeepForInvocation,
     /// Refuse a statement that may pin with [`Error::PinRefused`] before sending it (strict
     /// mode, for tests and development).
     Refuse,
+}
+
+/// What the pool does, when an invocation begins, with an idle connection that sat unused
+/// longer than `validate_idle_after` (a frozen Lambda environment may have lost it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum FreezeCheck {
+    /// Check it with a round trip (a protocol Sync) bounded by `validate_timeout` and the
+    /// deadline; close it if the check fails (the default).
+    #[default]
+    Validate,
+    /// Close it without checking; the invocation opens a fresh one.
+    Replace,
 }
 
 /// Where to connect: a connection string (URL or key-value) or a `tokio_postgres::Config`.
@@ -160,6 +177,10 @@ pub(crate) struct Settings {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) pin_rules: PinRules,
     pub(crate) pin_policy: PinPolicy,
+    pub(crate) freeze_check: FreezeCheck,
+    pub(crate) validate_idle_after: Option<Duration>,
+    pub(crate) validate_timeout: Duration,
+    pub(crate) trim_at_invocation_end: bool,
 }
 
 impl fmt::Debug for Settings {
@@ -177,6 +198,10 @@ impl fmt::Debug for Settings {
             .field("idle_timeout", &self.idle_timeout)
             .field("pin_rules", &self.pin_rules)
             .field("pin_policy", &self.pin_policy)
+            .field("freeze_check", &self.freeze_check)
+            .field("validate_idle_after", &self.validate_idle_after)
+            .field("validate_timeout", &self.validate_timeout)
+            .field("trim_at_invocation_end", &self.trim_at_invocation_end)
             .finish()
     }
 }
@@ -196,6 +221,8 @@ impl fmt::Debug for Settings {
 /// | `idle_timeout` | 10 min | below RDS Proxy's 30 min `IdleClientTimeout`; wall clock, so a frozen environment counts |
 /// | `pin_policy` | `CloseOnReturn` | a pinned connection never sits idle while the environment is frozen |
 /// | `pin_rules` | today's AWS rules | see [`crate::pinning`] |
+/// | `freeze_check` | `Validate` | an invocation checks connections idle longer than `validate_idle_after` (5 s) with a round trip bounded by `validate_timeout` (1 s) |
+/// | `trim_at_invocation_end` | false | idle unpinned connections hold no database connection behind RDS Proxy |
 #[must_use = "a builder does nothing until build() is called"]
 pub struct Builder {
     conn: ConnectionConfig,
@@ -215,6 +242,10 @@ struct SettingsDraft {
     idle_timeout: Option<Duration>,
     pin_rules: PinRules,
     pin_policy: PinPolicy,
+    freeze_check: FreezeCheck,
+    validate_idle_after: Option<Duration>,
+    validate_timeout: Duration,
+    trim_at_invocation_end: bool,
 }
 
 impl Builder {
@@ -232,6 +263,10 @@ impl Builder {
                 idle_timeout: Some(Duration::from_secs(600)),
                 pin_rules: PinRules::new(),
                 pin_policy: PinPolicy::CloseOnReturn,
+                freeze_check: FreezeCheck::Validate,
+                validate_idle_after: Some(Duration::from_secs(5)),
+                validate_timeout: Duration::from_secs(1),
+                trim_at_invocation_end: false,
             },
             connector: None,
             password: None,
@@ -330,6 +365,35 @@ impl Builder {
         self
     }
 
+    /// What an invocation's start does with connections idle longer than
+    /// `validate_idle_after`. Default [`FreezeCheck::Validate`].
+    pub fn freeze_check(mut self, check: FreezeCheck) -> Self {
+        self.settings.freeze_check = check;
+        self
+    }
+
+    /// Idle connections unused longer than this (wall clock) are checked when an invocation
+    /// begins; `None` checks none (closed sockets and lifetimes are still checked).
+    /// Default 5 s.
+    pub fn validate_idle_after(mut self, d: Option<Duration>) -> Self {
+        self.settings.validate_idle_after = d;
+        self
+    }
+
+    /// The longest one check of an idle connection may take (also bounded by the deadline).
+    /// A half-open connection fails it. Default 1 s.
+    pub fn validate_timeout(mut self, d: Duration) -> Self {
+        self.settings.validate_timeout = d;
+        self
+    }
+
+    /// Close idle connections beyond `min_idle` when an invocation ends. Default false: idle,
+    /// unpinned connections hold no database connection behind RDS Proxy.
+    pub fn trim_at_invocation_end(mut self, trim: bool) -> Self {
+        self.settings.trim_at_invocation_end = trim;
+        self
+    }
+
     /// Validates every option and creates the pool. Opens no connection.
     ///
     /// # Errors
@@ -370,6 +434,7 @@ impl Builder {
             ("query_timeout", s.query_timeout),
             ("max_lifetime", s.max_lifetime),
             ("idle_timeout", s.idle_timeout),
+            ("validate_timeout", Some(s.validate_timeout)),
         ] {
             if d == Some(Duration::ZERO) {
                 return Err(Error::config(name, "must be longer than zero"));
@@ -417,6 +482,10 @@ impl Builder {
             idle_timeout: s.idle_timeout,
             pin_rules: s.pin_rules,
             pin_policy: s.pin_policy,
+            freeze_check: s.freeze_check,
+            validate_idle_after: s.validate_idle_after,
+            validate_timeout: s.validate_timeout,
+            trim_at_invocation_end: s.trim_at_invocation_end,
         };
         Ok(Pool::from_parts(settings, connector, password))
     }

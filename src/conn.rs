@@ -56,6 +56,7 @@ const TXN_OBJECT: u8 = 4; // a pinpool Transaction is alive (cleared by its drop
 const UNTRACKED: u8 = 8; // raw access was handed out
 const KILLED: u8 = 16; // the socket was closed by pinpool after a timeout
 const BROKEN: u8 = 32; // the socket was closed by pinpool after a fatal error
+const ROLLBACK_QUEUED: u8 = 64; // a dropped transaction queued a ROLLBACK not yet known sent
 
 /// The state statements update through `&self`; atomics so clients and their futures are
 /// `Sync`/`Send`. Only the one holder of the connection touches it, so `Relaxed` suffices.
@@ -110,6 +111,15 @@ impl ConnState {
 
     pub(crate) fn set_txn_object(&self, on: bool) {
         self.set(TXN_OBJECT, on);
+    }
+
+    /// A transaction was dropped unfinished: tokio-postgres queued its ROLLBACK.
+    pub(crate) fn set_rollback_queued(&self, on: bool) {
+        self.set(ROLLBACK_QUEUED, on);
+    }
+
+    pub(crate) fn rollback_queued(&self) -> bool {
+        self.flags.load(Relaxed) & ROLLBACK_QUEUED != 0
     }
 
     pub(crate) fn set_untracked(&self) {
@@ -225,6 +235,11 @@ impl Conn {
         None
     }
 
+    /// How long it has been idle, by the wall clock (zero if the clock went back).
+    pub(crate) fn idle_for(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.last_used).unwrap_or_default()
+    }
+
     /// Why this returned connection must be closed instead of kept, if it must.
     pub(crate) fn on_return(&self, s: &Settings, now: SystemTime) -> Option<CloseReason> {
         self.state
@@ -263,6 +278,7 @@ impl Health {
         } else if self.untracked {
             Some(CloseReason::Untracked)
         } else if !self.pinned.is_empty() && policy != PinPolicy::Keep {
+            // KeepForInvocation: the pool keeps it for its invocation instead, if there is one.
             Some(CloseReason::Pinned)
         } else {
             None

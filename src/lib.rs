@@ -9,6 +9,7 @@ mod deadline;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;
+mod invocation;
 pub mod metrics;
 pub mod pinning;
 mod pool;
@@ -17,9 +18,10 @@ mod status;
 mod stream;
 
 pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};
-pub use config::{Builder, ConnectionConfig, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};
+pub use config::{Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};
 pub use connect::{BoxFuture, PasswordProvider};
 pub use error::{BoxError, Error, Phase, TimeoutCause};
+pub use invocation::Invocation;
 pub use pool::Pool;
 pub use statement::{Statement, ToStatement};
 pub use status::{CloseReason, ClosedCounts, Status};

@@ -16,11 +16,12 @@ use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::client::PooledClient;
-use crate::config::{Builder, ConnectionConfig, PinPolicy, Settings};
+use crate::config::{Builder, ConnectionConfig, FreezeCheck, PinPolicy, Settings};
 use crate::conn::{Conn, ConnState, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
 use crate::deadline::{Bound, cutoff, within};
 use crate::error::{Error, Phase};
+use crate::invocation::{EndOnDrop, Invocation};
 use crate::metrics;
 use crate::pinning::Reasons;
 use crate::status::{CloseReason, Counters, Status};
@@ -111,6 +112,32 @@ impl Pool {
         self.checkout(None).await
     }
 
+    /// Runs `fut` as one invocation with `deadline` (a Lambda invocation's): every `get()`,
+    /// connect and statement inside it, and inside tasks it carries the [`Invocation`] into,
+    /// stops at `deadline - deadline_margin`.
+    ///
+    /// Before `fut` starts, idle connections are checked for what a freeze may have broken:
+    /// closed sockets, lifetimes, and connections idle longer than `validate_idle_after` per
+    /// [`FreezeCheck`]. When it ends (finished, failed or dropped), the pinned connections it
+    /// kept are closed; then connections whose dropped transaction queued a `ROLLBACK` are
+    /// checked with a round trip, so the rollback has reached the server before the
+    /// environment freezes; and with `trim_at_invocation_end`, idle connections beyond
+    /// `min_idle` are closed. Nothing runs between invocations.
+    pub async fn invocation<F: std::future::Future>(
+        &self,
+        deadline: SystemTime,
+        fut: F,
+    ) -> F::Output {
+        let inv = Invocation::new(self.inner.clone(), deadline);
+        let end = EndOnDrop(inv.clone());
+        let cut = cutoff(deadline, self.inner.settings.deadline_margin);
+        self.inner.freeze_check(cut).await;
+        let out = inv.run(fut).await;
+        drop(end);
+        self.inner.settle_after_invocation().await;
+        out
+    }
+
     /// Like [`get`](Self::get), but nothing (waiting, connecting, and every statement of the
     /// returned client) runs past `deadline - deadline_margin`. Give it the Lambda
     /// invocation's deadline.
@@ -126,6 +153,22 @@ impl Pool {
         let inner = &*self.inner;
         if inner.closed.load(Relaxed) {
             return Err(Error::Closed);
+        }
+        let current = Invocation::current();
+        let cut = cut.or_else(|| {
+            current
+                .as_ref()
+                .map(|i| cutoff(i.deadline(), inner.settings.deadline_margin))
+        });
+        let inv = current.filter(|i| i.belongs_to(&self.inner));
+        if let Some(b) = Bound::new(None, cut).filter(Bound::passed) {
+            return Err(b.error(Phase::Acquire));
+        }
+        // A pinned connection this invocation kept already holds its slot.
+        if let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
+            let in_use = inner.in_use.fetch_add(1, Relaxed) + 1;
+            metrics::gauges(in_use, inner.idle().len());
+            return Ok(PooledClient::new(conn, self.inner.clone(), cut, inv));
         }
         let start = Instant::now();
         let bound = Bound::new(Some(inner.settings.acquire_timeout), cut);
@@ -148,7 +191,7 @@ impl Pool {
             Some(conn) => conn,
             None => inner.connect(cut).await?,
         };
-        Ok(self.hand_out(conn, permit, cut, start))
+        Ok(self.hand_out(conn, permit, cut, start, inv))
     }
 
     fn hand_out(
@@ -157,13 +200,14 @@ impl Pool {
         permit: SemaphorePermit<'_>,
         cut: Option<Instant>,
         start: Instant,
+        inv: Option<Invocation>,
     ) -> PooledClient {
         // From here the PooledClient owns the slot; its drop adds the permit back.
         permit.forget();
         let in_use = self.inner.in_use.fetch_add(1, Relaxed) + 1;
         metrics::acquire_wait(start.elapsed());
         metrics::gauges(in_use, self.inner.idle().len());
-        PooledClient::new(conn, self.inner.clone(), cut)
+        PooledClient::new(conn, self.inner.clone(), cut, inv)
     }
 
     /// Opens connections until `min_idle` are idle (never more than `max_size` in all).
@@ -308,13 +352,27 @@ impl PoolInner {
     }
 
     /// Takes a connection back from a dropped [`PooledClient`]. Synchronous: it never spawns.
-    pub(crate) fn put_back(&self, mut conn: Conn) {
+    pub(crate) fn put_back(&self, mut conn: Conn, inv: Option<&Invocation>) {
         let now = SystemTime::now();
         let verdict = if self.closed.load(Relaxed) {
             Some(CloseReason::PoolClosed)
         } else {
             conn.on_return(&self.settings, now)
         };
+        if verdict == Some(CloseReason::Pinned)
+            && self.settings.pin_policy == PinPolicy::KeepForInvocation
+            && let Some(inv) = inv
+        {
+            match inv.stash(conn) {
+                None => {
+                    // Kept for the invocation, with its slot.
+                    let in_use = self.in_use.fetch_sub(1, Relaxed) - 1;
+                    metrics::gauges(in_use, self.idle().len());
+                    return;
+                }
+                Some(back) => conn = back,
+            }
+        }
         let idle = match verdict {
             Some(reason) => {
                 self.discard(conn, reason);
@@ -331,6 +389,110 @@ impl PoolInner {
         // Only after the connection is idle, so the next waiter finds it.
         self.slots.add_permits(1);
         metrics::gauges(in_use, idle);
+    }
+
+    /// Closes a connection that held a slot outside the idle set (kept for an invocation).
+    pub(crate) fn release_slot_of(&self, conn: Conn, reason: CloseReason) {
+        self.discard(conn, reason);
+        self.slots.add_permits(1);
+    }
+
+    /// Takes the idle connections `pick` selects out of the idle set, each with a slot, so
+    /// they can be checked without other callers opening more connections meanwhile.
+    fn take_idle(&self, pick: impl Fn(&Conn) -> bool) -> Vec<(Conn, SemaphorePermit<'_>)> {
+        let mut taken = Vec::new();
+        let mut idle = self.idle();
+        let mut i = 0;
+        while i < idle.len() {
+            if pick(&idle[i]) {
+                let Ok(permit) = self.slots.try_acquire() else {
+                    break;
+                };
+                if let Some(conn) = idle.remove(i) {
+                    taken.push((conn, permit));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        taken
+    }
+
+    /// Checks connections with a round trip, all within one bound; the ones that answer go
+    /// back to the idle set, the others are closed as `reason`.
+    async fn check_all(
+        &self,
+        conns: Vec<(Conn, SemaphorePermit<'_>)>,
+        bound: Option<Bound>,
+        reason: CloseReason,
+    ) {
+        for (mut conn, permit) in conns {
+            let ok = matches!(
+                within(bound, conn.client.check_connection()).await,
+                Ok(Ok(()))
+            );
+            if ok {
+                conn.state.set_rollback_queued(false);
+                conn.last_used = SystemTime::now();
+                self.idle().push_back(conn);
+            } else {
+                self.discard(conn, reason);
+            }
+            drop(permit);
+        }
+    }
+
+    /// What a freeze may have broken, checked before an invocation gets a connection.
+    async fn freeze_check(&self, cut: Instant) {
+        // Let connection tasks take in what arrived while the environment was frozen
+        // (end-of-stream from a closed socket marks the client closed).
+        for _ in 0..2 {
+            tokio::task::yield_now().await;
+        }
+        let now = SystemTime::now();
+        let settings = &self.settings;
+        let suspect = |c: &Conn| {
+            c.stale(settings, now).is_some()
+                || settings
+                    .validate_idle_after
+                    .is_some_and(|after| c.idle_for(now) > after)
+        };
+        let taken = self.take_idle(suspect);
+        if taken.is_empty() {
+            return;
+        }
+        let mut check = Vec::new();
+        for (conn, permit) in taken {
+            if let Some(reason) = conn.stale(settings, now) {
+                self.discard(conn, reason);
+            } else if settings.freeze_check == FreezeCheck::Replace {
+                self.discard(conn, CloseReason::Stale);
+            } else {
+                check.push((conn, permit));
+            }
+        }
+        let bound = Bound::new(Some(settings.validate_timeout), Some(cut));
+        self.check_all(check, bound, CloseReason::Stale).await;
+    }
+
+    /// After an invocation: make sure queued ROLLBACKs reached the server, and trim.
+    async fn settle_after_invocation(&self) {
+        let queued = self.take_idle(|c| c.state.rollback_queued());
+        if !queued.is_empty() {
+            let bound = Bound::new(Some(self.settings.validate_timeout), None);
+            self.check_all(queued, bound, CloseReason::Broken).await;
+        }
+        if self.settings.trim_at_invocation_end {
+            let extra: Vec<Conn> = {
+                let mut idle = self.idle();
+                let extra = idle.len() - self.settings.min_idle.min(idle.len());
+                // The most recently used stay (they are popped first).
+                idle.drain(..extra).collect()
+            };
+            for conn in extra {
+                self.discard(conn, CloseReason::Trimmed);
+            }
+        }
     }
 
     /// A statement may pin `state`'s connection: refuse it under the strict policy, otherwise

@@ -22,9 +22,13 @@ pub enum CloseReason {
     TimedOut,
     /// The pool was closed.
     PoolClosed,
+    /// It failed (or, with `FreezeCheck::Replace`, skipped) the check at an invocation's start.
+    Stale,
+    /// Idle beyond `min_idle` when an invocation ended (`trim_at_invocation_end`).
+    Trimmed,
 }
 
-const REASONS: [CloseReason; 8] = [
+const REASONS: [CloseReason; 10] = [
     CloseReason::Broken,
     CloseReason::MaxLifetime,
     CloseReason::IdleTimeout,
@@ -33,6 +37,8 @@ const REASONS: [CloseReason; 8] = [
     CloseReason::UnknownState,
     CloseReason::TimedOut,
     CloseReason::PoolClosed,
+    CloseReason::Stale,
+    CloseReason::Trimmed,
 ];
 
 impl CloseReason {
@@ -52,6 +58,8 @@ impl CloseReason {
             CloseReason::UnknownState => "unknown_state",
             CloseReason::TimedOut => "timed_out",
             CloseReason::PoolClosed => "pool_closed",
+            CloseReason::Stale => "stale",
+            CloseReason::Trimmed => "trimmed",
         }
     }
 

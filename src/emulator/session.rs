@@ -303,6 +303,11 @@ impl Session {
                 if frame.tag == b'P' && self.parse_locally(&frame)? {
                     continue;
                 }
+                if frame.tag == b'S' && self.held.is_none() && !self.discard_until_sync {
+                    // A lone Sync (a client's connection check) needs no database connection.
+                    wire::ready(&mut self.to_client, b'I');
+                    continue;
+                }
                 if let Flow::Close = self.on_client(frame).await? {
                     return Ok(());
                 }

@@ -1,0 +1,142 @@
+//! The invocation scope: everything a Lambda invocation does with the pool is bounded by its
+//! deadline, and what it leaves behind is settled when it ends, before the environment
+//! freezes.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::conn::Conn;
+use crate::pool::PoolInner;
+use crate::status::CloseReason;
+
+tokio::task_local! {
+    static CURRENT: Invocation;
+}
+
+/// One invocation (one Lambda event) in progress: its deadline, and the pinned connections it
+/// keeps under [`PinPolicy::KeepForInvocation`](crate::PinPolicy::KeepForInvocation).
+///
+/// [`Pool::invocation`](crate::Pool::invocation) makes one current for the future it runs.
+/// Task-locals do not cross `tokio::spawn`: carry it into a spawned task with
+/// [`Invocation::scope`]. Several invocations may run at once in one process (Lambda Managed
+/// Instances); nothing here is global.
+#[derive(Clone)]
+pub struct Invocation(pub(crate) Arc<InvocationInner>);
+
+pub(crate) struct InvocationInner {
+    deadline: SystemTime,
+    pool: Arc<PoolInner>,
+    /// Pinned connections kept for this invocation; each still holds its pool slot.
+    stash: Mutex<Vec<Conn>>,
+    ended: AtomicBool,
+}
+
+impl Invocation {
+    pub(crate) fn new(pool: Arc<PoolInner>, deadline: SystemTime) -> Invocation {
+        Invocation(Arc::new(InvocationInner {
+            deadline,
+            pool,
+            stash: Mutex::new(Vec::new()),
+            ended: AtomicBool::new(false),
+        }))
+    }
+
+    /// The invocation the current task runs in, if any.
+    pub fn current() -> Option<Invocation> {
+        CURRENT.try_with(Invocation::clone).ok()
+    }
+
+    /// Its deadline (wall clock, as Lambda gives it).
+    pub fn deadline(&self) -> SystemTime {
+        self.0.deadline
+    }
+
+    /// The time left until the deadline (zero when it has passed).
+    pub fn remaining(&self) -> Duration {
+        self.0
+            .deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+    }
+
+    /// True once the invocation has ended.
+    pub fn has_ended(&self) -> bool {
+        self.0.ended.load(Relaxed)
+    }
+
+    /// Runs `fut` inside this invocation: for a task spawned by the handler,
+    /// `tokio::spawn(Invocation::current().unwrap().scope(work))`.
+    pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(self, fut)
+    }
+
+    pub(crate) fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(self.clone(), fut)
+    }
+
+    pub(crate) fn belongs_to(&self, pool: &Arc<PoolInner>) -> bool {
+        Arc::ptr_eq(&self.0.pool, pool)
+    }
+
+    /// Keeps a pinned connection for this invocation; hands it back if the invocation ended.
+    pub(crate) fn stash(&self, conn: Conn) -> Option<Conn> {
+        let mut stash = self.0.stash.lock().unwrap_or_else(|e| e.into_inner());
+        if self.has_ended() {
+            return Some(conn);
+        }
+        stash.push(conn);
+        None
+    }
+
+    /// A connection this invocation kept, if any (it still holds its slot).
+    pub(crate) fn take_stashed(&self) -> Option<Conn> {
+        self.0.stash.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Ends the invocation: closes the connections it kept. Synchronous, so it also runs when
+    /// the invocation's future is dropped.
+    pub(crate) fn end(&self) {
+        let kept: Vec<Conn> = {
+            let mut stash = self.0.stash.lock().unwrap_or_else(|e| e.into_inner());
+            self.0.ended.store(true, Relaxed);
+            stash.drain(..).collect()
+        };
+        for conn in kept {
+            self.0.pool.release_slot_of(conn, CloseReason::Pinned);
+        }
+    }
+}
+
+impl Drop for InvocationInner {
+    fn drop(&mut self) {
+        let kept: Vec<Conn> = self
+            .stash
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for conn in kept {
+            self.pool.release_slot_of(conn, CloseReason::Pinned);
+        }
+    }
+}
+
+/// Ends the invocation when dropped: the `invocation()` future may be dropped at any await.
+pub(crate) struct EndOnDrop(pub(crate) Invocation);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+impl std::fmt::Debug for Invocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invocation")
+            .field("deadline", &self.0.deadline)
+            .field("ended", &self.has_ended())
+            .finish()
+    }
+}

@@ -1,0 +1,274 @@
+//! The invocation scope: deadlines without passing them around, concurrent invocations,
+//! end-of-invocation work and the checks after a freeze.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{admin, builder, eventually};
+use pinpool::{CloseReason, Error, Invocation, PinPolicy, PooledClient, TimeoutCause};
+
+fn in_ms(ms: u64) -> SystemTime {
+    SystemTime::now() + Duration::from_millis(ms)
+}
+
+#[tokio::test]
+async fn the_deadline_reaches_gets_statements_and_spawned_tasks() {
+    let pool = builder("inv_deadline")
+        .deadline_margin(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let deadline = in_ms(1200);
+    let (own, spawned) = pool
+        .invocation(deadline, async {
+            let c = pool.get().await.unwrap();
+            let own = c.query("SELECT pg_sleep(5)", &[]).await.unwrap_err();
+            let inv = Invocation::current().expect("inside an invocation");
+            let p = pool.clone();
+            let spawned = tokio::spawn(inv.scope(async move {
+                let c = p.get().await?;
+                c.query("SELECT pg_sleep(5)", &[]).await.map(|_| ())
+            }))
+            .await
+            .unwrap()
+            .unwrap_err();
+            (own, spawned)
+        })
+        .await;
+    for err in [own, spawned] {
+        assert!(
+            matches!(
+                err,
+                Error::Timeout {
+                    cause: TimeoutCause::Deadline,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    assert!(
+        SystemTime::now() < deadline,
+        "everything stopped before the deadline"
+    );
+    assert!(Invocation::current().is_none());
+}
+
+#[tokio::test]
+async fn concurrent_invocations_keep_their_own_deadlines() {
+    let pool = builder("inv_concurrent").max_size(2).build().unwrap();
+    let short = pool.invocation(in_ms(700), async {
+        let c = pool.get().await?;
+        c.query("SELECT pg_sleep(3)", &[]).await.map(|_| ())
+    });
+    let long = pool.invocation(in_ms(10_000), async {
+        let c = pool.get().await?;
+        c.query("SELECT pg_sleep(1)", &[]).await.map(|_| ())
+    });
+    let t = Instant::now();
+    let (short, long) = tokio::join!(short, long);
+    assert!(short.unwrap_err().is_deadline());
+    long.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn a_dropped_transaction_has_rolled_back_on_the_server_when_the_invocation_ends() {
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS inv_rb_t; CREATE TABLE inv_rb_t (id int)")
+        .await
+        .unwrap();
+    let pool = builder("inv_rollback").max_size(1).build().unwrap();
+    pool.invocation(in_ms(10_000), async {
+        let mut c = pool.get().await.unwrap();
+        let tx = c.transaction().await.unwrap();
+        tx.execute("INSERT INTO inv_rb_t VALUES (1)", &[])
+            .await
+            .unwrap();
+        // Dropped without commit: tokio-postgres only queues the ROLLBACK.
+    })
+    .await;
+    // Nothing polls the connection from here on (as in a frozen environment), yet the server
+    // has already seen the rollback.
+    let states: Vec<String> = admin
+        .query(
+            "SELECT state FROM pg_stat_activity WHERE application_name = 'inv_rollback'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(states, ["idle"]);
+    assert_eq!(pool.status().idle, 1);
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM inv_rb_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    admin.batch_execute("DROP TABLE inv_rb_t").await.unwrap();
+}
+
+#[tokio::test]
+async fn the_pool_closes_connections_found_stale_after_a_freeze() {
+    let admin = admin().await;
+    let pool = builder("inv_stale")
+        .validate_idle_after(Some(Duration::from_millis(100)))
+        .build()
+        .unwrap();
+    pool.invocation(in_ms(5000), async {
+        pool.get()
+            .await
+            .unwrap()
+            .query("SELECT 1", &[])
+            .await
+            .unwrap();
+    })
+    .await;
+    // The connection dies while nothing runs.
+    assert_eq!(common::kill_backends(&admin, "inv_stale").await, 1);
+    assert!(
+        eventually(5, || async {
+            common::backends(&admin, "inv_stale").await.is_empty()
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ok = pool
+        .invocation(in_ms(5000), async {
+            let c = pool.get().await?;
+            c.query_one("SELECT 1", &[]).await.map(|_| ())
+        })
+        .await;
+    ok.expect("a connection killed during the freeze does not fail the invocation");
+    let s = pool.status();
+    assert_eq!(
+        s.closed.get(CloseReason::Broken) + s.closed.get(CloseReason::Stale),
+        1,
+        "{s:?}"
+    );
+}
+
+#[cfg(feature = "emulator")]
+mod through_the_emulator {
+    use super::*;
+    use pinpool::emulator::{Emulator, EmulatorConfig};
+
+    async fn emulator(app: &str, f: impl FnOnce(EmulatorConfig) -> EmulatorConfig) -> Emulator {
+        Emulator::start(f(EmulatorConfig::new(common::database_url())
+            .max_connections(4)
+            .application_name(app)))
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pinned_connections_are_kept_for_the_invocation_and_closed_at_its_end() {
+        let emu = emulator("inv_keep", |c| c).await;
+        let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
+            .pin_policy(PinPolicy::KeepForInvocation)
+            .build()
+            .unwrap();
+        pool.invocation(in_ms(10_000), async {
+            let c = pool.get().await.unwrap();
+            c.batch_execute("SET work_mem = '12MB'").await.unwrap();
+            let pid: i32 = c
+                .query_one_scalar("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap();
+            drop(c);
+            assert_eq!(emu.counters().pinned_now, 1);
+            let c = pool.get().await.unwrap();
+            let again: i32 = c
+                .query_one_scalar("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap();
+            assert_eq!(
+                pid, again,
+                "the pinned connection came back within its invocation"
+            );
+            assert!(PooledClient::pin_state(&c).is_pinned());
+        })
+        .await;
+        assert!(
+            eventually(5, || async { emu.counters().pinned_now == 0 }).await,
+            "{:?}",
+            emu.counters()
+        );
+        assert_eq!(pool.status().closed.get(CloseReason::Pinned), 1);
+        common::assert_quiet(&pool);
+
+        // A dropped invocation future closes what it kept, too.
+        let fut = pool.invocation(in_ms(10_000), async {
+            let c = pool.get().await.unwrap();
+            c.batch_execute("SET work_mem = '12MB'").await.unwrap();
+            drop(c);
+            std::future::pending::<()>().await;
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
+        assert!(eventually(5, || async { emu.counters().pinned_now == 0 }).await);
+        assert_eq!(pool.status().closed.get(CloseReason::Pinned), 2);
+        common::assert_quiet(&pool);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_proxy_closed_for_idleness_is_replaced() {
+        let emu = emulator("inv_idle", |c| {
+            c.idle_client_timeout(Duration::from_millis(300))
+        })
+        .await;
+        let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            pool.invocation(in_ms(5000), async {
+                let c = pool.get().await.unwrap();
+                c.query_one("SELECT 1", &[]).await.unwrap();
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        assert_eq!(emu.counters().idle_client_closes, 2);
+        assert_eq!(pool.status().opened, 2);
+    }
+
+    #[tokio::test]
+    async fn a_silent_half_open_connection_fails_before_the_deadline() {
+        let emu = emulator("inv_silent", |c| c).await;
+        let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
+            .validate_idle_after(Some(Duration::from_millis(50)))
+            .build()
+            .unwrap();
+        pool.invocation(in_ms(5000), async {
+            pool.get()
+                .await
+                .unwrap()
+                .query_one("SELECT 1", &[])
+                .await
+                .unwrap();
+        })
+        .await;
+        emu.set_silent(true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let deadline = in_ms(2000);
+        let r = pool
+            .invocation(deadline, async {
+                let c = pool.get().await?;
+                c.query_one("SELECT 1", &[]).await.map(|_| ())
+            })
+            .await;
+        let err = r.unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+        let late = SystemTime::now()
+            .duration_since(deadline)
+            .unwrap_or_default();
+        assert!(
+            late <= Duration::from_millis(250),
+            "answered {late:?} after the deadline"
+        );
+        emu.set_silent(false);
+    }
+}
