@@ -72,6 +72,13 @@ impl Invocation {
         CURRENT.scope(self, fut)
     }
 
+    /// Runs a synchronous function inside this invocation (a service's `call`, which may run
+    /// handler code before returning its future).
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+    pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self.clone(), f)
+    }
+
     pub(crate) fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
         CURRENT.scope(self.clone(), fut)
     }

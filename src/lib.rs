@@ -10,6 +10,8 @@ mod deadline;
 pub mod emulator;
 mod error;
 mod invocation;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod metrics;
 pub mod pinning;
 mod pool;

@@ -129,8 +129,23 @@ impl Pool {
         fut: F,
     ) -> F::Output {
         let inv = Invocation::new(self.inner.clone(), deadline);
+        self.run_invocation(inv, fut).await
+    }
+
+    /// A new invocation of this pool, for integrations that must enter it before they have
+    /// the future to run (the Lambda layer).
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+    pub(crate) fn new_invocation(&self, deadline: SystemTime) -> Invocation {
+        Invocation::new(self.inner.clone(), deadline)
+    }
+
+    pub(crate) async fn run_invocation<F: std::future::Future>(
+        &self,
+        inv: Invocation,
+        fut: F,
+    ) -> F::Output {
         let end = EndOnDrop(inv.clone());
-        let cut = cutoff(deadline, self.inner.settings.deadline_margin);
+        let cut = cutoff(inv.deadline(), self.inner.settings.deadline_margin);
         self.inner.freeze_check(cut).await;
         let out = inv.run(fut).await;
         drop(end);
@@ -256,6 +271,15 @@ impl Pool {
         let drained: Vec<Conn> = inner.idle().drain(..).collect();
         for conn in drained {
             inner.discard(conn, CloseReason::PoolClosed);
+        }
+    }
+
+    /// Closes every idle connection now (checked-out ones are unaffected). For a SnapStart
+    /// snapshot, or before a long pause.
+    pub fn close_idle(&self) {
+        let drained: Vec<Conn> = self.inner.idle().drain(..).collect();
+        for conn in drained {
+            self.inner.discard(conn, CloseReason::Stale);
         }
     }
 

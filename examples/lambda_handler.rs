@@ -1,0 +1,105 @@
+//! An API Gateway HTTP API (payload 2.0) handler doing the incident's workload, a read then a
+//! write, through pinpool's Lambda layer, with the pool's metrics flushed to CloudWatch as EMF
+//! at the end of every invocation.
+//!
+//! Reads `DATABASE_URL`; creates its table if missing. Answers 200 `{"ok": true, ...}`; on a
+//! pinpool timeout, deadline or connect error, 503 with a JSON error body before the deadline
+//! (instead of timing out into API Gateway's opaque 502). `?pin=1` runs a pinning statement
+//! first (a `SET`), to watch pinpool close that connection when the invocation ends.
+//!
+//! Build for Lambda (`provided.al2023`): `cargo lambda build --release --features lambda
+//! --example lambda_handler`, or see the README.
+
+use lambda_http::{Body, Error, Request, Response, service_fn};
+use metrics_cloudwatch_embedded::lambda::MetricsLayer;
+use pinpool::Pool;
+use pinpool::lambda::{PoolLayer, SnapStart};
+
+const TABLE: &str = "CREATE TABLE IF NOT EXISTS pinpool_visits (id bigserial PRIMARY KEY, path text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
+
+fn json(status: u16, body: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("a valid response")
+}
+
+async fn work(pool: &Pool, path: &str, pin: bool) -> Result<i64, pinpool::Error> {
+    let client = pool.get().await?; // bounded by the invocation's deadline
+    if pin {
+        client
+            .batch_execute("SET application_name = 'pinned-by-handler'")
+            .await?;
+    }
+    let before: i64 = client
+        .query_one_scalar(
+            "SELECT count(*) FROM pinpool_visits WHERE path = $1",
+            &[&path],
+        )
+        .await?;
+    client
+        .execute("INSERT INTO pinpool_visits (path) VALUES ($1)", &[&path])
+        .await?;
+    Ok(before + 1)
+}
+
+async fn handle(pool: Pool, req: Request) -> Result<Response<Body>, Error> {
+    let path = req.uri().path().to_string();
+    let pin = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "pin=1"));
+    Ok(match work(&pool, &path, pin).await {
+        Ok(visits) => json(
+            200,
+            serde_json::json!({"ok": true, "path": path, "visits": visits}),
+        ),
+        Err(e)
+            if e.is_timeout()
+                || e.is_proxy_borrow_timeout()
+                || matches!(e, pinpool::Error::Connect(_)) =>
+        {
+            json(
+                503,
+                serde_json::json!({"ok": false, "error": e.to_string()}),
+            )
+        }
+        Err(e) => json(
+            500,
+            serde_json::json!({"ok": false, "error": e.to_string()}),
+        ),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    // Logs go to stderr: stdout carries the EMF documents.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".into());
+    let metrics = metrics_cloudwatch_embedded::Builder::new()
+        .cloudwatch_namespace("pinpool")
+        .with_dimension("function", function)
+        .init()?;
+    pinpool::metrics::describe();
+
+    let url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
+    let pool = Pool::builder(url.as_str())
+        .max_size(2)
+        .min_idle(1)
+        .build()?;
+    // INIT: open a connection while it costs nothing, and create the table.
+    pool.warm_up().await?;
+    pool.get().await?.batch_execute(TABLE).await?;
+
+    let handler_pool = pool.clone();
+    lambda_http::runtime(service_fn(move |req| handle(handler_pool.clone(), req)))
+        .layer(PoolLayer::new(pool.clone()))
+        .layer(MetricsLayer::new(metrics))
+        .register_snapstart_resource(std::sync::Arc::new(SnapStart::new(pool)))
+        .run()
+        .await
+}

@@ -1,0 +1,294 @@
+//! End to end with the real `lambda_runtime` client: the example handler runs as a child
+//! process against a local Lambda Runtime API, through the emulator, frozen between
+//! invocations with SIGSTOP/SIGCONT.
+#![cfg(all(feature = "lambda", feature = "emulator"))]
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pinpool::emulator::{Emulator, EmulatorConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, mpsc};
+
+/// What the handler posted for one invocation.
+#[derive(Debug)]
+struct Posted {
+    request_id: String,
+    kind: String,
+    body: String,
+    at: SystemTime,
+}
+
+struct RuntimeApi {
+    port: u16,
+    events: mpsc::Sender<(String, u64, String)>,
+    posted: mpsc::Receiver<Posted>,
+}
+
+async fn read_request(r: &mut BufReader<TcpStream>) -> Option<(String, String, Vec<u8>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let (mut len, mut chunked) = (0usize, false);
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).await.ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        match k.to_ascii_lowercase().as_str() {
+            "content-length" => len = v.trim().parse().ok()?,
+            "transfer-encoding" => chunked = v.to_ascii_lowercase().contains("chunked"),
+            _ => {}
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).await.ok()?;
+            let n = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        body.resize(len, 0);
+        r.read_exact(&mut body).await.ok()?;
+    }
+    Some((method, path, body))
+}
+
+/// A Lambda Runtime API on loopback: `/next` hands out the test's events one at a time.
+async fn runtime_api() -> RuntimeApi {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (events_tx, events_rx) = mpsc::channel::<(String, u64, String)>(16);
+    let (posted_tx, posted_rx) = mpsc::channel::<Posted>(16);
+    let events = Arc::new(Mutex::new(events_rx));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (events, posted) = (events.clone(), posted_tx.clone());
+            tokio::spawn(async move {
+                let mut r = BufReader::new(stream);
+                while let Some((method, path, body)) = read_request(&mut r).await {
+                    let reply = if method == "GET" && path.ends_with("/runtime/invocation/next") {
+                        let Some((id, deadline, event)) = events.lock().await.recv().await else {
+                            return;
+                        };
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: {id}\r\nLambda-Runtime-Deadline-Ms: {deadline}\r\nLambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:eu-west-1:123456789012:function:pinpool-e2e\r\nContent-Length: {}\r\n\r\n{event}",
+                            event.len()
+                        )
+                    } else {
+                        let segments: Vec<&str> = path.split('/').collect();
+                        let kind = segments.last().copied().unwrap_or_default().to_string();
+                        let request_id = segments
+                            .get(segments.len().saturating_sub(2))
+                            .copied()
+                            .unwrap_or_default()
+                            .to_string();
+                        let body = String::from_utf8_lossy(&body).to_string();
+                        let _ = posted
+                            .send(Posted {
+                                request_id,
+                                kind,
+                                body,
+                                at: SystemTime::now(),
+                            })
+                            .await;
+                        "HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n".to_string()
+                    };
+                    if r.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    RuntimeApi {
+        port,
+        events: events_tx,
+        posted: posted_rx,
+    }
+}
+
+/// An API Gateway HTTP API (payload 2.0) event.
+fn event(path: &str, query: &str, id: &str) -> String {
+    serde_json::json!({
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": {"host": "api.example.com", "user-agent": "e2e"},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "api",
+            "domainName": "api.example.com",
+            "domainPrefix": "api",
+            "http": {"method": "GET", "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "e2e"},
+            "requestId": id,
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "26/Nov/2026:12:00:00 +0000",
+            "timeEpoch": 1_795_000_000_000u64
+        },
+        "isBase64Encoded": false
+    })
+    .to_string()
+}
+
+fn handler_binary() -> std::path::PathBuf {
+    // tests run from target/<profile>/deps; `cargo test` builds the examples beside them.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("lambda_handler");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with --all-features",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test]
+async fn the_example_handler_answers_every_invocation_before_its_deadline_across_freezes() {
+    let emu = Emulator::start(
+        EmulatorConfig::new(common::database_url())
+            .max_connections(4)
+            .idle_client_timeout(Duration::from_millis(400))
+            .application_name("e2e_lambda"),
+    )
+    .await
+    .unwrap();
+    let mut api = runtime_api().await;
+    let mut child = tokio::process::Command::new(handler_binary())
+        .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
+        .env("AWS_LAMBDA_FUNCTION_NAME", "pinpool-e2e")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("DATABASE_URL", emu.url("postgres", "postgres"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            out.push(line);
+        }
+        out
+    });
+    let pid = child.id().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    let cases = [("/a", "", false), ("/b", "", true), ("/c", "pin=1", false)];
+    for (n, (path, query, after_freeze)) in cases.iter().enumerate() {
+        if *after_freeze {
+            // Frozen longer than the proxy's idle client timeout: the pool's idle connection
+            // is closed by the proxy meanwhile.
+            signal("-STOP");
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            signal("-CONT");
+            assert!(
+                emu.counters().idle_client_closes >= 1,
+                "the freeze outlasted the idle timeout"
+            );
+        }
+        let id = format!("req-{n}");
+        let deadline = SystemTime::now() + Duration::from_secs(5);
+        let deadline_ms = deadline.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        api.events
+            .send((id.clone(), deadline_ms, event(path, query, &id)))
+            .await
+            .unwrap();
+        let posted = tokio::time::timeout(Duration::from_secs(15), api.posted.recv())
+            .await
+            .expect("the handler answered")
+            .unwrap();
+        assert_eq!(
+            (posted.request_id.as_str(), posted.kind.as_str()),
+            (id.as_str(), "response"),
+            "{posted:?}"
+        );
+        assert!(posted.at < deadline, "answered after the deadline");
+        let response: serde_json::Value = serde_json::from_str(&posted.body).unwrap();
+        assert_eq!(response["statusCode"], 200, "{response}");
+        let body: serde_json::Value =
+            serde_json::from_str(response["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["ok"], true, "{body}");
+        if query.contains("pin=1") {
+            // The pinned connection is closed when its invocation ends.
+            let unpinned = common::eventually(5, || async { emu.counters().pinned_now == 0 }).await;
+            assert!(
+                unpinned && emu.counters().peak_pinned >= 1,
+                "{:?}",
+                emu.counters()
+            );
+        }
+    }
+
+    // Let the last flush reach stdout, then stop the child.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().await.unwrap();
+    let lines = lines.await.unwrap();
+    let docs: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("invalid JSON {l}: {e}")))
+        .collect();
+    assert!(
+        docs.len() >= 3,
+        "one EMF document per invocation: {lines:?}"
+    );
+    let mut names = Vec::new();
+    for doc in &docs {
+        let directive = &doc["_aws"]["CloudWatchMetrics"][0];
+        assert!(doc["_aws"]["Timestamp"].is_u64(), "{doc}");
+        assert_eq!(directive["Namespace"], "pinpool", "{doc}");
+        for m in directive["Metrics"].as_array().unwrap() {
+            let name = m["Name"].as_str().unwrap();
+            assert!(!doc[name].is_null(), "{name} has no value in {doc}");
+            names.push(name.to_string());
+        }
+    }
+    for expected in [
+        "pinpool_acquire_wait",
+        "pinpool_connections_closed",
+        "pinpool_pinned",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+}
