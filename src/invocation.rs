@@ -79,6 +79,14 @@ impl Invocation {
         CURRENT.sync_scope(self.clone(), f)
     }
 
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+    pub(crate) fn into_scope<F: Future>(
+        self,
+        fut: F,
+    ) -> tokio::task::futures::TaskLocalFuture<Invocation, F> {
+        CURRENT.scope(self, fut)
+    }
+
     pub(crate) fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
         CURRENT.scope(self.clone(), fut)
     }

@@ -26,16 +26,55 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
 
 use lambda_runtime::tower::{Layer, Service};
 use lambda_runtime::{BoxFuture, LambdaInvocation, SnapStartResource};
 
-/// The future of one invocation. Not `Send`: `Runtime::run` polls invocations one at a time
-/// on its own task, and its inner services' futures are not `Send` either.
-pub type InvocationFuture = Pin<Box<dyn Future<Output = Result<(), lambda_runtime::Error>>>>;
+pin_project! {
+    /// The future of one invocation: the freeze checks, the inner service's future inside the
+    /// invocation scope, then the end-of-invocation work. `Send` when the inner future is, so
+    /// `Runtime::run_concurrent` (Lambda Managed Instances) works too.
+    pub struct PoolFuture<F: Future> {
+        pool: Pool,
+        check: Option<crate::BoxFuture<'static, ()>>,
+        #[pin]
+        run: TaskLocalFuture<Invocation, F>,
+        end: Option<EndOnDrop>,
+        settle: Option<crate::BoxFuture<'static, ()>>,
+        out: Option<F::Output>,
+    }
+}
+
+impl<F: Future> Future for PoolFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Some(check) = this.check.as_mut() {
+            ready!(check.as_mut().poll(cx));
+            *this.check = None;
+        }
+        if this.out.is_none() {
+            let out = ready!(this.run.poll(cx));
+            *this.out = Some(out);
+            // Ends the invocation: the pinned connections it kept close now.
+            drop(this.end.take());
+            *this.settle = Some(this.pool.settle_owned());
+        }
+        if let Some(settle) = this.settle.as_mut() {
+            ready!(settle.as_mut().poll(cx));
+            *this.settle = None;
+        }
+        Poll::Ready(this.out.take().expect("PoolFuture polled after completion"))
+    }
+}
 
 use crate::Pool;
+use crate::invocation::{EndOnDrop, Invocation};
 
 /// The `lambda_runtime` layer: runs every invocation in [`Pool::invocation`] with the
 /// invocation's deadline.
@@ -72,22 +111,28 @@ pub struct PoolService<S> {
 impl<S> Service<LambdaInvocation> for PoolService<S>
 where
     S: Service<LambdaInvocation, Response = (), Error = lambda_runtime::Error>,
-    S::Future: 'static,
 {
     type Response = ();
     type Error = lambda_runtime::Error;
-    type Future = InvocationFuture;
+    type Future = PoolFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: LambdaInvocation) -> Self::Future {
-        let inv = self.pool.new_invocation(req.context.deadline());
+        let deadline = req.context.deadline();
+        let inv = self.pool.new_invocation(deadline);
         // Handler code may run inside `call`: it runs in the invocation too.
         let fut = inv.sync_scope(|| self.inner.call(req));
-        let pool = self.pool.clone();
-        Box::pin(async move { pool.run_invocation(inv, fut).await })
+        PoolFuture {
+            check: Some(self.pool.freeze_check_owned(deadline)),
+            pool: self.pool.clone(),
+            end: Some(EndOnDrop(inv.clone())),
+            run: inv.into_scope(fut),
+            settle: None,
+            out: None,
+        }
     }
 }
 
@@ -114,5 +159,18 @@ impl SnapStartResource for SnapStart {
     fn after_restore(&self) -> BoxFuture<'_, Result<(), lambda_runtime::Error>> {
         self.pool.close_idle();
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>() {}
+
+    #[test]
+    fn the_invocation_future_is_send_when_the_inner_one_is() {
+        // What Runtime::run_concurrent requires of a layer's future.
+        is_send::<PoolFuture<std::future::Ready<Result<(), lambda_runtime::Error>>>>();
     }
 }

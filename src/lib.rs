@@ -1,4 +1,10 @@
-#![doc = include_str!("../README.md")]
+// The README's examples use the Lambda integration: they are the crate docs (and compiled as
+// doctests) when it is built.
+#![cfg_attr(feature = "lambda", doc = include_str!("../README.md"))]
+#![cfg_attr(
+    not(feature = "lambda"),
+    doc = "An async PostgreSQL pool for AWS Lambda behind RDS Proxy. The full documentation, the README, is built with `--all-features`."
+)]
 #![deny(missing_docs)]
 
 mod client;

@@ -139,6 +139,21 @@ impl Pool {
         Invocation::new(self.inner.clone(), deadline)
     }
 
+    /// The start-of-invocation checks as an owned, sendable future.
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+    pub(crate) fn freeze_check_owned(&self, deadline: SystemTime) -> crate::BoxFuture<'static, ()> {
+        let pool = self.clone();
+        let cut = cutoff(deadline, self.inner.settings.deadline_margin);
+        Box::pin(async move { pool.inner.freeze_check(cut).await })
+    }
+
+    /// The after-invocation work as an owned, sendable future.
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+    pub(crate) fn settle_owned(&self) -> crate::BoxFuture<'static, ()> {
+        let pool = self.clone();
+        Box::pin(async move { pool.inner.settle_after_invocation().await })
+    }
+
     pub(crate) async fn run_invocation<F: std::future::Future>(
         &self,
         inv: Invocation,
