@@ -6,8 +6,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Buf;
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::time::Instant;
-use tokio_postgres::error::Severity;
+
+use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
 
@@ -130,28 +132,148 @@ struct Ctx<'a> {
 }
 
 /// Checks and runs a statement argument with `$run` (`run` or `open`), binding `$s` to the
-/// SQL text or the prepared tokio-postgres statement.
+/// prepared tokio-postgres statement (from the connection's cache for SQL text) or, with the
+/// cache off, to the SQL text. A cached statement the server calls stale (changed by DDL) is
+/// dropped from the cache and, outside a transaction, prepared and run once more; `once`
+/// skips that retry, for calls whose parameters can be used only once.
 macro_rules! dispatch {
     ($ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
         let ctx = $ctx;
         match $stmt.__statement() {
-            StatementRef::Text(sql) => {
-                let txn = ctx.g.check(sql, None, Protocol::Parse)?;
-                let $s = sql;
-                dispatch!(@$run ctx, txn, $call)
-            }
-            StatementRef::Prepared(p) => {
-                let txn = ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
-                let $s = &p.inner;
-                dispatch!(@$run ctx, txn, $call)
-            }
+            StatementRef::Text(sql) => match ctx.cached(sql).await? {
+                Some(p) => {
+                    let txn = ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
+                    let first = {
+                        let $s = &p.inner;
+                        dispatch!(@$run ctx, txn, $call)
+                    };
+                    match first {
+                        Err(e) if ctx.drop_stale(sql, &e) => {
+                            let p = ctx.cached(sql).await?.ok_or(e)?;
+                            let $s = &p.inner;
+                            dispatch!(@$run ctx, txn, $call)
+                        }
+                        r => r,
+                    }
+                }
+                None => dispatch!(@text ctx, sql, $run, |$s| $call),
+            },
+            StatementRef::Prepared(p) => dispatch!(@prepared ctx, p, $run, |$s| $call),
         }
+    }};
+    (once $ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
+        let ctx = $ctx;
+        match $stmt.__statement() {
+            StatementRef::Text(sql) => match ctx.cached(sql).await? {
+                Some(p) => dispatch!(@prepared ctx, (&p), $run, |$s| $call),
+                None => dispatch!(@text ctx, sql, $run, |$s| $call),
+            },
+            StatementRef::Prepared(p) => dispatch!(@prepared ctx, p, $run, |$s| $call),
+        }
+    }};
+    (@text $ctx:ident, $sql:ident, $run:ident, |$s:ident| $call:expr) => {{
+        let txn = $ctx.g.check($sql, None, Protocol::Parse)?;
+        let $s = $sql;
+        dispatch!(@$run $ctx, txn, $call)
+    }};
+    (@prepared $ctx:ident, $p:expr, $run:ident, |$s:ident| $call:expr) => {{
+        let p: &Statement = $p;
+        let txn = $ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
+        let $s = &p.inner;
+        dispatch!(@$run $ctx, txn, $call)
     }};
     (@run $ctx:ident, $txn:ident, $call:expr) => { $ctx.g.run($txn, $call).await };
     (@open $ctx:ident, $txn:ident, $call:expr) => { $ctx.g.open($txn, $call).await };
 }
 
+/// True for the server's word that a prepared statement no longer fits (DDL changed its
+/// result type) or no longer exists.
+fn is_stale(e: &Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => {
+            *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
+                || (*db.code() == SqlState::FEATURE_NOT_SUPPORTED
+                    && db.message().contains("cached plan"))
+        }
+        None => false,
+    }
+}
+
 impl<'a> Ctx<'a> {
+    /// The connection's prepared statement for `sql`, preparing and caching it on a miss;
+    /// `None` when the cache is off.
+    async fn cached(self, sql: &str) -> Result<Option<Statement>, Error> {
+        let settings = &self.g.pool.settings;
+        if settings.statement_cache_capacity == 0 {
+            return Ok(None);
+        }
+        let counters = &self.g.pool.counters;
+        let hit = self
+            .g
+            .state
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sql);
+        if let Some(stmt) = hit {
+            counters.cache_hits.fetch_add(1, Relaxed);
+            crate::metrics::cache("hit", 1);
+            return Ok(Some(stmt));
+        }
+        if settings.pin_policy == crate::PinPolicy::Refuse
+            && !settings
+                .pin_rules
+                .pinning_reasons(&classify(sql), Protocol::Execute)
+                .is_empty()
+        {
+            // Refused without sending anything, not even the Parse.
+            return Ok(None);
+        }
+        counters.cache_misses.fetch_add(1, Relaxed);
+        crate::metrics::cache("miss", 1);
+        let stmt = self.prepare_typed(sql, &[]).await?;
+        let evicted = self
+            .g
+            .state
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                stmt.clone(),
+                settings.statement_cache_capacity,
+                settings.statement_cache_bytes,
+            );
+        if !evicted.is_empty() {
+            counters
+                .cache_evictions
+                .fetch_add(evicted.len() as u64, Relaxed);
+            crate::metrics::cache("eviction", evicted.len() as u64);
+        }
+        // Dropping the evicted statements sends their protocol Close.
+        drop(evicted);
+        Ok(Some(stmt))
+    }
+
+    /// Drops a stale statement from the cache; true when running it again makes sense.
+    fn drop_stale(self, sql: &str, e: &Error) -> bool {
+        if !is_stale(e) {
+            return false;
+        }
+        drop(
+            self.g
+                .state
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(sql),
+        );
+        tracing::debug!(
+            connection = self.g.state.id,
+            "pinpool: a cached statement went stale; prepared again"
+        );
+        !self.g.state.in_transaction()
+    }
+
     async fn prepare_typed(self, query: &str, types: &[Type]) -> Result<Statement, Error> {
         // Preparing sends a Parse, which pins only under the legacy rules; what the SQL itself
         // does is checked each time the statement is executed.
@@ -232,7 +354,8 @@ impl<'a> Ctx<'a> {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        let (s, bound, f) = dispatch!(self, statement, open, |s| self.client.query_raw(s, params))?;
+        let (s, bound, f) =
+            dispatch!(once self, statement, open, |s| self.client.query_raw(s, params))?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
 
@@ -308,7 +431,7 @@ impl<'a> Ctx<'a> {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        dispatch!(self, statement, run, |s| self.client.execute_raw(s, params))
+        dispatch!(once self, statement, run, |s| self.client.execute_raw(s, params))
     }
 
     async fn copy_in<T, U>(self, statement: &T) -> Result<CopyInSink<'a, U>, Error>
@@ -316,7 +439,7 @@ impl<'a> Ctx<'a> {
         T: ?Sized + ToStatement,
         U: Buf + 'static + Send,
     {
-        let (s, bound, f) = dispatch!(self, statement, open, |s| self.client.copy_in(s))?;
+        let (s, bound, f) = dispatch!(once self, statement, open, |s| self.client.copy_in(s))?;
         Ok(CopyInSink::new(s, bound, self.g.state, f))
     }
 
@@ -324,7 +447,7 @@ impl<'a> Ctx<'a> {
         self,
         statement: &T,
     ) -> Result<CopyOutStream<'a>, Error> {
-        let (s, bound, f) = dispatch!(self, statement, open, |s| self.client.copy_out(s))?;
+        let (s, bound, f) = dispatch!(once self, statement, open, |s| self.client.copy_out(s))?;
         Ok(CopyOutStream::new(s, bound, self.g.state, f))
     }
 
@@ -358,6 +481,20 @@ macro_rules! statement_methods {
         /// The server's error, a timeout, or [`Error::PinRefused`](crate::Error::PinRefused).
         pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
             self.ctx().prepare_typed(query, &[]).await
+        }
+
+        /// The connection's cached prepared statement for `query`, prepared and cached on a
+        /// miss (as the `&str` methods do); a plain [`prepare`](Self::prepare) when the cache
+        /// is off.
+        ///
+        /// # Errors
+        /// As [`prepare`](Self::prepare).
+        pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+            let ctx = self.ctx();
+            match ctx.cached(query).await? {
+                Some(stmt) => Ok(stmt),
+                None => ctx.prepare_typed(query, &[]).await,
+            }
         }
 
         /// Prepares a statement with the given parameter types.
@@ -889,7 +1026,7 @@ impl<'a> Transaction<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let inner = &self.inner;
-        dispatch!(self.ctx(), statement, run, |s| inner.bind_raw(s, params))
+        dispatch!(once self.ctx(), statement, run, |s| inner.bind_raw(s, params))
     }
 
     /// Reads up to `max_rows` rows from a portal (0: all).

@@ -181,6 +181,8 @@ pub(crate) struct Settings {
     pub(crate) validate_idle_after: Option<Duration>,
     pub(crate) validate_timeout: Duration,
     pub(crate) trim_at_invocation_end: bool,
+    pub(crate) statement_cache_capacity: usize,
+    pub(crate) statement_cache_bytes: usize,
 }
 
 impl fmt::Debug for Settings {
@@ -202,6 +204,8 @@ impl fmt::Debug for Settings {
             .field("validate_idle_after", &self.validate_idle_after)
             .field("validate_timeout", &self.validate_timeout)
             .field("trim_at_invocation_end", &self.trim_at_invocation_end)
+            .field("statement_cache_capacity", &self.statement_cache_capacity)
+            .field("statement_cache_bytes", &self.statement_cache_bytes)
             .finish()
     }
 }
@@ -222,6 +226,8 @@ impl fmt::Debug for Settings {
 /// | `pin_policy` | `CloseOnReturn` | a pinned connection never sits idle while the environment is frozen |
 /// | `pin_rules` | today's AWS rules | see [`crate::pinning`] |
 /// | `freeze_check` | `Validate` | an invocation checks connections idle longer than `validate_idle_after` (5 s) with a round trip bounded by `validate_timeout` (1 s) |
+/// | `statement_cache_capacity` | 100 | one round trip per repeated query, without pinning |
+/// | `statement_cache_bytes` | 256 KiB | bounds the cache's memory |
 /// | `trim_at_invocation_end` | false | idle unpinned connections hold no database connection behind RDS Proxy |
 #[must_use = "a builder does nothing until build() is called"]
 pub struct Builder {
@@ -246,6 +252,8 @@ struct SettingsDraft {
     validate_idle_after: Option<Duration>,
     validate_timeout: Duration,
     trim_at_invocation_end: bool,
+    statement_cache_capacity: usize,
+    statement_cache_bytes: usize,
 }
 
 impl Builder {
@@ -267,6 +275,8 @@ impl Builder {
                 validate_idle_after: Some(Duration::from_secs(5)),
                 validate_timeout: Duration::from_secs(1),
                 trim_at_invocation_end: false,
+                statement_cache_capacity: 100,
+                statement_cache_bytes: 256 * 1024,
             },
             connector: None,
             password: None,
@@ -394,6 +404,19 @@ impl Builder {
         self
     }
 
+    /// How many prepared statements each connection keeps for the `&str` statement methods
+    /// (least recently used first out); 0 turns the cache off. Default 100.
+    pub fn statement_cache_capacity(mut self, n: usize) -> Self {
+        self.settings.statement_cache_capacity = n;
+        self
+    }
+
+    /// The most SQL text, in bytes, each connection's statement cache holds. Default 256 KiB.
+    pub fn statement_cache_bytes(mut self, n: usize) -> Self {
+        self.settings.statement_cache_bytes = n;
+        self
+    }
+
     /// Validates every option and creates the pool. Opens no connection.
     ///
     /// # Errors
@@ -486,6 +509,8 @@ impl Builder {
             validate_idle_after: s.validate_idle_after,
             validate_timeout: s.validate_timeout,
             trim_at_invocation_end: s.trim_at_invocation_end,
+            statement_cache_capacity: s.statement_cache_capacity,
+            statement_cache_bytes: s.statement_cache_bytes,
         };
         Ok(Pool::from_parts(settings, connector, password))
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use tokio::task::AbortHandle;
 use tokio_postgres::Client;
 
+use crate::cache::StatementCache;
 use crate::config::{PinPolicy, Settings};
 use crate::connect::ConnectionFuture;
 use crate::pinning::{Reasons, TxnControl};
@@ -69,6 +70,8 @@ pub(crate) struct ConnState {
     pinned: AtomicU16,
     first_pin: Mutex<Option<Box<str>>>,
     task: Arc<TaskSlot>,
+    /// Prepared statements of this connection, by SQL; dies with it.
+    pub(crate) cache: Mutex<StatementCache>,
 }
 
 impl ConnState {
@@ -147,6 +150,12 @@ impl ConnState {
         Reasons::from_bits(reasons.bits() & !before.bits())
     }
 
+    /// True inside a transaction (or when unsure): a failed statement has aborted it, so
+    /// retrying is pointless.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.flags.load(Relaxed) & (TXN_TEXT | UNKNOWN | TXN_OBJECT) != 0
+    }
+
     pub(crate) fn pinned(&self) -> Reasons {
         Reasons::from_bits(self.pinned.load(Relaxed))
     }
@@ -214,6 +223,7 @@ impl Conn {
                 pinned: AtomicU16::new(0),
                 first_pin: Mutex::new(None),
                 task: spawn_connection(connection, id),
+                cache: Mutex::new(StatementCache::default()),
             },
             created: now,
             last_used: now,

@@ -7,6 +7,7 @@
 )]
 #![deny(missing_docs)]
 
+mod cache;
 mod client;
 mod config;
 mod conn;

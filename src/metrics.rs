@@ -12,6 +12,7 @@
 //! | `pinpool_connections_idle` | gauge | count | |
 //! | `pinpool_pinned` | counter | count | `reason` ([`crate::pinning::Reason`]) |
 //! | `pinpool_statements_refused` | counter | count | `reason` |
+//! | `pinpool_statement_cache` | counter | count | `result` (hit, miss, eviction) |
 
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub const CONNECTIONS_IDLE: &str = "pinpool_connections_idle";
 pub const PINNED: &str = "pinpool_pinned";
 /// Statements refused by the strict pin policy, by `reason`.
 pub const STATEMENTS_REFUSED: &str = "pinpool_statements_refused";
+
+/// Statement cache lookups and evictions, by `result` (hit, miss, eviction).
+pub const STATEMENT_CACHE: &str = "pinpool_statement_cache";
 
 /// Describes every metric (units and help text) to the installed recorder. Call it once after
 /// installing a recorder; CloudWatch EMF recorders take the unit from here.
@@ -107,4 +111,8 @@ pub(crate) fn refused(reasons: Reasons) {
     for r in reasons.iter() {
         counter!(STATEMENTS_REFUSED, "reason" => r.as_str()).increment(1);
     }
+}
+
+pub(crate) fn cache(result: &'static str, n: u64) {
+    counter!(STATEMENT_CACHE, "result" => result).increment(n);
 }

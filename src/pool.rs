@@ -44,7 +44,7 @@ pub(crate) struct PoolInner {
     waiting: AtomicUsize,
     closed: AtomicBool,
     next_id: AtomicU64,
-    counters: Counters,
+    pub(crate) counters: Counters,
 }
 
 /// Undoes a count on drop unless disarmed: keeps `size` and `waiting` right when a `get()`
@@ -274,6 +274,9 @@ impl Pool {
             closed: inner.counters.closed_counts(),
             refused: inner.counters.refused.load(Relaxed),
             pinned: inner.counters.pinned.load(Relaxed),
+            cache_hits: inner.counters.cache_hits.load(Relaxed),
+            cache_misses: inner.counters.cache_misses.load(Relaxed),
+            cache_evictions: inner.counters.cache_evictions.load(Relaxed),
         }
     }
 

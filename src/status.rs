@@ -104,8 +104,14 @@ pub struct Status {
     pub closed: ClosedCounts,
     /// Statements refused by [`PinPolicy::Refuse`](crate::PinPolicy::Refuse).
     pub refused: u64,
-    /// Checkouts of a connection that was (or became) possibly pinned.
+    /// Connections that became possibly pinned.
     pub pinned: u64,
+    /// `&str` statements served from a connection's statement cache.
+    pub cache_hits: u64,
+    /// `&str` statements prepared because their connection's cache did not hold them.
+    pub cache_misses: u64,
+    /// Statements evicted from a cache (and closed on the server).
+    pub cache_evictions: u64,
 }
 
 /// The pool's counters, updated without a lock.
@@ -115,6 +121,9 @@ pub(crate) struct Counters {
     closed: [AtomicU64; REASONS.len()],
     pub(crate) refused: AtomicU64,
     pub(crate) pinned: AtomicU64,
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) cache_misses: AtomicU64,
+    pub(crate) cache_evictions: AtomicU64,
 }
 
 impl Counters {
