@@ -441,3 +441,67 @@ async fn a_hundred_clients_pinning_and_leaving_abruptly_leak_nothing() {
     let probe = client(&emu).await;
     probe.query("SELECT 1", &[]).await.unwrap();
 }
+
+#[tokio::test]
+async fn copy_works_in_both_directions_through_the_emulator() {
+    use bytes::Bytes;
+    use futures_util::{SinkExt, TryStreamExt};
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS em_copy_t; CREATE TABLE em_copy_t (id int, v text)")
+        .await
+        .unwrap();
+    let emu = start("em_copy", 1, |c| c).await;
+    let c = client(&emu).await;
+    let sink = c.copy_in("COPY em_copy_t FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    for i in 0..50 {
+        sink.send(Bytes::from(format!("{i}\tv{i}\n")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sink.as_mut().finish().await.unwrap(), 50);
+    let out: Vec<Bytes> = c
+        .copy_out("COPY (SELECT id FROM em_copy_t ORDER BY id LIMIT 2) TO STDOUT")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(out.concat(), b"0\n1\n");
+    assert_eq!(emu.counters().peak_pinned, 0);
+    settle(&emu).await;
+    admin.batch_execute("DROP TABLE em_copy_t").await.unwrap();
+}
+
+#[tokio::test]
+async fn the_emulator_logs_in_upstream_with_scram() {
+    // The role from scripts/test-db-setup.sh must log in with a password (SCRAM-SHA-256).
+    let mut probe: tokio_postgres::Config = database_url().parse().unwrap();
+    probe.user("pinpool_pw").password("wrong-secret");
+    if probe.connect(tokio_postgres::NoTls).await.is_ok() {
+        assert!(
+            std::env::var("PINPOOL_REQUIRE_PASSWORD_AUTH").is_err(),
+            "the server does not ask pinpool_pw for a password: run scripts/test-db-setup.sh"
+        );
+        eprintln!("skipped: the server does not ask pinpool_pw for a password");
+        return;
+    }
+    let upstream = "postgres://pinpool_pw:pinpool-test-secret@127.0.0.1:5432/postgres";
+    let emu = Emulator::start(
+        EmulatorConfig::new(upstream)
+            .max_connections(1)
+            .application_name("em_scram"),
+    )
+    .await
+    .expect("SCRAM login upstream");
+    let c = client(&emu).await;
+    let user: String = c
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "pinpool_pw");
+    let wrong = "postgres://pinpool_pw:nope@127.0.0.1:5432/postgres";
+    assert!(Emulator::start(EmulatorConfig::new(wrong)).await.is_err());
+}

@@ -37,6 +37,17 @@ struct Cycle {
     errored: bool,
     /// Statement names prepared on the upstream in this cycle (undone if it errored).
     prepared: Vec<String>,
+    /// Ended by a simple Query (or FunctionCall), not by a Sync.
+    simple: bool,
+}
+
+impl Cycle {
+    fn absorb(&mut self, other: Cycle) {
+        self.swallow_parse += other.swallow_parse;
+        self.swallow_close += other.swallow_close;
+        self.errored |= other.errored;
+        self.prepared.extend(other.prepared);
+    }
 }
 
 /// A borrowed database connection and the state of the conversation on it.
@@ -50,6 +61,9 @@ struct Held {
     open_dirty: bool,
     status: u8,
     copy_in: bool,
+    /// A COPY FROM STDIN began in an extended-protocol cycle: the server ignored the Sync
+    /// sent after its Execute, so the next Sync ends that same cycle.
+    absorb_next_sync: bool,
 }
 
 impl Held {
@@ -62,6 +76,7 @@ impl Held {
             open_dirty: false,
             status: b'I',
             copy_in: false,
+            absorb_next_sync: false,
         }
     }
 
@@ -69,6 +84,38 @@ impl Held {
         let c = std::mem::take(&mut self.open);
         self.cycles.push_back(c);
         self.open_dirty = false;
+    }
+
+    /// A Sync from the client: the end of a cycle, unless the server ignored the previous
+    /// Sync because a COPY FROM STDIN started (then this one ends that cycle).
+    fn sync(&mut self) {
+        if self.absorb_next_sync {
+            self.absorb_next_sync = false;
+            let open = std::mem::take(&mut self.open);
+            self.open_dirty = false;
+            match self.cycles.back_mut() {
+                Some(last) => last.absorb(open),
+                None => self.cycles.push_back(open),
+            }
+        } else {
+            self.end_cycle();
+        }
+    }
+
+    /// The server began COPY FROM STDIN for the answering cycle.
+    fn copy_in_started(&mut self) {
+        self.copy_in = true;
+        let simple = self.cycles.front().is_some_and(|c| c.simple);
+        if simple || self.cycles.is_empty() {
+            return;
+        }
+        // Extended protocol: the Sync after the Execute was ignored by the server.
+        if self.cycles.len() >= 2 {
+            let next = self.cycles.remove(1).expect("two cycles");
+            self.cycles.front_mut().expect("a cycle").absorb(next);
+        } else {
+            self.absorb_next_sync = true;
+        }
     }
 
     /// The cycle the next answer belongs to.
@@ -644,11 +691,13 @@ impl Session {
                 self.pin(r, &sql);
                 let h = self.held.as_mut().expect("held");
                 frame.write_to(&mut h.out);
+                h.open.simple = true;
                 h.end_cycle();
             }
             b'F' => {
                 let h = self.held.as_mut().expect("held");
                 frame.write_to(&mut h.out);
+                h.open.simple = true;
                 h.end_cycle();
             }
             b'P' => {
@@ -760,7 +809,7 @@ impl Session {
             b'S' => {
                 let h = self.held.as_mut().expect("held");
                 frame.write_to(&mut h.out);
-                h.end_cycle();
+                h.sync();
             }
             b'c' | b'f' => {
                 let h = self.held.as_mut().expect("held");
@@ -798,9 +847,10 @@ impl Session {
                     }
                     _ => false,
                 };
+            let mut copy_started = false;
             match frame.tag {
                 b'E' => c.errored = true,
-                b'G' => h.copy_in = true,
+                b'G' => copy_started = true,
                 b'Z' => {
                     h.status = frame.body.first().copied().unwrap_or(b'I');
                     if let Some(done) = h.cycles.pop_front()
@@ -818,6 +868,9 @@ impl Session {
                     h.copy_in = false;
                 }
                 _ => {}
+            }
+            if copy_started {
+                h.copy_in_started();
             }
             if !swallow {
                 frame.write_to(&mut self.to_client);
@@ -849,9 +902,9 @@ impl Session {
             if h.copy_in {
                 postgres_protocol::message::frontend::copy_fail("client disconnected", &mut h.out)?;
             }
-            if h.open_dirty || h.copy_in {
+            if h.open_dirty || h.copy_in || h.absorb_next_sync {
                 h.out.put_slice(&[b'S', 0, 0, 0, 4]);
-                h.end_cycle();
+                h.sync();
             }
             let (pid, key) = (h.up.pid, h.up.key);
             if tokio::time::timeout(Duration::from_secs(1), drain(&mut h))
@@ -914,6 +967,7 @@ async fn drain(h: &mut Held) -> io::Result<()> {
 
 async fn simple(h: &mut Held, sql: &str) -> io::Result<()> {
     postgres_protocol::message::frontend::query(sql, &mut h.out)?;
+    h.open.simple = true;
     h.end_cycle();
     drain(h).await
 }
