@@ -293,33 +293,22 @@ async fn dropping_every_database_connection_fails_pinned_clients_and_serves_new_
 #[tokio::test]
 async fn pgbench_prepared_with_16_clients_over_4_connections_has_no_failed_transaction() {
     let admin = admin().await;
-    let exists = admin
-        .query_opt(
-            "SELECT 1 FROM pg_database WHERE datname = 'pinpool_pgbench'",
-            &[],
-        )
+    // A database of this test run's own: pgbench -i drops and creates its tables.
+    let db = format!("pinpool_pgbench_{}", std::process::id());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
         .await
-        .unwrap()
-        .is_some();
-    if !exists {
-        let _ = admin.batch_execute("CREATE DATABASE pinpool_pgbench").await;
-    }
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
     let url: tokio_postgres::Config = database_url().parse().unwrap();
     let host = "127.0.0.1";
     let user = url.get_user().unwrap_or("postgres").to_string();
     let init = tokio::process::Command::new("pgbench")
         .args([
-            "-i",
-            "-q",
-            "-s",
-            "1",
-            "-h",
-            host,
-            "-p",
-            "5432",
-            "-U",
-            &user,
-            "pinpool_pgbench",
+            "-i", "-q", "-s", "1", "-h", host, "-p", "5432", "-U", &user, &db,
         ])
         .output()
         .await
@@ -329,9 +318,7 @@ async fn pgbench_prepared_with_16_clients_over_4_connections_has_no_failed_trans
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let mut cfg = url.clone();
-    cfg.dbname("pinpool_pgbench");
-    let upstream = format!("postgres://{user}@{host}:5432/pinpool_pgbench");
+    let upstream = format!("postgres://{user}@{host}:5432/{db}");
     let emu = Emulator::start(
         EmulatorConfig::new(upstream)
             .max_connections(4)
@@ -342,21 +329,8 @@ async fn pgbench_prepared_with_16_clients_over_4_connections_has_no_failed_trans
     let port = emu.addr().port().to_string();
     let run = tokio::process::Command::new("pgbench")
         .args([
-            "-M",
-            "prepared",
-            "-c",
-            "16",
-            "-j",
-            "2",
-            "-T",
-            "3",
-            "-h",
-            host,
-            "-p",
-            &port,
-            "-U",
-            &user,
-            "pinpool_pgbench",
+            "-M", "prepared", "-c", "16", "-j", "2", "-T", "3", "-h", host, "-p", &port, "-U",
+            &user, &db,
         ])
         .output()
         .await
@@ -369,6 +343,11 @@ async fn pgbench_prepared_with_16_clients_over_4_connections_has_no_failed_trans
     );
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     let c = emu.counters();
+    drop(emu);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
     assert!(c.upstream_open <= 4 && c.peak_pinned == 0, "{c:?}");
 }
 
