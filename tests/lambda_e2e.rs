@@ -153,24 +153,6 @@ fn event(path: &str, query: &str, id: &str) -> String {
     .to_string()
 }
 
-fn handler_binary() -> std::path::PathBuf {
-    // tests run from target/<profile>/deps; `cargo test` builds the examples beside them.
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("lambda_handler");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with --all-features",
-        path.display()
-    );
-    path
-}
-
 #[tokio::test]
 async fn the_example_handler_answers_every_invocation_before_its_deadline_across_freezes() {
     let emu = Emulator::start(
@@ -182,7 +164,7 @@ async fn the_example_handler_answers_every_invocation_before_its_deadline_across
     .await
     .unwrap();
     let mut api = runtime_api().await;
-    let mut child = tokio::process::Command::new(handler_binary())
+    let mut child = tokio::process::Command::new(common::example_binary("lambda_handler"))
         .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
         .env("AWS_LAMBDA_FUNCTION_NAME", "pinpool-e2e")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")

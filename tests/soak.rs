@@ -4,6 +4,8 @@
 //! test binary keeps it apart from the other tests (cargo runs test binaries one at a time).
 #![cfg(feature = "emulator")]
 
+mod common;
+
 use std::process::Command;
 
 /// One soak at a time: each starts an emulator with its own database connections.
@@ -11,20 +13,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn soak(extra: &[&str]) -> serde_json::Value {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("soak");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with --all-features",
-        path.display()
-    );
-    let out = Command::new(path)
+    let out = Command::new(common::example_binary("soak"))
         .args([
             "--duration",
             "3s",

@@ -514,6 +514,37 @@ impl Session {
             .prepared(&s.global);
     }
 
+    /// Records a client's Parse: the unnamed statement, or a named one under a new name of
+    /// the emulator's own (returned). A name the client reuses retires its old statement.
+    fn remember(&mut self, name: String, rest: Bytes, class: Classification) -> Option<String> {
+        if name.is_empty() {
+            self.unnamed_seq += 1;
+            self.unnamed = Some(Stmt {
+                global: String::new(),
+                rest,
+                class,
+            });
+            return None;
+        }
+        self.next_stmt += 1;
+        let global = format!("pe{}_{}", self.id, self.next_stmt);
+        let stmt = Stmt {
+            global: global.clone(),
+            rest,
+            class,
+        };
+        if let Some(old) = self.stmts.insert(name, stmt) {
+            self.shared
+                .pool
+                .0
+                .registry
+                .lock()
+                .unwrap()
+                .retire(old.global);
+        }
+        Some(global)
+    }
+
     /// Answers a batch of only Parse messages and a Sync (libpq's `PQprepare`) without a
     /// database connection: the statements are prepared where they are first used. A client
     /// that prepares while another of the same thread holds a connection in a transaction
@@ -559,33 +590,7 @@ impl Session {
             }
             let (name, rest) = wire::split_name(&frame.body)?;
             let class = classify(&wire::parse_query(&rest)?);
-            if name.is_empty() {
-                self.unnamed_seq += 1;
-                self.unnamed = Some(Stmt {
-                    global: String::new(),
-                    rest,
-                    class,
-                });
-            } else {
-                self.next_stmt += 1;
-                let global = format!("pe{}_{}", self.id, self.next_stmt);
-                if let Some(old) = self.stmts.insert(
-                    name,
-                    Stmt {
-                        global,
-                        rest,
-                        class,
-                    },
-                ) {
-                    self.shared
-                        .pool
-                        .0
-                        .registry
-                        .lock()
-                        .unwrap()
-                        .retire(old.global);
-                }
-            }
+            self.remember(name, rest, class);
             self.to_client.put_slice(&[b'1', 0, 0, 0, 4]);
         }
         wire::ready(&mut self.to_client, b'I');
@@ -712,34 +717,25 @@ impl Session {
                     Protocol::Parse,
                 );
                 self.pin(r, &sql);
-                if name.is_empty() {
-                    self.unnamed_seq += 1;
-                    self.unnamed = Some(Stmt {
-                        global: String::new(),
-                        rest,
-                        class,
-                    });
-                    let h = self.held.as_mut().expect("held");
-                    h.up.unnamed = Some((self.id, self.unnamed_seq));
-                    frame.write_to(&mut h.out);
-                } else {
-                    self.next_stmt += 1;
-                    let global = format!("pe{}_{}", self.id, self.next_stmt);
-                    let h = self.held.as_mut().expect("held");
-                    wire::named(b'P', b"", &global, &rest).write_to(&mut h.out);
-                    h.up.prepared.insert(global.clone());
-                    h.open.prepared.push(global.clone());
-                    let mut reg = self.shared.pool.0.registry.lock().unwrap();
-                    reg.prepared(&global);
-                    if let Some(old) = self.stmts.insert(
-                        name,
-                        Stmt {
-                            global,
-                            rest,
-                            class,
-                        },
-                    ) {
-                        reg.retire(old.global);
+                let global = self.remember(name, rest.clone(), class);
+                let id = (self.id, self.unnamed_seq);
+                let h = self.held.as_mut().expect("held");
+                match global {
+                    None => {
+                        h.up.unnamed = Some(id);
+                        frame.write_to(&mut h.out);
+                    }
+                    Some(global) => {
+                        wire::named(b'P', b"", &global, &rest).write_to(&mut h.out);
+                        h.up.prepared.insert(global.clone());
+                        self.shared
+                            .pool
+                            .0
+                            .registry
+                            .lock()
+                            .unwrap()
+                            .prepared(&global);
+                        h.open.prepared.push(global);
                     }
                 }
                 self.held.as_mut().expect("held").open_dirty = true;

@@ -75,6 +75,25 @@ where
     false
 }
 
+/// The path of an example binary: tests run from target/<profile>/deps, and
+/// `cargo test --all-features` builds the examples beside them.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --all-features`",
+        path.display()
+    );
+    path
+}
+
 /// Checks the pool's invariants once nothing is checked out.
 pub fn assert_quiet(pool: &pinpool::Pool) {
     let s = pool.status();
