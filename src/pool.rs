@@ -40,11 +40,39 @@ pub(crate) struct PoolInner {
     slots: Semaphore,
     idle: Mutex<VecDeque<Conn>>,
     size: AtomicUsize,
+    /// The idle set's length, readable without the lock (for gauges).
+    idle_count: AtomicUsize,
     in_use: AtomicUsize,
     waiting: AtomicUsize,
     closed: AtomicBool,
     next_id: AtomicU64,
     pub(crate) counters: Counters,
+}
+
+/// The locked idle set. Every change goes through it, so `idle_count` is always its length
+/// once the lock is released.
+struct IdleGuard<'a> {
+    deque: MutexGuard<'a, VecDeque<Conn>>,
+    count: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for IdleGuard<'_> {
+    type Target = VecDeque<Conn>;
+    fn deref(&self) -> &VecDeque<Conn> {
+        &self.deque
+    }
+}
+
+impl std::ops::DerefMut for IdleGuard<'_> {
+    fn deref_mut(&mut self) -> &mut VecDeque<Conn> {
+        &mut self.deque
+    }
+}
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        self.count.store(self.deque.len(), Relaxed);
+    }
 }
 
 /// Undoes a count on drop unless disarmed: keeps `size` and `waiting` right when a `get()`
@@ -93,6 +121,7 @@ impl Pool {
                 password,
                 idle: Mutex::new(VecDeque::new()),
                 size: AtomicUsize::new(0),
+                idle_count: AtomicUsize::new(0),
                 in_use: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
@@ -191,27 +220,28 @@ impl Pool {
                 .map(|i| cutoff(i.deadline(), inner.settings.deadline_margin))
         });
         let inv = current.filter(|i| i.belongs_to(&self.inner));
-        if let Some(b) = Bound::new(None, cut).filter(Bound::passed) {
+        if let Some(b) = cut
+            .and_then(|_| Bound::new(None, cut))
+            .filter(Bound::passed)
+        {
             return Err(b.error(Phase::Acquire));
         }
         // A pinned connection this invocation kept already holds its slot.
         if let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
             let in_use = inner.in_use.fetch_add(1, Relaxed) + 1;
-            metrics::gauges(in_use, inner.idle().len());
+            metrics::gauges(in_use, inner.idle_count.load(Relaxed));
             return Ok(PooledClient::new(conn, self.inner.clone(), cut, inv));
         }
-        let start = Instant::now();
-        let bound = Bound::new(Some(inner.settings.acquire_timeout), cut);
-        if let Some(b) = bound.filter(Bound::passed) {
-            return Err(b.error(Phase::Acquire));
-        }
-        let permit = match inner.slots.try_acquire() {
-            Ok(p) => p,
+        // The fast path reads no clock: a free slot is taken at once and waited 0 ms.
+        let (permit, waited) = match inner.slots.try_acquire() {
+            Ok(p) => (p, Duration::ZERO),
             Err(TryAcquireError::Closed) => return Err(Error::Closed),
             Err(TryAcquireError::NoPermits) => {
+                let start = Instant::now();
+                let bound = Bound::new(Some(inner.settings.acquire_timeout), cut);
                 let _waiting = CountGuard::new(&inner.waiting);
                 match within(bound, inner.slots.acquire()).await {
-                    Ok(Ok(p)) => p,
+                    Ok(Ok(p)) => (p, start.elapsed()),
                     Ok(Err(_)) => return Err(Error::Closed),
                     Err(()) => return Err(bound.map_or(Error::Closed, |b| b.error(Phase::Acquire))),
                 }
@@ -221,7 +251,7 @@ impl Pool {
             Some(conn) => conn,
             None => inner.connect(cut).await?,
         };
-        Ok(self.hand_out(conn, permit, cut, start, inv))
+        Ok(self.hand_out(conn, permit, cut, waited, inv))
     }
 
     fn hand_out(
@@ -229,14 +259,14 @@ impl Pool {
         conn: Conn,
         permit: SemaphorePermit<'_>,
         cut: Option<Instant>,
-        start: Instant,
+        waited: Duration,
         inv: Option<Invocation>,
     ) -> PooledClient {
         // From here the PooledClient owns the slot; its drop adds the permit back.
         permit.forget();
         let in_use = self.inner.in_use.fetch_add(1, Relaxed) + 1;
-        metrics::acquire_wait(start.elapsed());
-        metrics::gauges(in_use, self.inner.idle().len());
+        metrics::acquire_wait(waited);
+        metrics::gauges(in_use, self.inner.idle_count.load(Relaxed));
         PooledClient::new(conn, self.inner.clone(), cut, inv)
     }
 
@@ -322,8 +352,12 @@ impl fmt::Debug for Pool {
 }
 
 impl PoolInner {
-    fn idle(&self) -> MutexGuard<'_, VecDeque<Conn>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    /// The idle set, locked; `idle_count` follows it when the guard drops.
+    fn idle(&self) -> IdleGuard<'_> {
+        IdleGuard {
+            deque: self.idle.lock().unwrap_or_else(|e| e.into_inner()),
+            count: &self.idle_count,
+        }
     }
 
     /// The most recently used idle connection that is still usable; stale ones are closed.
@@ -418,7 +452,7 @@ impl PoolInner {
         let idle = match verdict {
             Some(reason) => {
                 self.discard(conn, reason);
-                self.idle().len()
+                self.idle_count.load(Relaxed)
             }
             None => {
                 conn.last_used = now;

@@ -22,7 +22,7 @@ fn soak(extra: &[&str]) -> serde_json::Value {
             "--think",
             "500ms",
             "--upstream-connections",
-            "8",
+            "12",
             "--lambda-timeout",
             "1s",
             "--borrow-timeout",
@@ -83,9 +83,9 @@ fn pinpool_has_no_lambda_timeouts_where_the_baseline_has_them() {
         // wait milliseconds); today only the invocations that run a pinning statement pin.
         let peak = n(pinpool, "peak_pinned");
         if scenario == "today" {
-            assert!(peak < 8, "{scenario}: {pinpool}");
+            assert!(peak < 12, "{scenario}: {pinpool}");
         } else {
-            assert!(peak <= 8, "{scenario}: {pinpool}");
+            assert!(peak <= 12, "{scenario}: {pinpool}");
         }
     }
 }

@@ -1,0 +1,355 @@
+//! A quick, honest verdict: pinpool against deadpool-postgres, bb8-postgres and a raw
+//! tokio-postgres client, side by side in one process, in alternating rounds so machine drift
+//! cancels. Prints a table, then one JSON object as the last line of stdout (ratios are pinpool
+//! time / peer time, medians of per-round ratios: lower is better).
+//!
+//! ```sh
+//! cargo run --release --all-features --example compare
+//! ```
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use pinpool::emulator::{Emulator, EmulatorConfig};
+
+const ROUNDS: usize = 10;
+/// Checkouts per configuration and round, split across the tasks.
+const CHECKOUTS: usize = 8_000;
+const QUERIES: usize = 300;
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    tasks: usize,
+    size: usize,
+    held: bool,
+}
+
+const SHAPES: [Shape; 5] = [
+    Shape {
+        name: "c1",
+        tasks: 1,
+        size: 1,
+        held: false,
+    },
+    Shape {
+        name: "c16",
+        tasks: 16,
+        size: 4,
+        held: false,
+    },
+    Shape {
+        name: "c64",
+        tasks: 64,
+        size: 16,
+        held: false,
+    },
+    Shape {
+        name: "c16_held",
+        tasks: 16,
+        size: 4,
+        held: true,
+    },
+    Shape {
+        name: "c64_held",
+        tasks: 64,
+        size: 16,
+        held: true,
+    },
+];
+
+/// The three pools behind one interface: check out, optionally hold across a yield, return.
+#[derive(Clone)]
+enum AnyPool {
+    Pinpool(pinpool::Pool),
+    Deadpool(deadpool_postgres::Pool),
+    Bb8(bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>),
+}
+
+impl AnyPool {
+    async fn build(kind: &str, size: usize) -> AnyPool {
+        let pg: tokio_postgres::Config = database_url().parse().unwrap();
+        let pool = match kind {
+            "pinpool" => {
+                AnyPool::Pinpool(pinpool::Pool::builder(pg).max_size(size).build().unwrap())
+            }
+            "deadpool" => {
+                let manager = deadpool_postgres::Manager::from_config(
+                    pg,
+                    tokio_postgres::NoTls,
+                    deadpool_postgres::ManagerConfig {
+                        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+                    },
+                );
+                AnyPool::Deadpool(
+                    deadpool_postgres::Pool::builder(manager)
+                        .max_size(size)
+                        .build()
+                        .unwrap(),
+                )
+            }
+            _ => {
+                let manager =
+                    bb8_postgres::PostgresConnectionManager::new(pg, tokio_postgres::NoTls);
+                AnyPool::Bb8(
+                    bb8::Pool::builder()
+                        .max_size(size as u32)
+                        .test_on_check_out(false)
+                        .build(manager)
+                        .await
+                        .unwrap(),
+                )
+            }
+        };
+        // Warm: open every connection once.
+        pool.warm(size).await;
+        pool
+    }
+
+    async fn warm(&self, size: usize) {
+        match self {
+            AnyPool::Pinpool(p) => {
+                let held: Vec<_> = futures_util::future::join_all((0..size).map(|_| p.get())).await;
+                drop(held);
+            }
+            AnyPool::Deadpool(p) => {
+                let held: Vec<_> = futures_util::future::join_all((0..size).map(|_| p.get())).await;
+                drop(held);
+            }
+            AnyPool::Bb8(p) => {
+                let held: Vec<_> = futures_util::future::join_all((0..size).map(|_| p.get())).await;
+                drop(held);
+            }
+        }
+    }
+
+    async fn checkout(&self, held: bool) {
+        match self {
+            AnyPool::Pinpool(p) => {
+                let c = p.get().await.unwrap();
+                if held {
+                    tokio::task::yield_now().await;
+                }
+                drop(black_box(c));
+            }
+            AnyPool::Deadpool(p) => {
+                let c = p.get().await.unwrap();
+                if held {
+                    tokio::task::yield_now().await;
+                }
+                drop(black_box(c));
+            }
+            AnyPool::Bb8(p) => {
+                let c = p.get().await.unwrap();
+                if held {
+                    tokio::task::yield_now().await;
+                }
+                drop(black_box(c));
+            }
+        }
+    }
+}
+
+/// Runs one shape; returns the elapsed time and the fairness (first task's finish time /
+/// last task's).
+async fn checkout_run(pool: &AnyPool, shape: Shape) -> (Duration, f64) {
+    let per_task = CHECKOUTS / shape.tasks;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..shape.tasks)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    pool.checkout(shape.held).await;
+                }
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut finishes = Vec::new();
+    for t in tasks {
+        finishes.push(t.await.unwrap());
+    }
+    let total = start.elapsed();
+    let first = finishes.iter().min().unwrap().as_secs_f64();
+    let last = finishes.iter().max().unwrap().as_secs_f64();
+    (total, first / last)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let started = Instant::now();
+    let mut json = String::from("{");
+
+    // 1. Checkout and return.
+    let mut vs_deadpool = Vec::new();
+    let mut vs_bb8 = Vec::new();
+    let mut fairness = Vec::new();
+    println!(
+        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>10} {:>9}",
+        "checkout", "pinpool", "deadpool", "bb8", "vs_dead", "vs_bb8", "fairness"
+    );
+    for shape in SHAPES {
+        let pools = [
+            AnyPool::build("pinpool", shape.size).await,
+            AnyPool::build("deadpool", shape.size).await,
+            AnyPool::build("bb8", shape.size).await,
+        ];
+        let (mut rd, mut rb, mut fair, mut times) =
+            (Vec::new(), Vec::new(), Vec::new(), [0.0f64; 3]);
+        for round in 0..ROUNDS {
+            // Alternate the order so drift does not favour one pool.
+            let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+            let mut t = [0.0f64; 3];
+            for i in order {
+                let (d, f) = checkout_run(&pools[i], shape).await;
+                t[i] = d.as_secs_f64();
+                if i == 0 {
+                    fair.push(f);
+                }
+            }
+            rd.push(t[0] / t[1]);
+            rb.push(t[0] / t[2]);
+            for i in 0..3 {
+                times[i] += t[i] / ROUNDS as f64;
+            }
+        }
+        let per = |s: f64| s / CHECKOUTS as f64 * 1e9;
+        let (d, b, f) = (median(rd), median(rb), median(fair));
+        println!(
+            "{:<10} {:>11.0} ns {:>11.0} ns {:>11.0} ns {:>10.2} {:>10.2} {:>9.2}",
+            shape.name,
+            per(times[0]),
+            per(times[1]),
+            per(times[2]),
+            d,
+            b,
+            f
+        );
+        vs_deadpool.push(format!("\"{}\":{:.3}", shape.name, d));
+        vs_bb8.push(format!("\"{}\":{:.3}", shape.name, b));
+        if shape.held {
+            fairness.push(format!(
+                "\"{}\":{:.3}",
+                shape.name.trim_end_matches("_held"),
+                f
+            ));
+        }
+    }
+    json += &format!(
+        "\"checkout_vs_deadpool\":{{{}}},\"checkout_vs_bb8\":{{{}}},\"fairness\":{{{}}},",
+        vs_deadpool.join(","),
+        vs_bb8.join(","),
+        fairness.join(",")
+    );
+
+    // 2. Statements: pinpool against a raw tokio-postgres client.
+    let (raw, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let pool = pinpool::Pool::builder(database_url().as_str())
+        .max_size(1)
+        .build()
+        .unwrap();
+    let pooled = pool.get().await.unwrap();
+    let sql = "SELECT $1::int + 1";
+    let raw_stmt = raw.prepare(sql).await.unwrap();
+    let pooled_stmt = pooled.prepare(sql).await.unwrap();
+    let (mut q, mut p) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // [raw &str, pinpool &str, raw prepared, pinpool prepared], in alternating order.
+        let mut t = [0.0f64; 4];
+        let order: [usize; 4] = if round % 2 == 0 {
+            [0, 1, 2, 3]
+        } else {
+            [3, 2, 1, 0]
+        };
+        for which in order {
+            let start = Instant::now();
+            for i in 0..QUERIES as i32 {
+                match which {
+                    0 => drop(raw.query(sql, &[&i]).await.unwrap()),
+                    1 => drop(pooled.query(sql, &[&i]).await.unwrap()),
+                    2 => drop(raw.query(&raw_stmt, &[&i]).await.unwrap()),
+                    _ => drop(pooled.query(&pooled_stmt, &[&i]).await.unwrap()),
+                }
+            }
+            t[which] = start.elapsed().as_secs_f64();
+        }
+        q.push(t[1] / t[0]);
+        p.push(t[3] / t[2]);
+    }
+    let (q, p) = (median(q), median(p));
+    println!("\nquery(&str) pinpool/raw {q:.2}   prepared pinpool/raw {p:.2}");
+    json += &format!("\"query_str_vs_raw\":{q:.3},\"prepared_vs_raw\":{p:.3},");
+    drop(pooled);
+
+    // 3. classify.
+    let typical = "SELECT u.id, u.name, u.email, o.total FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = $1 AND o.created_at > $2 AND o.status = 'pai' ORDER BY o.created_at DESC, u.name ASC LIMIT 20 OFFSET 0";
+    let mut big = String::from("INSERT INTO t (id, v) VALUES ");
+    while big.len() < 16_000 {
+        big.push_str("(1, 'value -- not a comment'), ");
+    }
+    big.push_str("(0, 'end')");
+    let n = 200_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        black_box(pinpool::pinning::classify(black_box(typical)));
+    }
+    let ns_200b = t.elapsed().as_secs_f64() / n as f64 * 1e9;
+    let m = 2_000;
+    let t = Instant::now();
+    for _ in 0..m {
+        black_box(pinpool::pinning::classify(black_box(&big)));
+    }
+    let mb_s = (big.len() * m) as f64 / t.elapsed().as_secs_f64() / 1e6;
+    println!(
+        "classify: {ns_200b:.0} ns for {} bytes, {mb_s:.0} MB/s on 16 KB",
+        typical.len()
+    );
+    json += &format!("\"classify_200b_ns\":{ns_200b:.1},\"classify_16kb_mb_s\":{mb_s:.1},");
+
+    // 4. The emulator's added latency per round trip (p50).
+    let emulator = Emulator::start(
+        EmulatorConfig::new(database_url())
+            .max_connections(2)
+            .application_name("compare"),
+    )
+    .await
+    .unwrap();
+    let (proxied, conn) =
+        tokio_postgres::connect(&emulator.url("postgres", "postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let p50 = |client: tokio_postgres::Client| async move {
+        let stmt = client.prepare("SELECT 1").await.unwrap();
+        let mut samples = Vec::new();
+        for _ in 0..2_000 {
+            let t = Instant::now();
+            client.query_one(&stmt, &[]).await.unwrap();
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        median(samples)
+    };
+    let direct = p50(raw).await;
+    let through = p50(proxied).await;
+    let added = through - direct;
+    println!(
+        "emulator: SELECT 1 p50 {direct:.0} us direct, {through:.0} us through it: {added:.0} us added"
+    );
+    json += &format!("\"emulator_added_us\":{added:.1}}}");
+    eprintln!("compare: {:.0} s", started.elapsed().as_secs_f64());
+    println!("{json}");
+}
