@@ -12,6 +12,15 @@ fn in_ms(ms: u64) -> SystemTime {
     SystemTime::now() + Duration::from_millis(ms)
 }
 
+/// One invocation with a generous deadline that runs `SELECT 1`.
+async fn select_one(pool: &pinpool::Pool) -> Result<(), Error> {
+    pool.invocation(in_ms(5000), async {
+        let c = pool.get().await?;
+        c.query_one("SELECT 1", &[]).await.map(|_| ())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn the_deadline_reaches_gets_statements_and_spawned_tasks() {
     let pool = builder("inv_deadline")
@@ -119,15 +128,7 @@ async fn the_pool_closes_connections_found_stale_after_a_freeze() {
         .validate_idle_after(Some(Duration::from_millis(100)))
         .build()
         .unwrap();
-    pool.invocation(in_ms(5000), async {
-        pool.get()
-            .await
-            .unwrap()
-            .query("SELECT 1", &[])
-            .await
-            .unwrap();
-    })
-    .await;
+    select_one(&pool).await.unwrap();
     // The connection dies while nothing runs.
     assert_eq!(common::kill_backends(&admin, "inv_stale").await, 1);
     assert!(
@@ -137,13 +138,9 @@ async fn the_pool_closes_connections_found_stale_after_a_freeze() {
         .await
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let ok = pool
-        .invocation(in_ms(5000), async {
-            let c = pool.get().await?;
-            c.query_one("SELECT 1", &[]).await.map(|_| ())
-        })
-        .await;
-    ok.expect("a connection killed during the freeze does not fail the invocation");
+    select_one(&pool)
+        .await
+        .expect("a connection killed during the freeze does not fail the invocation");
     let s = pool.status();
     assert_eq!(
         s.closed.get(CloseReason::Broken) + s.closed.get(CloseReason::Stale),
@@ -224,11 +221,7 @@ mod through_the_emulator {
             .build()
             .unwrap();
         for _ in 0..2 {
-            pool.invocation(in_ms(5000), async {
-                let c = pool.get().await.unwrap();
-                c.query_one("SELECT 1", &[]).await.unwrap();
-            })
-            .await;
+            select_one(&pool).await.unwrap();
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
         assert_eq!(emu.counters().idle_client_closes, 2);
@@ -242,15 +235,7 @@ mod through_the_emulator {
             .validate_idle_after(Some(Duration::from_millis(50)))
             .build()
             .unwrap();
-        pool.invocation(in_ms(5000), async {
-            pool.get()
-                .await
-                .unwrap()
-                .query_one("SELECT 1", &[])
-                .await
-                .unwrap();
-        })
-        .await;
+        select_one(&pool).await.unwrap();
         emu.set_silent(true);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let deadline = in_ms(2000);
