@@ -53,6 +53,7 @@ pub enum FreezeCheck {
 pub struct ConnectionConfig {
     parsed: Result<tokio_postgres::Config, Error>,
     verify: Option<&'static str>,
+    root_cert_file: Option<String>,
 }
 
 impl From<tokio_postgres::Config> for ConnectionConfig {
@@ -60,20 +61,25 @@ impl From<tokio_postgres::Config> for ConnectionConfig {
         ConnectionConfig {
             parsed: Ok(config),
             verify: None,
+            root_cert_file: None,
         }
     }
 }
 
 impl From<&str> for ConnectionConfig {
     fn from(s: &str) -> Self {
-        let (text, verify) = accept_verify_modes(s);
+        let (text, verify, root_cert_file) = accept_verify_modes(s);
         let parsed = text.parse::<tokio_postgres::Config>().map_err(|e| {
             Error::config(
                 "url",
                 format!("cannot parse the connection string: {}", explain(&text, e)),
             )
         });
-        ConnectionConfig { parsed, verify }
+        ConnectionConfig {
+            parsed,
+            verify,
+            root_cert_file,
+        }
     }
 }
 
@@ -121,13 +127,17 @@ fn explain(text: &str, e: tokio_postgres::Error) -> String {
 /// tokio-postgres rejects `sslmode=verify-full` and `verify-ca`, which RDS documents. Turn them
 /// into `require` (the TLS connector does the verifying) and drop `sslrootcert`, which
 /// tokio-postgres does not know (the TLS connector is given the roots instead).
-fn accept_verify_modes(s: &str) -> (String, Option<&'static str>) {
+fn accept_verify_modes(s: &str) -> (String, Option<&'static str>, Option<String>) {
     let mut verify = None;
+    let mut root = None;
     let mut keep = |key: &str, value: &str| -> Option<String> {
         match (key, value) {
             ("sslmode", "verify-full") => verify = Some("verify-full"),
             ("sslmode", "verify-ca") => verify = Some("verify-ca"),
-            ("sslrootcert", _) => return None,
+            ("sslrootcert", _) => {
+                root = Some(value.to_string());
+                return None;
+            }
             _ => return Some(format!("{key}={value}")),
         }
         Some("sslmode=require".to_string())
@@ -160,7 +170,7 @@ fn accept_verify_modes(s: &str) -> (String, Option<&'static str>) {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    (text, verify)
+    (text, verify, root)
 }
 
 /// The validated settings of a pool.
@@ -235,6 +245,8 @@ pub struct Builder {
     settings: SettingsDraft,
     connector: Option<Arc<dyn Connect>>,
     password: Option<SharedPasswordProvider>,
+    #[cfg(feature = "tls")]
+    root_certs_pem: Option<Vec<u8>>,
 }
 
 struct SettingsDraft {
@@ -280,6 +292,8 @@ impl Builder {
             },
             connector: None,
             password: None,
+            #[cfg(feature = "tls")]
+            root_certs_pem: None,
         }
     }
 
@@ -363,6 +377,15 @@ impl Builder {
         self
     }
 
+    /// Root certificates (PEM) to verify the server with, for the built-in rustls TLS (feature
+    /// `tls`). Default: the connection string's `sslrootcert` file, else the public web roots
+    /// (RDS Proxy's certificates chain to them).
+    #[cfg(feature = "tls")]
+    pub fn root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certs_pem = Some(pem.into());
+        self
+    }
+
     /// The pinning rules the pool classifies statements with. Default: today's AWS rules.
     pub fn pin_rules(mut self, rules: PinRules) -> Self {
         self.settings.pin_rules = rules;
@@ -425,8 +448,10 @@ impl Builder {
         let Builder {
             conn,
             settings: s,
-            connector,
+            mut connector,
             password,
+            #[cfg(feature = "tls")]
+            root_certs_pem,
         } = self;
         let mut pg = conn.parsed?;
         if pg.get_hosts().is_empty() {
@@ -471,12 +496,31 @@ impl Builder {
                 "must be below 24 h: RDS Proxy closes client connections at 24 h",
             ));
         }
+        // With the tls feature, sslmode=require/verify-ca/verify-full gets rustls, verifying.
+        #[cfg(feature = "tls")]
+        if connector.is_none() && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
+            let roots = match (&root_certs_pem, &conn.root_cert_file) {
+                (Some(pem), _) => crate::tls::roots_from_pem("root_certificates_pem", pem)?,
+                (None, Some(file)) => {
+                    let pem = std::fs::read(file).map_err(|e| {
+                        Error::config("sslrootcert", format!("cannot read {file}: {e}"))
+                    })?;
+                    crate::tls::roots_from_pem("sslrootcert", &pem)?
+                }
+                (None, None) => crate::tls::public_roots(),
+            };
+            let check_name = conn.verify != Some("verify-ca");
+            connector = Some(Arc::new(Connector::new(
+                crate::tls::connector(roots, check_name)?,
+                true,
+            )));
+        }
         let connector = connector.unwrap_or_else(|| Arc::new(Connector::new(NoTls, false)));
         if !connector.tls() && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
             return Err(Error::config(
                 "sslmode",
                 format!(
-                    "sslmode={} needs TLS: give the builder a connector with .tls(...)",
+                    "sslmode={} needs TLS: enable pinpool's `tls` feature or give the builder a connector with .tls(...)",
                     conn.verify.unwrap_or("require")
                 ),
             ));

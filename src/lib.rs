@@ -25,6 +25,8 @@ mod pool;
 mod statement;
 mod status;
 mod stream;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};
 pub use config::{Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};

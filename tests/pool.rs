@@ -264,15 +264,35 @@ fn invalid_options_fail_at_build_naming_the_option() {
             Pool::builder(url.as_str()).max_lifetime(Some(Duration::from_secs(25 * 3600))),
             "max_lifetime",
         ),
-        (
+    ];
+    // Without the tls feature, TLS modes need a connector; with it, rustls is set up (and a
+    // root certificate file that cannot be read is named).
+    #[cfg(not(feature = "tls"))]
+    let cases = {
+        let mut cases = cases;
+        cases.push((
             Pool::builder("postgres://u@h/db?sslmode=verify-full"),
             "sslmode",
-        ),
-        (
+        ));
+        cases.push((
             Pool::builder("postgres://u@h/db?sslmode=require"),
             "sslmode",
-        ),
-    ];
+        ));
+        cases
+    };
+    #[cfg(feature = "tls")]
+    let cases = {
+        let mut cases = cases;
+        cases.push((
+            Pool::builder("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"),
+            "sslrootcert",
+        ));
+        cases.push((
+            Pool::builder("postgres://u@h/db?sslmode=verify-full").root_certificates_pem("not pem"),
+            "root_certificates_pem",
+        ));
+        cases
+    };
     for (b, option) in cases {
         match b.build() {
             Err(Error::Config {
