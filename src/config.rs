@@ -53,6 +53,7 @@ pub enum FreezeCheck {
 pub struct ConnectionConfig {
     parsed: Result<tokio_postgres::Config, Error>,
     verify: Option<&'static str>,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     root_cert_file: Option<String>,
 }
 
@@ -448,7 +449,7 @@ impl Builder {
         let Builder {
             conn,
             settings: s,
-            mut connector,
+            connector,
             password,
             #[cfg(feature = "tls")]
             root_certs_pem,
@@ -498,7 +499,9 @@ impl Builder {
         }
         // With the tls feature, sslmode=require/verify-ca/verify-full gets rustls, verifying.
         #[cfg(feature = "tls")]
-        if connector.is_none() && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
+        let connector = if connector.is_none()
+            && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require)
+        {
             let roots = match (&root_certs_pem, &conn.root_cert_file) {
                 (Some(pem), _) => crate::tls::roots_from_pem("root_certificates_pem", pem)?,
                 (None, Some(file)) => {
@@ -510,11 +513,11 @@ impl Builder {
                 (None, None) => crate::tls::public_roots(),
             };
             let check_name = conn.verify != Some("verify-ca");
-            connector = Some(Arc::new(Connector::new(
-                crate::tls::connector(roots, check_name)?,
-                true,
-            )));
-        }
+            let tls = crate::tls::connector(roots, check_name)?;
+            Some(Arc::new(Connector::new(tls, true)) as Arc<dyn Connect>)
+        } else {
+            connector
+        };
         let connector = connector.unwrap_or_else(|| Arc::new(Connector::new(NoTls, false)));
         if !connector.tls() && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
             return Err(Error::config(
@@ -566,15 +569,15 @@ mod tests {
 
     #[test]
     fn verify_modes_become_require() {
-        let (t, v) =
+        let (t, v, r) =
             accept_verify_modes("postgres://a@h/db?sslmode=verify-full&sslrootcert=/x.pem");
         assert_eq!(t, "postgres://a@h/db?sslmode=require");
-        assert_eq!(v, Some("verify-full"));
-        let (t, v) = accept_verify_modes("host=h user=a sslmode=verify-ca dbname=d");
+        assert_eq!((v, r.as_deref()), (Some("verify-full"), Some("/x.pem")));
+        let (t, v, _) = accept_verify_modes("host=h user=a sslmode=verify-ca dbname=d");
         assert_eq!(t, "host=h user=a sslmode=require dbname=d");
         assert_eq!(v, Some("verify-ca"));
-        let (t, v) = accept_verify_modes("postgres://a@h/db?application_name=x");
+        let (t, v, r) = accept_verify_modes("postgres://a@h/db?application_name=x");
         assert_eq!(t, "postgres://a@h/db?application_name=x");
-        assert_eq!(v, None);
+        assert_eq!((v, r), (None, None));
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{admin, builder, eventually};
-use pinpool::{CloseReason, Error, Invocation, PinPolicy, PooledClient, TimeoutCause};
+use pinpool::{CloseReason, Error, Invocation, TimeoutCause};
 
 fn in_ms(ms: u64) -> SystemTime {
     SystemTime::now() + Duration::from_millis(ms)
@@ -153,6 +153,7 @@ async fn the_pool_closes_connections_found_stale_after_a_freeze() {
 mod through_the_emulator {
     use super::*;
     use pinpool::emulator::{Emulator, EmulatorConfig};
+    use pinpool::{PinPolicy, PooledClient};
 
     async fn emulator(app: &str, f: impl FnOnce(EmulatorConfig) -> EmulatorConfig) -> Emulator {
         Emulator::start(f(EmulatorConfig::new(common::database_url())
