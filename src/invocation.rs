@@ -3,10 +3,16 @@
 //! freezes.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
+
+use crate::BoxFuture;
 use crate::conn::Conn;
 use crate::pool::PoolInner;
 use crate::status::CloseReason;
@@ -79,18 +85,6 @@ impl Invocation {
         CURRENT.sync_scope(self.clone(), f)
     }
 
-    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-    pub(crate) fn into_scope<F: Future>(
-        self,
-        fut: F,
-    ) -> tokio::task::futures::TaskLocalFuture<Invocation, F> {
-        CURRENT.scope(self, fut)
-    }
-
-    pub(crate) fn run<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
-        CURRENT.scope(self.clone(), fut)
-    }
-
     pub(crate) fn belongs_to(&self, pool: &Arc<PoolInner>) -> bool {
         Arc::ptr_eq(&self.0.pool, pool)
     }
@@ -153,5 +147,70 @@ impl std::fmt::Debug for Invocation {
             .field("deadline", &self.0.deadline)
             .field("ended", &self.has_ended())
             .finish()
+    }
+}
+
+/// Makes the after-invocation work once the invocation's future has finished.
+type Settle = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
+
+pin_project! {
+    /// The future of one invocation, from [`Pool::invocation`](crate::Pool::invocation) and
+    /// the Lambda layer: the freeze checks, the handler's future inside the invocation scope,
+    /// then the end-of-invocation work. `Send` when the handler's future is (so
+    /// `Runtime::run_concurrent` works). Dropped at any point, it still ends the invocation.
+    pub struct InvocationFuture<F: Future> {
+        check: Option<BoxFuture<'static, ()>>,
+        #[pin]
+        run: TaskLocalFuture<Invocation, F>,
+        end: Option<EndOnDrop>,
+        settle: Option<Settle>,
+        settling: Option<BoxFuture<'static, ()>>,
+        out: Option<F::Output>,
+    }
+}
+
+impl<F: Future> InvocationFuture<F> {
+    pub(crate) fn new(
+        check: BoxFuture<'static, ()>,
+        inv: Invocation,
+        fut: F,
+        settle: Settle,
+    ) -> Self {
+        InvocationFuture {
+            check: Some(check),
+            end: Some(EndOnDrop(inv.clone())),
+            run: CURRENT.scope(inv, fut),
+            settle: Some(settle),
+            settling: None,
+            out: None,
+        }
+    }
+}
+
+impl<F: Future> Future for InvocationFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Some(check) = this.check.as_mut() {
+            ready!(check.as_mut().poll(cx));
+            *this.check = None;
+        }
+        if this.out.is_none() {
+            let out = ready!(this.run.poll(cx));
+            *this.out = Some(out);
+            // Ends the invocation: the pinned connections it kept close now.
+            drop(this.end.take());
+            *this.settling = this.settle.take().map(|settle| settle());
+        }
+        if let Some(settling) = this.settling.as_mut() {
+            ready!(settling.as_mut().poll(cx));
+            *this.settling = None;
+        }
+        Poll::Ready(
+            this.out
+                .take()
+                .expect("InvocationFuture polled after completion"),
+        )
     }
 }

@@ -24,57 +24,12 @@
 //! future ends after the response is posted and before `/next` is polled again. That is where
 //! the end-of-invocation work belongs, so it never delays the caller's answer.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-
-use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
+use std::task::{Context, Poll};
 
 use lambda_runtime::tower::{Layer, Service};
 use lambda_runtime::{BoxFuture, LambdaInvocation, SnapStartResource};
 
-pin_project! {
-    /// The future of one invocation: the freeze checks, the inner service's future inside the
-    /// invocation scope, then the end-of-invocation work. `Send` when the inner future is, so
-    /// `Runtime::run_concurrent` (Lambda Managed Instances) works too.
-    pub struct PoolFuture<F: Future> {
-        pool: Pool,
-        check: Option<crate::BoxFuture<'static, ()>>,
-        #[pin]
-        run: TaskLocalFuture<Invocation, F>,
-        end: Option<EndOnDrop>,
-        settle: Option<crate::BoxFuture<'static, ()>>,
-        out: Option<F::Output>,
-    }
-}
-
-impl<F: Future> Future for PoolFuture<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        if let Some(check) = this.check.as_mut() {
-            ready!(check.as_mut().poll(cx));
-            *this.check = None;
-        }
-        if this.out.is_none() {
-            let out = ready!(this.run.poll(cx));
-            *this.out = Some(out);
-            // Ends the invocation: the pinned connections it kept close now.
-            drop(this.end.take());
-            *this.settle = Some(this.pool.settle_owned());
-        }
-        if let Some(settle) = this.settle.as_mut() {
-            ready!(settle.as_mut().poll(cx));
-            *this.settle = None;
-        }
-        Poll::Ready(this.out.take().expect("PoolFuture polled after completion"))
-    }
-}
-
-use crate::Pool;
-use crate::invocation::{EndOnDrop, Invocation};
+use crate::{InvocationFuture, Pool};
 
 /// The `lambda_runtime` layer: runs every invocation in [`Pool::invocation`] with the
 /// invocation's deadline.
@@ -114,7 +69,7 @@ where
 {
     type Response = ();
     type Error = lambda_runtime::Error;
-    type Future = PoolFuture<S::Future>;
+    type Future = InvocationFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -125,14 +80,7 @@ where
         let inv = self.pool.new_invocation(deadline);
         // Handler code may run inside `call`: it runs in the invocation too.
         let fut = inv.sync_scope(|| self.inner.call(req));
-        PoolFuture {
-            check: Some(self.pool.freeze_check_owned(deadline)),
-            pool: self.pool.clone(),
-            end: Some(EndOnDrop(inv.clone())),
-            run: inv.into_scope(fut),
-            settle: None,
-            out: None,
-        }
+        self.pool.invocation_future(inv, fut)
     }
 }
 
@@ -171,6 +119,6 @@ mod tests {
     #[test]
     fn the_invocation_future_is_send_when_the_inner_one_is() {
         // What Runtime::run_concurrent requires of a layer's future.
-        is_send::<PoolFuture<std::future::Ready<Result<(), lambda_runtime::Error>>>>();
+        is_send::<InvocationFuture<std::future::Ready<Result<(), lambda_runtime::Error>>>>();
     }
 }

@@ -32,7 +32,7 @@ pub use client::{GenericClient, PinState, PooledClient, Transaction, Transaction
 pub use config::{Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};
 pub use connect::{BoxFuture, PasswordProvider};
 pub use error::{BoxError, Error, Phase, TimeoutCause};
-pub use invocation::Invocation;
+pub use invocation::{Invocation, InvocationFuture};
 pub use pool::Pool;
 pub use statement::{Statement, ToStatement};
 pub use status::{CloseReason, ClosedCounts, Status};

@@ -21,7 +21,7 @@ use crate::conn::{Conn, ConnState, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
 use crate::deadline::{Bound, cutoff, within};
 use crate::error::{Error, Phase};
-use crate::invocation::{EndOnDrop, Invocation};
+use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
 use crate::pinning::Reasons;
 use crate::status::{CloseReason, Counters, Status};
@@ -152,13 +152,13 @@ impl Pool {
     /// checked with a round trip, so the rollback has reached the server before the
     /// environment freezes; and with `trim_at_invocation_end`, idle connections beyond
     /// `min_idle` are closed. Nothing runs between invocations.
-    pub async fn invocation<F: std::future::Future>(
+    pub fn invocation<F: std::future::Future>(
         &self,
         deadline: SystemTime,
         fut: F,
-    ) -> F::Output {
+    ) -> InvocationFuture<F> {
         let inv = Invocation::new(self.inner.clone(), deadline);
-        self.run_invocation(inv, fut).await
+        self.invocation_future(inv, fut)
     }
 
     /// A new invocation of this pool, for integrations that must enter it before they have
@@ -168,33 +168,24 @@ impl Pool {
         Invocation::new(self.inner.clone(), deadline)
     }
 
-    /// The start-of-invocation checks as an owned, sendable future.
-    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-    pub(crate) fn freeze_check_owned(&self, deadline: SystemTime) -> crate::BoxFuture<'static, ()> {
-        let pool = self.clone();
-        let cut = cutoff(deadline, self.inner.settings.deadline_margin);
-        Box::pin(async move { pool.inner.freeze_check(cut).await })
-    }
-
-    /// The after-invocation work as an owned, sendable future.
-    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
-    pub(crate) fn settle_owned(&self) -> crate::BoxFuture<'static, ()> {
-        let pool = self.clone();
-        Box::pin(async move { pool.inner.settle_after_invocation().await })
-    }
-
-    pub(crate) async fn run_invocation<F: std::future::Future>(
+    /// Runs `fut` as the invocation `inv`: the freeze checks, `fut` in the scope, then the
+    /// end-of-invocation work.
+    pub(crate) fn invocation_future<F: std::future::Future>(
         &self,
         inv: Invocation,
         fut: F,
-    ) -> F::Output {
-        let end = EndOnDrop(inv.clone());
+    ) -> InvocationFuture<F> {
         let cut = cutoff(inv.deadline(), self.inner.settings.deadline_margin);
-        self.inner.freeze_check(cut).await;
-        let out = inv.run(fut).await;
-        drop(end);
-        self.inner.settle_after_invocation().await;
-        out
+        let checking = self.clone();
+        let settling = self.clone();
+        InvocationFuture::new(
+            Box::pin(async move { checking.inner.freeze_check(cut).await }),
+            inv,
+            fut,
+            Box::new(move || {
+                Box::pin(async move { settling.inner.settle_after_invocation().await })
+            }),
+        )
     }
 
     /// Like [`get`](Self::get), but nothing (waiting, connecting, and every statement of the
