@@ -775,6 +775,12 @@ impl Session {
             }
             b'D' | b'C' => {
                 let mut body = frame.body.clone();
+                if body.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "Describe or Close without a kind",
+                    ));
+                }
                 let kind = body.get_u8();
                 let name = cstr(&mut body)?;
                 if kind == b'S' && !name.is_empty() {

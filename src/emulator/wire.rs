@@ -41,7 +41,9 @@ pub(crate) fn take_frame(buf: &mut BytesMut) -> io::Result<Option<Frame>> {
     }
     let total = 1 + len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Grow with what arrives, not with what the header claims: a bogus length must not
+        // allocate a gigabyte up front.
+        buf.reserve((total - buf.len()).min(1 << 16));
         return Ok(None);
     }
     let tag = buf[0];
