@@ -31,6 +31,9 @@ fn inputs() -> Vec<(&'static str, String)> {
         ("typical_200b_full_scan", full_scan),
         ("statement_16kb", big),
         ("adversarial", adversarial),
+        // Each `$$` opens and closes an empty dollar-quoted string: once quadratic (the rest
+        // of the text was validated as UTF-8 at every tag).
+        ("adversarial_dollars", "$".repeat(16_384)),
     ]
 }
 

@@ -383,7 +383,7 @@ pub fn classify(sql: &str) -> Classification {
 fn classify_full(sql: &str) -> Classification {
     let mut reasons = Reasons::EMPTY;
     let mut txn = TxnControl::None;
-    scan(sql.as_bytes(), |s| {
+    scan(sql, |s| {
         reasons = reasons.union(s.reasons);
         if s.txn != TxnControl::None {
             txn = s.txn;
@@ -431,7 +431,7 @@ pub fn lint<'a>(sql: &'a str, rules: &PinRules) -> Vec<Finding<'a>> {
     let mut out = Vec::new();
     let mut line = 1;
     let mut counted = 0;
-    scan(bytes, |s| {
+    scan(sql, |s| {
         line += bytes[counted..s.start]
             .iter()
             .filter(|&&b| b == b'\n')
@@ -480,6 +480,9 @@ enum Tok<'a> {
 
 struct Lexer<'a> {
     s: &'a [u8],
+    /// The same text as `s`, for searches that need a `str` (slicing it at ASCII bytes
+    /// costs nothing, unlike validating UTF-8 again).
+    text: &'a str,
     i: usize,
 }
 
@@ -662,22 +665,15 @@ impl<'a> Lexer<'a> {
         if s.get(i) != Some(&b'$') {
             return Tok::Other;
         }
-        let delim = &s[start..=i];
+        // Both cuts are at a `$`, so they are char boundaries of the text.
+        let delim = &self.text[start..=i];
         let body = i + 1;
         // A two-way search: linear in the length of the text whatever the tag.
-        match find(&s[body..], delim) {
+        match self.text[body..].find(delim) {
             Some(p) => self.i = body + p + delim.len(),
             None => self.i = s.len(),
         }
         Tok::Other
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    // Both are valid UTF-8 cut at ASCII bytes; fall back to a byte search if not.
-    match (std::str::from_utf8(hay), std::str::from_utf8(needle)) {
-        (Ok(h), Ok(n)) => h.find(n),
-        _ => hay.windows(needle.len()).position(|w| w == needle),
     }
 }
 
@@ -943,8 +939,12 @@ fn defines_name(before: Tok<'_>) -> bool {
 }
 
 /// Runs the lexer over `s` and calls `report` once per non-empty statement.
-fn scan<'a>(s: &'a [u8], mut report: impl FnMut(StmtInfo)) {
-    let mut lx = Lexer { s, i: 0 };
+fn scan<'a>(text: &'a str, mut report: impl FnMut(StmtInfo)) {
+    let mut lx = Lexer {
+        s: text.as_bytes(),
+        text,
+        i: 0,
+    };
     let mut st = Stmt::new();
     let mut prev = Tok::None;
     let mut prev2 = Tok::None;

@@ -483,3 +483,33 @@ proptest! {
         prop_assert_eq!(classify(&out).reasons, reasons(want), "{}", out);
     }
 }
+
+/// The fastest of a few runs of `classify` and `lint` on `sql`, in nanoseconds.
+fn fastest_scan(sql: &str) -> u128 {
+    (0..7)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(classify(std::hint::black_box(sql)));
+            std::hint::black_box(lint(sql, &PinRules::new()));
+            t.elapsed().as_nanos()
+        })
+        .min()
+        .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Linear time on adversarial repetitions (unterminated quotes and comments, nested
+    /// comment openers, dollar tags, parentheses, statement separators...): sixteen times the
+    /// text takes well under 64 times as long (a quadratic scan would take 256 times).
+    #[test]
+    fn time_grows_linearly_with_the_text(
+        unit in "([ \n]|SET|\\$|\\$\\$|\\$a\\$|'|\"|E'|\\\\|--|/\\*|\\*/|;|\\(|\\)|nextval|set_config|TEMP|x|1){1,12}",
+    ) {
+        let small = unit.repeat(4096 / unit.len() + 1);
+        let large = unit.repeat(16 * (4096 / unit.len() + 1));
+        let (ts, tl) = (fastest_scan(&small).max(1), fastest_scan(&large));
+        prop_assert!(tl < 64 * ts, "{:?}: {} ns for {} bytes, {} ns for {} bytes", unit, ts, small.len(), tl, large.len());
+    }
+}
