@@ -227,7 +227,9 @@ fn encode(start: &Start, pieces: &[Piece]) -> Vec<u8> {
 }
 
 async fn send(addr: std::net::SocketAddr, bytes: Vec<u8>, end: End) {
-    let mut s = TcpStream::connect(addr).await.expect("the emulator accepts");
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("the emulator accepts");
     let (mut r, mut w) = s.split();
     let reader = async {
         let mut sink = vec![0u8; 8192];
