@@ -318,7 +318,13 @@ impl Emulator {
                         next_id += 1;
                         sessions.spawn(s.run());
                     }
-                    Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+                    Some(ended) = sessions.join_next(), if !sessions.is_empty() => {
+                        if let Err(e) = ended
+                            && e.is_panic()
+                        {
+                            tracing::error!("emulator: a client session panicked; its counts are off from now on");
+                        }
+                    }
                 }
             }
         });
