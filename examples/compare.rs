@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use pinpool::emulator::{Emulator, EmulatorConfig};
 
-const ROUNDS: usize = 10;
+const ROUNDS: usize = 30;
 /// Checkouts per configuration and round, split across the tasks.
-const CHECKOUTS: usize = 8_000;
+const CHECKOUTS: usize = 16_000;
 const QUERIES: usize = 300;
 
 fn database_url() -> String {
@@ -188,6 +188,25 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `--only <pinpool|deadpool|bb8> <shape>`: that pool and shape alone, for a profiler
+    // (`valgrind --tool=callgrind` counts instructions repeatably on a noisy machine).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, kind, shape] = &args[..]
+        && flag == "--only"
+    {
+        let shape = *SHAPES
+            .iter()
+            .find(|s| s.name == shape)
+            .expect("a shape: c1, c16, c64, c16_held or c64_held");
+        let pool = AnyPool::build(kind, shape.size).await;
+        let (d, f) = checkout_run(&pool, shape).await;
+        println!(
+            "{kind} {}: {:.0} ns per checkout, fairness {f:.2}",
+            shape.name,
+            d.as_secs_f64() / CHECKOUTS as f64 * 1e9
+        );
+        return;
+    }
     let started = Instant::now();
     let mut json = String::from("{");
 

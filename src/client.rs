@@ -217,7 +217,7 @@ impl<'a> Ctx<'a> {
             .get(sql);
         if let Some(stmt) = hit {
             counters.cache_hits.fetch_add(1, Relaxed);
-            crate::metrics::cache("hit", 1);
+            crate::metrics::cache_hit();
             return Ok(Some(stmt));
         }
         if settings.pin_policy == crate::PinPolicy::Refuse
@@ -230,7 +230,7 @@ impl<'a> Ctx<'a> {
             return Ok(None);
         }
         counters.cache_misses.fetch_add(1, Relaxed);
-        crate::metrics::cache("miss", 1);
+        crate::metrics::cache_miss();
         let stmt = self.prepare_typed(sql, &[]).await?;
         let evicted = self
             .g
@@ -247,7 +247,7 @@ impl<'a> Ctx<'a> {
             counters
                 .cache_evictions
                 .fetch_add(evicted.len() as u64, Relaxed);
-            crate::metrics::cache("eviction", evicted.len() as u64);
+            crate::metrics::cache_evictions(evicted.len() as u64);
         }
         // Dropping the evicted statements sends their protocol Close.
         drop(evicted);
@@ -833,7 +833,7 @@ impl PooledClient {
 
     /// A builder for a transaction with an isolation level, read-only or deferrable.
     pub fn build_transaction(&mut self) -> TransactionBuilder<'_> {
-        let conn = self
+        let conn: &mut crate::conn::ConnData = self
             .conn
             .as_mut()
             .expect("a PooledClient holds its connection until dropped");

@@ -203,18 +203,35 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// A connection owned by the pool.
-pub(crate) struct Conn {
+/// A connection owned by the pool. Boxed: checkouts and returns move it in and out of the idle
+/// queue, the client and the invocation's stash, and a pointer moves for free.
+pub(crate) struct Conn(Box<ConnData>);
+
+/// What a [`Conn`] holds.
+pub(crate) struct ConnData {
     pub(crate) client: Client,
     pub(crate) state: ConnState,
     pub(crate) created: SystemTime,
     pub(crate) last_used: SystemTime,
 }
 
+impl std::ops::Deref for Conn {
+    type Target = ConnData;
+    fn deref(&self) -> &ConnData {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut ConnData {
+        &mut self.0
+    }
+}
+
 impl Conn {
     pub(crate) fn new(client: Client, connection: ConnectionFuture, id: u64) -> Conn {
         let now = SystemTime::now();
-        Conn {
+        Conn(Box::new(ConnData {
             client,
             state: ConnState {
                 id,
@@ -227,15 +244,19 @@ impl Conn {
             },
             created: now,
             last_used: now,
-        }
+        }))
     }
+}
 
+impl ConnData {
     /// Why this idle connection must not be handed out, if it must not.
-    pub(crate) fn stale(&self, s: &Settings, now: SystemTime) -> Option<CloseReason> {
+    /// `now` is `None` when its age need not be checked.
+    pub(crate) fn stale(&self, s: &Settings, now: Option<SystemTime>) -> Option<CloseReason> {
         let health = self.state.health(self.client.is_closed());
         if health.closed || health.killed {
             return Some(CloseReason::Broken);
         }
+        let now = now?;
         if exceeded(s.max_lifetime, self.created, now) {
             return Some(CloseReason::MaxLifetime);
         }
@@ -262,8 +283,9 @@ impl Conn {
 }
 
 fn exceeded(limit: Option<Duration>, since: SystemTime, now: SystemTime) -> bool {
-    // A clock that went backwards counts as no time passed.
-    limit.is_some_and(|l| now.duration_since(since).unwrap_or_default() > l)
+    // A comparison, cheaper than a subtraction on every checkout; a clock that went backwards
+    // counts as no time passed, as the subtraction would.
+    limit.is_some_and(|l| since.checked_add(l).is_some_and(|end| now > end))
 }
 
 /// What decides whether a returned connection may be reused.

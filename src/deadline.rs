@@ -28,7 +28,16 @@ pub(crate) struct Bound {
 impl Bound {
     /// The earlier of `now + configured` and `cutoff`; `None` when neither is set.
     pub(crate) fn new(configured: Option<Duration>, cutoff: Option<Instant>) -> Option<Bound> {
-        let now = Instant::now();
+        Bound::starting(Instant::now(), configured, cutoff)
+    }
+
+    /// As [`Bound::new`], for a phase that started at `now` (a clock read the caller already
+    /// made).
+    pub(crate) fn starting(
+        now: Instant,
+        configured: Option<Duration>,
+        cutoff: Option<Instant>,
+    ) -> Option<Bound> {
         let configured = configured.map(|d| Bound {
             at: now + d,
             cause: TimeoutCause::Configured,

@@ -27,6 +27,7 @@ mod status;
 mod stream;
 #[cfg(feature = "tls")]
 mod tls;
+mod waits;
 
 pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};
 pub use config::{Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};

@@ -14,10 +14,12 @@
 //! | `pinpool_statements_refused` | counter | count | `reason` |
 //! | `pinpool_statement_cache` | counter | count | `result` (hit, miss, eviction) |
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
 };
 
 use crate::error::{Phase, TimeoutCause};
@@ -76,8 +78,52 @@ pub fn describe() {
     );
 }
 
-pub(crate) fn acquire_wait(d: Duration) {
-    histogram!(ACQUIRE_WAIT).record(d.as_secs_f64() * 1000.0);
+/// The handles of the metrics recorded on every checkout and cached statement, registered
+/// once per thread and recorder instead of on every call (a `metrics` macro builds and hashes
+/// its key each time, and a recorder such as the CloudWatch EMF one takes a lock to look it
+/// up).
+struct Hot {
+    /// The recorder these handles came from.
+    recorder: *const (),
+    in_use: Gauge,
+    idle: Gauge,
+    acquire_wait: Histogram,
+    cache_hit: Counter,
+    cache_miss: Counter,
+}
+
+thread_local! {
+    static HOT: RefCell<Option<Hot>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with the handles of the recorder in effect now (a local recorder, the global one
+/// or none), registering them again when that recorder is not the one they came from.
+fn hot(f: impl FnOnce(&Hot)) {
+    let recorder = metrics::with_recorder(|r| std::ptr::from_ref(r).cast::<()>());
+    HOT.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let hot = match &mut *cell {
+            Some(h) if h.recorder == recorder => h,
+            slot => slot.insert(Hot {
+                recorder,
+                in_use: gauge!(CONNECTIONS_IN_USE),
+                idle: gauge!(CONNECTIONS_IDLE),
+                acquire_wait: histogram!(ACQUIRE_WAIT),
+                cache_hit: counter!(STATEMENT_CACHE, "result" => "hit"),
+                cache_miss: counter!(STATEMENT_CACHE, "result" => "miss"),
+            }),
+        };
+        f(hot);
+    });
+}
+
+/// A checkout: the time it waited, and the gauges after it.
+pub(crate) fn checked_out(waited: Duration, in_use: usize, idle: usize) {
+    hot(|h| {
+        h.acquire_wait.record(waited.as_secs_f64() * 1000.0);
+        h.in_use.set(in_use as f64);
+        h.idle.set(idle as f64);
+    });
 }
 
 pub(crate) fn timeout(phase: Phase, cause: TimeoutCause) {
@@ -97,8 +143,10 @@ pub(crate) fn closed(reason: CloseReason) {
 }
 
 pub(crate) fn gauges(in_use: usize, idle: usize) {
-    gauge!(CONNECTIONS_IN_USE).set(in_use as f64);
-    gauge!(CONNECTIONS_IDLE).set(idle as f64);
+    hot(|h| {
+        h.in_use.set(in_use as f64);
+        h.idle.set(idle as f64);
+    });
 }
 
 pub(crate) fn pinned(reasons: Reasons) {
@@ -113,6 +161,14 @@ pub(crate) fn refused(reasons: Reasons) {
     }
 }
 
-pub(crate) fn cache(result: &'static str, n: u64) {
-    counter!(STATEMENT_CACHE, "result" => result).increment(n);
+pub(crate) fn cache_hit() {
+    hot(|h| h.cache_hit.increment(1));
+}
+
+pub(crate) fn cache_miss() {
+    hot(|h| h.cache_miss.increment(1));
+}
+
+pub(crate) fn cache_evictions(n: u64) {
+    counter!(STATEMENT_CACHE, "result" => "eviction").increment(n);
 }

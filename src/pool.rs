@@ -8,7 +8,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +27,7 @@ use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
 use crate::pinning::Reasons;
 use crate::status::{CloseReason, Counters, Status};
+use crate::waits::{Waits, acquire_until};
 
 /// An async pool of PostgreSQL connections for Lambda handlers behind RDS Proxy. Cloning it
 /// is cheap and shares the pool.
@@ -38,6 +41,8 @@ pub(crate) struct PoolInner {
     connector: Arc<dyn Connect>,
     password: Option<SharedPasswordProvider>,
     slots: Semaphore,
+    /// The bounds of callers waiting for a slot, watched by one timer.
+    waits: Arc<Waits>,
     idle: Mutex<VecDeque<Conn>>,
     size: AtomicUsize,
     /// The idle set's length, readable without the lock (for gauges).
@@ -116,6 +121,7 @@ impl Pool {
         Pool {
             inner: Arc::new(PoolInner {
                 slots: Semaphore::new(settings.max_size),
+                waits: Arc::default(),
                 settings,
                 connector,
                 password,
@@ -219,7 +225,7 @@ impl Pool {
         }
         // A pinned connection this invocation kept already holds its slot.
         if let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
-            let in_use = inner.in_use.fetch_add(1, Relaxed) + 1;
+            let in_use = inner.in_use.fetch_add(1, Release) + 1;
             metrics::gauges(in_use, inner.idle_count.load(Relaxed));
             return Ok(PooledClient::new(conn, self.inner.clone(), cut, inv));
         }
@@ -229,20 +235,30 @@ impl Pool {
             Err(TryAcquireError::Closed) => return Err(Error::Closed),
             Err(TryAcquireError::NoPermits) => {
                 let start = Instant::now();
-                let bound = Bound::new(Some(inner.settings.acquire_timeout), cut);
+                let bound = Bound::starting(start, Some(inner.settings.acquire_timeout), cut);
                 let _waiting = CountGuard::new(&inner.waiting);
-                match within(bound, inner.slots.acquire()).await {
+                let acquired = match bound {
+                    Some(b) => acquire_until(&inner.waits, &inner.slots, b.at).await,
+                    None => Ok(inner.slots.acquire().await),
+                };
+                match acquired {
                     Ok(Ok(p)) => (p, start.elapsed()),
                     Ok(Err(_)) => return Err(Error::Closed),
                     Err(()) => return Err(bound.map_or(Error::Closed, |b| b.error(Phase::Acquire))),
                 }
             }
         };
-        let conn = match inner.pop_usable() {
-            Some(conn) => conn,
-            None => inner.connect(cut).await?,
+        // After a wait, every connection was in use a moment ago: the one waiting in the idle
+        // set was just returned (its lifetime checked then), so its age needs no clock read.
+        let (conn, in_use) = match inner.pop_usable(waited.is_zero()) {
+            Some(popped) => popped,
+            None => {
+                // Boxed: opening is rare, and its state would make every `get()` future large.
+                let conn = Box::pin(inner.connect(cut)).await?;
+                (conn, inner.in_use.fetch_add(1, Release) + 1)
+            }
         };
-        Ok(self.hand_out(conn, permit, cut, waited, inv))
+        Ok(self.hand_out(conn, permit, cut, waited, in_use, inv))
     }
 
     fn hand_out(
@@ -251,13 +267,12 @@ impl Pool {
         permit: SemaphorePermit<'_>,
         cut: Option<Instant>,
         waited: Duration,
+        in_use: usize,
         inv: Option<Invocation>,
     ) -> PooledClient {
         // From here the PooledClient owns the slot; its drop adds the permit back.
         permit.forget();
-        let in_use = self.inner.in_use.fetch_add(1, Relaxed) + 1;
-        metrics::acquire_wait(waited);
-        metrics::gauges(in_use, self.inner.idle_count.load(Relaxed));
+        metrics::checked_out(waited, in_use, self.inner.idle_count.load(Relaxed));
         PooledClient::new(conn, self.inner.clone(), cut, inv)
     }
 
@@ -285,11 +300,19 @@ impl Pool {
     /// A snapshot of the pool's state and counters.
     pub fn status(&self) -> Status {
         let inner = &*self.inner;
+        // One consistent picture: connections move between idle and in use under the idle
+        // set's lock; `size` grows before a new connection counts as in use and shrinks after
+        // a closed one stopped counting. So `idle + in_use <= size` always holds here.
+        let (idle, in_use, size) = {
+            let idle = inner.idle();
+            let in_use = inner.in_use.load(Acquire);
+            (idle.len(), in_use, inner.size.load(Acquire))
+        };
         Status {
             max_size: inner.settings.max_size,
-            size: inner.size.load(Relaxed),
-            idle: inner.idle().len(),
-            in_use: inner.in_use.load(Relaxed),
+            size,
+            idle,
+            in_use,
             waiters: inner.waiting.load(Relaxed),
             opened: inner.counters.opened.load(Relaxed),
             closed: inner.counters.closed_counts(),
@@ -352,13 +375,19 @@ impl PoolInner {
     }
 
     /// The most recently used idle connection that is still usable; stale ones are closed.
-    fn pop_usable(&self) -> Option<Conn> {
-        let now = SystemTime::now();
+    /// Counts it in use under the idle set's lock (see [`Pool::status`]); returns it with
+    /// the new in-use count.
+    fn pop_usable(&self, check_age: bool) -> Option<(Conn, usize)> {
+        let now = check_age.then(SystemTime::now);
         loop {
-            let conn = self.idle().pop_back()?;
+            let mut idle = self.idle();
+            let conn = idle.pop_back()?;
             match conn.stale(&self.settings, now) {
-                None => return Some(conn),
-                Some(reason) => self.discard(conn, reason),
+                None => return Some((conn, self.in_use.fetch_add(1, Release) + 1)),
+                Some(reason) => {
+                    drop(idle);
+                    self.discard(conn, reason);
+                }
             }
         }
     }
@@ -433,26 +462,32 @@ impl PoolInner {
             match inv.stash(conn) {
                 None => {
                     // Kept for the invocation, with its slot.
-                    let in_use = self.in_use.fetch_sub(1, Relaxed) - 1;
+                    let in_use = self.in_use.fetch_sub(1, Release) - 1;
                     metrics::gauges(in_use, self.idle().len());
                     return;
                 }
                 Some(back) => conn = back,
             }
         }
-        let idle = match verdict {
+        // It leaves the in-use count under the idle set's lock, before it is closed or joins
+        // the idle set, so `status()` never counts it twice.
+        let (idle, in_use) = match verdict {
             Some(reason) => {
+                let in_use = {
+                    let _idle = self.idle();
+                    self.in_use.fetch_sub(1, Release) - 1
+                };
                 self.discard(conn, reason);
-                self.idle_count.load(Relaxed)
+                (self.idle_count.load(Relaxed), in_use)
             }
             None => {
                 conn.last_used = now;
                 let mut idle = self.idle();
+                let in_use = self.in_use.fetch_sub(1, Release) - 1;
                 idle.push_back(conn);
-                idle.len()
+                (idle.len(), in_use)
             }
         };
-        let in_use = self.in_use.fetch_sub(1, Relaxed) - 1;
         // Only after the connection is idle, so the next waiter finds it.
         self.slots.add_permits(1);
         metrics::gauges(in_use, idle);
@@ -493,11 +528,33 @@ impl PoolInner {
         bound: Option<Bound>,
         reason: CloseReason,
     ) {
-        for (mut conn, permit) in conns {
+        // Dropped mid-way (the invocation ended), the connections not yet checked are closed
+        // and counted, the one being checked too: its round trip's state is unknown.
+        struct Unchecked<'a> {
+            pool: &'a PoolInner,
+            conns: VecDeque<(Conn, SemaphorePermit<'a>)>,
+            reason: CloseReason,
+        }
+        impl Drop for Unchecked<'_> {
+            fn drop(&mut self) {
+                for (conn, _permit) in self.conns.drain(..) {
+                    self.pool.discard(conn, self.reason);
+                }
+            }
+        }
+        let mut unchecked = Unchecked {
+            pool: self,
+            conns: conns.into(),
+            reason,
+        };
+        while let Some((conn, _)) = unchecked.conns.front() {
             let ok = matches!(
                 within(bound, conn.client.check_connection()).await,
                 Ok(Ok(()))
             );
+            let Some((mut conn, permit)) = unchecked.conns.pop_front() else {
+                break;
+            };
             if ok {
                 conn.state.set_rollback_queued(false);
                 conn.last_used = SystemTime::now();
@@ -519,7 +576,7 @@ impl PoolInner {
         let now = SystemTime::now();
         let settings = &self.settings;
         let suspect = |c: &Conn| {
-            c.stale(settings, now).is_some()
+            c.stale(settings, Some(now)).is_some()
                 || settings
                     .validate_idle_after
                     .is_some_and(|after| c.idle_for(now) > after)
@@ -530,7 +587,7 @@ impl PoolInner {
         }
         let mut check = Vec::new();
         for (conn, permit) in taken {
-            if let Some(reason) = conn.stale(settings, now) {
+            if let Some(reason) = conn.stale(settings, Some(now)) {
                 self.discard(conn, reason);
             } else if settings.freeze_check == FreezeCheck::Replace {
                 self.discard(conn, CloseReason::Stale);

@@ -257,4 +257,35 @@ mod through_the_emulator {
         );
         emu.set_silent(false);
     }
+
+    #[tokio::test]
+    async fn an_invocation_dropped_during_the_freeze_check_closes_what_it_was_checking() {
+        let emu = emulator("inv_drop_check", |c| c).await;
+        let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
+            .validate_idle_after(Some(Duration::from_millis(50)))
+            .validate_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let (a, b) = tokio::join!(pool.get(), pool.get());
+        drop((a.unwrap(), b.unwrap()));
+        assert_eq!(pool.status().idle, 2);
+        emu.set_silent(true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The check's round trip hangs on the silent proxy; the invocation is dropped then.
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(300),
+            pool.invocation(in_ms(20_000), async { pool.get().await.map(drop) }),
+        )
+        .await;
+        assert!(dropped.is_err(), "the freeze check was still running");
+        let s = pool.status();
+        assert_eq!(
+            (s.size, s.idle, s.in_use, s.waiters),
+            (0, 0, 0, 0),
+            "both connections closed and counted: {s:?}"
+        );
+        emu.set_silent(false);
+        select_one(&pool).await.unwrap();
+        common::assert_quiet(&pool);
+    }
 }

@@ -560,3 +560,52 @@ fn metrics_are_recorded_under_the_documented_names() {
     assert_eq!(rec.gauge("pinpool_connections_in_use{}"), Some(0.0));
     assert_eq!(rec.samples("pinpool_acquire_wait{}").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_one_consistent_picture_under_load() {
+    // Connections checked out, returned, closed on return (pinned) and opened again, while
+    // another task reads status() as fast as it can.
+    let pool = builder("p_status_load").max_size(3).build().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = pool.status();
+                assert!(
+                    s.idle + s.in_use <= s.size && s.size <= s.max_size,
+                    "after {reads} reads: {s:?}"
+                );
+                reads += 1;
+                if reads.is_multiple_of(64) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            reads
+        })
+    };
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for i in 0..150 {
+                    let c = pool.get().await.unwrap();
+                    if (i + w) % 5 == 0 {
+                        c.batch_execute("SET work_mem = '5MB'").await.unwrap();
+                    } else {
+                        c.query_one("SELECT 1", &[]).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.await.unwrap();
+    assert!(reads > 100, "the reader ran: {reads}");
+    assert!(pool.status().closed.get(CloseReason::Pinned) > 100);
+    assert_quiet(&pool);
+}
