@@ -48,7 +48,6 @@ pub(crate) struct PoolInner {
     /// The idle set's length, readable without the lock (for gauges).
     idle_count: AtomicUsize,
     in_use: AtomicUsize,
-    waiting: AtomicUsize,
     closed: AtomicBool,
     next_id: AtomicU64,
     pub(crate) counters: Counters,
@@ -80,7 +79,7 @@ impl Drop for IdleGuard<'_> {
     }
 }
 
-/// Undoes a count on drop unless disarmed: keeps `size` and `waiting` right when a `get()`
+/// Undoes a count on drop unless disarmed: keeps `size` right when a `get()`
 /// future is dropped at any `.await`.
 struct CountGuard<'a> {
     count: &'a AtomicUsize,
@@ -129,7 +128,6 @@ impl Pool {
                 size: AtomicUsize::new(0),
                 idle_count: AtomicUsize::new(0),
                 in_use: AtomicUsize::new(0),
-                waiting: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 counters: Counters::default(),
@@ -236,7 +234,6 @@ impl Pool {
             Err(TryAcquireError::NoPermits) => {
                 let start = Instant::now();
                 let bound = Bound::starting(start, Some(inner.settings.acquire_timeout), cut);
-                let _waiting = CountGuard::new(&inner.waiting);
                 let acquired = match bound {
                     Some(b) => acquire_until(&inner.waits, &inner.slots, b.at).await,
                     None => Ok(inner.slots.acquire().await),
@@ -313,7 +310,7 @@ impl Pool {
             size,
             idle,
             in_use,
-            waiters: inner.waiting.load(Relaxed),
+            waiters: inner.waits.len(),
             opened: inner.counters.opened.load(Relaxed),
             closed: inner.counters.closed_counts(),
             refused: inner.counters.refused.load(Relaxed),

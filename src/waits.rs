@@ -27,6 +27,8 @@ pub(crate) struct Waits {
 struct State {
     entries: Vec<Option<Entry>>,
     free: Vec<usize>,
+    /// Registered waiters.
+    len: usize,
     /// A watchdog task is running.
     watching: bool,
     /// The bound the watchdog sleeps until.
@@ -62,6 +64,7 @@ impl Waits {
             waker: waker.clone(),
             expired: false,
         });
+        st.len += 1;
         let i = match st.free.pop() {
             Some(i) => {
                 st.entries[i] = entry;
@@ -89,6 +92,12 @@ impl Waits {
         let mut st = self.state();
         st.entries[index] = None;
         st.free.push(index);
+        st.len -= 1;
+    }
+
+    /// Callers waiting for a slot now (the ones a slot did not reach at once).
+    pub(crate) fn len(&self) -> usize {
+        self.state().len
     }
 }
 
@@ -180,6 +189,7 @@ mod tests {
         assert!(late.is_err() && early.is_err());
         assert!(start.elapsed() >= Duration::from_millis(300));
         assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(waits.len(), 0);
         let st = waits.state();
         assert!(st.entries.iter().all(Option::is_none));
         assert_eq!(st.free.len(), st.entries.len());
