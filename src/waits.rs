@@ -93,6 +93,13 @@ impl Waits {
         st.entries[index] = None;
         st.free.push(index);
         st.len -= 1;
+        if st.len == 0 && st.watching {
+            // The watchdog ends now rather than at a bound nobody waits for: nothing of the
+            // pool's stays scheduled once its callers are done (a Lambda environment freezes
+            // after the invocation).
+            drop(st);
+            self.rearm.notify_one();
+        }
     }
 
     /// Callers waiting for a slot now (the ones a slot did not reach at once).
@@ -101,7 +108,8 @@ impl Waits {
     }
 }
 
-/// Wakes waiters whose bound has passed; ends when no waiter is left to watch.
+/// Wakes waiters whose bound has passed; ends when no waiter is left to watch (the last one
+/// to leave wakes it).
 async fn watchdog(waits: Arc<Waits>) {
     loop {
         let next = {
@@ -236,6 +244,26 @@ mod tests {
         .0;
         assert!(matches!(got, Ok(Ok(_))));
         assert!(waits.state().entries.iter().all(Option::is_none));
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_ends_when_the_last_waiter_leaves() {
+        let waits = Arc::new(Waits::default());
+        let slots = Semaphore::new(0);
+        let at = Instant::now() + Duration::from_secs(60);
+        let got = tokio::join!(acquire_until(&waits, &slots, at), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            slots.add_permits(1);
+        })
+        .0;
+        assert!(matches!(got, Ok(Ok(_))));
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while waits.state().watching {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the watchdog still sleeps for a 60 s bound");
     }
 
     /// Polls once; `None` when pending.
