@@ -111,6 +111,12 @@ impl Waits {
 /// Wakes waiters whose bound has passed; ends when no waiter is left to watch (the last one
 /// to leave wakes it).
 async fn watchdog(waits: Arc<Waits>) {
+    // If the runtime shuts down under it (a pool used from several runtimes, as tests do),
+    // the next waiter must start a new one.
+    let mut on_drop = Watching {
+        waits: &waits,
+        armed: true,
+    };
     loop {
         let next = {
             let mut st = waits.state();
@@ -129,6 +135,7 @@ async fn watchdog(waits: Arc<Waits>) {
                 Some(t) => t,
                 None => {
                     st.watching = false;
+                    on_drop.armed = false;
                     return;
                 }
             }
@@ -137,6 +144,20 @@ async fn watchdog(waits: Arc<Waits>) {
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
             () = rearmed => {}
+        }
+    }
+}
+
+/// Marks the watchdog gone when its task is dropped before it ended by itself.
+struct Watching<'a> {
+    waits: &'a Waits,
+    armed: bool,
+}
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.waits.state().watching = false;
         }
     }
 }
@@ -264,6 +285,42 @@ mod tests {
         })
         .await;
         assert!(ended.is_ok(), "the watchdog still sleeps for a 60 s bound");
+    }
+
+    #[test]
+    fn a_runtime_that_shuts_down_takes_its_watchdog_but_not_the_next_ones() {
+        let waits = Arc::new(Waits::default());
+        let slots = Arc::new(Semaphore::new(0));
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        first.block_on(async {
+            // Registered, watchdog started; then the runtime goes away with both.
+            let w = tokio::spawn({
+                let (waits, slots) = (waits.clone(), slots.clone());
+                async move {
+                    let at = Instant::now() + Duration::from_secs(60);
+                    acquire_until(&waits, &slots, at).await.is_ok()
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!w.is_finished());
+        });
+        drop(first);
+        assert!(!waits.state().watching);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let timed_out = second.block_on(async {
+            let at = Instant::now() + Duration::from_millis(50);
+            tokio::time::timeout(Duration::from_secs(5), acquire_until(&waits, &slots, at)).await
+        });
+        assert!(
+            matches!(timed_out, Ok(Err(()))),
+            "the bound held in the second runtime"
+        );
     }
 
     /// Polls once; `None` when pending.
