@@ -3,9 +3,11 @@
 //! Every `get()` that has to wait is bounded (by `acquire_timeout` and the deadline). A tokio
 //! timer per wait costs a timer-wheel insertion and removal, about as much as the rest of a
 //! queued checkout. Instead, a waiter that has to wait registers its bound and waker here, and
-//! one watchdog task per pool, alive only while someone waits, sleeps until the earliest bound
-//! and wakes the waiters whose bound has passed; they see it and give up. A slot that arrives
-//! first wakes the waiter through the semaphore as usual, and it leaves the registry.
+//! one watchdog task per pool sleeps until the earliest bound and wakes the waiters whose bound
+//! has passed; they see it and give up. A slot that arrives first wakes the waiter through the
+//! semaphore as usual, and it leaves the registry. The watchdog starts with the first waiter
+//! and ends when it wakes to find nobody waiting; it does nothing else (a frozen Lambda
+//! environment leaves it asleep).
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
@@ -92,14 +94,9 @@ impl Waits {
         let mut st = self.state();
         st.entries[index] = None;
         st.free.push(index);
+        // The watchdog is not told: it ends at the bound it sleeps for if nobody waits then,
+        // and until then serves the next waiters without a new task each time.
         st.len -= 1;
-        if st.len == 0 && st.watching {
-            // The watchdog ends now rather than at a bound nobody waits for: nothing of the
-            // pool's stays scheduled once its callers are done (a Lambda environment freezes
-            // after the invocation).
-            drop(st);
-            self.rearm.notify_one();
-        }
     }
 
     /// Callers waiting for a slot now (the ones a slot did not reach at once).
@@ -108,8 +105,7 @@ impl Waits {
     }
 }
 
-/// Wakes waiters whose bound has passed; ends when no waiter is left to watch (the last one
-/// to leave wakes it).
+/// Wakes waiters whose bound has passed; ends when it wakes and no waiter is left to watch.
 async fn watchdog(waits: Arc<Waits>) {
     // If the runtime shuts down under it (a pool used from several runtimes, as tests do),
     // the next waiter must start a new one.
@@ -268,23 +264,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_watchdog_ends_when_the_last_waiter_leaves() {
+    async fn the_watchdog_ends_once_nobody_waits() {
         let waits = Arc::new(Waits::default());
         let slots = Semaphore::new(0);
-        let at = Instant::now() + Duration::from_secs(60);
+        let at = Instant::now() + Duration::from_millis(300);
         let got = tokio::join!(acquire_until(&waits, &slots, at), async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             slots.add_permits(1);
         })
         .0;
         assert!(matches!(got, Ok(Ok(_))));
+        assert!(waits.state().watching, "it sleeps until the bound");
         let ended = tokio::time::timeout(Duration::from_secs(5), async {
             while waits.state().watching {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
         .await;
-        assert!(ended.is_ok(), "the watchdog still sleeps for a 60 s bound");
+        assert!(ended.is_ok(), "the watchdog ended after the bound");
     }
 
     #[test]
