@@ -96,25 +96,40 @@ thread_local! {
     static HOT: RefCell<Option<Hot>> = const { RefCell::new(None) };
 }
 
+impl Hot {
+    fn register(recorder: *const ()) -> Hot {
+        Hot {
+            recorder,
+            in_use: gauge!(CONNECTIONS_IN_USE),
+            idle: gauge!(CONNECTIONS_IDLE),
+            acquire_wait: histogram!(ACQUIRE_WAIT),
+            cache_hit: counter!(STATEMENT_CACHE, "result" => "hit"),
+            cache_miss: counter!(STATEMENT_CACHE, "result" => "miss"),
+        }
+    }
+}
+
 /// Runs `f` with the handles of the recorder in effect now (a local recorder, the global one
 /// or none), registering them again when that recorder is not the one they came from.
 fn hot(f: impl FnOnce(&Hot)) {
     let recorder = metrics::with_recorder(|r| std::ptr::from_ref(r).cast::<()>());
-    HOT.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let hot = match &mut *cell {
-            Some(h) if h.recorder == recorder => h,
-            slot => slot.insert(Hot {
-                recorder,
-                in_use: gauge!(CONNECTIONS_IN_USE),
-                idle: gauge!(CONNECTIONS_IDLE),
-                acquire_wait: histogram!(ACQUIRE_WAIT),
-                cache_hit: counter!(STATEMENT_CACHE, "result" => "hit"),
-                cache_miss: counter!(STATEMENT_CACHE, "result" => "miss"),
-            }),
-        };
-        f(hot);
+    let mut f = Some(f);
+    let _ = HOT.try_with(|cell| {
+        if let Ok(mut cell) = cell.try_borrow_mut() {
+            let hot = match &mut *cell {
+                Some(h) if h.recorder == recorder => h,
+                slot => slot.insert(Hot::register(recorder)),
+            };
+            if let Some(f) = f.take() {
+                f(hot);
+            }
+        }
     });
+    // The cache is gone (a connection returned while its thread's locals are destroyed) or in
+    // use further up this thread's stack: register for this call only.
+    if let Some(f) = f {
+        f(&Hot::register(recorder));
+    }
 }
 
 /// A checkout: the time it waited, and the gauges after it.

@@ -539,6 +539,9 @@ fn metrics_are_recorded_under_the_documented_names() {
                 .unwrap();
             let c = pool.get().await.unwrap();
             assert!(pool.get().await.is_err());
+            for _ in 0..2 {
+                c.query_one("SELECT 1", &[]).await.unwrap();
+            }
             c.batch_execute("SET application_name = 'pl_metrics'")
                 .await
                 .unwrap();
@@ -559,6 +562,26 @@ fn metrics_are_recorded_under_the_documented_names() {
     assert_eq!(rec.counter("pinpool_connections_closed{reason=pinned}"), 1);
     assert_eq!(rec.gauge("pinpool_connections_in_use{}"), Some(0.0));
     assert_eq!(rec.samples("pinpool_acquire_wait{}").len(), 1);
+    assert_eq!(rec.counter("pinpool_statement_cache{result=miss}"), 1);
+    assert_eq!(rec.counter("pinpool_statement_cache{result=hit}"), 1);
+
+    // Another recorder on the same thread gets the next values: handles cached for the first
+    // one are not reused for it.
+    let other = common::TestRecorder::default();
+    metrics::with_local_recorder(&other, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let pool = builder("pl_metrics").max_size(1).build().unwrap();
+            let c = pool.get().await.unwrap();
+            c.query_one("SELECT 1", &[]).await.unwrap();
+        });
+    });
+    assert_eq!(other.samples("pinpool_acquire_wait{}").len(), 1);
+    assert_eq!(other.counter("pinpool_statement_cache{result=miss}"), 1);
+    assert_eq!(rec.samples("pinpool_acquire_wait{}").len(), 1, "unchanged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
