@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(f.statement, i + 1, "statements are numbered in order");
         assert!(f.line >= line, "lines never go back");
         line = f.line;
-        assert!(sql.contains(f.text), "a finding's text comes from the input");
+        assert!(
+            sql.contains(f.text),
+            "a finding's text comes from the input"
+        );
         union = union.union(f.classification.reasons);
     }
     assert_eq!(

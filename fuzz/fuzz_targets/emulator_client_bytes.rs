@@ -111,7 +111,10 @@ fuzz_target!(|data: &[u8]| {
             if c.clients == 0 && c.upstream_in_use == 0 && c.pinned_now == 0 {
                 break;
             }
-            assert!(Instant::now() < end, "the session did not end cleanly: {c:?}");
+            assert!(
+                Instant::now() < end,
+                "the session did not end cleanly: {c:?}"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     });
