@@ -526,27 +526,21 @@ async fn many_waiters_with_random_timeouts_leak_no_capacity() {
 #[test]
 fn metrics_are_recorded_under_the_documented_names() {
     let rec = common::TestRecorder::default();
-    metrics::with_local_recorder(&rec, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+    common::run_recorded(&rec, async {
+        let pool = builder("pl_metrics")
+            .max_size(1)
+            .acquire_timeout(Duration::from_millis(50))
             .build()
             .unwrap();
-        rt.block_on(async {
-            let pool = builder("pl_metrics")
-                .max_size(1)
-                .acquire_timeout(Duration::from_millis(50))
-                .build()
-                .unwrap();
-            let c = pool.get().await.unwrap();
-            assert!(pool.get().await.is_err());
-            for _ in 0..2 {
-                c.query_one("SELECT 1", &[]).await.unwrap();
-            }
-            c.batch_execute("SET application_name = 'pl_metrics'")
-                .await
-                .unwrap();
-            drop(c);
-        });
+        let c = pool.get().await.unwrap();
+        assert!(pool.get().await.is_err());
+        for _ in 0..2 {
+            c.query_one("SELECT 1", &[]).await.unwrap();
+        }
+        c.batch_execute("SET application_name = 'pl_metrics'")
+            .await
+            .unwrap();
+        drop(c);
     });
     assert_eq!(
         rec.counter("pinpool_connections_opened{}"),
@@ -568,16 +562,10 @@ fn metrics_are_recorded_under_the_documented_names() {
     // Another recorder on the same thread gets the next values: handles cached for the first
     // one are not reused for it.
     let other = common::TestRecorder::default();
-    metrics::with_local_recorder(&other, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let pool = builder("pl_metrics").max_size(1).build().unwrap();
-            let c = pool.get().await.unwrap();
-            c.query_one("SELECT 1", &[]).await.unwrap();
-        });
+    common::run_recorded(&other, async {
+        let pool = builder("pl_metrics").max_size(1).build().unwrap();
+        let c = pool.get().await.unwrap();
+        c.query_one("SELECT 1", &[]).await.unwrap();
     });
     assert_eq!(other.samples("pinpool_acquire_wait{}").len(), 1);
     assert_eq!(other.counter("pinpool_statement_cache{result=miss}"), 1);

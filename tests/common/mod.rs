@@ -103,6 +103,18 @@ pub fn assert_quiet(pool: &pinpool::Pool) {
     assert_eq!(s.size, s.idle, "{s:?}");
 }
 
+/// Runs `fut` to completion on a current-thread runtime with `recorder` as this thread's
+/// metrics recorder.
+pub fn run_recorded<F: std::future::Future>(recorder: &TestRecorder, fut: F) -> F::Output {
+    metrics::with_local_recorder(recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    })
+}
+
 /// A recorder that keeps counter, gauge and histogram values by name and sorted labels.
 #[derive(Default, Clone)]
 pub struct TestRecorder {
