@@ -69,9 +69,10 @@ impl Bound {
         }
     }
 
-    /// True when the bound has already passed.
+    /// True when the bound had already passed when it was made: nothing was allowed. Read
+    /// from the bound itself, not from the clock again.
     pub(crate) fn passed(&self) -> bool {
-        self.at <= Instant::now()
+        self.allowed.is_zero()
     }
 }
 
@@ -95,6 +96,9 @@ mod tests {
         let b = Bound::new(Some(Duration::from_millis(10)), Some(soon)).unwrap();
         assert_eq!(b.cause, TimeoutCause::Configured);
         assert!(Bound::new(None, None).is_none());
+        let gone = Bound::new(Some(Duration::from_secs(5)), Some(Instant::now())).unwrap();
+        assert!(gone.passed());
+        assert!(!b.passed());
     }
 
     #[tokio::test]
