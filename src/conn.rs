@@ -58,6 +58,8 @@ const UNTRACKED: u8 = 8; // raw access was handed out
 const KILLED: u8 = 16; // the socket was closed by pinpool after a timeout
 const BROKEN: u8 = 32; // the socket was closed by pinpool after a fatal error
 const ROLLBACK_QUEUED: u8 = 64; // a dropped transaction queued a ROLLBACK not yet known sent
+/// Inside a transaction, or unsure whether it is.
+const IN_TXN: u8 = TXN_TEXT | UNKNOWN | TXN_OBJECT;
 
 /// The state statements update through `&self`; atomics so clients and their futures are
 /// `Sync`/`Send`. Only the one holder of the connection touches it, so `Relaxed` suffices.
@@ -153,7 +155,7 @@ impl ConnState {
     /// True inside a transaction (or when unsure): a failed statement has aborted it, so
     /// retrying is pointless.
     pub(crate) fn in_transaction(&self) -> bool {
-        self.flags.load(Relaxed) & (TXN_TEXT | UNKNOWN | TXN_OBJECT) != 0
+        self.flags.load(Relaxed) & IN_TXN != 0
     }
 
     pub(crate) fn pinned(&self) -> Reasons {
@@ -174,7 +176,7 @@ impl ConnState {
             killed: flags & KILLED != 0,
             closed: closed || flags & BROKEN != 0,
             in_flight: self.in_flight.load(Relaxed),
-            in_txn: flags & (TXN_TEXT | UNKNOWN | TXN_OBJECT) != 0,
+            in_txn: flags & IN_TXN != 0,
             untracked: flags & UNTRACKED != 0,
             pinned: self.pinned(),
         }
