@@ -91,7 +91,7 @@ impl Invocation {
 
     /// Keeps a pinned connection for this invocation; hands it back if the invocation ended.
     pub(crate) fn stash(&self, conn: Conn) -> Option<Conn> {
-        let mut stash = self.0.stash.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stash = self.0.kept();
         if self.has_ended() {
             return Some(conn);
         }
@@ -101,34 +101,39 @@ impl Invocation {
 
     /// A connection this invocation kept, if any (it still holds its slot).
     pub(crate) fn take_stashed(&self) -> Option<Conn> {
-        self.0.stash.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        self.0.kept().pop()
     }
 
     /// Ends the invocation: closes the connections it kept. Synchronous, so it also runs when
     /// the invocation's future is dropped.
     pub(crate) fn end(&self) {
         let kept: Vec<Conn> = {
-            let mut stash = self.0.stash.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stash = self.0.kept();
             self.0.ended.store(true, Relaxed);
             stash.drain(..).collect()
         };
+        self.0.close(kept);
+    }
+}
+
+impl InvocationInner {
+    /// The kept connections, locked (a poisoned lock still holds a consistent list).
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.stash.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes kept connections and releases their slots.
+    fn close(&self, kept: Vec<Conn>) {
         for conn in kept {
-            self.0.pool.release_slot_of(conn, CloseReason::Pinned);
+            self.pool.release_slot_of(conn, CloseReason::Pinned);
         }
     }
 }
 
 impl Drop for InvocationInner {
     fn drop(&mut self) {
-        let kept: Vec<Conn> = self
-            .stash
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for conn in kept {
-            self.pool.release_slot_of(conn, CloseReason::Pinned);
-        }
+        let kept = std::mem::take(self.stash.get_mut().unwrap_or_else(|e| e.into_inner()));
+        self.close(kept);
     }
 }
 
@@ -150,9 +155,6 @@ impl std::fmt::Debug for Invocation {
     }
 }
 
-/// Makes the after-invocation work once the invocation's future has finished.
-type Settle = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
-
 pin_project! {
     /// The future of one invocation, from [`Pool::invocation`](crate::Pool::invocation) and
     /// the Lambda layer: the freeze checks, the handler's future inside the invocation scope,
@@ -163,8 +165,8 @@ pin_project! {
         #[pin]
         run: TaskLocalFuture<Invocation, F>,
         end: Option<EndOnDrop>,
-        settle: Option<Settle>,
-        settling: Option<BoxFuture<'static, ()>>,
+        // The end-of-invocation work; an async block, so it does nothing until polled.
+        settle: Option<BoxFuture<'static, ()>>,
         out: Option<F::Output>,
     }
 }
@@ -174,14 +176,13 @@ impl<F: Future> InvocationFuture<F> {
         check: BoxFuture<'static, ()>,
         inv: Invocation,
         fut: F,
-        settle: Settle,
+        settle: BoxFuture<'static, ()>,
     ) -> Self {
         InvocationFuture {
             check: Some(check),
             end: Some(EndOnDrop(inv.clone())),
             run: CURRENT.scope(inv, fut),
             settle: Some(settle),
-            settling: None,
             out: None,
         }
     }
@@ -201,11 +202,10 @@ impl<F: Future> Future for InvocationFuture<F> {
             *this.out = Some(out);
             // Ends the invocation: the pinned connections it kept close now.
             drop(this.end.take());
-            *this.settling = this.settle.take().map(|settle| settle());
         }
-        if let Some(settling) = this.settling.as_mut() {
-            ready!(settling.as_mut().poll(cx));
-            *this.settling = None;
+        if let Some(settle) = this.settle.as_mut() {
+            ready!(settle.as_mut().poll(cx));
+            *this.settle = None;
         }
         Poll::Ready(
             this.out

@@ -186,9 +186,7 @@ impl Pool {
             Box::pin(async move { checking.inner.freeze_check(cut).await }),
             inv,
             fut,
-            Box::new(move || {
-                Box::pin(async move { settling.inner.settle_after_invocation().await })
-            }),
+            Box::pin(async move { settling.inner.settle_after_invocation().await }),
         )
     }
 
@@ -328,18 +326,14 @@ impl Pool {
         inner.closed.store(true, Relaxed);
         inner.slots.close();
         let drained: Vec<Conn> = inner.idle().drain(..).collect();
-        for conn in drained {
-            inner.discard(conn, CloseReason::PoolClosed);
-        }
+        inner.discard_all(drained, CloseReason::PoolClosed);
     }
 
     /// Closes every idle connection now (checked-out ones are unaffected). For a SnapStart
     /// snapshot, or before a long pause.
     pub fn close_idle(&self) {
         let drained: Vec<Conn> = self.inner.idle().drain(..).collect();
-        for conn in drained {
-            self.inner.discard(conn, CloseReason::Stale);
-        }
+        self.inner.discard_all(drained, CloseReason::Stale);
     }
 
     /// True once [`close`](Self::close) was called.
@@ -444,6 +438,13 @@ impl PoolInner {
         );
     }
 
+    /// Closes `conns` (taken out of the idle set, outside its lock) and counts why.
+    fn discard_all(&self, conns: impl IntoIterator<Item = Conn>, reason: CloseReason) {
+        for conn in conns {
+            self.discard(conn, reason);
+        }
+    }
+
     /// Takes a connection back from a dropped [`PooledClient`]. Synchronous: it never spawns.
     pub(crate) fn put_back(&self, mut conn: Conn, inv: Option<&Invocation>) {
         let now = SystemTime::now();
@@ -534,6 +535,7 @@ impl PoolInner {
         }
         impl Drop for Unchecked<'_> {
             fn drop(&mut self) {
+                // Each slot is released after its connection is closed and uncounted.
                 for (conn, _permit) in self.conns.drain(..) {
                     self.pool.discard(conn, self.reason);
                 }
@@ -610,9 +612,7 @@ impl PoolInner {
                 // The most recently used stay (they are popped first).
                 idle.drain(..extra).collect()
             };
-            for conn in extra {
-                self.discard(conn, CloseReason::Trimmed);
-            }
+            self.discard_all(extra, CloseReason::Trimmed);
         }
     }
 
