@@ -208,13 +208,7 @@ impl<'a> Ctx<'a> {
             return Ok(None);
         }
         let counters = &self.g.pool.counters;
-        let hit = self
-            .g
-            .state
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(sql);
+        let hit = self.g.state.cache().get(sql);
         if let Some(stmt) = hit {
             counters.cache_hits.fetch_add(1, Relaxed);
             crate::metrics::cache_hit();
@@ -232,17 +226,11 @@ impl<'a> Ctx<'a> {
         counters.cache_misses.fetch_add(1, Relaxed);
         crate::metrics::cache_miss();
         let stmt = self.prepare_typed(sql, &[]).await?;
-        let evicted = self
-            .g
-            .state
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                stmt.clone(),
-                settings.statement_cache_capacity,
-                settings.statement_cache_bytes,
-            );
+        let evicted = self.g.state.cache().insert(
+            stmt.clone(),
+            settings.statement_cache_capacity,
+            settings.statement_cache_bytes,
+        );
         if !evicted.is_empty() {
             counters
                 .cache_evictions
@@ -259,14 +247,7 @@ impl<'a> Ctx<'a> {
         if !is_stale(e) {
             return false;
         }
-        drop(
-            self.g
-                .state
-                .cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(sql),
-        );
+        drop(self.g.state.cache().remove(sql));
         tracing::debug!(
             connection = self.g.state.id,
             "pinpool: a cached statement went stale; prepared again"

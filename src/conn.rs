@@ -73,7 +73,7 @@ pub(crate) struct ConnState {
     first_pin: Mutex<Option<Box<str>>>,
     task: Arc<TaskSlot>,
     /// Prepared statements of this connection, by SQL; dies with it.
-    pub(crate) cache: Mutex<StatementCache>,
+    cache: Mutex<StatementCache>,
 }
 
 impl ConnState {
@@ -99,6 +99,11 @@ impl ConnState {
         if let Some(abort) = self.task.abort.get() {
             abort.abort();
         }
+    }
+
+    /// The statement cache, locked (a poisoned lock still holds a consistent cache).
+    pub(crate) fn cache(&self) -> std::sync::MutexGuard<'_, StatementCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn begin(&self) -> InFlight<'_> {
