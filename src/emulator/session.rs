@@ -505,13 +505,7 @@ impl Session {
         h.open.swallow_parse += 1;
         h.up.prepared.insert(s.global.clone());
         h.open.prepared.push(s.global.clone());
-        self.shared
-            .pool
-            .0
-            .registry
-            .lock()
-            .unwrap()
-            .prepared(&s.global);
+        self.shared.pool.registry().prepared(&s.global);
     }
 
     /// Records a client's Parse: the unnamed statement, or a named one under a new name of
@@ -534,13 +528,7 @@ impl Session {
             class,
         };
         if let Some(old) = self.stmts.insert(name, stmt) {
-            self.shared
-                .pool
-                .0
-                .registry
-                .lock()
-                .unwrap()
-                .retire(old.global);
+            self.shared.pool.registry().retire(old.global);
         }
         Some(global)
     }
@@ -621,7 +609,7 @@ impl Session {
         };
         let mut h = Held::new(up);
         let dead: Vec<String> = {
-            let reg = self.shared.pool.0.registry.lock().unwrap();
+            let reg = self.shared.pool.registry();
             h.up.prepared
                 .iter()
                 .filter(|n| reg.is_dead(n))
@@ -629,7 +617,7 @@ impl Session {
                 .collect()
         };
         if !dead.is_empty() {
-            let mut reg = self.shared.pool.0.registry.lock().unwrap();
+            let mut reg = self.shared.pool.registry();
             for name in &dead {
                 wire::named(b'C', b"S", name, b"").write_to(&mut h.out);
                 h.up.prepared.remove(name);
@@ -728,13 +716,7 @@ impl Session {
                     Some(global) => {
                         wire::named(b'P', b"", &global, &rest).write_to(&mut h.out);
                         h.up.prepared.insert(global.clone());
-                        self.shared
-                            .pool
-                            .0
-                            .registry
-                            .lock()
-                            .unwrap()
-                            .prepared(&global);
+                        self.shared.pool.registry().prepared(&global);
                         h.open.prepared.push(global);
                     }
                 }
@@ -794,7 +776,7 @@ impl Session {
                     let h = self.held.as_mut().expect("held");
                     wire::named(frame.tag, &[kind], &global, b"").write_to(&mut h.out);
                     if frame.tag == b'C' && self.stmts.remove(&name).is_some() {
-                        let mut reg = self.shared.pool.0.registry.lock().unwrap();
+                        let mut reg = self.shared.pool.registry();
                         if h.up.prepared.remove(&global) {
                             reg.closed(&global);
                         }
@@ -859,7 +841,7 @@ impl Session {
                         && done.errored
                     {
                         // What this cycle prepared may not exist: prepare it again next time.
-                        let mut reg = self.shared.pool.0.registry.lock().unwrap();
+                        let mut reg = self.shared.pool.registry();
                         for name in done.prepared {
                             if h.up.prepared.remove(&name) {
                                 reg.closed(&name);
@@ -885,7 +867,7 @@ impl Session {
     /// resets a session before reusing its connection.
     async fn leave(&mut self) {
         {
-            let mut reg = self.shared.pool.0.registry.lock().unwrap();
+            let mut reg = self.shared.pool.registry();
             for (_, s) in self.stmts.drain() {
                 reg.retire(s.global);
             }
@@ -924,7 +906,7 @@ impl Session {
             }
             if pinned {
                 simple(&mut h, "DISCARD ALL").await?;
-                let mut reg = self.shared.pool.0.registry.lock().unwrap();
+                let mut reg = self.shared.pool.registry();
                 for name in h.up.prepared.drain() {
                     reg.closed(&name);
                 }

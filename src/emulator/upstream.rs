@@ -124,6 +124,11 @@ struct PoolState {
 pub(crate) struct UpstreamPool(pub(crate) Arc<PoolShared>);
 
 impl UpstreamPool {
+    /// The registry of statement names prepared on database connections, locked.
+    pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.0.registry.lock().unwrap()
+    }
+
     pub(crate) fn new(config: UpstreamConfig, max: usize, counters: Arc<Counters>) -> Self {
         UpstreamPool(Arc::new(PoolShared {
             config,
