@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pinpool::{Error, Pool};
 
-const ROLE: &str = "pinpool_pw";
-const SECRET: &str = "pinpool-test-secret";
+const ROLE: &str = common::PASSWORD_ROLE;
+const SECRET: &str = common::PASSWORD_ROLE_SECRET;
 const WRONG: &str = "wrong-secret-4711";
 
 fn url(app: &str) -> tokio_postgres::Config {
@@ -20,26 +20,9 @@ fn url(app: &str) -> tokio_postgres::Config {
     cfg
 }
 
-/// True when the server rejects a wrong password for the test role.
-async fn password_enforced() -> bool {
-    let mut cfg = url("auth_probe");
-    cfg.password(WRONG);
-    let enforced = cfg.connect(tokio_postgres::NoTls).await.is_err();
-    if !enforced {
-        assert!(
-            std::env::var("PINPOOL_REQUIRE_PASSWORD_AUTH").is_err(),
-            "the server does not ask {ROLE} for a password: run scripts/test-db-setup.sh"
-        );
-        eprintln!(
-            "skipped: the server does not ask {ROLE} for a password (run scripts/test-db-setup.sh)"
-        );
-    }
-    enforced
-}
-
 #[tokio::test]
 async fn a_wrong_password_gives_a_clear_connect_error_without_the_password() {
-    if !password_enforced().await {
+    if !common::password_auth_enforced().await {
         return;
     }
     let pool = Pool::builder(url("auth_wrong"))
@@ -68,7 +51,7 @@ async fn a_wrong_password_gives_a_clear_connect_error_without_the_password() {
 
 #[tokio::test]
 async fn the_provider_is_asked_for_every_new_connection() {
-    if !password_enforced().await {
+    if !common::password_auth_enforced().await {
         return;
     }
     let calls = Arc::new(AtomicUsize::new(0));

@@ -456,17 +456,14 @@ async fn copy_works_in_both_directions_through_the_emulator() {
 #[tokio::test]
 async fn the_emulator_logs_in_upstream_with_scram() {
     // The role from scripts/test-db-setup.sh must log in with a password (SCRAM-SHA-256).
-    let mut probe: tokio_postgres::Config = database_url().parse().unwrap();
-    probe.user("pinpool_pw").password("wrong-secret");
-    if probe.connect(tokio_postgres::NoTls).await.is_ok() {
-        assert!(
-            std::env::var("PINPOOL_REQUIRE_PASSWORD_AUTH").is_err(),
-            "the server does not ask pinpool_pw for a password: run scripts/test-db-setup.sh"
-        );
-        eprintln!("skipped: the server does not ask pinpool_pw for a password");
+    if !common::password_auth_enforced().await {
         return;
     }
-    let upstream = "postgres://pinpool_pw:pinpool-test-secret@127.0.0.1:5432/postgres";
+    let upstream = format!(
+        "postgres://{}:{}@127.0.0.1:5432/postgres",
+        common::PASSWORD_ROLE,
+        common::PASSWORD_ROLE_SECRET
+    );
     let emu = Emulator::start(
         EmulatorConfig::new(upstream)
             .max_connections(1)

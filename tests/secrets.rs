@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use pinpool::emulator::{Emulator, EmulatorConfig};
 use pinpool::{Pool, PooledClient};
 
-const DB_SECRET: &str = "pinpool-test-secret";
+const DB_SECRET: &str = common::PASSWORD_ROLE_SECRET;
 const WRONG: &str = "wrong-secret-4711";
 const PROXY_SECRET: &str = "proxy-secret-0815";
 

@@ -59,6 +59,37 @@ pub async fn kill_backends(admin: &tokio_postgres::Client, app: &str) -> u64 {
         .len() as u64
 }
 
+/// The role `scripts/test-db-setup.sh` creates, which must log in with a password.
+pub const PASSWORD_ROLE: &str = "pinpool_pw";
+/// Its password.
+pub const PASSWORD_ROLE_SECRET: &str = "pinpool-test-secret";
+
+/// True when the server rejects a wrong password for [`PASSWORD_ROLE`] (SQLSTATE 28P01) and
+/// accepts the right one. Anything else (no such role, a server that lets it in without a
+/// password) means the setup script has not run: the caller skips, except in CI
+/// (`PINPOOL_REQUIRE_PASSWORD_AUTH`), where that fails.
+pub async fn password_auth_enforced() -> bool {
+    let login = |password: &str| {
+        let mut probe: tokio_postgres::Config = url_for("auth_probe").parse().unwrap();
+        probe.user(PASSWORD_ROLE).password(password);
+        async move { probe.connect(tokio_postgres::NoTls).await.map(drop) }
+    };
+    let wrong_refused = login("a-wrong-password")
+        .await
+        .is_err_and(|e| e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD));
+    let enforced = wrong_refused && login(PASSWORD_ROLE_SECRET).await.is_ok();
+    if !enforced {
+        assert!(
+            std::env::var("PINPOOL_REQUIRE_PASSWORD_AUTH").is_err(),
+            "the server does not ask {PASSWORD_ROLE} for a password: run scripts/test-db-setup.sh"
+        );
+        eprintln!(
+            "skipped: the server does not ask {PASSWORD_ROLE} for a password (run scripts/test-db-setup.sh)"
+        );
+    }
+    enforced
+}
+
 /// Polls `cond` every 20 ms for up to `secs` seconds.
 pub async fn eventually<F, Fut>(secs: u64, mut cond: F) -> bool
 where
