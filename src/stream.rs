@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Buf;
 use futures_util::{Sink, Stream};
 use pin_project_lite::pin_project;
-use tokio::time::{Sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::conn::{ConnState, InFlight};
 use crate::deadline::Bound;
@@ -26,6 +26,8 @@ pin_project! {
         state: &'a ConnState,
         guard: Option<InFlight<'a>>,
         failed: bool,
+        // The inner stream ended; waiting for the socket to deliver the ReadyForQuery.
+        ending: bool,
     }
 }
 
@@ -50,6 +52,7 @@ impl<'a, S> Tracked<'a, S> {
             state,
             guard: Some(guard),
             failed: false,
+            ending: false,
         }
     }
 }
@@ -59,6 +62,12 @@ impl Tracked<'_, tokio_postgres::RowStream> {
     pub fn rows_affected(&self) -> Option<u64> {
         self.inner.rows_affected()
     }
+}
+
+/// True when the bound has passed, read from the clock: a stream whose items are always ready
+/// never lets its timer fire, so every poll looks.
+fn passed(bound: &Option<Bound>) -> bool {
+    bound.is_some_and(|b| Instant::now() >= b.at)
 }
 
 /// Checks the bound; on expiry closes the connection and returns the timeout error.
@@ -83,38 +92,63 @@ where
     type Item = Result<T, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.project();
+        let mut this = self.project();
         if this.guard.is_none() || *this.failed {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(item) = this.inner.poll_next(cx) {
-            return Poll::Ready(match item {
-                Some(Ok(v)) => Some(Ok(v)),
+        if !*this.ending {
+            if passed(this.bound) {
+                *this.failed = true;
+                this.state.kill();
+                return Poll::Ready(this.bound.map(|b| Err(b.error(Phase::Query))));
+            }
+            match this.inner.poll_next(cx) {
+                Poll::Ready(Some(Ok(v))) => return Poll::Ready(Some(Ok(v))),
                 // An error response ends the statement; the connection stays usable.
-                Some(Err(e)) => {
+                Poll::Ready(Some(Err(e))) => {
                     if let Some(g) = this.guard.take() {
                         g.done();
                     }
                     if crate::client::ends_session(&e) {
                         this.state.kill_broken();
                     }
-                    Some(Err(Error::Query(e)))
+                    return Poll::Ready(Some(Err(Error::Query(e))));
                 }
-                None => {
-                    if let Some(g) = this.guard.take() {
-                        g.done();
-                    }
-                    None
+                Poll::Ready(None) => *this.ending = true,
+                Poll::Pending => {
+                    return match expired(this.sleep, this.bound, this.state, cx) {
+                        Some(e) => {
+                            *this.failed = true;
+                            Poll::Ready(Some(Err(e)))
+                        }
+                        None => Poll::Pending,
+                    };
                 }
-            });
-        }
-        match expired(this.sleep, this.bound, this.state, cx) {
-            Some(e) => {
-                *this.failed = true;
-                Poll::Ready(Some(Err(e)))
             }
-            None => Poll::Pending,
         }
+        // Past the bound the wait stops: the connection, not at rest, is closed on return.
+        // (tokio-postgres ends a stream at its CommandComplete, which may be read apart from
+        // the ReadyForQuery.)
+        if this.state.wire.poll_settled(cx).is_pending()
+            && !this.state.health(false).killed
+            && !passed(this.bound)
+            && expired_quietly(this.sleep.as_mut(), cx).is_pending()
+        {
+            return Poll::Pending;
+        }
+        *this.ending = false;
+        if let Some(g) = this.guard.take() {
+            g.done();
+        }
+        Poll::Ready(None)
+    }
+}
+
+/// Polls the bound's timer without acting on it: ready once it fired (or with no bound never).
+fn expired_quietly(sleep: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
+    match sleep.as_pin_mut() {
+        Some(s) => s.poll(cx),
+        None => Poll::Pending,
     }
 }
 
@@ -157,6 +191,12 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         ) -> Poll<Result<R, tokio_postgres::Error>>,
     ) -> Poll<Result<R, Error>> {
         let this = self.project();
+        if passed(this.bound) {
+            this.state.kill();
+            return Poll::Ready(Err(this
+                .bound
+                .map_or(Error::Closed, |b| b.error(Phase::Query))));
+        }
         if let Poll::Ready(r) = f(this.inner, cx) {
             return Poll::Ready(r.map_err(Error::Query));
         }
@@ -176,7 +216,11 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
                 .poll_bounded(cx, |inner, cx| inner.poll_finish(cx))
         })
         .await?;
-        if let Some(g) = self.project().guard.take() {
+        let this = self.project();
+        if this.state.wire.outstanding() > 0 {
+            let _ = crate::deadline::within(*this.bound, this.state.wire.settled()).await;
+        }
+        if let Some(g) = this.guard.take() {
             g.done();
         }
         Ok(rows)
