@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{NoTls, Socket};
 
@@ -531,6 +531,15 @@ impl Builder {
         if !connector.tls() {
             // Without a TLS connector, do not send an SSLRequest that can only be refused.
             pg.ssl_mode(SslMode::Disable);
+        }
+        if pg.get_ssl_mode() == SslMode::Disable
+            && pg.get_load_balance_hosts() == LoadBalanceHosts::Random
+        {
+            // Plaintext connections are opened by pinpool (to observe them), hosts in order.
+            return Err(Error::config(
+                "load_balance_hosts",
+                "random is not supported for plaintext connections: pinpool tries hosts in order",
+            ));
         }
         // tokio-postgres's own connect_timeout covers only the TCP connect; the pool bounds the
         // whole connect with its own, and keeps the user's value when shorter.

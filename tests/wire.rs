@@ -264,3 +264,37 @@ fn a_discarded_connection_is_disconnected_before_the_return() {
     assert!(gone, "the backend still runs: the socket was left open");
     assert_eq!(pool.status().closed.get(CloseReason::Pinned), 1);
 }
+
+/// Plaintext connections are opened by pinpool in host order: random load balancing, which it
+/// would silently ignore, is refused by `build()`, naming the option.
+#[test]
+fn random_host_order_is_refused_for_plaintext() {
+    let err = pinpool::Pool::builder(
+        "postgres://postgres@127.0.0.1,127.0.0.2/postgres?load_balance_hosts=random",
+    )
+    .build()
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { option, .. } if *option == "load_balance_hosts"),
+        "{err}"
+    );
+}
+
+/// The plaintext connect tries every host in order, as tokio-postgres does: a refused first
+/// host does not fail the connect, and the observer is on the one that answered.
+#[tokio::test]
+async fn hosts_are_tried_in_order_and_the_answering_one_is_observed() {
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = refused.local_addr().unwrap().port();
+    drop(refused);
+    let config: tokio_postgres::Config = common::database_url().parse().unwrap();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let pool = pinpool::Pool::builder(format!(
+        "host=127.0.0.1,127.0.0.1 port={dead_port},{port} user=postgres dbname=postgres application_name=wire_hosts"
+    ))
+    .build()
+    .unwrap();
+    let c = pool.get().await.unwrap();
+    c.batch_execute("SET statement_timeout = '9s'").await.unwrap();
+    assert!(PooledClient::pin_state(&c).is_pinned());
+}
