@@ -295,6 +295,8 @@ async fn hosts_are_tried_in_order_and_the_answering_one_is_observed() {
     .build()
     .unwrap();
     let c = pool.get().await.unwrap();
-    c.batch_execute("SET statement_timeout = '9s'").await.unwrap();
+    c.batch_execute("SET statement_timeout = '9s'")
+        .await
+        .unwrap();
     assert!(PooledClient::pin_state(&c).is_pinned());
 }
