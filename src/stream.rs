@@ -8,10 +8,10 @@ use std::task::{Context, Poll, ready};
 use bytes::Buf;
 use futures_util::{Sink, Stream};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::{Sleep, sleep_until};
 
 use crate::conn::{ConnState, InFlight};
-use crate::deadline::Bound;
+use crate::deadline::{Bound, PollBound};
 use crate::error::{Error, Phase};
 
 pin_project! {
@@ -23,6 +23,7 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         bound: Option<Bound>,
+        check: Option<PollBound>,
         state: &'a ConnState,
         guard: Option<InFlight<'a>>,
         failed: bool,
@@ -48,6 +49,7 @@ impl<'a, S> Tracked<'a, S> {
         Tracked {
             inner,
             sleep: bound.map(|b| sleep_until(b.at)),
+            check: bound.as_ref().map(PollBound::new),
             bound,
             state,
             guard: Some(guard),
@@ -66,8 +68,8 @@ impl Tracked<'_, tokio_postgres::RowStream> {
 
 /// True when the bound has passed, read from the clock: a stream whose items are always ready
 /// never lets its timer fire, so every poll looks.
-fn passed(bound: &Option<Bound>) -> bool {
-    bound.is_some_and(|b| Instant::now() >= b.at)
+fn passed(check: &Option<PollBound>) -> bool {
+    check.is_some_and(|c| c.passed())
 }
 
 /// Checks the bound; on expiry closes the connection and returns the timeout error.
@@ -97,7 +99,7 @@ where
             return Poll::Ready(None);
         }
         if !*this.ending {
-            if passed(this.bound) {
+            if passed(this.check) {
                 *this.failed = true;
                 this.state.kill();
                 return Poll::Ready(this.bound.map(|b| Err(b.error(Phase::Query))));
@@ -131,7 +133,7 @@ where
         // the ReadyForQuery.)
         if this.state.wire.poll_settled(cx).is_pending()
             && !this.state.health(false).killed
-            && !passed(this.bound)
+            && !passed(this.check)
             && expired_quietly(this.sleep.as_mut(), cx).is_pending()
         {
             return Poll::Pending;
@@ -161,6 +163,7 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         bound: Option<Bound>,
+        check: Option<PollBound>,
         state: &'a ConnState,
         guard: Option<InFlight<'a>>,
     }
@@ -176,6 +179,7 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         CopyInSink {
             inner,
             sleep: bound.map(|b| sleep_until(b.at)),
+            check: bound.as_ref().map(PollBound::new),
             bound,
             state,
             guard: Some(guard),
@@ -191,7 +195,7 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         ) -> Poll<Result<R, tokio_postgres::Error>>,
     ) -> Poll<Result<R, Error>> {
         let this = self.project();
-        if passed(this.bound) {
+        if passed(this.check) {
             this.state.kill();
             return Poll::Ready(Err(this
                 .bound
