@@ -256,3 +256,23 @@ mod url_property {
         }
     }
 }
+
+#[test]
+fn the_emulator_config_debug_shows_neither_password() {
+    for upstream in [
+        "postgres://app:Upstream-Secret-1@db:5432/app",
+        "postgresql://app:Upstream-Secret-1@db/app?application_name=x",
+        // Unencoded `@`, `:` and `/` in the password.
+        "postgres://app:Up@stream/Secret:1@db/app",
+        "host=db user=app password=Upstream-Secret-1 dbname=app",
+        "host=db user=app password='Upstream Secret-1' dbname=app",
+    ] {
+        let config = EmulatorConfig::new(upstream).password(PROXY_SECRET);
+        for text in [format!("{config:?}"), format!("{config:#?}")] {
+            for secret in [PROXY_SECRET, "Secret-1", "Up@stream", "stream/Secret"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert!(text.contains("app") && text.contains("db"), "{text}");
+        }
+    }
+}
