@@ -534,20 +534,24 @@ async fn raw_client(emu: &Emulator) -> tokio::net::TcpStream {
     s
 }
 
-/// Reads until a ReadyForQuery; returns the messages' tags before it.
+/// Reads until a ReadyForQuery; returns the tags of the messages before it.
 async fn raw_until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
-    use postgres_protocol::message::backend::Message;
+    use bytes::Buf;
     use tokio::io::AsyncReadExt;
     let mut buf = bytes::BytesMut::new();
     let mut tags = Vec::new();
     loop {
-        while let Some(m) = Message::parse(&mut buf).unwrap() {
-            tags.push(match m {
-                Message::ReadyForQuery(_) => return tags,
-                Message::ErrorResponse(_) => b'E',
-                Message::DataRow(_) => b'D',
-                _ => b'?',
-            });
+        while buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 1 + len {
+                break;
+            }
+            let tag = buf[0];
+            buf.advance(1 + len);
+            if tag == b'Z' {
+                return tags;
+            }
+            tags.push(tag);
         }
         let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
             .await
@@ -615,4 +619,51 @@ async fn clients_leaving_while_their_database_connection_opens_leak_no_room() {
         emu.counters()
     );
     assert!(emu.counters().upstream_open <= 2, "{:?}", emu.counters());
+}
+
+#[tokio::test]
+async fn a_function_call_message_pins_its_session() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start("em_fcall", 1, |c| {
+        c.borrow_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let other = client(&emu).await;
+    let default: String = other.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    let oid: u32 = other
+        .query_one("SELECT 'set_config'::regproc::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // FunctionCall (the protocol's, as libpq's PQfn sends it): set_config('work_mem', '7MB',
+    // false), arguments and result in text format.
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend(0i16.to_be_bytes());
+    body.extend(3i16.to_be_bytes());
+    for arg in ["work_mem", "7MB", "false"] {
+        body.extend((arg.len() as i32).to_be_bytes());
+        body.extend(arg.as_bytes());
+    }
+    body.extend(0i16.to_be_bytes());
+    let mut message = vec![b'F'];
+    message.extend(((body.len() + 4) as i32).to_be_bytes());
+    message.extend(body);
+    let mut raw = raw_client(&emu).await;
+    raw.write_all(&message).await.unwrap();
+    let tags = raw_until_ready(&mut raw).await;
+    assert!(!tags.contains(&b'E'), "the call failed: {tags:?}");
+    let c = emu.counters();
+    assert_eq!(
+        (c.pinned_now, c.pins_for(Reason::Untracked)),
+        (1, 1),
+        "a FunctionCall pins: {c:?}"
+    );
+    // Its database connection (the only one) is not handed to another client.
+    let err = other.query_one("SHOW work_mem", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_EXCEPTION), "{err:?}");
+    // Once the pinned client leaves, the connection is reset before it serves another.
+    drop(raw);
+    settle(&emu).await;
+    let now: String = other.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(now, default);
 }

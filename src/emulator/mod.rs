@@ -1,8 +1,9 @@
 //! A local RDS Proxy emulator (feature `emulator`): a PostgreSQL wire-protocol proxy that
 //! multiplexes client sessions over few database connections one transaction at a time, pins
-//! sessions on the same conditions as RDS Proxy ([`crate::pinning`]), queues transactions when
-//! every database connection is busy and fails them after the borrow timeout with SQLSTATE
-//! 08000, and closes idle clients.
+//! sessions on the same conditions as RDS Proxy ([`crate::pinning`]) and on any protocol-level
+//! FunctionCall ([`Reason::Untracked`]: what the function does is unknown), queues
+//! transactions when every database connection is busy and fails them after the borrow
+//! timeout with SQLSTATE 08000, and closes idle clients.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
