@@ -335,19 +335,85 @@ fn accept_verify_modes(s: &str) -> Rewritten {
             None => s.to_string(),
         }
     } else {
-        // Key-value form: only the unquoted `key=value` pairs these keys take are rewritten.
-        s.split_ascii_whitespace()
-            .filter_map(|p| match p.split_once('=') {
-                Some((k @ ("sslmode" | "sslrootcert"), v)) => keep(k, v, true),
-                _ => Some(p.to_string()),
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+        // Key-value form: the pairs of these keys are replaced where they stand; the rest of
+        // the text (quoted values with their spaces) is kept as written.
+        match key_value_pairs(s) {
+            Some(pairs) => {
+                let mut text = String::with_capacity(s.len());
+                let mut copied = 0;
+                for pair in pairs {
+                    if matches!(pair.key, "sslmode" | "sslrootcert") {
+                        text.push_str(&s[copied..pair.start]);
+                        text.extend(keep(pair.key, &pair.value, true));
+                        copied = pair.end;
+                    }
+                }
+                text.push_str(&s[copied..]);
+                text
+            }
+            // tokio-postgres refuses it; `explain` says so without quoting it.
+            None => s.to_string(),
+        }
     };
     Rewritten {
         text,
         verify,
         root_cert,
+    }
+}
+
+/// One `key=value` pair of a key-value connection string: where it stands, its key and its
+/// value unquoted and unescaped.
+struct Pair<'a> {
+    start: usize,
+    end: usize,
+    key: &'a str,
+    value: String,
+}
+
+/// The pairs of a key-value connection string, read as tokio-postgres reads them (a value is
+/// `'quoted'` or ends at whitespace; a backslash escapes the next character); `None` when it
+/// does not parse.
+fn key_value_pairs(s: &str) -> Option<Vec<Pair<'_>>> {
+    let mut pairs = Vec::new();
+    let mut it = s.char_indices().peekable();
+    loop {
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let Some(&(start, _)) = it.peek() else {
+            return Some(pairs);
+        };
+        while it
+            .next_if(|(_, c)| !c.is_whitespace() && *c != '=')
+            .is_some()
+        {}
+        let key_end = it.peek().map_or(s.len(), |(i, _)| *i);
+        if key_end == start {
+            return Some(pairs); // tokio-postgres stops reading here too
+        }
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        it.next_if(|(_, c)| *c == '=')?;
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let quoted = it.next_if(|(_, c)| *c == '\'').is_some();
+        let mut value = String::new();
+        let end = loop {
+            match it.next() {
+                Some((i, '\'')) if quoted => break i + 1,
+                Some((_, '\\')) => value.extend(it.next().map(|(_, c)| c)),
+                Some((i, c)) if !quoted && c.is_whitespace() => break i,
+                Some((_, c)) => value.push(c),
+                None if quoted => return None,
+                None => break s.len(),
+            }
+        };
+        if !quoted && value.is_empty() {
+            return None;
+        }
+        pairs.push(Pair {
+            start,
+            end,
+            key: &s[start..key_end],
+            value,
+        });
     }
 }
 
@@ -774,6 +840,44 @@ mod tests {
         let r = accept_verify_modes("postgres://a@h/db?application_name=x");
         assert_eq!(r.text, "postgres://a@h/db?application_name=x");
         assert!(r.verify.is_none() && r.root_cert.is_none());
+    }
+
+    #[test]
+    fn key_value_values_are_kept_as_written() {
+        // Spaces inside a quoted value (a password) are not collapsed.
+        let s = "host=h user=u password='a  b\tc' sslmode=verify-full dbname=d";
+        let r = accept_verify_modes(s);
+        assert_eq!(
+            r.text,
+            "host=h user=u password='a  b\tc' sslmode=require dbname=d"
+        );
+        let pg: tokio_postgres::Config = r.text.parse().unwrap();
+        assert_eq!(pg.get_password(), Some(&b"a  b\tc"[..]));
+        // A quoted value that looks like an sslrootcert pair is part of the password.
+        let r = accept_verify_modes("host=h password='x sslrootcert=/S sslmode=verify-ca' user=u");
+        assert!(r.root_cert.is_none() && r.verify.is_none(), "{}", r.text);
+        // Spaces around `=`, and quoted values of the keys rewritten.
+        let r = accept_verify_modes("host=h sslmode = 'verify-ca' sslrootcert='/a b.pem' user=u");
+        assert_eq!(r.verify, Some("verify-ca"));
+        assert_eq!(r.root_cert.map(|f| f.path).as_deref(), Some("/a b.pem"));
+        let pg: tokio_postgres::Config = r.text.parse().unwrap();
+        assert_eq!(pg.get_user(), Some("u"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_quoted_key_value_password_survives_the_rewrite(
+            password in "([ \t'\\\\=a-z]|sslmode=verify-ca|sslrootcert=/x){0,12}",
+        ) {
+            let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
+            let s = format!("host=h password='{quoted}' sslmode=verify-full user=u");
+            let r = accept_verify_modes(&s);
+            let pg: tokio_postgres::Config = r.text.parse().unwrap();
+            proptest::prop_assert_eq!(pg.get_password(), Some(password.as_bytes()));
+            proptest::prop_assert_eq!(pg.get_user(), Some("u"));
+            proptest::prop_assert_eq!(r.verify, Some("verify-full"));
+            proptest::prop_assert!(r.root_cert.is_none());
+        }
     }
 
     #[test]

@@ -196,6 +196,17 @@ fn build_errors_quote_no_part_of_a_password_that_confuses_the_url_parser() {
     assert!(err.contains("bogus"), "{err}");
 }
 
+#[test]
+fn a_quoted_key_value_password_is_neither_split_nor_quoted() {
+    // The words inside the quotes are the password, not an sslrootcert parameter.
+    let kv = "host=db user=app password='PW sslrootcert=/S3CRET-9 X' sslmode=require";
+    if let Some(texts) = error_texts(kv) {
+        for text in texts {
+            assert!(!text.contains("S3CRET"), "{text}");
+        }
+    }
+}
+
 mod url_property {
     use proptest::prelude::*;
 
