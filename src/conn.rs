@@ -180,7 +180,7 @@ impl ConnState {
 
     pub(crate) fn health(&self, closed: bool) -> Health {
         let flags = self.flags.load(Relaxed);
-        let wire = &self.wire;
+        let wire = self.wire.facts();
         Health {
             killed: flags & KILLED != 0,
             closed: closed || flags & BROKEN != 0 || wire.broken(),

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -50,14 +50,9 @@ pub(crate) enum TxnStatus {
 /// The facts read off one connection's protocol stream, shared with the pool.
 pub(crate) struct Wire {
     rules: PinRules,
-    status: AtomicU8,
-    /// Requests sent and not yet answered by a ReadyForQuery.
-    outstanding: AtomicU32,
-    copy: AtomicBool,
-    fatal: AtomicBool,
-    /// The stream broke the protocol's framing (it never should): state unknown.
-    garbled: AtomicBool,
-    pinned: AtomicU16,
+    /// Every fact in one word ([`Facts`]), so the pool reads them with one load. Only the
+    /// connection task writes it.
+    facts: AtomicU64,
     first_pin: Mutex<Option<Box<str>>>,
     /// Tasks waiting for the last ReadyForQuery; `waiting` says whether there are any.
     waiters: Mutex<Vec<Waker>>,
@@ -68,44 +63,36 @@ impl Wire {
     pub(crate) fn new(rules: PinRules) -> Arc<Wire> {
         Arc::new(Wire {
             rules,
-            status: AtomicU8::new(0),
             // The startup message waits for its ReadyForQuery like any request.
-            outstanding: AtomicU32::new(1),
-            copy: AtomicBool::new(false),
-            fatal: AtomicBool::new(false),
-            garbled: AtomicBool::new(false),
-            pinned: AtomicU16::new(0),
+            facts: AtomicU64::new(1),
             first_pin: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicBool::new(false),
         })
     }
 
+    /// The facts as of now.
+    pub(crate) fn facts(&self) -> Facts {
+        Facts(self.facts.load(Relaxed))
+    }
+
+    /// Changes the facts (the connection task alone writes them, so load and store suffice).
+    fn update(&self, f: impl FnOnce(&mut Facts)) {
+        let mut facts = self.facts();
+        f(&mut facts);
+        self.facts.store(facts.0, Relaxed);
+    }
+
     pub(crate) fn status(&self) -> TxnStatus {
-        match self.status.load(Relaxed) {
-            b'I' => TxnStatus::Idle,
-            b'T' => TxnStatus::InTransaction,
-            b'E' => TxnStatus::Failed,
-            _ => TxnStatus::Unknown,
-        }
+        self.facts().status()
     }
 
     pub(crate) fn outstanding(&self) -> u32 {
-        self.outstanding.load(Relaxed)
+        self.facts().outstanding()
     }
 
-    pub(crate) fn copy_open(&self) -> bool {
-        self.copy.load(Relaxed)
-    }
-
-    /// A FATAL or PANIC arrived, or the framing broke: the session is over or untrustworthy.
-    pub(crate) fn broken(&self) -> bool {
-        self.fatal.load(Relaxed) || self.garbled.load(Relaxed)
-    }
-
-    /// Every reason the traffic so far pins for.
     pub(crate) fn pinned(&self) -> Reasons {
-        Reasons::from_bits(self.pinned.load(Relaxed))
+        self.facts().pinned()
     }
 
     /// The start of the first message that pinned.
@@ -157,11 +144,70 @@ impl Wire {
         if reasons.is_empty() {
             return;
         }
-        let before = self.pinned.fetch_or(reasons.bits(), Relaxed);
-        if before == 0 {
+        let before = self.pinned();
+        self.update(|f| f.set_pinned(before.union(reasons)));
+        if before.is_empty() {
             let mut first = self.first_pin.lock().unwrap_or_else(|e| e.into_inner());
             first.get_or_insert_with(|| truncate(what, 120).into());
         }
+    }
+}
+
+/// The facts of a [`Wire`] packed in one word: bits 0-31 the requests waiting for their
+/// ReadyForQuery, 32-39 the last ReadyForQuery's status byte (0 before the first), 40 a COPY
+/// is open, 41 a FATAL or PANIC arrived, 42 the framing broke, 48-63 the pin reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Facts(u64);
+
+const COPY: u64 = 1 << 40;
+const FATAL: u64 = 1 << 41;
+const GARBLED: u64 = 1 << 42;
+
+impl Facts {
+    pub(crate) fn outstanding(self) -> u32 {
+        self.0 as u32
+    }
+
+    fn set_outstanding(&mut self, n: u32) {
+        self.0 = (self.0 & !0xffff_ffff) | u64::from(n);
+    }
+
+    pub(crate) fn status(self) -> TxnStatus {
+        match (self.0 >> 32) as u8 {
+            b'I' => TxnStatus::Idle,
+            b'T' => TxnStatus::InTransaction,
+            b'E' => TxnStatus::Failed,
+            _ => TxnStatus::Unknown,
+        }
+    }
+
+    fn set_status(&mut self, byte: u8) {
+        self.0 = (self.0 & !(0xff << 32)) | (u64::from(byte) << 32);
+    }
+
+    pub(crate) fn copy_open(self) -> bool {
+        self.0 & COPY != 0
+    }
+
+    fn set(&mut self, bit: u64, on: bool) {
+        if on {
+            self.0 |= bit;
+        } else {
+            self.0 &= !bit;
+        }
+    }
+
+    /// A FATAL or PANIC arrived, or the framing broke: the session is over or untrustworthy.
+    pub(crate) fn broken(self) -> bool {
+        self.0 & (FATAL | GARBLED) != 0
+    }
+
+    pub(crate) fn pinned(self) -> Reasons {
+        Reasons::from_bits((self.0 >> 48) as u16)
+    }
+
+    fn set_pinned(&mut self, r: Reasons) {
+        self.0 = (self.0 & !(0xffff << 48)) | (u64::from(r.bits()) << 48);
     }
 }
 
@@ -201,6 +247,19 @@ impl Framer {
         mut on: impl FnMut(u8, &[u8]),
     ) -> bool {
         while !data.is_empty() {
+            // The common case first: a whole message at the start of `data`, at a message
+            // boundary, read in place without copying its header or its body.
+            if !self.in_body && self.have == 0 && !self.tagless_first && data.len() >= 5 {
+                let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+                if len < 4 {
+                    return false;
+                }
+                if let Some(body) = data.get(5..1 + len) {
+                    on(data[0], &body[..capture(data[0]).min(body.len())]);
+                    data = &data[1 + len..];
+                    continue;
+                }
+            }
             if !self.in_body {
                 let head_len = if self.tagless_first { 4 } else { 5 };
                 let take = (head_len - self.have).min(data.len());
@@ -302,7 +361,7 @@ impl Reader {
         };
         let ok = to_server.feed(data, capture, |tag, body| match tag {
             b'Q' => {
-                wire.outstanding.fetch_add(1, Relaxed);
+                wire.update(|f| f.set_outstanding(f.outstanding() + 1));
                 *syncs_since_execute = 0;
                 let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
                 let c = classify(sql);
@@ -341,7 +400,7 @@ impl Reader {
             }
             b'E' => *syncs_since_execute = 0,
             b'S' if !*copy_in => {
-                wire.outstanding.fetch_add(1, Relaxed);
+                wire.update(|f| f.set_outstanding(f.outstanding() + 1));
                 *syncs_since_execute += 1;
             }
             b'c' | b'f' => {
@@ -350,13 +409,13 @@ impl Reader {
             }
             b'F' => {
                 // A function called by OID: nothing says what it does.
-                wire.outstanding.fetch_add(1, Relaxed);
+                wire.update(|f| f.set_outstanding(f.outstanding() + 1));
                 wire.pin(Reasons::of(Reason::Untracked), "(a protocol FunctionCall)");
             }
             _ => {}
         });
         if !ok {
-            wire.garbled.store(true, Relaxed);
+            wire.update(|f| f.set(GARBLED, true));
         }
     }
 
@@ -399,24 +458,26 @@ impl Reader {
                         );
                     }
                 }
-                wire.status.store(status, Relaxed);
-                wire.copy.store(false, Relaxed);
-                let n = wire.outstanding.load(Relaxed);
-                wire.outstanding.store(n.saturating_sub(1), Relaxed);
+                wire.update(|f| {
+                    f.set_status(status);
+                    f.set(COPY, false);
+                    f.set_outstanding(f.outstanding().saturating_sub(1));
+                });
                 wire.wake_waiters();
             }
             b'G' => {
-                wire.copy.store(true, Relaxed);
                 // The Syncs sent after the Execute that started this copy reach the server in
                 // copy-in mode, which ignores them: no ReadyForQuery will answer them.
-                let n = wire.outstanding.load(Relaxed);
-                wire.outstanding
-                    .store(n.saturating_sub(*syncs_since_execute), Relaxed);
+                let ignored = *syncs_since_execute;
+                wire.update(|f| {
+                    f.set(COPY, true);
+                    f.set_outstanding(f.outstanding().saturating_sub(ignored));
+                });
                 *syncs_since_execute = 0;
                 *copy_in = true;
             }
-            b'H' | b'W' => wire.copy.store(true, Relaxed),
-            b'E' if fatal(body) => wire.fatal.store(true, Relaxed),
+            b'H' | b'W' => wire.update(|f| f.set(COPY, true)),
+            b'E' if fatal(body) => wire.update(|f| f.set(FATAL, true)),
             b'A' => wire.pin(
                 Reasons::of(Reason::Listen),
                 "(a notification arrived: the session listens)",
@@ -433,7 +494,7 @@ impl Reader {
             _ => {}
         });
         if !ok {
-            wire.garbled.store(true, Relaxed);
+            wire.update(|f| f.set(GARBLED, true));
         }
     }
 }
@@ -607,7 +668,7 @@ mod tests {
         r.received(&msg(b'Z', b"I"));
         r.sent(&msg(b'Q', b"COPY t FROM STDIN\0"));
         r.received(&msg(b'G', b"\0\0\0"));
-        assert!(r.wire.copy_open());
+        assert!(r.wire.facts().copy_open());
         // A setting changed inside a transaction and reverted by its end is not session state.
         r.received(&msg(b'Z', b"I"));
         r.received(&msg(b'S', b"TimeZone\0Asia/Tokyo\0"));
@@ -620,9 +681,9 @@ mod tests {
         assert!(r.wire.pinned().contains(Reason::SessionChanged));
         r.received(&msg(b'A', b"\0\0\0\x01ch\0\0"));
         assert!(r.wire.pinned().contains(Reason::Listen));
-        assert!(!r.wire.broken());
+        assert!(!r.wire.facts().broken());
         r.received(&msg(b'E', b"SFATAL\0VFATAL\0C57P01\0Mterminating\0\0"));
-        assert!(r.wire.broken());
+        assert!(r.wire.facts().broken());
     }
 
     #[test]
@@ -647,7 +708,44 @@ mod tests {
         r.received(&msg(b'C', b"COPY 1\0"));
         r.received(&msg(b'Z', b"I"));
         assert_eq!(r.wire.outstanding(), 0);
-        assert!(!r.wire.copy_open());
+        assert!(!r.wire.facts().copy_open());
+    }
+
+    proptest::proptest! {
+        /// However a socket cuts the bytes, the same messages come out.
+        #[test]
+        fn any_chunking_yields_the_same_messages(
+            msgs in proptest::collection::vec(
+                (proptest::sample::select(b"QPBDZECSdc".to_vec()),
+                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
+                0..20),
+            cuts in proptest::collection::vec(1usize..50, 1..40),
+        ) {
+            let bytes: Vec<u8> = msgs.iter().flat_map(|(t, b)| msg(*t, b)).collect();
+            let events = |chunks: &[&[u8]]| {
+                let mut f = Framer::new(false);
+                let mut out = Vec::new();
+                for c in chunks {
+                    assert!(f.feed(c, |_| 8, |t, b| out.push((t, b.to_vec()))));
+                }
+                out
+            };
+            let whole = events(&[&bytes]);
+            let mut chunks = Vec::new();
+            let mut rest = &bytes[..];
+            for c in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (a, b) = rest.split_at((*c).min(rest.len()));
+                chunks.push(a);
+                rest = b;
+            }
+            proptest::prop_assert_eq!(&whole, &events(&chunks));
+            let want: Vec<(u8, Vec<u8>)> =
+                msgs.iter().map(|(t, b)| (*t, b[..b.len().min(8)].to_vec())).collect();
+            proptest::prop_assert_eq!(whole, want);
+        }
     }
 
     #[test]
@@ -655,6 +753,6 @@ mod tests {
         let mut r = reader();
         r.sent(&startup());
         r.received(&[b'Z', 0, 0, 0, 1]);
-        assert!(r.wire.broken());
+        assert!(r.wire.facts().broken());
     }
 }
