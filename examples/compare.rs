@@ -207,8 +207,54 @@ where
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // `--only <pinpool|deadpool|bb8> <shape>`: that pool and shape alone, for a profiler
-    // (`valgrind --tool=callgrind` counts instructions repeatably on a noisy machine).
+    // (`valgrind --tool=callgrind` counts instructions repeatably on a noisy machine);
+    // `--only <pinpool|raw> <prepared|stream>`: 2,000 prepared SELECTs or 20 10,000-row streams.
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, kind, shape] = &args[..]
+        && flag == "--only"
+        && matches!(shape.as_str(), "prepared" | "stream")
+    {
+        // Statements through pinpool or a raw client (`raw`), for counting what pinpool adds.
+        let (raw, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let pool = pinpool::Pool::builder(database_url().as_str())
+            .max_size(1)
+            .build()
+            .unwrap();
+        let pooled = pool.get().await.unwrap();
+        let start = Instant::now();
+        let n = if shape == "prepared" { 2_000 } else { 20 };
+        for i in 0..n {
+            match (kind.as_str(), shape.as_str()) {
+                ("raw", "prepared") => drop(raw.query("SELECT $1::int + 1", &[&i]).await.unwrap()),
+                (_, "prepared") => drop(pooled.query("SELECT $1::int + 1", &[&i]).await.unwrap()),
+                ("raw", _) => drop(
+                    count_rows(
+                        raw.query_raw("SELECT g FROM generate_series(1, 10000) g", [] as [i32; 0])
+                            .await
+                            .unwrap(),
+                    )
+                    .await,
+                ),
+                _ => drop(
+                    count_rows(
+                        pooled
+                            .query_raw("SELECT g FROM generate_series(1, 10000) g", [] as [i32; 0])
+                            .await
+                            .unwrap(),
+                    )
+                    .await,
+                ),
+            }
+        }
+        println!(
+            "{kind} {shape}: {:.1} us each",
+            start.elapsed().as_secs_f64() / n as f64 * 1e6
+        );
+        return;
+    }
     if let [flag, kind, shape] = &args[..]
         && flag == "--only"
     {
