@@ -90,6 +90,7 @@ pub(crate) struct PollBound {
 }
 
 #[cfg(target_os = "linux")]
+#[inline]
 fn coarse_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -116,6 +117,7 @@ impl PollBound {
     }
 
     /// True once the bound has passed.
+    #[inline]
     pub(crate) fn passed(&self) -> bool {
         #[cfg(target_os = "linux")]
         {

@@ -68,6 +68,7 @@ impl Tracked<'_, tokio_postgres::RowStream> {
 
 /// True when the bound has passed, read from the clock: a stream whose items are always ready
 /// never lets its timer fire, so every poll looks.
+#[inline]
 fn passed(check: &Option<PollBound>) -> bool {
     check.is_some_and(|c| c.passed())
 }

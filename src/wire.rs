@@ -214,6 +214,8 @@ impl Facts {
 /// Reads message frames from a byte stream in any chunking. `tagless_first`: the client's
 /// first message (startup) has a length and no type byte.
 struct Framer {
+    /// The message types worth a look; the others (rows, above all) are skipped unread.
+    interesting: &'static [bool; 256],
     tagless_first: bool,
     head: [u8; 5],
     have: usize,
@@ -225,8 +227,9 @@ struct Framer {
 }
 
 impl Framer {
-    fn new(tagless_first: bool) -> Framer {
+    fn new(tagless_first: bool, interesting: &'static [bool; 256]) -> Framer {
         Framer {
+            interesting,
             tagless_first,
             head: [0; 5],
             have: 0,
@@ -255,7 +258,10 @@ impl Framer {
                     return false;
                 }
                 if let Some(body) = data.get(5..1 + len) {
-                    on(data[0], &body[..capture(data[0]).min(body.len())]);
+                    let tag = data[0];
+                    if self.interesting[tag as usize] {
+                        on(tag, &body[..capture(tag).min(body.len())]);
+                    }
                     data = &data[1 + len..];
                     continue;
                 }
@@ -285,7 +291,9 @@ impl Framer {
                 self.keep = capture(tag).min(self.left);
                 self.body.clear();
                 if self.left == 0 {
-                    on(tag, &[]);
+                    if self.interesting[tag as usize] {
+                        on(tag, &[]);
+                    }
                     continue;
                 }
                 self.in_body = true;
@@ -300,7 +308,9 @@ impl Framer {
             data = &data[take..];
             if self.left == 0 {
                 self.in_body = false;
-                on(self.tag, &self.body);
+                if self.interesting[self.tag as usize] {
+                    on(self.tag, &self.body);
+                }
             }
         }
         true
@@ -309,6 +319,23 @@ impl Framer {
 
 /// A reported setting: its name and value as the server sent them.
 type Setting = (Box<[u8]>, Box<[u8]>);
+
+const fn table(tags: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < tags.len() {
+        t[tags[i] as usize] = true;
+        i += 1;
+    }
+    t
+}
+
+/// The client's messages with a fact: Query, Parse, Bind, Close, Execute, Sync, FunctionCall,
+/// CopyDone, CopyFail.
+static TO_SERVER: [bool; 256] = table(b"QPBCESFcf");
+/// The server's: ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse and the
+/// three COPY responses.
+static FROM_SERVER: [bool; 256] = table(b"ZESAGHW");
 
 /// What the connection task alone keeps while reading the stream.
 struct Reader {
@@ -530,8 +557,8 @@ impl<S> Observed<S> {
             inner,
             reader: Reader {
                 wire,
-                to_server: Framer::new(true),
-                from_server: Framer::new(false),
+                to_server: Framer::new(true, &TO_SERVER),
+                from_server: Framer::new(false, &FROM_SERVER),
                 pinning_statements: HashMap::new(),
                 settings_at_start: Vec::new(),
                 settings: Vec::new(),
@@ -723,7 +750,8 @@ mod tests {
         ) {
             let bytes: Vec<u8> = msgs.iter().flat_map(|(t, b)| msg(*t, b)).collect();
             let events = |chunks: &[&[u8]]| {
-                let mut f = Framer::new(false);
+                static ALL: [bool; 256] = table(b"QPBDZECSdc");
+                let mut f = Framer::new(false, &ALL);
                 let mut out = Vec::new();
                 for c in chunks {
                     assert!(f.feed(c, |_| 8, |t, b| out.push((t, b.to_vec()))));
