@@ -2,7 +2,8 @@
 //! write, through pinpool's Lambda layer, with the pool's metrics flushed to CloudWatch as EMF
 //! at the end of every invocation.
 //!
-//! Reads `DATABASE_URL`; creates its table if missing. Answers 200 `{"ok": true, ...}`; on a
+//! Reads `DATABASE_URL`; creates its table if missing (in the first invocation that reaches the
+//! database: INIT survives a database outage). Answers 200 `{"ok": true, ...}`; on a
 //! pinpool timeout, deadline or connect error, 503 with a JSON error body before the deadline
 //! (instead of timing out into API Gateway's opaque 502). `?pin=1` runs a pinning statement
 //! first (a `SET`), to watch pinpool close that connection when the invocation ends.
@@ -25,8 +26,15 @@ fn json(status: u16, body: serde_json::Value) -> Response<Body> {
         .expect("a valid response")
 }
 
+/// Set once the table exists: the first invocation that reaches the database creates it,
+/// within its deadline (in INIT a database outage would fail the environment).
+static TABLE_READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
 async fn work(pool: &Pool, path: &str, pin: bool) -> Result<i64, pinpool::Error> {
     let client = pool.get().await?; // bounded by the invocation's deadline
+    TABLE_READY
+        .get_or_try_init(|| client.batch_execute(TABLE))
+        .await?;
     if pin {
         client
             .batch_execute("SET application_name = 'pinned-by-handler'")
@@ -91,9 +99,10 @@ async fn main() -> Result<(), Error> {
         .max_size(2)
         .min_idle(1)
         .build()?;
-    // INIT: open a connection while it costs nothing, and create the table.
-    pool.warm_up().await?;
-    pool.get().await?.batch_execute(TABLE).await?;
+    // INIT: open a connection while it costs nothing, best-effort and within 2 s. A database
+    // that is down must not fail INIT: every request this environment would serve would
+    // become an opaque Lambda error. The invocations answer 503 until it is back.
+    pool.warm_up_within(std::time::Duration::from_secs(2)).await;
 
     let handler_pool = pool.clone();
     lambda_http::runtime(service_fn(move |req| handle(handler_pool.clone(), req)))

@@ -278,13 +278,40 @@ impl Pool {
     /// # Errors
     /// The first connect error; connections opened before it stay.
     pub async fn warm_up(&self) -> Result<usize, Error> {
+        self.warm_up_until(None).await
+    }
+
+    /// [`warm_up`](Self::warm_up) for Lambda's INIT phase: best-effort, and done within
+    /// `limit` in all (each connect also within `connect_timeout`). A failure is logged
+    /// (`tracing` warning) and counted (`pinpool_connect_errors`, `pinpool_timeouts`), never
+    /// returned: INIT must not fail because the database is down, or every request that
+    /// environment would serve becomes an opaque Lambda error. The invocations then open
+    /// connections themselves, within their deadlines, and answer with a typed error while the
+    /// database stays down. Returns how many connections it opened.
+    ///
+    /// Lambda gives INIT 10 s in all; 2 s (`Duration::from_secs(2)`) leaves most of it to the
+    /// rest of the handler's initialisation and is far longer than a connect through RDS Proxy
+    /// takes.
+    pub async fn warm_up_within(&self, limit: Duration) -> usize {
+        let before = self.inner.idle().len();
+        match self.warm_up_until(Some(Instant::now() + limit)).await {
+            Ok(n) => n,
+            Err(e) => {
+                let opened = self.inner.idle().len().saturating_sub(before);
+                tracing::warn!(error = %e, opened, "pinpool: warm-up failed; invocations will connect themselves");
+                opened
+            }
+        }
+    }
+
+    async fn warm_up_until(&self, cut: Option<Instant>) -> Result<usize, Error> {
         let inner = &*self.inner;
         let mut opened = 0;
         while inner.idle().len() < inner.settings.min_idle {
             let Ok(permit) = inner.slots.try_acquire() else {
                 break;
             };
-            let conn = inner.connect(None).await?;
+            let conn = inner.connect(cut).await?;
             inner.idle().push_back(conn);
             drop(permit);
             opened += 1;

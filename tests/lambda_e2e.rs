@@ -274,3 +274,147 @@ async fn the_example_handler_answers_every_invocation_before_its_deadline_across
         );
     }
 }
+
+/// A database address that accepts connections and never answers until `forward` is set, then
+/// relays to the real database.
+async fn black_hole(forward: Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config: tokio_postgres::Config = common::database_url().parse().unwrap();
+    let db_port = config.get_ports().first().copied().unwrap_or(5432);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            if !forward.load(std::sync::atomic::Ordering::SeqCst) {
+                held.push(client);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut db) = TcpStream::connect(("127.0.0.1", db_port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut db).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Runs the example handler against `database_url` and sends it `n` events, one at a time,
+/// each with `deadline`; returns what it posted and its EMF documents.
+async fn run_example(
+    database_url: String,
+    deadlines: &[Duration],
+    between: impl Fn(usize),
+) -> (Vec<(Posted, SystemTime)>, Vec<serde_json::Value>) {
+    let mut api = runtime_api().await;
+    let mut child = tokio::process::Command::new(common::example_binary("lambda_handler"))
+        .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
+        .env("AWS_LAMBDA_FUNCTION_NAME", "pinpool-e2e-outage")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("DATABASE_URL", database_url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            out.push(line);
+        }
+        out
+    });
+    let mut posted_all = Vec::new();
+    for (n, d) in deadlines.iter().enumerate() {
+        between(n);
+        let id = format!("outage-{n}");
+        let deadline = SystemTime::now() + *d;
+        let deadline_ms = deadline.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        api.events
+            .send((id.clone(), deadline_ms, event("/outage", "", &id)))
+            .await
+            .unwrap();
+        let posted = tokio::time::timeout(Duration::from_secs(20), api.posted.recv())
+            .await
+            .expect("the handler answered: INIT did not kill the environment")
+            .unwrap();
+        assert_eq!(posted.request_id, id, "{posted:?}");
+        posted_all.push((posted, deadline));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().await.unwrap();
+    let docs = lines
+        .await
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (posted_all, docs)
+}
+
+fn status_of(posted: &Posted) -> (u64, serde_json::Value) {
+    let response: serde_json::Value = serde_json::from_str(&posted.body).unwrap();
+    let body = serde_json::from_str(response["body"].as_str().unwrap()).unwrap();
+    (response["statusCode"].as_u64().unwrap(), body)
+}
+
+/// A database that accepts connections and never answers: INIT does not fail, each
+/// invocation answers 503 before its deadline with its metrics written, and once the database
+/// answers the next invocation succeeds.
+#[tokio::test]
+async fn a_black_hole_database_during_init_costs_typed_errors_not_the_environment() {
+    let forward = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = black_hole(forward.clone()).await;
+    let url =
+        format!("postgres://postgres@127.0.0.1:{port}/postgres?application_name=e2e_black_hole");
+    let flip = forward.clone();
+    let (posted, docs) = run_example(
+        url,
+        &[
+            Duration::from_secs(8),
+            Duration::from_secs(3),
+            Duration::from_secs(5),
+        ],
+        move |n| {
+            if n == 2 {
+                flip.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        },
+    )
+    .await;
+    for (i, (p, deadline)) in posted.iter().enumerate() {
+        assert_eq!(p.kind, "response", "{p:?}");
+        assert!(
+            p.at < *deadline,
+            "invocation {i} answered after its deadline"
+        );
+        let (status, body) = status_of(p);
+        let want = if i < 2 { 503 } else { 200 };
+        assert_eq!(status, want, "invocation {i}: {body}");
+    }
+    assert!(docs.len() >= 3, "an EMF document per invocation: {docs:?}");
+    let timeouts: Vec<&serde_json::Value> = docs
+        .iter()
+        .filter(|d| !d["pinpool_timeouts"].is_null())
+        .collect();
+    assert!(!timeouts.is_empty(), "the timeouts are counted: {docs:?}");
+}
+
+/// A refused port: INIT does not fail, every invocation answers 503 at once.
+#[tokio::test]
+async fn a_refused_database_port_during_init_costs_typed_errors_not_the_environment() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let (posted, docs) = run_example(url, &[Duration::from_secs(3); 2], |_| {}).await;
+    for (p, deadline) in &posted {
+        assert!(p.at < *deadline);
+        assert_eq!(status_of(p).0, 503, "{p:?}");
+    }
+    assert!(docs.len() >= 2, "an EMF document per invocation: {docs:?}");
+}
