@@ -484,7 +484,9 @@ enum Tok<'a> {
     Comma,
     Dot,
     Semi,
-    /// Numbers, operators, parameters, dollar-quoted bodies.
+    /// A dollar-quoted string's body.
+    Dollar(&'a [u8]),
+    /// Numbers, operators, parameters.
     Other,
     /// Nothing yet.
     None,
@@ -695,10 +697,15 @@ impl<'a> Lexer<'a> {
         let body = i + 1;
         // A two-way search: linear in the length of the text whatever the tag.
         match self.text[body..].find(delim) {
-            Some(p) => self.i = body + p + delim.len(),
-            None => self.i = s.len(),
+            Some(p) => {
+                self.i = body + p + delim.len();
+                Tok::Dollar(&s[body..body + p])
+            }
+            None => {
+                self.i = s.len();
+                Tok::Dollar(&s[body..])
+            }
         }
-        Tok::Other
     }
 }
 
@@ -706,7 +713,8 @@ impl<'a> Lexer<'a> {
 // The fast path.
 
 /// Keywords that decide a statement's verdict when they lead it.
-const LEADING: [&str; 16] = [
+const LEADING: [&str; 17] = [
+    "do",
     "set",
     "reset",
     "prepare",
@@ -966,6 +974,17 @@ fn pinning_function(name: Tok<'_>) -> Option<Reason> {
     found
 }
 
+/// True when a name token names `name` (lower case), as the server would read it.
+fn is_name(tok: Tok<'_>, name: &str) -> bool {
+    any_spelling(tok, |word, quoted| {
+        if quoted {
+            word == name.as_bytes()
+        } else {
+            eq(word, name)
+        }
+    })
+}
+
 /// True for `pg_temp` (or a backend's own `pg_temp_N`), the schema of temporary objects.
 fn is_temp_schema(name: Tok<'_>) -> bool {
     any_spelling(name, |word, quoted| {
@@ -1032,7 +1051,24 @@ fn defines_name(before: Tok<'_>) -> bool {
 }
 
 /// Runs the lexer over `s` and calls `report` once per non-empty statement.
-fn scan<'a>(text: &'a str, mut report: impl FnMut(StmtInfo)) {
+fn scan(text: &str, report: impl FnMut(StmtInfo)) {
+    scan_at(text, false, report)
+}
+
+/// The reasons the code of a `DO` block pins for: its body is SQL and PL/pgSQL, scanned as
+/// SQL (one level: a `DO` inside it is not looked into again, which keeps the scan linear).
+/// RDS Proxy cannot see inside a block, but the session state it leaves is still there for
+/// the next caller of the connection.
+fn do_body_reasons(body: &[u8]) -> Reasons {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Reasons::EMPTY;
+    };
+    let mut reasons = Reasons::EMPTY;
+    scan_at(text, true, |s| reasons = reasons.union(s.reasons));
+    reasons
+}
+
+fn scan_at<'a>(text: &'a str, nested: bool, mut report: impl FnMut(StmtInfo)) {
     let mut lx = Lexer {
         s: text.as_bytes(),
         text,
@@ -1129,7 +1165,12 @@ fn scan<'a>(text: &'a str, mut report: impl FnMut(StmtInfo)) {
             }
             Tok::Dot if is_temp_schema(prev) => st.reasons.insert(Reason::TempObject),
             Tok::Word(w) if w.len() == 6 && eq(w, "update") => st.update = true,
-            Tok::Word(w) if w.len() == 11 && eq(w, "pg_settings") => st.pg_settings = true,
+            Tok::Word(_) | Tok::Quoted(_) | Tok::UQuoted(..) if is_name(tok, "pg_settings") => {
+                st.pg_settings = true;
+            }
+            Tok::Dollar(body) | Tok::Str(body) if !nested && eq(st.word(0), "do") => {
+                st.reasons = st.reasons.union(do_body_reasons(body));
+            }
             _ => {}
         }
         prev2 = prev;

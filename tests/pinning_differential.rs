@@ -139,6 +139,12 @@ const STATEMENTS: &[&str] = &[
     "UPDATE pg_settings SET setting = 'x' WHERE name = 'application_name'",
     "update pg_catalog.pg_settings set setting = '42s' where name = 'statement_timeout'",
     "WITH s AS (UPDATE pg_settings SET setting = 'x' WHERE name = 'application_name' RETURNING 1) SELECT * FROM s",
+    "UPDATE \"pg_settings\" SET setting = '4321ms' WHERE name = 'statement_timeout'",
+    "UPDATE \"pg_catalog\".\"pg_settings\" SET setting = 'x' WHERE name = 'application_name'",
+    "DO $$ BEGIN PERFORM set_config('pinpool.diff', 'x', false); END $$",
+    "DO $d$ BEGIN CREATE TEMP TABLE d{n} (a int); END $d$",
+    "DO LANGUAGE plpgsql $$ BEGIN PERFORM pg_try_advisory_lock(42424242); END $$",
+    "DO $$ BEGIN EXECUTE 'SELECT 1'; PERFORM set_config('application_name', 'pinpool_diff', false); END $$",
 ];
 
 /// Prefixes that must not change the verdict.

@@ -303,13 +303,38 @@ const TABLE: &[(&str, &[Reason])] = &[
         &[],
     ),
     ("SELECT a$b FROM t", &[]),
-    // Not pinning: sequences read without nextval, functions and DO blocks (invisible)
-    ("SELECT currval('s')", &[]),
-    ("SELECT lastval()", &[]),
+    // A DO block's code is read: the proxy cannot see inside it, but the session state it
+    // leaves stays on the connection for its next caller.
     (
         "DO $$ BEGIN PERFORM set_config('a.b', 'c', false); END $$",
-        &[],
+        &[SetConfig],
     ),
+    (
+        "do language plpgsql $b$ begin create temp table t (a int); end $b$",
+        &[TempObject],
+    ),
+    (
+        "DO 'BEGIN PERFORM pg_advisory_lock(1); END'",
+        &[AdvisoryLock],
+    ),
+    ("DO $$ BEGIN RAISE NOTICE 'x'; END $$", &[]),
+    ("SELECT $$ nextval('s') $$", &[]),
+    // Updating pg_settings in every spelling
+    (
+        "UPDATE \"pg_settings\" SET setting = '1s' WHERE name = 'statement_timeout'",
+        &[SetConfig],
+    ),
+    (
+        "UPDATE \"pg_catalog\".\"pg_settings\" SET setting = '1s' WHERE name = 'x'",
+        &[SetConfig],
+    ),
+    (
+        "UPDATE U&\"pg_setting\\0073\" SET setting = '1s' WHERE name = 'x'",
+        &[SetConfig],
+    ),
+    // Not pinning: sequences read without nextval, functions (invisible)
+    ("SELECT currval('s')", &[]),
+    ("SELECT lastval()", &[]),
     ("CALL my_proc()", &[]),
     ("SELECT my_func()", &[]),
     // Not pinning: transaction control, DDL, maintenance
