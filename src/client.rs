@@ -111,7 +111,7 @@ impl<'a> Guarded<'a> {
     /// delivered its ReadyForQuery (a result's end and the ReadyForQuery read apart); wait
     /// for it within the bound, so the connection is found at rest on return.
     async fn settle(self, bound: Option<Bound>) {
-        if self.state.wire.outstanding() > 0 && !self.state.health(false).killed {
+        if !self.state.health(false).killed {
             let _ = within(bound, self.state.wire.settled()).await;
         }
     }
@@ -844,6 +844,24 @@ impl PooledClient {
         ctx.g
             .run(ctx.g.bound()?, ctx.client.check_connection())
             .await
+    }
+
+    /// True when raw access was handed out since the connection was last settled.
+    pub(crate) fn raw_used(&self) -> bool {
+        self.conn().state.raw_used()
+    }
+
+    /// A round trip after raw access: whatever it left queued is written and answered first.
+    /// True when the connection is then clean enough to hand out.
+    pub(crate) async fn settle_raw(&self) -> bool {
+        if self.check_connection().await.is_err() {
+            return false;
+        }
+        let conn = self.conn();
+        conn.state.settle();
+        self.pool.report_pins(&conn.state);
+        conn.on_return(&self.pool.settings, std::time::SystemTime::now())
+            .is_none()
     }
 
     /// True when the connection is known to be closed.

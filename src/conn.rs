@@ -71,6 +71,9 @@ pub(crate) struct ConnState {
     flags: AtomicU8,
     /// The pin reasons already reported (metrics, logs), of those the wire saw.
     reported: AtomicU16,
+    /// The wire's count of requests written when a dropped transaction queued its ROLLBACK:
+    /// while nothing more was written, the ROLLBACK still waits ahead of everything else.
+    rollback_mark: AtomicU32,
     /// What the protocol stream says: transaction status, requests waiting, COPY, pins.
     pub(crate) wire: Arc<Wire>,
     task: Arc<TaskSlot>,
@@ -134,7 +137,19 @@ impl ConnState {
 
     /// A transaction was dropped unfinished: tokio-postgres queued its ROLLBACK.
     pub(crate) fn set_rollback_queued(&self) {
+        self.rollback_mark.store(self.wire.sent(), Relaxed);
         self.set(ROLLBACK_QUEUED, true);
+    }
+
+    /// True while a dropped transaction's ROLLBACK is queued and not yet written: once
+    /// anything was written after it, the wire's status is the truth again.
+    fn rollback_pending(&self, flags: u8) -> bool {
+        flags & ROLLBACK_QUEUED != 0 && self.wire.sent() == self.rollback_mark.load(Relaxed)
+    }
+
+    /// True when raw access was handed out since the last round trip settled it.
+    pub(crate) fn raw_used(&self) -> bool {
+        self.flags.load(Relaxed) & RAW_USED != 0
     }
 
     /// Raw access was handed out: what it sends is observed, but a request dropped before
@@ -188,7 +203,7 @@ impl ConnState {
             txn_object: flags & TXN_OBJECT != 0,
             busy: wire.outstanding() > 0 || wire.copy_open(),
             status: wire.status(),
-            rollback_queued: flags & ROLLBACK_QUEUED != 0,
+            rollback_queued: self.rollback_pending(flags),
             pinned: wire.pinned(),
         }
     }
@@ -256,6 +271,7 @@ impl Conn {
                 in_flight: AtomicU32::new(0),
                 flags: AtomicU8::new(0),
                 reported: AtomicU16::new(0),
+                rollback_mark: AtomicU32::new(0),
                 wire,
                 task: spawn_connection(connection, id),
                 cache: Mutex::new(StatementCache::default()),

@@ -98,7 +98,9 @@ where
 }
 
 /// Wraps a TLS connector so that the stream it makes is observed. `last` receives the wire of
-/// the latest handshake (tokio-postgres may try several hosts; the last one is the session's).
+/// the latest attempt's handshake (tokio-postgres may try several hosts; the last attempt is
+/// the session's). tokio-postgres asks the connector whether it can connect through a private
+/// API that a wrapper cannot forward: a wrapped connector is always asked for a handshake.
 #[derive(Clone)]
 struct ObserveTls<T> {
     inner: T,
@@ -117,6 +119,9 @@ where
     type Error = T::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, T::Error> {
+        // A new attempt (another host): a wire from an attempt passed over is not this one's.
+        // If this attempt's server declines TLS, none is set and the caller reconnects.
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(ObserveTls {
             inner: self.inner.make_tls_connect(domain)?,
             rules: self.rules,

@@ -186,7 +186,7 @@ impl Pool {
             Box::pin(async move { checking.inner.freeze_check(cut).await }),
             inv,
             fut,
-            Box::pin(async move { settling.inner.settle_after_invocation().await }),
+            Box::pin(async move { settling.inner.settle_after_invocation(cut).await }),
         )
     }
 
@@ -202,6 +202,18 @@ impl Pool {
     }
 
     async fn checkout(&self, cut: Option<Instant>) -> Result<PooledClient, Error> {
+        loop {
+            let client = self.checkout_once(cut).await?;
+            // Raw access may have left a request queued and unwritten (a raw call dropped
+            // early): a round trip writes and answers it before anyone's statements run, then
+            // the wire decides. One that fails is closed on return and the next is tried.
+            if !client.raw_used() || client.settle_raw().await {
+                return Ok(client);
+            }
+        }
+    }
+
+    async fn checkout_once(&self, cut: Option<Instant>) -> Result<PooledClient, Error> {
         let inner = &*self.inner;
         if inner.closed.load(Relaxed) {
             return Err(Error::Closed);
@@ -641,10 +653,13 @@ impl PoolInner {
 
     /// After an invocation: make sure queued requests (a dropped transaction's ROLLBACK,
     /// what raw access left) reached the server and left the connection clean, and trim.
-    async fn settle_after_invocation(&self) {
+    /// Stops at the invocation's cutoff like everything else: Lambda counts this time, and a
+    /// connection whose round trip does not come back by then is closed (which ends its
+    /// transaction on the server).
+    async fn settle_after_invocation(&self, cut: Instant) {
         let queued = self.take_idle(|c| c.state.unsettled());
         if !queued.is_empty() {
-            let bound = Bound::new(Some(self.settings.validate_timeout), None);
+            let bound = Bound::new(Some(self.settings.validate_timeout), Some(cut));
             self.check_all(queued, bound, CloseReason::Broken).await;
         }
         if self.settings.trim_at_invocation_end {

@@ -29,6 +29,8 @@ pin_project! {
         failed: bool,
         // The inner stream ended; waiting for the socket to deliver the ReadyForQuery.
         ending: bool,
+        // The ReadyForQuery count to wait past, when it had not arrived at the end.
+        end_mark: Option<u8>,
     }
 }
 
@@ -55,6 +57,7 @@ impl<'a, S> Tracked<'a, S> {
             guard: Some(guard),
             failed: false,
             ending: false,
+            end_mark: None,
         }
     }
 }
@@ -117,7 +120,10 @@ where
                     }
                     return Poll::Ready(Some(Err(Error::Query(e))));
                 }
-                Poll::Ready(None) => *this.ending = true,
+                Poll::Ready(None) => {
+                    *this.ending = true;
+                    *this.end_mark = this.state.wire.answering_mark();
+                }
                 Poll::Pending => {
                     return match expired(this.sleep, this.bound, this.state, cx) {
                         Some(e) => {
@@ -132,7 +138,8 @@ where
         // Past the bound the wait stops: the connection, not at rest, is closed on return.
         // (tokio-postgres ends a stream at its CommandComplete, which may be read apart from
         // the ReadyForQuery.)
-        if this.state.wire.poll_settled(cx).is_pending()
+        if let Some(mark) = *this.end_mark
+            && this.state.wire.poll_ready_since(mark, cx).is_pending()
             && !this.state.health(false).killed
             && !passed(this.check)
             && expired_quietly(this.sleep.as_mut(), cx).is_pending()
@@ -220,15 +227,22 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
             self.as_mut()
                 .poll_bounded(cx, |inner, cx| inner.poll_finish(cx))
         })
-        .await?;
-        let this = self.project();
-        if this.state.wire.outstanding() > 0 {
+        .await;
+        // The copy ended, with the server's count or its error (a rejected row, say): either
+        // way the server is past it. A timeout or a broken connection leaves it in flight.
+        let ended = match &rows {
+            Ok(_) => true,
+            Err(Error::Query(e)) => e.as_db_error().is_some(),
+            Err(_) => false,
+        };
+        if ended {
+            let this = self.project();
             let _ = crate::deadline::within(*this.bound, this.state.wire.settled()).await;
+            if let Some(g) = this.guard.take() {
+                g.done();
+            }
         }
-        if let Some(g) = this.guard.take() {
-            g.done();
-        }
-        Ok(rows)
+        rows
     }
 }
 

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -53,6 +53,8 @@ pub(crate) struct Wire {
     /// Every fact in one word ([`Facts`]), so the pool reads them with one load. Only the
     /// connection task writes it.
     facts: AtomicU64,
+    /// Requests written so far (Query, counted Sync, FunctionCall).
+    sent: AtomicU32,
     first_pin: Mutex<Option<Box<str>>>,
     /// Tasks waiting for the last ReadyForQuery; `waiting` says whether there are any.
     waiters: Mutex<Vec<Waker>>,
@@ -65,6 +67,7 @@ impl Wire {
             rules,
             // The startup message waits for its ReadyForQuery like any request.
             facts: AtomicU64::new(1),
+            sent: AtomicU32::new(0),
             first_pin: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicBool::new(false),
@@ -87,12 +90,18 @@ impl Wire {
         self.facts().status()
     }
 
-    pub(crate) fn outstanding(&self) -> u32 {
-        self.facts().outstanding()
-    }
-
     pub(crate) fn pinned(&self) -> Reasons {
         self.facts().pinned()
+    }
+
+    /// Requests written so far: a change says something was written since.
+    pub(crate) fn sent(&self) -> u32 {
+        self.sent.load(Relaxed)
+    }
+
+    fn count_sent(&self) {
+        self.sent.store(self.sent().wrapping_add(1), Relaxed);
+        self.update(|f| f.set_outstanding(f.outstanding() + 1));
     }
 
     /// The start of the first message that pinned.
@@ -104,14 +113,28 @@ impl Wire {
             .map(str::to_owned)
     }
 
-    /// Waits until every request sent so far has had its ReadyForQuery. Cancel safe.
+    /// Waits for the ReadyForQuery of the request whose answer just ended, if it has not
+    /// arrived (tokio-postgres hands a result over at its CommandComplete, which a socket read
+    /// may deliver apart from the ReadyForQuery behind it). Responses come in order, so the
+    /// next ReadyForQuery is that request's: nothing else pipelined on the connection is
+    /// waited for. Cancel safe.
     pub(crate) async fn settled(&self) {
-        std::future::poll_fn(|cx| self.poll_settled(cx)).await
+        let Some(mark) = self.answering_mark() else {
+            return;
+        };
+        std::future::poll_fn(|cx| self.poll_ready_since(mark, cx)).await
     }
 
-    /// Ready once every request sent so far has had its ReadyForQuery.
-    pub(crate) fn poll_settled(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.outstanding() == 0 {
+    /// `Some(count)` when a request is being answered: its ReadyForQuery is the one that will
+    /// change the count.
+    pub(crate) fn answering_mark(&self) -> Option<u8> {
+        let f = self.facts();
+        f.answering().then(|| f.ready_count())
+    }
+
+    /// Ready once a ReadyForQuery arrived after `mark` was taken.
+    pub(crate) fn poll_ready_since(&self, mark: u8, cx: &mut Context<'_>) -> Poll<()> {
+        if self.facts().ready_count() != mark {
             return Poll::Ready(());
         }
         {
@@ -122,7 +145,7 @@ impl Wire {
             self.waiting.store(true, Relaxed);
         }
         // Checked again after registering: a ReadyForQuery in between found the waker.
-        if self.outstanding() == 0 {
+        if self.facts().ready_count() != mark {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -155,13 +178,16 @@ impl Wire {
 
 /// The facts of a [`Wire`] packed in one word: bits 0-31 the requests waiting for their
 /// ReadyForQuery, 32-39 the last ReadyForQuery's status byte (0 before the first), 40 a COPY
-/// is open, 41 a FATAL or PANIC arrived, 42 the framing broke, 48-63 the pin reasons.
+/// is open, 41 a FATAL or PANIC arrived, 42 the framing broke, 43 a message arrived since the
+/// last ReadyForQuery (the request being answered has not had its own yet), 44-47 the count
+/// of ReadyForQuery messages modulo 16, 48-63 the pin reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Facts(u64);
 
 const COPY: u64 = 1 << 40;
 const FATAL: u64 = 1 << 41;
 const GARBLED: u64 = 1 << 42;
+const ANSWERING: u64 = 1 << 43;
 
 impl Facts {
     pub(crate) fn outstanding(self) -> u32 {
@@ -204,6 +230,21 @@ impl Facts {
 
     pub(crate) fn pinned(self) -> Reasons {
         Reasons::from_bits((self.0 >> 48) as u16)
+    }
+
+    /// A request is being answered and its ReadyForQuery has not arrived.
+    pub(crate) fn answering(self) -> bool {
+        self.0 & ANSWERING != 0
+    }
+
+    /// The number of ReadyForQuery messages so far, modulo 16: it changes when one arrives.
+    pub(crate) fn ready_count(self) -> u8 {
+        ((self.0 >> 44) & 0xf) as u8
+    }
+
+    fn count_ready(&mut self) {
+        let n = (u64::from(self.ready_count()) + 1) & 0xf;
+        self.0 = (self.0 & !(0xf << 44)) | (n << 44);
     }
 
     fn set_pinned(&mut self, r: Reasons) {
@@ -333,9 +374,9 @@ const fn table(tags: &[u8]) -> [bool; 256] {
 /// The client's messages with a fact: Query, Parse, Bind, Close, Execute, Sync, FunctionCall,
 /// CopyDone, CopyFail.
 static TO_SERVER: [bool; 256] = table(b"QPBCESFcf");
-/// The server's: ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse and the
-/// three COPY responses.
-static FROM_SERVER: [bool; 256] = table(b"ZESAGHW");
+/// The server's: ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse, the
+/// three COPY responses, and the messages that end an answer (see [`Reader::received`]).
+static FROM_SERVER: [bool; 256] = table(b"ZESAGHWCIsnTc");
 
 /// What the connection task alone keeps while reading the stream.
 struct Reader {
@@ -388,7 +429,7 @@ impl Reader {
         };
         let ok = to_server.feed(data, capture, |tag, body| match tag {
             b'Q' => {
-                wire.update(|f| f.set_outstanding(f.outstanding() + 1));
+                wire.count_sent();
                 *syncs_since_execute = 0;
                 let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
                 let c = classify(sql);
@@ -427,7 +468,7 @@ impl Reader {
             }
             b'E' => *syncs_since_execute = 0,
             b'S' if !*copy_in => {
-                wire.update(|f| f.set_outstanding(f.outstanding() + 1));
+                wire.count_sent();
                 *syncs_since_execute += 1;
             }
             b'c' | b'f' => {
@@ -436,7 +477,7 @@ impl Reader {
             }
             b'F' => {
                 // A function called by OID: nothing says what it does.
-                wire.update(|f| f.set_outstanding(f.outstanding() + 1));
+                wire.count_sent();
                 wire.pin(Reasons::of(Reason::Untracked), "(a protocol FunctionCall)");
             }
             _ => {}
@@ -465,6 +506,10 @@ impl Reader {
             _ => 0,
         };
         let ok = from_server.feed(data, capture, |tag, body| match tag {
+            // What answers a request ends with CommandComplete, EmptyQueryResponse,
+            // PortalSuspended, ErrorResponse, NoData or RowDescription (a prepare), CopyDone or
+            // a COPY response: its ReadyForQuery is still to come.
+            b'C' | b'I' | b's' | b'n' | b'T' | b'c' => wire.update(|f| f.set(ANSWERING, true)),
             b'Z' => {
                 let status = body.first().copied().unwrap_or(0);
                 if !*started {
@@ -488,11 +533,14 @@ impl Reader {
                 wire.update(|f| {
                     f.set_status(status);
                     f.set(COPY, false);
+                    f.set(ANSWERING, false);
+                    f.count_ready();
                     f.set_outstanding(f.outstanding().saturating_sub(1));
                 });
                 wire.wake_waiters();
             }
             b'G' => {
+                wire.update(|f| f.set(ANSWERING, true));
                 // The Syncs sent after the Execute that started this copy reach the server in
                 // copy-in mode, which ignores them: no ReadyForQuery will answer them.
                 let ignored = *syncs_since_execute;
@@ -503,8 +551,13 @@ impl Reader {
                 *syncs_since_execute = 0;
                 *copy_in = true;
             }
-            b'H' | b'W' => wire.update(|f| f.set(COPY, true)),
-            b'E' if fatal(body) => wire.update(|f| f.set(FATAL, true)),
+            b'H' | b'W' => wire.update(|f| f.set(COPY | ANSWERING, true)),
+            b'E' => wire.update(|f| {
+                f.set(ANSWERING, true);
+                if fatal(body) {
+                    f.set(FATAL, true);
+                }
+            }),
             b'A' => wire.pin(
                 Reasons::of(Reason::Listen),
                 "(a notification arrived: the session listens)",
@@ -657,7 +710,7 @@ mod tests {
             from.extend(msg(b'S', b"TimeZone\0UTC\0"));
             from.extend(msg(b'Z', b"I"));
             feed_chunked(&mut r, &from, false, chunk);
-            assert_eq!(r.wire.outstanding(), 0);
+            assert_eq!(r.wire.facts().outstanding(), 0);
             assert_eq!(r.wire.status(), TxnStatus::Idle);
             let mut to = msg(b'Q', b"BEGIN\0");
             to.extend(msg(b'P', b"s1\0SELECT 1\0\0\0"));
@@ -665,12 +718,12 @@ mod tests {
             to.extend(msg(b'E', b"\0\0\0\0\0"));
             to.extend(msg(b'S', b""));
             feed_chunked(&mut r, &to, true, chunk);
-            assert_eq!(r.wire.outstanding(), 2);
+            assert_eq!(r.wire.facts().outstanding(), 2);
             feed_chunked(&mut r, &msg(b'Z', b"T"), false, chunk);
-            assert_eq!(r.wire.outstanding(), 1);
+            assert_eq!(r.wire.facts().outstanding(), 1);
             assert_eq!(r.wire.status(), TxnStatus::InTransaction);
             feed_chunked(&mut r, &msg(b'Z', b"T"), false, chunk);
-            assert_eq!(r.wire.outstanding(), 0);
+            assert_eq!(r.wire.facts().outstanding(), 0);
             assert!(r.wire.pinned().is_empty());
         }
     }
@@ -725,16 +778,16 @@ mod tests {
         r.sent(&to);
         r.received(&msg(b'2', b""));
         r.received(&msg(b'G', b"\0\0\0"));
-        assert_eq!(r.wire.outstanding(), 0);
+        assert_eq!(r.wire.facts().outstanding(), 0);
         r.sent(&msg(b'S', b"")); // ignored in copy-in mode, as the server ignores it
         let mut to = msg(b'd', b"1\n");
         to.extend(msg(b'c', b""));
         to.extend(msg(b'S', b""));
         r.sent(&to);
-        assert_eq!(r.wire.outstanding(), 1);
+        assert_eq!(r.wire.facts().outstanding(), 1);
         r.received(&msg(b'C', b"COPY 1\0"));
         r.received(&msg(b'Z', b"I"));
-        assert_eq!(r.wire.outstanding(), 0);
+        assert_eq!(r.wire.facts().outstanding(), 0);
         assert!(!r.wire.facts().copy_open());
     }
 
