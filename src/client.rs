@@ -17,7 +17,7 @@ use crate::conn::{Conn, ConnState, InFlight};
 use crate::deadline::{Bound, within};
 use crate::error::{Error, Phase};
 use crate::invocation::Invocation;
-use crate::pinning::{Classification, Protocol, Reason, Reasons, TxnControl, classify};
+use crate::pinning::{Classification, Protocol, Reasons, TxnControl, classify};
 use crate::pool::PoolInner;
 use crate::statement::{Statement, StatementRef, ToStatement};
 use crate::stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream};
@@ -32,6 +32,8 @@ struct Guarded<'a> {
 }
 
 impl<'a> Guarded<'a> {
+    /// The bound of one statement call, made once: its prepare, execute and any retry share
+    /// it. Fails at once when it has already passed.
     fn bound(&self) -> Result<Option<Bound>, Error> {
         let bound = Bound::new(self.pool.settings.query_timeout, self.cutoff);
         match bound {
@@ -40,58 +42,77 @@ impl<'a> Guarded<'a> {
         }
     }
 
-    /// Checks `sql` against the pin rules before it is sent; returns its transaction effect.
+    /// Under [`PinPolicy::Refuse`](crate::PinPolicy::Refuse), refuses `sql` before anything
+    /// is sent if it may pin. Otherwise nothing is predicted here: what is sent is classified
+    /// on the wire.
     fn check(
         &self,
         sql: &str,
         class: Option<Classification>,
         protocol: Protocol,
-    ) -> Result<TxnControl, Error> {
-        let c = class.unwrap_or_else(|| classify(sql));
-        let pins = self.pool.settings.pin_rules.pinning_reasons(&c, protocol);
-        if !pins.is_empty() {
-            self.pool.on_pin(self.state, pins, sql)?;
+    ) -> Result<(), Error> {
+        let settings = &self.pool.settings;
+        if settings.pin_policy != crate::PinPolicy::Refuse {
+            return Ok(());
         }
-        Ok(c.txn)
+        let c = class.unwrap_or_else(|| classify(sql));
+        let pins = settings.pin_rules.pinning_reasons(&c, protocol);
+        if pins.is_empty() {
+            return Ok(());
+        }
+        Err(self.pool.refuse(pins, sql))
     }
 
-    /// Runs a statement to completion under the bound. On timeout the socket closes at once.
+    /// Runs a statement to completion under `bound`. On timeout the socket closes at once.
     async fn run<T>(
         self,
-        txn: TxnControl,
+        bound: Option<Bound>,
         fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, Error> {
-        let bound = self.bound()?;
         let in_flight = self.state.begin();
         match within(bound, fut).await {
             Ok(res) => {
-                self.state.text_txn(txn, res.is_ok());
                 in_flight.done();
+                if settles(&res) {
+                    self.settle(bound).await;
+                }
+                self.pool.report_pins(self.state);
                 res.map_err(|e| self.failed(e))
             }
             Err(()) => Err(self.expire(bound)),
         }
     }
 
-    /// Starts a stream or copy under the bound; it stays in flight until the wrapper finishes.
+    /// Starts a stream or copy under `bound`; it stays in flight until the wrapper finishes.
     async fn open<S>(
         self,
-        txn: TxnControl,
+        bound: Option<Bound>,
         fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
     ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
-        let bound = self.bound()?;
-        if txn != TxnControl::None {
-            // A stream's end cannot tell whether each statement succeeded.
-            self.state.text_txn(txn, false);
-        }
         let in_flight = self.state.begin();
         match within(bound, fut).await {
-            Ok(Ok(s)) => Ok((s, bound, in_flight)),
+            Ok(Ok(s)) => {
+                self.pool.report_pins(self.state);
+                Ok((s, bound, in_flight))
+            }
             Ok(Err(e)) => {
                 in_flight.done();
+                if e.as_db_error().is_some() {
+                    self.settle(bound).await;
+                }
+                self.pool.report_pins(self.state);
                 Err(self.failed(e))
             }
             Err(()) => Err(self.expire(bound)),
+        }
+    }
+
+    /// After a call: tokio-postgres may hand over a statement's result before the socket
+    /// delivered its ReadyForQuery (a result's end and the ReadyForQuery read apart); wait
+    /// for it within the bound, so the connection is found at rest on return.
+    async fn settle(self, bound: Option<Bound>) {
+        if self.state.wire.outstanding() > 0 && !self.state.health(false).killed {
+            let _ = within(bound, self.state.wire.settled()).await;
         }
     }
 
@@ -111,6 +132,15 @@ impl<'a> Guarded<'a> {
             None => unreachable!("a future without a bound cannot time out"),
         }
     }
+}
+
+/// Whether a finished call's ReadyForQuery is worth waiting for: after a result or the
+/// server's error it follows at once. Not after a client-side error (an unexpected message,
+/// a wrong row count), where the server may still be sending rows or, in COPY-in mode, wait
+/// for data: the connection is then closed on return unless it is at rest by then.
+fn settles<T>(res: &Result<T, tokio_postgres::Error>) -> bool {
+    res.as_ref()
+        .map_or_else(|e| e.as_db_error().is_some(), |_| true)
 }
 
 /// True for errors after which the session cannot be trusted: the connection closed, a FATAL
@@ -139,51 +169,53 @@ struct Ctx<'a> {
 macro_rules! dispatch {
     ($ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
         let ctx = $ctx;
+        let bound = ctx.g.bound()?;
         match $stmt.__statement() {
-            StatementRef::Text(sql) => match ctx.cached(sql).await? {
+            StatementRef::Text(sql) => match ctx.cached(sql, bound).await? {
                 Some(p) => {
-                    let txn = ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
+                    ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
                     let first = {
                         let $s = &p.inner;
-                        dispatch!(@$run ctx, txn, $call)
+                        dispatch!(@$run ctx, bound, $call)
                     };
                     match first {
                         Err(e) if ctx.drop_stale(sql, &e) => {
-                            let p = ctx.cached(sql).await?.ok_or(e)?;
+                            let p = ctx.cached(sql, bound).await?.ok_or(e)?;
                             let $s = &p.inner;
-                            dispatch!(@$run ctx, txn, $call)
+                            dispatch!(@$run ctx, bound, $call)
                         }
                         r => r,
                     }
                 }
-                None => dispatch!(@text ctx, sql, $run, |$s| $call),
+                None => dispatch!(@text ctx, bound, sql, $run, |$s| $call),
             },
-            StatementRef::Prepared(p) => dispatch!(@prepared ctx, p, $run, |$s| $call),
+            StatementRef::Prepared(p) => dispatch!(@prepared ctx, bound, p, $run, |$s| $call),
         }
     }};
     (once $ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
         let ctx = $ctx;
+        let bound = ctx.g.bound()?;
         match $stmt.__statement() {
-            StatementRef::Text(sql) => match ctx.cached(sql).await? {
-                Some(p) => dispatch!(@prepared ctx, (&p), $run, |$s| $call),
-                None => dispatch!(@text ctx, sql, $run, |$s| $call),
+            StatementRef::Text(sql) => match ctx.cached(sql, bound).await? {
+                Some(p) => dispatch!(@prepared ctx, bound, (&p), $run, |$s| $call),
+                None => dispatch!(@text ctx, bound, sql, $run, |$s| $call),
             },
-            StatementRef::Prepared(p) => dispatch!(@prepared ctx, p, $run, |$s| $call),
+            StatementRef::Prepared(p) => dispatch!(@prepared ctx, bound, p, $run, |$s| $call),
         }
     }};
-    (@text $ctx:ident, $sql:ident, $run:ident, |$s:ident| $call:expr) => {{
-        let txn = $ctx.g.check($sql, None, Protocol::Parse)?;
+    (@text $ctx:ident, $bound:ident, $sql:ident, $run:ident, |$s:ident| $call:expr) => {{
+        $ctx.g.check($sql, None, Protocol::Parse)?;
         let $s = $sql;
-        dispatch!(@$run $ctx, txn, $call)
+        dispatch!(@$run $ctx, $bound, $call)
     }};
-    (@prepared $ctx:ident, $p:expr, $run:ident, |$s:ident| $call:expr) => {{
+    (@prepared $ctx:ident, $bound:ident, $p:expr, $run:ident, |$s:ident| $call:expr) => {{
         let p: &Statement = $p;
-        let txn = $ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
+        $ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
         let $s = &p.inner;
-        dispatch!(@$run $ctx, txn, $call)
+        dispatch!(@$run $ctx, $bound, $call)
     }};
-    (@run $ctx:ident, $txn:ident, $call:expr) => { $ctx.g.run($txn, $call).await };
-    (@open $ctx:ident, $txn:ident, $call:expr) => { $ctx.g.open($txn, $call).await };
+    (@run $ctx:ident, $bound:ident, $call:expr) => { $ctx.g.run($bound, $call).await };
+    (@open $ctx:ident, $bound:ident, $call:expr) => { $ctx.g.open($bound, $call).await };
 }
 
 /// True for the server's word that a prepared statement no longer fits (DDL changed its
@@ -202,7 +234,7 @@ fn is_stale(e: &Error) -> bool {
 impl<'a> Ctx<'a> {
     /// The connection's prepared statement for `sql`, preparing and caching it on a miss;
     /// `None` when the cache is off.
-    async fn cached(self, sql: &str) -> Result<Option<Statement>, Error> {
+    async fn cached(self, sql: &str, bound: Option<Bound>) -> Result<Option<Statement>, Error> {
         let settings = &self.g.pool.settings;
         if settings.statement_cache_capacity == 0 {
             return Ok(None);
@@ -225,7 +257,7 @@ impl<'a> Ctx<'a> {
         }
         counters.cache_misses.fetch_add(1, Relaxed);
         crate::metrics::cache_miss();
-        let stmt = self.prepare_typed(sql, &[]).await?;
+        let stmt = self.prepare_in(sql, &[], bound).await?;
         let evicted = self.g.state.cache().insert(
             stmt.clone(),
             settings.statement_cache_capacity,
@@ -256,6 +288,16 @@ impl<'a> Ctx<'a> {
     }
 
     async fn prepare_typed(self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+        self.prepare_in(query, types, self.g.bound()?).await
+    }
+
+    /// Prepares within a bound the caller already made.
+    async fn prepare_in(
+        self,
+        query: &str,
+        types: &[Type],
+        bound: Option<Bound>,
+    ) -> Result<Statement, Error> {
         // Preparing sends a Parse, which pins only under the legacy rules; what the SQL itself
         // does is checked each time the statement is executed.
         let parse_only = Classification {
@@ -265,7 +307,7 @@ impl<'a> Ctx<'a> {
         self.g.check(query, Some(parse_only), Protocol::Parse)?;
         let inner = self
             .g
-            .run(TxnControl::None, self.client.prepare_typed(query, types))
+            .run(bound, self.client.prepare_typed(query, types))
             .await?;
         Ok(Statement {
             inner,
@@ -345,9 +387,9 @@ impl<'a> Ctx<'a> {
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, Error> {
-        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(txn, self.client.query_typed(query, params))
+            .run(self.g.bound()?, self.client.query_typed(query, params))
             .await
     }
 
@@ -356,9 +398,9 @@ impl<'a> Ctx<'a> {
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Row, Error> {
-        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(txn, self.client.query_typed_one(query, params))
+            .run(self.g.bound()?, self.client.query_typed_one(query, params))
             .await
     }
 
@@ -367,9 +409,9 @@ impl<'a> Ctx<'a> {
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Option<Row>, Error> {
-        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(txn, self.client.query_typed_opt(query, params))
+            .run(self.g.bound()?, self.client.query_typed_opt(query, params))
             .await
     }
 
@@ -378,10 +420,10 @@ impl<'a> Ctx<'a> {
         P: BorrowToSql,
         I: IntoIterator<Item = (P, Type)>,
     {
-        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.check(query, None, Protocol::Parse)?;
         let (s, bound, f) = self
             .g
-            .open(txn, self.client.query_typed_raw(query, params))
+            .open(self.g.bound()?, self.client.query_typed_raw(query, params))
             .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
@@ -399,9 +441,9 @@ impl<'a> Ctx<'a> {
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64, Error> {
-        let txn = self.g.check(query, None, Protocol::Parse)?;
+        self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(txn, self.client.execute_typed(query, params))
+            .run(self.g.bound()?, self.client.execute_typed(query, params))
             .await
     }
 
@@ -433,22 +475,26 @@ impl<'a> Ctx<'a> {
     }
 
     async fn simple_query(self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        let txn = self.g.check(query, None, Protocol::Simple)?;
-        self.g.run(txn, self.client.simple_query(query)).await
+        self.g.check(query, None, Protocol::Simple)?;
+        self.g
+            .run(self.g.bound()?, self.client.simple_query(query))
+            .await
     }
 
     async fn simple_query_raw(self, query: &str) -> Result<SimpleQueryStream<'a>, Error> {
-        let txn = self.g.check(query, None, Protocol::Simple)?;
+        self.g.check(query, None, Protocol::Simple)?;
         let (s, bound, f) = self
             .g
-            .open(txn, self.client.simple_query_raw(query))
+            .open(self.g.bound()?, self.client.simple_query_raw(query))
             .await?;
         Ok(SimpleQueryStream::new(s, bound, self.g.state, f))
     }
 
     async fn batch_execute(self, query: &str) -> Result<(), Error> {
-        let txn = self.g.check(query, None, Protocol::Simple)?;
-        self.g.run(txn, self.client.batch_execute(query)).await
+        self.g.check(query, None, Protocol::Simple)?;
+        self.g
+            .run(self.g.bound()?, self.client.batch_execute(query))
+            .await
     }
 }
 
@@ -472,9 +518,10 @@ macro_rules! statement_methods {
         /// As [`prepare`](Self::prepare).
         pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
             let ctx = self.ctx();
-            match ctx.cached(query).await? {
+            let bound = ctx.g.bound()?;
+            match ctx.cached(query, bound).await? {
                 Some(stmt) => Ok(stmt),
-                None => ctx.prepare_typed(query, &[]).await,
+                None => ctx.prepare_in(query, &[], bound).await,
             }
         }
 
@@ -795,7 +842,7 @@ impl PooledClient {
     pub async fn check_connection(&self) -> Result<(), Error> {
         let ctx = self.ctx();
         ctx.g
-            .run(TxnControl::None, ctx.client.check_connection())
+            .run(ctx.g.bound()?, ctx.client.check_connection())
             .await
     }
 
@@ -837,15 +884,14 @@ impl PooledClient {
         }
     }
 
-    /// The tokio-postgres client, for what pinpool does not wrap. pinpool cannot see what is
-    /// sent through it, so the connection counts as possibly pinned
-    /// ([`Reason::Untracked`]) and is closed when returned.
+    /// The tokio-postgres client, for what pinpool does not wrap. What it sends is observed
+    /// on the wire like everything else (pins, transaction status, COPY), but its calls are
+    /// not bounded by pinpool's timeouts, and a call dropped before its request was written
+    /// may leave that request queued: such a connection gets a round trip before an
+    /// invocation ends (or at the next invocation's start) before it is trusted again.
     pub fn raw(this: &Self) -> &Client {
         let conn = this.conn();
-        conn.state.set_untracked();
-        let _ = this
-            .pool
-            .on_pin(&conn.state, Reasons::of(Reason::Untracked), "(raw access)");
+        conn.state.set_raw_used();
         &conn.client
     }
 
@@ -894,7 +940,7 @@ impl<'a> TxnMark<'a> {
 impl Drop for TxnMark<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.state.set_rollback_queued(true);
+            self.state.set_rollback_queued();
         }
         self.state.set_txn_object(false);
     }
@@ -929,9 +975,12 @@ impl<'a> Transaction<'a> {
             g,
             mut _mark,
         } = self;
-        let r = g.run(TxnControl::None, inner.commit()).await;
+        let r = g.run(g.bound()?, inner.commit()).await;
         if let Some(m) = _mark.as_mut() {
-            m.finished = true;
+            // A commit that failed before it was sent (its bound had passed) dropped the
+            // transaction unfinished: tokio-postgres queued a ROLLBACK, which the end of the
+            // invocation makes sure reaches the server.
+            m.finished = r.is_ok();
         }
         r
     }
@@ -946,9 +995,9 @@ impl<'a> Transaction<'a> {
             g,
             mut _mark,
         } = self;
-        let r = g.run(TxnControl::None, inner.rollback()).await;
+        let r = g.run(g.bound()?, inner.rollback()).await;
         if let Some(m) = _mark.as_mut() {
-            m.finished = true;
+            m.finished = r.is_ok();
         }
         r
     }
@@ -959,7 +1008,7 @@ impl<'a> Transaction<'a> {
     /// As [`query`](Self::query).
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
         let g = self.g;
-        let inner = g.run(TxnControl::None, self.inner.transaction()).await?;
+        let inner = g.run(g.bound()?, self.inner.transaction()).await?;
         Ok(Transaction {
             inner,
             g,
@@ -973,7 +1022,11 @@ impl<'a> Transaction<'a> {
     /// As [`query`](Self::query).
     pub async fn savepoint<I: Into<String>>(&mut self, name: I) -> Result<Transaction<'_>, Error> {
         let g = self.g;
-        let inner = g.run(TxnControl::None, self.inner.savepoint(name)).await?;
+        // tokio-postgres pastes the name into the SQL: the wire classifies what it sends, and
+        // the strict policy checks the text first.
+        let name = name.into();
+        g.check(&format!("SAVEPOINT {name}"), None, Protocol::Simple)?;
+        let inner = g.run(g.bound()?, self.inner.savepoint(name)).await?;
         Ok(Transaction {
             inner,
             g,
@@ -1016,7 +1069,7 @@ impl<'a> Transaction<'a> {
     /// As [`query`](Self::query).
     pub async fn query_portal(&self, portal: &Portal, max_rows: i32) -> Result<Vec<Row>, Error> {
         self.g
-            .run(TxnControl::None, self.inner.query_portal(portal, max_rows))
+            .run(self.g.bound()?, self.inner.query_portal(portal, max_rows))
             .await
     }
 
@@ -1032,7 +1085,7 @@ impl<'a> Transaction<'a> {
         let (s, bound, f) = self
             .g
             .open(
-                TxnControl::None,
+                self.g.bound()?,
                 self.inner.query_portal_raw(portal, max_rows),
             )
             .await?;
@@ -1072,7 +1125,7 @@ impl<'a> TransactionBuilder<'a> {
     /// The server's error or a timeout.
     pub async fn start(self) -> Result<Transaction<'a>, Error> {
         let mark = TxnMark::new(self.g.state);
-        let inner = self.g.run(TxnControl::None, self.inner.start()).await?;
+        let inner = self.g.run(self.g.bound()?, self.inner.start()).await?;
         Ok(Transaction {
             inner,
             g: self.g,

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{NoTls, Socket};
 
@@ -54,7 +54,15 @@ pub struct ConnectionConfig {
     parsed: Result<tokio_postgres::Config, Error>,
     verify: Option<&'static str>,
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
-    root_cert_file: Option<String>,
+    root_cert: Option<RootCertFile>,
+}
+
+/// The `sslrootcert` file a connection string names.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+struct RootCertFile {
+    path: String,
+    /// False when the path lies in what may be the URL's user-info: errors do not quote it.
+    quotable: bool,
 }
 
 impl From<tokio_postgres::Config> for ConnectionConfig {
@@ -62,24 +70,28 @@ impl From<tokio_postgres::Config> for ConnectionConfig {
         ConnectionConfig {
             parsed: Ok(config),
             verify: None,
-            root_cert_file: None,
+            root_cert: None,
         }
     }
 }
 
 impl From<&str> for ConnectionConfig {
     fn from(s: &str) -> Self {
-        let (text, verify, root_cert_file) = accept_verify_modes(s);
-        let parsed = text.parse::<tokio_postgres::Config>().map_err(|e| {
+        let Rewritten {
+            text,
+            verify,
+            root_cert,
+        } = accept_verify_modes(s);
+        let parsed = text.parse::<tokio_postgres::Config>().map_err(|_| {
             Error::config(
                 "url",
-                format!("cannot parse the connection string: {}", explain(&text, e)),
+                format!("cannot parse the connection string: {}", explain(s)),
             )
         });
         ConnectionConfig {
             parsed,
             verify,
-            root_cert_file,
+            root_cert,
         }
     }
 }
@@ -96,63 +108,224 @@ impl From<&String> for ConnectionConfig {
     }
 }
 
-/// tokio-postgres answers only "invalid connection string" for a bad URL; find the part at
-/// fault, so the message names it.
-fn explain(text: &str, e: tokio_postgres::Error) -> String {
-    let Some(rest) = text.split_once("://").map(|(_, r)| r) else {
-        return e.to_string();
-    };
-    let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-    for param in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = param.split_once('=').unwrap_or((param, ""));
-        if let Err(e) = format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
-            .parse::<tokio_postgres::Config>()
-        {
-            return format!("parameter `{k}`: {e}");
+/// Where the parts of a URL connection string begin, as tokio-postgres reads it: the user-info
+/// ends at the first `@`, the hosts at the next `/` or `?`, the path at the next `?`.
+struct UrlParts {
+    /// Offset of the user-info (after `://`).
+    user_info: usize,
+    /// Offset of the hosts (after the user-info's `@`).
+    hosts: usize,
+    /// Offset of the `/` or `?` (or the end) after the hosts.
+    hosts_end: usize,
+    /// Offset after the `?` that starts the parameters.
+    params: Option<usize>,
+    /// Errors quote no text before this offset. A password written without percent-encoding
+    /// may hold `@`, `/`, `?`, `#` and `:`, which move tokio-postgres's splits into it; so the
+    /// user-info is taken to end at the *last* `@` of the string, whatever follows it.
+    quotable: usize,
+}
+
+fn url_parts(s: &str) -> Option<UrlParts> {
+    let user_info = ["postgres://", "postgresql://"]
+        .into_iter()
+        .find_map(|p| s.starts_with(p).then_some(p.len()))?;
+    let hosts = s[user_info..]
+        .find('@')
+        .map_or(user_info, |i| user_info + i + 1);
+    let hosts_end = s[hosts..].find(['/', '?']).map_or(s.len(), |i| hosts + i);
+    let params = s[hosts_end..].find('?').map(|i| hosts_end + i + 1);
+    let quotable = s[user_info..]
+        .rfind('@')
+        .map_or(user_info, |i| user_info + i + 1);
+    Some(UrlParts {
+        user_info,
+        hosts,
+        hosts_end,
+        params,
+        quotable,
+    })
+}
+
+/// What `explain` says when the fault lies where the password may be.
+const HIDDEN_FAULT: &str = "the fault lies before the last `@`, not shown as it may hold the \
+    password; percent-encode any `@`, `:`, `/`, `?` or `#` in the user name or password";
+
+/// `s` percent-decoded as tokio-postgres decodes the parts of a URL; `None` when that is not
+/// UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let digit = |i: usize| b.get(i).and_then(|&c| char::from(c).to_digit(16));
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], digit(i + 1), digit(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
         }
     }
-    let hosts = authority.split('/').next().unwrap_or("");
-    let hosts = hosts.rsplit_once('@').map_or(hosts, |(_, h)| h);
-    for host in hosts.split(',') {
-        // The port follows the last ':' unless that ':' is inside an IPv6 [address].
-        if let Some((_, port)) = host.rsplit_once(':').filter(|(_, p)| !p.contains(']'))
+    String::from_utf8(out).ok()
+}
+
+/// tokio-postgres answers only "invalid connection string" for a bad URL; find the part at
+/// fault, so the message names it. Nothing from the user-info is quoted (see [`UrlParts`]):
+/// a fault found there gets a message of its own that shows none of it.
+fn explain(s: &str) -> String {
+    let Some(url) = url_parts(s) else {
+        // Key-value form: tokio-postgres does not say which pair, and the pair may hold the
+        // password.
+        return "invalid key-value connection string (`key=value` pairs, values with spaces \
+                in single quotes)"
+            .to_string();
+    };
+    let shown = |at: usize| at >= url.quotable;
+    let fault = |at: usize, message: String| {
+        if shown(at) {
+            message
+        } else {
+            HIDDEN_FAULT.to_string()
+        }
+    };
+    // In the order tokio-postgres parses: user-info, hosts, database, parameters.
+    if url.hosts > url.user_info {
+        let user_info = &s[url.user_info..url.hosts - 1];
+        let user = user_info.split_once(':').map_or(user_info, |(u, _)| u);
+        if percent_decode(user).is_none() {
+            return "the user name is not valid utf-8 once percent-decoded".to_string();
+        }
+    }
+    let mut at = url.hosts;
+    for chunk in s[url.hosts..url.hosts_end].split(',') {
+        let (host, port) = match chunk.strip_prefix('[') {
+            Some(inner) => match inner.split_once(']') {
+                None => {
+                    return fault(
+                        at,
+                        format!("`host`: {chunk:?} lacks the closing `]` of its address"),
+                    );
+                }
+                Some((host, "")) => (host, None),
+                Some((host, after)) => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => {
+                        return fault(at, format!("`host`: {chunk:?} has text after its `]`"));
+                    }
+                },
+            },
+            None => match chunk.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (chunk, None),
+            },
+        };
+        if percent_decode(host).is_none() {
+            return fault(
+                at,
+                format!("`host`: {host:?} is not valid utf-8 once percent-decoded"),
+            );
+        }
+        if let Some(port) = port
             && !port.is_empty()
             && port.parse::<u16>().is_err()
         {
-            return format!("`port`: {port:?} is not a port number");
+            return fault(at, format!("`port`: {port:?} is not a port number"));
         }
+        at += chunk.len() + 1;
     }
-    e.to_string()
+    let path_end = url.params.map_or(s.len(), |p| p - 1);
+    if url.hosts_end < path_end && percent_decode(&s[url.hosts_end..path_end]).is_none() {
+        return fault(
+            url.hosts_end,
+            "the database name is not valid utf-8 once percent-decoded".to_string(),
+        );
+    }
+    let mut at = url.params.unwrap_or(s.len());
+    while at < s.len() {
+        // As tokio-postgres splits them: the key ends at the next `=`, the value at the next `&`.
+        let rest = &s[at..];
+        let Some((key, rest)) = rest.split_once('=') else {
+            return fault(at, format!("parameter {rest:?} has no `=value`"));
+        };
+        let (value, next) = match rest.split_once('&') {
+            Some((value, _)) => (value, at + key.len() + value.len() + 2),
+            None => (rest, s.len()),
+        };
+        if !rewritten(key, value) {
+            let (Some(key), Some(value)) = (percent_decode(key), percent_decode(value)) else {
+                return fault(
+                    at,
+                    "a parameter is not valid utf-8 once percent-decoded".into(),
+                );
+            };
+            let checked = format!(
+                "{key}='{}'",
+                value.replace('\\', "\\\\").replace('\'', "\\'")
+            )
+            .parse::<tokio_postgres::Config>();
+            if let Err(e) = checked {
+                let cause = std::error::Error::source(&e).map_or(e.to_string(), |c| c.to_string());
+                return fault(at, format!("parameter `{key}`: {cause}"));
+            }
+        }
+        at = next;
+    }
+    "invalid connection string".to_string()
+}
+
+/// The parameters [`accept_verify_modes`] takes out of a connection string.
+fn rewritten(key: &str, value: &str) -> bool {
+    matches!(
+        (key, value),
+        ("sslmode", "verify-full" | "verify-ca") | ("sslrootcert", _)
+    )
+}
+
+/// A connection string as tokio-postgres can parse it, and what was taken out.
+struct Rewritten {
+    text: String,
+    verify: Option<&'static str>,
+    root_cert: Option<RootCertFile>,
 }
 
 /// tokio-postgres rejects `sslmode=verify-full` and `verify-ca`, which RDS documents. Turn them
 /// into `require` (the TLS connector does the verifying) and drop `sslrootcert`, which
 /// tokio-postgres does not know (the TLS connector is given the roots instead).
-fn accept_verify_modes(s: &str) -> (String, Option<&'static str>, Option<String>) {
+fn accept_verify_modes(s: &str) -> Rewritten {
     let mut verify = None;
-    let mut root = None;
-    let mut keep = |key: &str, value: &str| -> Option<String> {
+    let mut root_cert = None;
+    let mut keep = |key: &str, value: &str, quotable: bool| -> Option<String> {
         match (key, value) {
             ("sslmode", "verify-full") => verify = Some("verify-full"),
             ("sslmode", "verify-ca") => verify = Some("verify-ca"),
             ("sslrootcert", _) => {
-                root = Some(value.to_string());
+                root_cert = Some(RootCertFile {
+                    path: value.to_string(),
+                    quotable,
+                });
                 return None;
             }
             _ => return Some(format!("{key}={value}")),
         }
         Some("sslmode=require".to_string())
     };
-    let text = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-        match s.split_once('?') {
-            Some((base, query)) => {
-                let params: Vec<String> = query
-                    .split('&')
-                    .filter_map(|p| match p.split_once('=') {
-                        Some((k, v)) => keep(k, v),
+    let text = if let Some(url) = url_parts(s) {
+        match url.params {
+            Some(start) => {
+                let mut at = start;
+                let mut params = Vec::new();
+                for p in s[start..].split('&') {
+                    let quotable = at >= url.quotable;
+                    at += p.len() + 1;
+                    params.extend(match p.split_once('=') {
+                        Some((k, v)) => keep(k, v, quotable),
                         None => Some(p.to_string()),
-                    })
-                    .collect();
+                    });
+                }
+                let base = &s[..start - 1];
                 if params.is_empty() {
                     base.to_string()
                 } else {
@@ -162,16 +335,86 @@ fn accept_verify_modes(s: &str) -> (String, Option<&'static str>, Option<String>
             None => s.to_string(),
         }
     } else {
-        // Key-value form: only the unquoted `key=value` pairs these keys take are rewritten.
-        s.split_ascii_whitespace()
-            .filter_map(|p| match p.split_once('=') {
-                Some((k @ ("sslmode" | "sslrootcert"), v)) => keep(k, v),
-                _ => Some(p.to_string()),
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+        // Key-value form: the pairs of these keys are replaced where they stand; the rest of
+        // the text (quoted values with their spaces) is kept as written.
+        match key_value_pairs(s) {
+            Some(pairs) => {
+                let mut text = String::with_capacity(s.len());
+                let mut copied = 0;
+                for pair in pairs {
+                    if matches!(pair.key, "sslmode" | "sslrootcert") {
+                        text.push_str(&s[copied..pair.start]);
+                        text.extend(keep(pair.key, &pair.value, true));
+                        copied = pair.end;
+                    }
+                }
+                text.push_str(&s[copied..]);
+                text
+            }
+            // tokio-postgres refuses it; `explain` says so without quoting it.
+            None => s.to_string(),
+        }
     };
-    (text, verify, root)
+    Rewritten {
+        text,
+        verify,
+        root_cert,
+    }
+}
+
+/// One `key=value` pair of a key-value connection string: where it stands, its key and its
+/// value unquoted and unescaped.
+struct Pair<'a> {
+    start: usize,
+    end: usize,
+    key: &'a str,
+    value: String,
+}
+
+/// The pairs of a key-value connection string, read as tokio-postgres reads them (a value is
+/// `'quoted'` or ends at whitespace; a backslash escapes the next character); `None` when it
+/// does not parse.
+fn key_value_pairs(s: &str) -> Option<Vec<Pair<'_>>> {
+    let mut pairs = Vec::new();
+    let mut it = s.char_indices().peekable();
+    loop {
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let Some(&(start, _)) = it.peek() else {
+            return Some(pairs);
+        };
+        while it
+            .next_if(|(_, c)| !c.is_whitespace() && *c != '=')
+            .is_some()
+        {}
+        let key_end = it.peek().map_or(s.len(), |(i, _)| *i);
+        if key_end == start {
+            return Some(pairs); // tokio-postgres stops reading here too
+        }
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        it.next_if(|(_, c)| *c == '=')?;
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let quoted = it.next_if(|(_, c)| *c == '\'').is_some();
+        let mut value = String::new();
+        let end = loop {
+            match it.next() {
+                Some((i, '\'')) if quoted => break i + 1,
+                Some((_, '\\')) => value.extend(it.next().map(|(_, c)| c)),
+                Some((i, c)) if !quoted && c.is_whitespace() => break i,
+                Some((_, c)) => value.push(c),
+                None if quoted => return None,
+                None => break s.len(),
+            }
+        };
+        if !quoted && value.is_empty() {
+            return None;
+        }
+        pairs.push(Pair {
+            start,
+            end,
+            key: &s[start..key_end],
+            value,
+        });
+    }
 }
 
 /// The validated settings of a pool.
@@ -465,6 +708,18 @@ impl Builder {
         {
             return Err(Error::config("host", "empty host name"));
         }
+        if pg
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, Host::Tcp(h) if h.contains('@')))
+        {
+            // tokio-postgres ends a URL's user-info at its first `@`: the rest of a password
+            // holding `@` became the host name (which would be looked up and shown in Debug).
+            return Err(Error::config(
+                "host",
+                "a host name holds `@`: percent-encode an `@` in the user name or password",
+            ));
+        }
         if pg.get_user().is_none_or(str::is_empty) {
             return Err(Error::config("user", "no user given"));
         }
@@ -502,11 +757,16 @@ impl Builder {
         let connector = if connector.is_none()
             && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require)
         {
-            let roots = match (&root_certs_pem, &conn.root_cert_file) {
+            let roots = match (&root_certs_pem, &conn.root_cert) {
                 (Some(pem), _) => crate::tls::roots_from_pem("root_certificates_pem", pem)?,
                 (None, Some(file)) => {
-                    let pem = std::fs::read(file).map_err(|e| {
-                        Error::config("sslrootcert", format!("cannot read {file}: {e}"))
+                    let pem = std::fs::read(&file.path).map_err(|e| {
+                        let message = if file.quotable {
+                            format!("cannot read {}: {e}", file.path)
+                        } else {
+                            format!("cannot read the file it names: {e}")
+                        };
+                        Error::config("sslrootcert", message)
                     })?;
                     crate::tls::roots_from_pem("sslrootcert", &pem)?
                 }
@@ -531,6 +791,15 @@ impl Builder {
         if !connector.tls() {
             // Without a TLS connector, do not send an SSLRequest that can only be refused.
             pg.ssl_mode(SslMode::Disable);
+        }
+        if pg.get_ssl_mode() == SslMode::Disable
+            && pg.get_load_balance_hosts() == LoadBalanceHosts::Random
+        {
+            // Plaintext connections are opened by pinpool (to observe them), hosts in order.
+            return Err(Error::config(
+                "load_balance_hosts",
+                "random is not supported for plaintext connections: pinpool tries hosts in order",
+            ));
         }
         // tokio-postgres's own connect_timeout covers only the TCP connect; the pool bounds the
         // whole connect with its own, and keeps the user's value when shorter.
@@ -569,15 +838,65 @@ mod tests {
 
     #[test]
     fn verify_modes_become_require() {
-        let (t, v, r) =
-            accept_verify_modes("postgres://a@h/db?sslmode=verify-full&sslrootcert=/x.pem");
-        assert_eq!(t, "postgres://a@h/db?sslmode=require");
-        assert_eq!((v, r.as_deref()), (Some("verify-full"), Some("/x.pem")));
-        let (t, v, _) = accept_verify_modes("host=h user=a sslmode=verify-ca dbname=d");
-        assert_eq!(t, "host=h user=a sslmode=require dbname=d");
-        assert_eq!(v, Some("verify-ca"));
-        let (t, v, r) = accept_verify_modes("postgres://a@h/db?application_name=x");
-        assert_eq!(t, "postgres://a@h/db?application_name=x");
-        assert_eq!((v, r), (None, None));
+        let r = accept_verify_modes("postgres://a@h/db?sslmode=verify-full&sslrootcert=/x.pem");
+        assert_eq!(r.text, "postgres://a@h/db?sslmode=require");
+        assert_eq!(r.verify, Some("verify-full"));
+        let root = r.root_cert.expect("sslrootcert");
+        assert_eq!((root.path.as_str(), root.quotable), ("/x.pem", true));
+        let r = accept_verify_modes("host=h user=a sslmode=verify-ca dbname=d");
+        assert_eq!(r.text, "host=h user=a sslmode=require dbname=d");
+        assert_eq!(r.verify, Some("verify-ca"));
+        let r = accept_verify_modes("postgres://a@h/db?application_name=x");
+        assert_eq!(r.text, "postgres://a@h/db?application_name=x");
+        assert!(r.verify.is_none() && r.root_cert.is_none());
+    }
+
+    #[test]
+    fn key_value_values_are_kept_as_written() {
+        // Spaces inside a quoted value (a password) are not collapsed.
+        let s = "host=h user=u password='a  b\tc' sslmode=verify-full dbname=d";
+        let r = accept_verify_modes(s);
+        assert_eq!(
+            r.text,
+            "host=h user=u password='a  b\tc' sslmode=require dbname=d"
+        );
+        let pg: tokio_postgres::Config = r.text.parse().unwrap();
+        assert_eq!(pg.get_password(), Some(&b"a  b\tc"[..]));
+        // A quoted value that looks like an sslrootcert pair is part of the password.
+        let r = accept_verify_modes("host=h password='x sslrootcert=/S sslmode=verify-ca' user=u");
+        assert!(r.root_cert.is_none() && r.verify.is_none(), "{}", r.text);
+        // Spaces around `=`, and quoted values of the keys rewritten.
+        let r = accept_verify_modes("host=h sslmode = 'verify-ca' sslrootcert='/a b.pem' user=u");
+        assert_eq!(r.verify, Some("verify-ca"));
+        assert_eq!(r.root_cert.map(|f| f.path).as_deref(), Some("/a b.pem"));
+        let pg: tokio_postgres::Config = r.text.parse().unwrap();
+        assert_eq!(pg.get_user(), Some("u"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_quoted_key_value_password_survives_the_rewrite(
+            password in "([ \t'\\\\=a-z]|sslmode=verify-ca|sslrootcert=/x){0,12}",
+        ) {
+            let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
+            let s = format!("host=h password='{quoted}' sslmode=verify-full user=u");
+            let r = accept_verify_modes(&s);
+            let pg: tokio_postgres::Config = r.text.parse().unwrap();
+            proptest::prop_assert_eq!(pg.get_password(), Some(password.as_bytes()));
+            proptest::prop_assert_eq!(pg.get_user(), Some("u"));
+            proptest::prop_assert_eq!(r.verify, Some("verify-full"));
+            proptest::prop_assert!(r.root_cert.is_none());
+        }
+    }
+
+    #[test]
+    fn the_parameters_begin_after_the_user_info() {
+        // A `?` in the password does not start the parameters.
+        let r = accept_verify_modes("postgres://a:p?sslmode=x@h/db?sslmode=verify-ca");
+        assert_eq!(r.text, "postgres://a:p?sslmode=x@h/db?sslmode=require");
+        assert_eq!(r.verify, Some("verify-ca"));
+        // An sslrootcert that may be part of the password (before the last `@`) is not quoted.
+        let r = accept_verify_modes("postgres://a:p@h?sslrootcert=/S@h/db");
+        assert!(!r.root_cert.expect("sslrootcert").quotable);
     }
 }

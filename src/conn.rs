@@ -12,9 +12,10 @@ use tokio_postgres::Client;
 
 use crate::cache::StatementCache;
 use crate::config::{PinPolicy, Settings};
-use crate::connect::ConnectionFuture;
-use crate::pinning::{Reasons, TxnControl};
+use crate::connect::{ConnectionFuture, Opened};
+use crate::pinning::Reasons;
 use crate::status::CloseReason;
+use crate::wire::{TxnStatus, Wire};
 
 /// The connection task's future, held where [`ConnState::kill`] can drop it synchronously:
 /// dropping a `Client` with a request pending does not close the socket, dropping this does.
@@ -51,26 +52,27 @@ fn spawn_connection(connection: ConnectionFuture, id: u64) -> Arc<TaskSlot> {
     slot
 }
 
-const TXN_TEXT: u8 = 1; // a BEGIN sent as text, not yet ended
-const UNKNOWN: u8 = 2; // a transaction-control statement failed: state unknown
-const TXN_OBJECT: u8 = 4; // a pinpool Transaction is alive (cleared by its drop)
-const UNTRACKED: u8 = 8; // raw access was handed out
-const KILLED: u8 = 16; // the socket was closed by pinpool after a timeout
-const BROKEN: u8 = 32; // the socket was closed by pinpool after a fatal error
-const ROLLBACK_QUEUED: u8 = 64; // a dropped transaction queued a ROLLBACK not yet known sent
-/// Inside a transaction, or unsure whether it is.
-const IN_TXN: u8 = TXN_TEXT | UNKNOWN | TXN_OBJECT;
+const TXN_OBJECT: u8 = 1; // a pinpool Transaction is alive (cleared by its drop)
+const KILLED: u8 = 2; // the socket was closed by pinpool after a timeout
+const BROKEN: u8 = 4; // the socket was closed by pinpool after a fatal error
+const ROLLBACK_QUEUED: u8 = 8; // a dropped transaction queued a ROLLBACK not yet known sent
+const RAW_USED: u8 = 16; // raw access was handed out: a request may wait unseen in the queue
+/// Requests may wait in the client's queue, not yet written: a round trip settles them.
+const UNSETTLED: u8 = ROLLBACK_QUEUED | RAW_USED;
 
-/// The state statements update through `&self`; atomics so clients and their futures are
-/// `Sync`/`Send`. Only the one holder of the connection touches it, so `Relaxed` suffices.
+/// What a connection's holder updates through `&self`, beside the facts its [`Wire`] reads
+/// off the protocol; atomics so clients and their futures are `Sync`/`Send`. Only the one
+/// holder of the connection touches it, so `Relaxed` suffices.
 pub(crate) struct ConnState {
     pub(crate) id: u64,
     /// Statements, streams and copies started and not finished. A future dropped mid-way
     /// leaves its count here, so the connection is closed on return.
     in_flight: AtomicU32,
     flags: AtomicU8,
-    pinned: AtomicU16,
-    first_pin: Mutex<Option<Box<str>>>,
+    /// The pin reasons already reported (metrics, logs), of those the wire saw.
+    reported: AtomicU16,
+    /// What the protocol stream says: transaction status, requests waiting, COPY, pins.
+    pub(crate) wire: Arc<Wire>,
     task: Arc<TaskSlot>,
     /// Prepared statements of this connection, by SQL; dies with it.
     cache: Mutex<StatementCache>,
@@ -85,6 +87,13 @@ impl ConnState {
     /// Closes the socket now after an error that ends the session (FATAL, connection lost).
     pub(crate) fn kill_broken(&self) {
         self.close_socket(BROKEN);
+    }
+
+    /// Closes the socket now: dropping the connection task's future drops the socket, so the
+    /// peer sees the close before this returns, even if the runtime never runs again (a
+    /// Lambda freeze right after).
+    pub(crate) fn close(&self) {
+        self.close_socket(0);
     }
 
     fn close_socket(&self, flag: u8) {
@@ -124,66 +133,63 @@ impl ConnState {
     }
 
     /// A transaction was dropped unfinished: tokio-postgres queued its ROLLBACK.
-    pub(crate) fn set_rollback_queued(&self, on: bool) {
-        self.set(ROLLBACK_QUEUED, on);
+    pub(crate) fn set_rollback_queued(&self) {
+        self.set(ROLLBACK_QUEUED, true);
     }
 
-    pub(crate) fn rollback_queued(&self) -> bool {
-        self.flags.load(Relaxed) & ROLLBACK_QUEUED != 0
+    /// Raw access was handed out: what it sends is observed, but a request dropped before
+    /// it was written may still wait in the client's queue.
+    pub(crate) fn set_raw_used(&self) {
+        self.set(RAW_USED, true);
     }
 
-    pub(crate) fn set_untracked(&self) {
-        self.set(UNTRACKED, true);
+    /// True when requests may wait unwritten in the client's queue (see [`UNSETTLED`]).
+    pub(crate) fn unsettled(&self) -> bool {
+        self.flags.load(Relaxed) & UNSETTLED != 0
     }
 
-    /// Follows BEGIN/COMMIT/ROLLBACK sent as text. A failed transaction-control statement
-    /// leaves the state unknown.
-    pub(crate) fn text_txn(&self, txn: TxnControl, ok: bool) {
-        match (txn, ok) {
-            (TxnControl::None, _) => {}
-            (_, false) => self.set(UNKNOWN, true),
-            (TxnControl::Begin, true) => self.set(TXN_TEXT, true),
-            (TxnControl::End, true) => self.set(TXN_TEXT, false),
-        }
+    /// After a round trip: everything queued before it has been written and answered.
+    pub(crate) fn settle(&self) {
+        self.set(UNSETTLED, false);
     }
 
-    /// Records that the connection may be pinned. Returns the reasons that are new.
-    pub(crate) fn pin(&self, reasons: Reasons, sql: &str) -> Reasons {
-        let before = Reasons::from_bits(self.pinned.fetch_or(reasons.bits(), Relaxed));
-        if before.is_empty() {
-            let mut first = self.first_pin.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(|| truncate(sql, 120).into());
-        }
-        Reasons::from_bits(reasons.bits() & !before.bits())
-    }
-
-    /// True inside a transaction (or when unsure): a failed statement has aborted it, so
-    /// retrying is pointless.
+    /// True unless the server's last word is that no transaction block is open: a failed
+    /// statement there has aborted the transaction, so retrying it is pointless.
     pub(crate) fn in_transaction(&self) -> bool {
-        self.flags.load(Relaxed) & IN_TXN != 0
+        self.wire.status() != TxnStatus::Idle
     }
 
     pub(crate) fn pinned(&self) -> Reasons {
-        Reasons::from_bits(self.pinned.load(Relaxed))
+        self.wire.pinned()
     }
 
     pub(crate) fn first_pin(&self) -> Option<String> {
-        self.first_pin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-            .map(str::to_owned)
+        self.wire.first_pin()
+    }
+
+    /// The pin reasons the wire saw that were not reported yet, marked reported now, and
+    /// whether any reason had been reported before.
+    pub(crate) fn unreported_pins(&self) -> (Reasons, bool) {
+        let seen = self.wire.pinned().bits();
+        if seen & !self.reported.load(Relaxed) == 0 {
+            return (Reasons::EMPTY, true);
+        }
+        let before = self.reported.fetch_or(seen, Relaxed);
+        (Reasons::from_bits(seen & !before), before != 0)
     }
 
     pub(crate) fn health(&self, closed: bool) -> Health {
         let flags = self.flags.load(Relaxed);
+        let wire = &self.wire;
         Health {
             killed: flags & KILLED != 0,
-            closed: closed || flags & BROKEN != 0,
+            closed: closed || flags & BROKEN != 0 || wire.broken(),
             in_flight: self.in_flight.load(Relaxed),
-            in_txn: flags & IN_TXN != 0,
-            untracked: flags & UNTRACKED != 0,
-            pinned: self.pinned(),
+            txn_object: flags & TXN_OBJECT != 0,
+            busy: wire.outstanding() > 0 || wire.copy_open(),
+            status: wire.status(),
+            rollback_queued: flags & ROLLBACK_QUEUED != 0,
+            pinned: wire.pinned(),
         }
     }
 }
@@ -236,16 +242,21 @@ impl std::ops::DerefMut for Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(client: Client, connection: ConnectionFuture, id: u64) -> Conn {
+    pub(crate) fn new(opened: Opened, id: u64) -> Conn {
         let now = SystemTime::now();
+        let Opened {
+            client,
+            connection,
+            wire,
+        } = opened;
         Conn(Box::new(ConnData {
             client,
             state: ConnState {
                 id,
                 in_flight: AtomicU32::new(0),
                 flags: AtomicU8::new(0),
-                pinned: AtomicU16::new(0),
-                first_pin: Mutex::new(None),
+                reported: AtomicU16::new(0),
+                wire,
                 task: spawn_connection(connection, id),
                 cache: Mutex::new(StatementCache::default()),
             },
@@ -301,21 +312,33 @@ pub(crate) struct Health {
     pub(crate) killed: bool,
     pub(crate) closed: bool,
     pub(crate) in_flight: u32,
-    pub(crate) in_txn: bool,
-    pub(crate) untracked: bool,
+    pub(crate) txn_object: bool,
+    /// The wire: a request waits for its ReadyForQuery, or a COPY is open.
+    pub(crate) busy: bool,
+    /// The wire: the last ReadyForQuery's transaction status.
+    pub(crate) status: TxnStatus,
+    pub(crate) rollback_queued: bool,
     pub(crate) pinned: Reasons,
 }
 
 impl Health {
+    /// `None` when the connection may go back to the idle set: the server's last
+    /// ReadyForQuery answered every request, said no transaction block is open (or one is
+    /// whose ROLLBACK tokio-postgres has queued ahead of anything else), no COPY is open,
+    /// nothing pinpool started is unfinished, and nothing sent may have pinned it.
     pub(crate) fn verdict(&self, policy: PinPolicy) -> Option<CloseReason> {
+        let rolling_back = self.rollback_queued
+            && matches!(self.status, TxnStatus::InTransaction | TxnStatus::Failed);
         if self.killed {
             Some(CloseReason::TimedOut)
         } else if self.closed {
             Some(CloseReason::Broken)
-        } else if self.in_flight > 0 || self.in_txn {
+        } else if self.in_flight > 0
+            || self.txn_object
+            || self.busy
+            || (self.status != TxnStatus::Idle && !rolling_back)
+        {
             Some(CloseReason::UnknownState)
-        } else if self.untracked {
-            Some(CloseReason::Untracked)
         } else if !self.pinned.is_empty() && policy != PinPolicy::Keep {
             // KeepForInvocation: the pool keeps it for its invocation instead, if there is one.
             Some(CloseReason::Pinned)
@@ -335,8 +358,10 @@ mod tests {
             killed: false,
             closed: false,
             in_flight: 0,
-            in_txn: false,
-            untracked: false,
+            txn_object: false,
+            busy: false,
+            status: TxnStatus::Idle,
+            rollback_queued: false,
             pinned: Reasons::EMPTY,
         }
     }
@@ -369,17 +394,32 @@ mod tests {
             ),
             (
                 Health {
-                    in_txn: true,
+                    busy: true,
                     ..healthy()
                 },
                 CloseReason::UnknownState,
             ),
             (
                 Health {
-                    untracked: true,
+                    txn_object: true,
                     ..healthy()
                 },
-                CloseReason::Untracked,
+                CloseReason::UnknownState,
+            ),
+            (
+                Health {
+                    status: TxnStatus::InTransaction,
+                    ..healthy()
+                },
+                CloseReason::UnknownState,
+            ),
+            (
+                Health {
+                    status: TxnStatus::Unknown,
+                    rollback_queued: true,
+                    ..healthy()
+                },
+                CloseReason::UnknownState,
             ),
             (
                 Health {
@@ -391,6 +431,18 @@ mod tests {
         ];
         for (h, want) in cases {
             assert_eq!(h.verdict(p), Some(want), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn a_transaction_whose_rollback_is_queued_may_go_back() {
+        for status in [TxnStatus::InTransaction, TxnStatus::Failed] {
+            let h = Health {
+                status,
+                rollback_queued: true,
+                ..healthy()
+            };
+            assert_eq!(h.verdict(PinPolicy::CloseOnReturn), None);
         }
     }
 

@@ -21,6 +21,7 @@ mod invocation;
 pub mod lambda;
 pub mod metrics;
 pub mod pinning;
+mod plain;
 mod pool;
 mod statement;
 mod status;
@@ -28,6 +29,7 @@ mod stream;
 #[cfg(feature = "tls")]
 mod tls;
 mod waits;
+mod wire;
 
 pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};
 pub use config::{Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};

@@ -70,11 +70,15 @@ pub enum Reason {
     Oversized,
     /// An extended-protocol Parse, under the legacy rules of proxies before November 2023.
     Parse,
-    /// A statement sent through raw, untracked access: pinpool cannot know.
+    /// A message whose effect pinpool cannot know: a protocol-level FunctionCall (a function
+    /// called by its OID).
     Untracked,
+    /// The server reported changed session state: a reported setting differs from the
+    /// connection's start outside a transaction block (a `SET` hidden in a function, say).
+    SessionChanged,
 }
 
-const ALL: [Reason; 15] = [
+const ALL: [Reason; 16] = [
     Reason::Set,
     Reason::SetLocal,
     Reason::SetConfig,
@@ -90,6 +94,7 @@ const ALL: [Reason; 15] = [
     Reason::Oversized,
     Reason::Parse,
     Reason::Untracked,
+    Reason::SessionChanged,
 ];
 
 impl Reason {
@@ -116,6 +121,7 @@ impl Reason {
             Reason::Oversized => "oversized",
             Reason::Parse => "parse",
             Reason::Untracked => "untracked",
+            Reason::SessionChanged => "session_changed",
         }
     }
 
@@ -167,7 +173,10 @@ impl Reason {
                 "proxies before November 2023 pin on every extended-protocol Parse: upgrade the proxy"
             }
             Reason::Untracked => {
-                "statements sent through the raw client are not checked: use the pooled client's methods"
+                "a protocol FunctionCall may do anything: call the function from SQL instead"
+            }
+            Reason::SessionChanged => {
+                "a function or procedure changed a session setting: make it SET LOCAL, or set_config(..., true), inside a transaction"
             }
         }
     }
@@ -465,6 +474,9 @@ enum Tok<'a> {
     Word(&'a [u8]),
     /// A quoted identifier's raw content.
     Quoted(&'a [u8]),
+    /// A Unicode-escaped quoted identifier's raw content (`U&"..."`), escapes undecoded, and
+    /// its escape character (`\\`, or the one a `UESCAPE` clause names).
+    UQuoted(&'a [u8], u8),
     /// A string literal's raw content.
     Str(&'a [u8]),
     LParen,
@@ -504,7 +516,7 @@ static CLASS: [u8; 256] = {
         } else if matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
             t[b] = SPACE;
         }
-        if matches!(c, b'(' | b';' | b'-' | b'/' | b'"' | b't' | b'T') {
+        if matches!(c, b'(' | b';' | b'-' | b'/' | b'"' | b't' | b'T' | b'_') {
             t[b] |= LOOK;
         }
         b += 1;
@@ -636,7 +648,20 @@ impl<'a> Lexer<'a> {
                 self.i += 2;
                 let body = self.quoted(q, false);
                 if q == b'"' {
-                    Tok::Quoted(body)
+                    // An optional `UESCAPE 'c'` names the escape character.
+                    let at = self.i;
+                    let esc = match (self.next(), self.next()) {
+                        (Some((_, Tok::Word(w))), Some((_, Tok::Str(&[c]))))
+                            if eq(w, "uescape") =>
+                        {
+                            c
+                        }
+                        _ => {
+                            self.i = at;
+                            b'\\'
+                        }
+                    };
+                    Tok::UQuoted(body, esc)
                 } else {
                     Tok::Str(body)
                 }
@@ -731,6 +756,9 @@ fn plainly_safe(s: &[u8]) -> bool {
             b';' | b'"' => return false,
             b'-' | b'/' if matches!(s.get(i + 1), Some(b'-' | b'*')) => return false,
             b't' | b'T' if s.len() >= i + 4 && eq(&s[i..i + 4], "temp") => return false,
+            b'_' if i >= 2 && s.len() >= i + 9 && eq(&s[i - 2..i + 9], "pg_settings") => {
+                return false;
+            }
             b'(' => {
                 let before = s[..i]
                     .iter()
@@ -791,6 +819,9 @@ struct Stmt<'a> {
     depth: usize,
     reasons: Reasons,
     set_config: Option<SetConfigCall>,
+    /// `UPDATE` and `pg_settings` both seen: updating the view calls `set_config`.
+    update: bool,
+    pg_settings: bool,
 }
 
 impl<'a> Stmt<'a> {
@@ -883,13 +914,76 @@ impl<'a> Stmt<'a> {
     }
 }
 
+/// Decodes a `U&"..."` identifier's body with escape character `esc`: `\XXXX`, `\+XXXXXX`
+/// and a doubled escape. `None` when it does not decode.
+fn decode_unicode(body: &[u8], esc: u8) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        if b != esc {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        if body.get(i + 1) == Some(&esc) {
+            out.push(esc);
+            i += 2;
+            continue;
+        }
+        let (start, digits) = if body.get(i + 1) == Some(&b'+') {
+            (i + 2, 6)
+        } else {
+            (i + 1, 4)
+        };
+        let hex = body.get(start..start + digits)?;
+        let code = u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(char::from_u32(code)?.encode_utf8(&mut buf).as_bytes());
+        i = start + digits;
+    }
+    Some(out)
+}
+
+/// Calls `f` with the name a token spells and whether it was quoted: an unquoted word (the
+/// caller folds its case), a quoted name, or a `U&` name, decoded.
+fn any_spelling(name: Tok<'_>, mut f: impl FnMut(&[u8], bool) -> bool) -> bool {
+    match name {
+        Tok::Word(w) => f(w, false),
+        Tok::Quoted(w) => f(w, true),
+        Tok::UQuoted(w, esc) => decode_unicode(w, esc).is_some_and(|d| f(&d, true)),
+        _ => false,
+    }
+}
+
 /// Is a name followed by `(` a call of a pinning function? Returns the reason, if it is one.
 fn pinning_function(name: Tok<'_>) -> Option<Reason> {
-    let (word, quoted) = match name {
-        Tok::Word(w) => (w, false),
-        Tok::Quoted(w) => (w, true),
-        _ => return None,
-    };
+    let mut found = None;
+    any_spelling(name, |word, quoted| {
+        found = pinning_function_named(word, quoted);
+        found.is_some()
+    });
+    found
+}
+
+/// True for `pg_temp` (or a backend's own `pg_temp_N`), the schema of temporary objects.
+fn is_temp_schema(name: Tok<'_>) -> bool {
+    any_spelling(name, |word, quoted| {
+        let lower = |w: &[u8]| {
+            if quoted {
+                w.to_vec()
+            } else {
+                w.to_ascii_lowercase()
+            }
+        };
+        let w = lower(word);
+        w == b"pg_temp"
+            || w.strip_prefix(b"pg_temp_")
+                .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit))
+    })
+}
+
+fn pinning_function_named(word: &[u8], quoted: bool) -> Option<Reason> {
     let is = |f: &str| {
         if quoted {
             word == f.as_bytes()
@@ -924,7 +1018,6 @@ fn defines_name(before: Tok<'_>) -> bool {
             "procedure",
             "routine",
             "aggregate",
-            "on",
             "exists",
             "with",
             "as",
@@ -953,10 +1046,14 @@ fn scan<'a>(text: &'a str, mut report: impl FnMut(StmtInfo)) {
         st.finish_set_config();
         if let Some(start) = st.start {
             let (lead, txn) = st.leading();
+            let mut reasons = st.reasons.union(lead);
+            if st.update && st.pg_settings {
+                reasons.insert(Reason::SetConfig);
+            }
             report(StmtInfo {
                 start,
                 end,
-                reasons: st.reasons.union(lead),
+                reasons,
                 txn,
             });
         }
@@ -1022,12 +1119,17 @@ fn scan<'a>(text: &'a str, mut report: impl FnMut(StmtInfo)) {
             }
             Tok::RParen => st.depth = st.depth.saturating_sub(1),
             Tok::Word(w) if matches!(w.len(), 4 | 9) && (eq(w, "temp") || eq(w, "temporary")) => {
-                let into = matches!(prev, Tok::Word(p) if eq(p, "into"));
-                let insert = matches!(prev2, Tok::Word(p) if eq(p, "insert") || eq(p, "merge"));
-                if into && !insert {
+                let after = |p: Tok<'_>, words: &[&str]| matches!(p, Tok::Word(p) if words.iter().any(|k| eq(p, k)));
+                // CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP, INTO [GLOBAL|LOCAL] TEMP, anywhere
+                // (EXPLAIN ANALYZE CREATE TEMP TABLE ...). Not INSERT/MERGE INTO a table "temp".
+                let into = after(prev, &["into"]) && !after(prev2, &["insert", "merge"]);
+                if into || after(prev, &["create", "replace", "global", "local"]) {
                     st.reasons.insert(Reason::TempObject);
                 }
             }
+            Tok::Dot if is_temp_schema(prev) => st.reasons.insert(Reason::TempObject),
+            Tok::Word(w) if w.len() == 6 && eq(w, "update") => st.update = true,
+            Tok::Word(w) if w.len() == 11 && eq(w, "pg_settings") => st.pg_settings = true,
             _ => {}
         }
         prev2 = prev;

@@ -402,9 +402,12 @@ impl PoolInner {
                     &with_password
                 }
             };
-            self.connector.connect(config).await.map_err(Error::Connect)
+            self.connector
+                .connect(config, self.settings.pin_rules)
+                .await
+                .map_err(Error::Connect)
         };
-        let (client, connection) = match within(bound, open).await {
+        let opened = match within(bound, open).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 metrics::connect_error();
@@ -421,12 +424,13 @@ impl PoolInner {
         self.counters.opened.fetch_add(1, Relaxed);
         metrics::opened();
         tracing::debug!(connection = id, "pinpool: connection opened");
-        Ok(Conn::new(client, connection, id))
+        Ok(Conn::new(opened, id))
     }
 
-    /// Closes a connection now and counts why.
+    /// Closes a connection now (its socket is closed when this returns) and counts why.
     pub(crate) fn discard(&self, conn: Conn, reason: CloseReason) {
         let id = conn.state.id;
+        conn.state.close();
         drop(conn);
         self.size.fetch_sub(1, Relaxed);
         self.counters.closed(reason);
@@ -447,6 +451,7 @@ impl PoolInner {
 
     /// Takes a connection back from a dropped [`PooledClient`]. Synchronous: it never spawns.
     pub(crate) fn put_back(&self, mut conn: Conn, inv: Option<&Invocation>) {
+        self.report_pins(&conn.state);
         let now = SystemTime::now();
         let verdict = if self.closed.load(Relaxed) {
             Some(CloseReason::PoolClosed)
@@ -555,9 +560,17 @@ impl PoolInner {
                 break;
             };
             if ok {
-                conn.state.set_rollback_queued(false);
-                conn.last_used = SystemTime::now();
-                self.idle().push_back(conn);
+                // The round trip came after whatever was queued: the wire now tells all.
+                conn.state.settle();
+                self.report_pins(&conn.state);
+                let now = SystemTime::now();
+                match conn.on_return(&self.settings, now) {
+                    None => {
+                        conn.last_used = now;
+                        self.idle().push_back(conn);
+                    }
+                    Some(verdict) => self.discard(conn, verdict),
+                }
             } else {
                 self.discard(conn, reason);
             }
@@ -576,6 +589,7 @@ impl PoolInner {
         let settings = &self.settings;
         let suspect = |c: &Conn| {
             c.stale(settings, Some(now)).is_some()
+                || c.state.unsettled()
                 || settings
                     .validate_idle_after
                     .is_some_and(|after| c.idle_for(now) > after)
@@ -588,7 +602,7 @@ impl PoolInner {
         for (conn, permit) in taken {
             if let Some(reason) = conn.stale(settings, Some(now)) {
                 self.discard(conn, reason);
-            } else if settings.freeze_check == FreezeCheck::Replace {
+            } else if settings.freeze_check == FreezeCheck::Replace && !conn.state.unsettled() {
                 self.discard(conn, CloseReason::Stale);
             } else {
                 check.push((conn, permit));
@@ -598,9 +612,10 @@ impl PoolInner {
         self.check_all(check, bound, CloseReason::Stale).await;
     }
 
-    /// After an invocation: make sure queued ROLLBACKs reached the server, and trim.
+    /// After an invocation: make sure queued requests (a dropped transaction's ROLLBACK,
+    /// what raw access left) reached the server and left the connection clean, and trim.
     async fn settle_after_invocation(&self) {
-        let queued = self.take_idle(|c| c.state.rollback_queued());
+        let queued = self.take_idle(|c| c.state.unsettled());
         if !queued.is_empty() {
             let bound = Bound::new(Some(self.settings.validate_timeout), None);
             self.check_all(queued, bound, CloseReason::Broken).await;
@@ -616,39 +631,39 @@ impl PoolInner {
         }
     }
 
-    /// A statement may pin `state`'s connection: refuse it under the strict policy, otherwise
-    /// record it and report what is new.
-    pub(crate) fn on_pin(&self, state: &ConnState, pins: Reasons, sql: &str) -> Result<(), Error> {
+    /// Refuses a statement that may pin, under the strict policy: counts and logs it.
+    pub(crate) fn refuse(&self, pins: Reasons, sql: &str) -> Error {
         let statement = truncate(sql, 120);
-        if self.settings.pin_policy == PinPolicy::Refuse
-            && pins.iter().any(|r| r != crate::pinning::Reason::Untracked)
-        {
-            self.counters.refused.fetch_add(1, Relaxed);
-            metrics::refused(pins);
-            tracing::warn!(reasons = %pins, statement, "pinpool: refused a statement that may pin the RDS Proxy session");
-            return Err(Error::PinRefused {
-                reasons: pins,
-                statement: statement.to_owned(),
-            });
+        self.counters.refused.fetch_add(1, Relaxed);
+        metrics::refused(pins);
+        tracing::warn!(reasons = %pins, statement, "pinpool: refused a statement that may pin the RDS Proxy session");
+        Error::PinRefused {
+            reasons: pins,
+            statement: statement.to_owned(),
         }
-        let was_pinned = !state.pinned().is_empty();
-        let new = state.pin(pins, sql);
+    }
+
+    /// Counts and logs the pin reasons the wire saw on `state`'s connection since the last
+    /// report.
+    pub(crate) fn report_pins(&self, state: &ConnState) {
+        let (new, was_pinned) = state.unreported_pins();
         if new.is_empty() {
-            return Ok(());
+            return;
         }
         if !was_pinned {
             self.counters.pinned.fetch_add(1, Relaxed);
         }
         metrics::pinned(new);
+        let first = state.first_pin();
+        let statement = first.as_deref().unwrap_or("");
         for reason in new.iter() {
             tracing::warn!(
                 connection = state.id,
                 reason = reason.as_str(),
                 statement,
                 advice = reason.advice(),
-                "pinpool: this statement may pin the RDS Proxy session"
+                "pinpool: this connection may be pinned by the RDS Proxy session"
             );
         }
-        Ok(())
     }
 }

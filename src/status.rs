@@ -14,9 +14,8 @@ pub enum CloseReason {
     IdleTimeout,
     /// It may be pinned by RDS Proxy and the pin policy closes such connections.
     Pinned,
-    /// Raw access was used: pinpool cannot know its session state.
-    Untracked,
-    /// Returned with a statement, stream or copy in flight, or inside a transaction.
+    /// Returned with a statement, stream or copy in flight, inside a transaction block, or with
+    /// a request the server had not answered (as its protocol stream shows).
     UnknownState,
     /// A statement ran past its timeout or deadline.
     TimedOut,
@@ -28,12 +27,11 @@ pub enum CloseReason {
     Trimmed,
 }
 
-const REASONS: [CloseReason; 10] = [
+const REASONS: [CloseReason; 9] = [
     CloseReason::Broken,
     CloseReason::MaxLifetime,
     CloseReason::IdleTimeout,
     CloseReason::Pinned,
-    CloseReason::Untracked,
     CloseReason::UnknownState,
     CloseReason::TimedOut,
     CloseReason::PoolClosed,
@@ -54,7 +52,6 @@ impl CloseReason {
             CloseReason::MaxLifetime => "max_lifetime",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Pinned => "pinned",
-            CloseReason::Untracked => "untracked",
             CloseReason::UnknownState => "unknown_state",
             CloseReason::TimedOut => "timed_out",
             CloseReason::PoolClosed => "pool_closed",

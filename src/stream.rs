@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep_until};
 
 use crate::conn::{ConnState, InFlight};
-use crate::deadline::Bound;
+use crate::deadline::{Bound, PollBound};
 use crate::error::{Error, Phase};
 
 pin_project! {
@@ -23,9 +23,12 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         bound: Option<Bound>,
+        check: Option<PollBound>,
         state: &'a ConnState,
         guard: Option<InFlight<'a>>,
         failed: bool,
+        // The inner stream ended; waiting for the socket to deliver the ReadyForQuery.
+        ending: bool,
     }
 }
 
@@ -46,10 +49,12 @@ impl<'a, S> Tracked<'a, S> {
         Tracked {
             inner,
             sleep: bound.map(|b| sleep_until(b.at)),
+            check: bound.as_ref().map(PollBound::new),
             bound,
             state,
             guard: Some(guard),
             failed: false,
+            ending: false,
         }
     }
 }
@@ -59,6 +64,12 @@ impl Tracked<'_, tokio_postgres::RowStream> {
     pub fn rows_affected(&self) -> Option<u64> {
         self.inner.rows_affected()
     }
+}
+
+/// True when the bound has passed, read from the clock: a stream whose items are always ready
+/// never lets its timer fire, so every poll looks.
+fn passed(check: &Option<PollBound>) -> bool {
+    check.is_some_and(|c| c.passed())
 }
 
 /// Checks the bound; on expiry closes the connection and returns the timeout error.
@@ -83,38 +94,63 @@ where
     type Item = Result<T, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.project();
+        let mut this = self.project();
         if this.guard.is_none() || *this.failed {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(item) = this.inner.poll_next(cx) {
-            return Poll::Ready(match item {
-                Some(Ok(v)) => Some(Ok(v)),
+        if !*this.ending {
+            if passed(this.check) {
+                *this.failed = true;
+                this.state.kill();
+                return Poll::Ready(this.bound.map(|b| Err(b.error(Phase::Query))));
+            }
+            match this.inner.poll_next(cx) {
+                Poll::Ready(Some(Ok(v))) => return Poll::Ready(Some(Ok(v))),
                 // An error response ends the statement; the connection stays usable.
-                Some(Err(e)) => {
+                Poll::Ready(Some(Err(e))) => {
                     if let Some(g) = this.guard.take() {
                         g.done();
                     }
                     if crate::client::ends_session(&e) {
                         this.state.kill_broken();
                     }
-                    Some(Err(Error::Query(e)))
+                    return Poll::Ready(Some(Err(Error::Query(e))));
                 }
-                None => {
-                    if let Some(g) = this.guard.take() {
-                        g.done();
-                    }
-                    None
+                Poll::Ready(None) => *this.ending = true,
+                Poll::Pending => {
+                    return match expired(this.sleep, this.bound, this.state, cx) {
+                        Some(e) => {
+                            *this.failed = true;
+                            Poll::Ready(Some(Err(e)))
+                        }
+                        None => Poll::Pending,
+                    };
                 }
-            });
-        }
-        match expired(this.sleep, this.bound, this.state, cx) {
-            Some(e) => {
-                *this.failed = true;
-                Poll::Ready(Some(Err(e)))
             }
-            None => Poll::Pending,
         }
+        // Past the bound the wait stops: the connection, not at rest, is closed on return.
+        // (tokio-postgres ends a stream at its CommandComplete, which may be read apart from
+        // the ReadyForQuery.)
+        if this.state.wire.poll_settled(cx).is_pending()
+            && !this.state.health(false).killed
+            && !passed(this.check)
+            && expired_quietly(this.sleep.as_mut(), cx).is_pending()
+        {
+            return Poll::Pending;
+        }
+        *this.ending = false;
+        if let Some(g) = this.guard.take() {
+            g.done();
+        }
+        Poll::Ready(None)
+    }
+}
+
+/// Polls the bound's timer without acting on it: ready once it fired (or with no bound never).
+fn expired_quietly(sleep: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
+    match sleep.as_pin_mut() {
+        Some(s) => s.poll(cx),
+        None => Poll::Pending,
     }
 }
 
@@ -127,6 +163,7 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         bound: Option<Bound>,
+        check: Option<PollBound>,
         state: &'a ConnState,
         guard: Option<InFlight<'a>>,
     }
@@ -142,6 +179,7 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         CopyInSink {
             inner,
             sleep: bound.map(|b| sleep_until(b.at)),
+            check: bound.as_ref().map(PollBound::new),
             bound,
             state,
             guard: Some(guard),
@@ -157,6 +195,12 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         ) -> Poll<Result<R, tokio_postgres::Error>>,
     ) -> Poll<Result<R, Error>> {
         let this = self.project();
+        if passed(this.check) {
+            this.state.kill();
+            return Poll::Ready(Err(this
+                .bound
+                .map_or(Error::Closed, |b| b.error(Phase::Query))));
+        }
         if let Poll::Ready(r) = f(this.inner, cx) {
             return Poll::Ready(r.map_err(Error::Query));
         }
@@ -176,7 +220,11 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
                 .poll_bounded(cx, |inner, cx| inner.poll_finish(cx))
         })
         .await?;
-        if let Some(g) = self.project().guard.take() {
+        let this = self.project();
+        if this.state.wire.outstanding() > 0 {
+            let _ = crate::deadline::within(*this.bound, this.state.wire.settled()).await;
+        }
+        if let Some(g) = this.guard.take() {
             g.done();
         }
         Ok(rows)

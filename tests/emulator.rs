@@ -481,3 +481,189 @@ async fn the_emulator_logs_in_upstream_with_scram() {
     let wrong = "postgres://pinpool_pw:nope@127.0.0.1:5432/postgres";
     assert!(Emulator::start(EmulatorConfig::new(wrong)).await.is_err());
 }
+
+/// A relay to the test database that waits `delay` after accepting each connection before it
+/// connects on: a database that far away. Returns the key-value connection string through it.
+async fn slow_database(delay: Duration) -> String {
+    let db: tokio_postgres::Config = database_url().parse().unwrap();
+    let host = match db.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    let port = db.get_ports().first().copied().unwrap_or(5432);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let host = host.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut outbound) =
+                    tokio::net::TcpStream::connect((host.as_str(), port)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let quote = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut url = format!(
+        "host=127.0.0.1 port={} user={} dbname={}",
+        relay.port(),
+        quote(db.get_user().unwrap_or("postgres")),
+        quote(db.get_dbname().unwrap_or("postgres")),
+    );
+    if let Some(password) = db.get_password() {
+        url += &format!(" password={}", quote(&String::from_utf8_lossy(password)));
+    }
+    url
+}
+
+/// A client over a raw socket, logged in to the emulator (so it can vanish at any moment).
+async fn raw_client(emu: &Emulator) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(emu.addr()).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "postgres"), ("database", "postgres")],
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).await.unwrap();
+    raw_until_ready(&mut s).await;
+    s
+}
+
+/// Reads until a ReadyForQuery; returns the tags of the messages before it.
+async fn raw_until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use bytes::Buf;
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::new();
+    let mut tags = Vec::new();
+    loop {
+        while buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 1 + len {
+                break;
+            }
+            let tag = buf[0];
+            buf.advance(1 + len);
+            if tag == b'Z' {
+                return tags;
+            }
+            tags.push(tag);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
+            .await
+            .expect("the emulator answers")
+            .unwrap();
+        assert!(n > 0, "the emulator closed the connection");
+    }
+}
+
+#[tokio::test]
+async fn clients_leaving_while_their_database_connection_opens_leak_no_room() {
+    const APP: &str = "em_leave_mid_open";
+    let upstream = slow_database(Duration::from_millis(150)).await;
+    let emu = Emulator::start(
+        EmulatorConfig::new(upstream)
+            .max_connections(2)
+            .borrow_timeout(Duration::from_secs(3))
+            .application_name(APP),
+    )
+    .await
+    .expect("emulator starts");
+    // No idle database connection: each client's statement has to open one.
+    emu.drop_upstream_connections();
+    assert!(eventually(5, || async { emu.counters().upstream_open == 0 }).await);
+    for _ in 0..2 {
+        use tokio::io::AsyncWriteExt;
+        let before = emu.counters().upstream_open;
+        let mut s = raw_client(&emu).await;
+        let mut out = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query("SELECT 1", &mut out).unwrap();
+        s.write_all(&out).await.unwrap();
+        // The emulator is opening a database connection for it (150 ms away): vanish.
+        assert!(
+            eventually(5, || async { emu.counters().upstream_open == before + 1 }).await,
+            "{:?}",
+            emu.counters()
+        );
+        drop(s);
+        assert!(
+            eventually(5, || async { emu.counters().clients == 0 }).await,
+            "{:?}",
+            emu.counters()
+        );
+    }
+    // A client that stays is served.
+    let c = client(&emu).await;
+    let v: i32 = tokio::time::timeout(Duration::from_secs(10), c.query_one("SELECT 7", &[]))
+        .await
+        .expect("answered")
+        .expect("served: the clients that left freed their room")
+        .get(0);
+    assert_eq!(v, 7);
+    drop(c);
+    settle(&emu).await;
+    // The emulator counts exactly the database connections that exist.
+    let admin = admin().await;
+    let matched = eventually(5, || async {
+        common::backends(&admin, APP).await.len() as u64 == emu.counters().upstream_open
+    })
+    .await;
+    assert!(
+        matched,
+        "backends {:?}, emulator {:?}",
+        common::backends(&admin, APP).await,
+        emu.counters()
+    );
+    assert!(emu.counters().upstream_open <= 2, "{:?}", emu.counters());
+}
+
+#[tokio::test]
+async fn a_function_call_message_pins_its_session() {
+    use tokio::io::AsyncWriteExt;
+    let emu = start("em_fcall", 1, |c| {
+        c.borrow_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let other = client(&emu).await;
+    let default: String = other.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    let oid: u32 = other
+        .query_one("SELECT 'set_config'::regproc::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // FunctionCall (the protocol's, as libpq's PQfn sends it): set_config('work_mem', '7MB',
+    // false), arguments and result in text format.
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend(0i16.to_be_bytes());
+    body.extend(3i16.to_be_bytes());
+    for arg in ["work_mem", "7MB", "false"] {
+        body.extend((arg.len() as i32).to_be_bytes());
+        body.extend(arg.as_bytes());
+    }
+    body.extend(0i16.to_be_bytes());
+    let mut message = vec![b'F'];
+    message.extend(((body.len() + 4) as i32).to_be_bytes());
+    message.extend(body);
+    let mut raw = raw_client(&emu).await;
+    raw.write_all(&message).await.unwrap();
+    let tags = raw_until_ready(&mut raw).await;
+    assert!(!tags.contains(&b'E'), "the call failed: {tags:?}");
+    let c = emu.counters();
+    assert_eq!(
+        (c.pinned_now, c.pins_for(Reason::Untracked)),
+        (1, 1),
+        "a FunctionCall pins: {c:?}"
+    );
+    // Its database connection (the only one) is not handed to another client.
+    let err = other.query_one("SHOW work_mem", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_EXCEPTION), "{err:?}");
+    // Once the pinned client leaves, the connection is reset before it serves another.
+    drop(raw);
+    settle(&emu).await;
+    let now: String = other.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(now, default);
+}

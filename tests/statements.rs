@@ -364,12 +364,48 @@ async fn unfinished_streams_and_raw_access_close_the_connection() {
     drop(c);
     assert_eq!(pool.status().closed.get(CloseReason::UnknownState), 1);
 
+    assert_quiet(&pool);
+}
+
+#[tokio::test]
+async fn raw_access_is_observed_like_everything_else() {
+    let pool = builder("st_raw").max_size(1).build().unwrap();
     let c = pool.get().await.unwrap();
     let raw = pinpool::PooledClient::raw(&c);
     raw.simple_query("SELECT 1").await.unwrap();
-    let state = pinpool::PooledClient::pin_state(&c);
-    assert!(state.reasons.contains(pinpool::pinning::Reason::Untracked));
+    assert!(!pinpool::PooledClient::pin_state(&c).is_pinned());
     drop(c);
-    assert_eq!(pool.status().closed.get(CloseReason::Untracked), 1);
+    assert_eq!(
+        pool.status().closed.total(),
+        0,
+        "a clean raw statement keeps it"
+    );
+
+    let c = pool.get().await.unwrap();
+    let raw = pinpool::PooledClient::raw(&c);
+    raw.batch_execute("SET statement_timeout = '42s'")
+        .await
+        .unwrap();
+    let state = pinpool::PooledClient::pin_state(&c);
+    assert!(
+        state.reasons.contains(pinpool::pinning::Reason::Set),
+        "{state:?}"
+    );
+    drop(c);
+    assert_eq!(pool.status().closed.get(CloseReason::Pinned), 1);
+
+    let c = pool.get().await.unwrap();
+    pinpool::PooledClient::raw(&c)
+        .batch_execute("BEGIN")
+        .await
+        .unwrap();
+    drop(c);
+    assert_eq!(pool.status().closed.get(CloseReason::UnknownState), 1);
+    let c = pool.get().await.unwrap();
+    assert!(
+        !common::in_transaction_block(&c).await,
+        "the next checkout runs in the raw BEGIN's transaction"
+    );
+    drop(c);
     assert_quiet(&pool);
 }

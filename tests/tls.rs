@@ -93,3 +93,78 @@ async fn verify_full_connects_with_the_right_ca_and_name_only() {
         .unwrap();
     assert_eq!(one, 1);
 }
+
+/// Over TLS the observer sits on the TLS stream: the server's transaction status and what is
+/// sent are seen as on a plaintext connection.
+#[tokio::test]
+async fn tls_connections_are_observed() {
+    let (ca, cert, key) = common::test_pki(&["localhost"]);
+    let emu = emulator(&cert, &key).await;
+    let url = format!(
+        "postgres://postgres@localhost:{}/postgres?sslmode=verify-full",
+        emu.addr().port()
+    );
+    let pool = Pool::builder(url)
+        .root_certificates_pem(ca.as_bytes())
+        .max_size(1)
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    drop(c);
+    assert_eq!(
+        pool.status().closed.get(pinpool::CloseReason::UnknownState),
+        1
+    );
+    let c = pool.get().await.unwrap();
+    c.batch_execute("SET statement_timeout = '9s'")
+        .await
+        .unwrap();
+    assert!(pinpool::PooledClient::pin_state(&c).is_pinned());
+}
+
+/// `sslmode=prefer` with a TLS connector against a server that declines TLS: tokio-postgres
+/// would go on over the bare socket, which the observer cannot see; pinpool reconnects in
+/// plaintext, observed.
+#[tokio::test]
+async fn a_server_declining_tls_under_prefer_is_still_observed() {
+    let (ca, _, _) = common::test_pki(&["localhost"]);
+    let emu = Emulator::start(
+        EmulatorConfig::new(common::database_url())
+            .max_connections(1)
+            .application_name("tls_prefer"),
+    )
+    .await
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let pool = Pool::builder(format!(
+        "postgres://postgres@localhost:{}/postgres?sslmode=prefer",
+        emu.addr().port()
+    ))
+    .tls(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    .max_size(1)
+    .build()
+    .unwrap();
+    // An unobserved connection never shows a ReadyForQuery: it could not be kept.
+    let c = pool.get().await.unwrap();
+    let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+    assert_eq!(one, 1);
+    drop(c);
+    assert_eq!(pool.status().closed.total(), 0, "{:?}", pool.status());
+    let c = pool.get().await.unwrap();
+    c.batch_execute("SET statement_timeout = '9s'")
+        .await
+        .unwrap();
+    assert!(pinpool::PooledClient::pin_state(&c).is_pinned());
+}

@@ -1,8 +1,9 @@
 //! A local RDS Proxy emulator (feature `emulator`): a PostgreSQL wire-protocol proxy that
 //! multiplexes client sessions over few database connections one transaction at a time, pins
-//! sessions on the same conditions as RDS Proxy ([`crate::pinning`]), queues transactions when
-//! every database connection is busy and fails them after the borrow timeout with SQLSTATE
-//! 08000, and closes idle clients.
+//! sessions on the same conditions as RDS Proxy ([`crate::pinning`]) and on any protocol-level
+//! FunctionCall ([`Reason::Untracked`]: what the function does is unknown), queues
+//! transactions when every database connection is busy and fails them after the borrow
+//! timeout with SQLSTATE 08000, and closes idle clients.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -40,7 +41,7 @@ use crate::pinning::{PinRules, Reason};
 use upstream::{UpstreamConfig, UpstreamPool};
 
 /// How the emulator behaves. Defaults are RDS Proxy's.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EmulatorConfig {
     listen: SocketAddr,
     upstream: String,
@@ -53,6 +54,56 @@ pub struct EmulatorConfig {
     application_name: String,
     #[cfg(feature = "tls")]
     tls: Option<Arc<TlsSetting>>,
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("EmulatorConfig");
+        d.field("listen", &self.listen)
+            .field("upstream", &Redacted(&self.upstream))
+            .field("max_connections", &self.max_connections)
+            .field("borrow_timeout", &self.borrow_timeout)
+            .field("idle_client_timeout", &self.idle_client_timeout)
+            .field("rules", &self.rules)
+            .field("password", &self.password.as_ref().map(|_| "_"))
+            .field("close_on_borrow_timeout", &self.close_on_borrow_timeout)
+            .field("application_name", &self.application_name);
+        #[cfg(feature = "tls")]
+        d.field("tls", &self.tls);
+        d.finish()
+    }
+}
+
+/// An upstream connection string without its password, for Debug.
+struct Redacted<'a>(&'a str);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        let Some(body) = ["postgres://", "postgresql://"]
+            .into_iter()
+            .find_map(|p| s.starts_with(p).then_some(p.len()))
+        else {
+            // Key-value form: tokio-postgres's Config redacts the password in its Debug.
+            return match s.parse::<tokio_postgres::Config>() {
+                Ok(config) => config.fmt(f),
+                Err(_) => f.write_str("(a connection string that does not parse)"),
+            };
+        };
+        // A URL: the user-info ends at the last `@` (an unencoded password may hold `@`, `/`,
+        // `?`, `#` and `:`); keep the user name before its first `:` or `@`.
+        let Some(at) = s[body..].rfind('@').map(|i| body + i) else {
+            return write!(f, "{s:?}");
+        };
+        let user_info = &s[body..at];
+        let user = user_info.split([':', '@']).next().unwrap_or("");
+        let shown = if user.len() == user_info.len() {
+            s.to_string()
+        } else {
+            format!("{}{user}:_{}", &s[..body], &s[at..])
+        };
+        write!(f, "{shown:?}")
+    }
 }
 
 /// TLS to clients: the server certificate and whether plain connections are refused.

@@ -688,6 +688,18 @@ impl Session {
                 h.end_cycle();
             }
             b'F' => {
+                // A FunctionCall runs a function by OID: set_config, an advisory lock, nextval,
+                // or one that changes session state in its body. Neither the emulator nor RDS
+                // Proxy (which documents nothing here) can see what it does: pin, so the
+                // connection it may have changed never serves another client.
+                let oid = frame
+                    .body
+                    .get(..4)
+                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("four bytes")));
+                self.pin(
+                    Reasons::of(Reason::Untracked),
+                    &format!("FunctionCall of function OID {oid}"),
+                );
                 let h = self.held.as_mut().expect("held");
                 frame.write_to(&mut h.out);
                 h.open.simple = true;
@@ -962,6 +974,7 @@ fn describe(reasons: Reasons) -> String {
         .iter()
         .map(|r| match r {
             Reason::Parse => "A parse message was detected.",
+            Reason::Untracked => "A function call message was detected.",
             Reason::Oversized => {
                 "The connection ran a SQL query which exceeded the 16384 byte limit."
             }

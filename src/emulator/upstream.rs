@@ -94,6 +94,32 @@ impl Registry {
     }
 }
 
+/// Room for one connection in `PoolShared::open` (and one in the `upstream_open` counter),
+/// claimed for a connection being opened.
+///
+/// Invariant: `open` equals the number of live `Upstream`s plus the number of live `Claim`s, so
+/// it never counts a connection that no longer exists or will never exist. A claim is either
+/// turned into an `Upstream` (whose `Drop` gives the room back when it closes) or, dropped
+/// anywhere else (the connect failed, or the borrow future was dropped at its `.await` because
+/// the client left), gives the room back itself.
+struct Claim(Option<Arc<PoolShared>>);
+
+impl Claim {
+    /// The room now belongs to the `Upstream` built with the returned pool.
+    fn into_pool(mut self) -> Arc<PoolShared> {
+        self.0.take().expect("a claim is used once")
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.open.fetch_sub(1, Relaxed);
+            pool.counters.upstream_open.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
 /// Why a borrow failed.
 pub(crate) enum BorrowError {
     Timeout,
@@ -144,18 +170,20 @@ impl UpstreamPool {
     }
 
     /// Claims room for one more connection, if there is room.
-    fn claim(&self) -> bool {
+    fn claim(&self) -> Option<Claim> {
         self.0
             .open
             .fetch_update(Relaxed, Relaxed, |n| (n < self.0.max).then_some(n + 1))
-            .is_ok()
+            .ok()?;
+        self.0.counters.upstream_open.fetch_add(1, Relaxed);
+        Some(Claim(Some(self.0.clone())))
     }
 
     /// Lends a connection: an idle one, a new one while under `max`, or the first one
     /// returned, waiting in FIFO order for at most `timeout`.
     pub(crate) async fn borrow(&self, timeout: Duration) -> Result<Upstream, BorrowError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut rx = {
+        let claimed = {
             let mut st = self.0.state.lock().unwrap();
             let epoch = self.0.epoch.load(Relaxed);
             while let Some(u) = st.idle.pop() {
@@ -163,17 +191,16 @@ impl UpstreamPool {
                     return Ok(self.lent(u));
                 }
             }
-            if !self.claim() {
+            self.claim().ok_or_else(|| {
                 let (tx, rx) = oneshot::channel();
                 st.waiters.push_back(tx);
-                Some(rx)
-            } else {
-                None
-            }
+                rx
+            })
         };
-        if rx.is_none() {
-            return self.open_new().await;
-        }
+        let mut rx = match claimed {
+            Ok(claim) => return self.open_new(claim).await,
+            Err(rx) => Some(rx),
+        };
         self.0.counters.borrow_waits.fetch_add(1, Relaxed);
         // Wait for a returned connection; every 50 ms look whether a closed one left room.
         loop {
@@ -200,9 +227,9 @@ impl UpstreamPool {
                         self.0.counters.borrow_timeouts.fetch_add(1, Relaxed);
                         return Err(BorrowError::Timeout);
                     }
-                    if self.claim() {
+                    if let Some(claim) = self.claim() {
                         drop(rx.take());
-                        return self.open_new().await;
+                        return self.open_new(claim).await;
                     }
                 }
             }
@@ -214,34 +241,29 @@ impl UpstreamPool {
         u
     }
 
-    async fn open_new(&self) -> Result<Upstream, BorrowError> {
-        self.0.counters.upstream_open.fetch_add(1, Relaxed);
+    /// Opens a connection in the room `claim` holds. Dropped at its `.await` (the client left
+    /// while it waited), the claim gives the room back.
+    async fn open_new(&self, claim: Claim) -> Result<Upstream, BorrowError> {
         let id = self.0.next_id.fetch_add(1, Relaxed);
-        match connect(&self.0.config).await {
-            Ok((stream, rbuf, pid, key, params)) => {
-                let mut p = self.0.parameters.lock().unwrap();
-                if p.is_empty() {
-                    *p = params;
-                }
-                drop(p);
-                Ok(self.lent(Upstream {
-                    id,
-                    stream,
-                    rbuf,
-                    pid,
-                    key,
-                    prepared: HashSet::new(),
-                    unnamed: None,
-                    epoch: self.0.epoch.load(Relaxed),
-                    pool: self.0.clone(),
-                }))
-            }
-            Err(e) => {
-                self.0.open.fetch_sub(1, Relaxed);
-                self.0.counters.upstream_open.fetch_sub(1, Relaxed);
-                Err(BorrowError::Connect(e))
-            }
+        let (stream, rbuf, pid, key, params) = connect(&self.0.config)
+            .await
+            .map_err(BorrowError::Connect)?;
+        let mut p = self.0.parameters.lock().unwrap();
+        if p.is_empty() {
+            *p = params;
         }
+        drop(p);
+        Ok(self.lent(Upstream {
+            id,
+            stream,
+            rbuf,
+            pid,
+            key,
+            prepared: HashSet::new(),
+            unnamed: None,
+            epoch: self.0.epoch.load(Relaxed),
+            pool: claim.into_pool(),
+        }))
     }
 
     /// Returns a connection in a clean state (idle, not pinned) to the next waiter or the idle

@@ -257,3 +257,61 @@ pub fn test_pki(names: &[&str]) -> (String, String, String) {
     let cert = params.signed_by(&key, &issuer).unwrap();
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
+
+/// True when `c`'s session is inside a transaction block: `SAVEPOINT` is refused outside one
+/// (SQLSTATE 25P01). Asks the server, whatever pinpool believes.
+pub async fn in_transaction_block(c: &pinpool::PooledClient) -> bool {
+    match c.batch_execute("SAVEPOINT pinpool_probe").await {
+        Ok(()) => true,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::NO_ACTIVE_SQL_TRANSACTION) => {
+            false
+        }
+        Err(e) => panic!("the probe failed: {e}"),
+    }
+}
+
+/// A TCP relay to the database that holds every chunk the server sends for `delay` before
+/// passing it on (a database `delay` away, one way). Returns the relay's port.
+pub async fn slow_relay(delay: std::time::Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config: tokio_postgres::Config = database_url().parse().unwrap();
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let host = host.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect((host.as_str(), port)).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let _ = sw.shutdown().await;
+                };
+                let down = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        tokio::time::sleep(delay).await;
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    relay_port
+}

@@ -1,0 +1,660 @@
+//! The protocol observer: every byte between tokio-postgres and the socket (above TLS) passes
+//! through [`Observed`], which reads the message frames as they go by and keeps the facts the
+//! pool's return decision needs:
+//!
+//! - from the server: the transaction status of the last ReadyForQuery (`I`, `T`, `E`), whether
+//!   a COPY is open, FATAL/PANIC errors, notifications, and reported settings that changed;
+//! - from the client: how many requests (startup, Query, Sync, FunctionCall) wait for their
+//!   ReadyForQuery, and what each Query, Parse, Bind and FunctionCall would pin, classified
+//!   with the pool's [`PinRules`] whatever API sent it.
+//!
+//! The connection task is the only writer: it runs the stream's `poll_read` and `poll_write`.
+//! The pool reads the facts through [`Wire`] from other tasks. A client future completes only
+//! after the connection task has routed the response, so the facts of everything a completed
+//! call sent and received are visible to it (the channel between them orders the accesses).
+//!
+//! The cost is a look at each message header; bodies are copied only for the few messages that
+//! carry a fact (a Query's or Parse's SQL, up to [`SQL_CAPTURE`] bytes; a Bind's names; an
+//! error's fields).
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::tls::{ChannelBinding, TlsStream};
+
+use crate::conn::truncate;
+use crate::pinning::{Classification, PinRules, Protocol, Reason, Reasons, classify};
+
+/// SQL beyond this many bytes of one message is not classified: such a text is over RDS Proxy's
+/// 16 KB limit and pins anyway ([`Reason::Oversized`]).
+pub(crate) const SQL_CAPTURE: usize = 64 * 1024;
+
+/// The last ReadyForQuery's transaction status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TxnStatus {
+    /// No ReadyForQuery yet (the startup has not finished).
+    Unknown,
+    /// `I`: not in a transaction block.
+    Idle,
+    /// `T`: in a transaction block.
+    InTransaction,
+    /// `E`: in a failed transaction block.
+    Failed,
+}
+
+/// The facts read off one connection's protocol stream, shared with the pool.
+pub(crate) struct Wire {
+    rules: PinRules,
+    status: AtomicU8,
+    /// Requests sent and not yet answered by a ReadyForQuery.
+    outstanding: AtomicU32,
+    copy: AtomicBool,
+    fatal: AtomicBool,
+    /// The stream broke the protocol's framing (it never should): state unknown.
+    garbled: AtomicBool,
+    pinned: AtomicU16,
+    first_pin: Mutex<Option<Box<str>>>,
+    /// Tasks waiting for the last ReadyForQuery; `waiting` says whether there are any.
+    waiters: Mutex<Vec<Waker>>,
+    waiting: AtomicBool,
+}
+
+impl Wire {
+    pub(crate) fn new(rules: PinRules) -> Arc<Wire> {
+        Arc::new(Wire {
+            rules,
+            status: AtomicU8::new(0),
+            // The startup message waits for its ReadyForQuery like any request.
+            outstanding: AtomicU32::new(1),
+            copy: AtomicBool::new(false),
+            fatal: AtomicBool::new(false),
+            garbled: AtomicBool::new(false),
+            pinned: AtomicU16::new(0),
+            first_pin: Mutex::new(None),
+            waiters: Mutex::new(Vec::new()),
+            waiting: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn status(&self) -> TxnStatus {
+        match self.status.load(Relaxed) {
+            b'I' => TxnStatus::Idle,
+            b'T' => TxnStatus::InTransaction,
+            b'E' => TxnStatus::Failed,
+            _ => TxnStatus::Unknown,
+        }
+    }
+
+    pub(crate) fn outstanding(&self) -> u32 {
+        self.outstanding.load(Relaxed)
+    }
+
+    pub(crate) fn copy_open(&self) -> bool {
+        self.copy.load(Relaxed)
+    }
+
+    /// A FATAL or PANIC arrived, or the framing broke: the session is over or untrustworthy.
+    pub(crate) fn broken(&self) -> bool {
+        self.fatal.load(Relaxed) || self.garbled.load(Relaxed)
+    }
+
+    /// Every reason the traffic so far pins for.
+    pub(crate) fn pinned(&self) -> Reasons {
+        Reasons::from_bits(self.pinned.load(Relaxed))
+    }
+
+    /// The start of the first message that pinned.
+    pub(crate) fn first_pin(&self) -> Option<String> {
+        self.first_pin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .map(str::to_owned)
+    }
+
+    /// Waits until every request sent so far has had its ReadyForQuery. Cancel safe.
+    pub(crate) async fn settled(&self) {
+        std::future::poll_fn(|cx| self.poll_settled(cx)).await
+    }
+
+    /// Ready once every request sent so far has had its ReadyForQuery.
+    pub(crate) fn poll_settled(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.outstanding() == 0 {
+            return Poll::Ready(());
+        }
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            self.waiting.store(true, Relaxed);
+        }
+        // Checked again after registering: a ReadyForQuery in between found the waker.
+        if self.outstanding() == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn wake_waiters(&self) {
+        if self.waiting.load(Relaxed) {
+            let waiters = {
+                let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                self.waiting.store(false, Relaxed);
+                std::mem::take(&mut *w)
+            };
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    fn pin(&self, reasons: Reasons, what: &str) {
+        if reasons.is_empty() {
+            return;
+        }
+        let before = self.pinned.fetch_or(reasons.bits(), Relaxed);
+        if before == 0 {
+            let mut first = self.first_pin.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| truncate(what, 120).into());
+        }
+    }
+}
+
+/// Reads message frames from a byte stream in any chunking. `tagless_first`: the client's
+/// first message (startup) has a length and no type byte.
+struct Framer {
+    tagless_first: bool,
+    head: [u8; 5],
+    have: usize,
+    in_body: bool,
+    tag: u8,
+    left: usize,
+    keep: usize,
+    body: Vec<u8>,
+}
+
+impl Framer {
+    fn new(tagless_first: bool) -> Framer {
+        Framer {
+            tagless_first,
+            head: [0; 5],
+            have: 0,
+            in_body: false,
+            tag: 0,
+            left: 0,
+            keep: 0,
+            body: Vec::new(),
+        }
+    }
+
+    /// Feeds bytes; calls `on(tag, captured body)` once per complete message. `capture(tag)`
+    /// says how many body bytes of a message to keep. Returns false when the framing broke.
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        capture: impl Fn(u8) -> usize,
+        mut on: impl FnMut(u8, &[u8]),
+    ) -> bool {
+        while !data.is_empty() {
+            if !self.in_body {
+                let head_len = if self.tagless_first { 4 } else { 5 };
+                let take = (head_len - self.have).min(data.len());
+                self.head[self.have..self.have + take].copy_from_slice(&data[..take]);
+                self.have += take;
+                data = &data[take..];
+                if self.have < head_len {
+                    return true;
+                }
+                let (tag, len) = if self.tagless_first {
+                    self.tagless_first = false;
+                    (0, &self.head[..4])
+                } else {
+                    (self.head[0], &self.head[1..5])
+                };
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                if len < 4 {
+                    return false;
+                }
+                self.have = 0;
+                self.tag = tag;
+                self.left = len - 4;
+                self.keep = capture(tag).min(self.left);
+                self.body.clear();
+                if self.left == 0 {
+                    on(tag, &[]);
+                    continue;
+                }
+                self.in_body = true;
+            }
+            let take = self.left.min(data.len());
+            if self.keep > 0 {
+                let k = self.keep.min(take);
+                self.body.extend_from_slice(&data[..k]);
+                self.keep -= k;
+            }
+            self.left -= take;
+            data = &data[take..];
+            if self.left == 0 {
+                self.in_body = false;
+                on(self.tag, &self.body);
+            }
+        }
+        true
+    }
+}
+
+/// A reported setting: its name and value as the server sent them.
+type Setting = (Box<[u8]>, Box<[u8]>);
+
+/// What the connection task alone keeps while reading the stream.
+struct Reader {
+    wire: Arc<Wire>,
+    to_server: Framer,
+    from_server: Framer,
+    /// Prepared statements whose SQL pins when executed, by name (usually empty).
+    pinning_statements: HashMap<Box<[u8]>, (Reasons, Box<str>)>,
+    /// Reported settings as they were when the startup finished, and as they are now.
+    settings_at_start: Vec<Setting>,
+    settings: Vec<Setting>,
+    started: bool,
+    settings_changed: bool,
+    /// The server ignores a Sync that reaches it in copy-in mode. Syncs sent since the last
+    /// Execute (before any CopyDone or CopyFail) are discounted when a CopyInResponse shows
+    /// that Execute started one; `copy_in` is set from then until the copy ends.
+    syncs_since_execute: u32,
+    copy_in: bool,
+}
+
+fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
+    match b.iter().position(|&c| c == 0) {
+        Some(p) => (&b[..p], &b[p + 1..]),
+        None => (b, &[]),
+    }
+}
+
+fn text(b: &[u8]) -> &str {
+    match std::str::from_utf8(b) {
+        Ok(s) => s,
+        // Cut at the capture limit inside a character, or not UTF-8 at all.
+        Err(e) => std::str::from_utf8(&b[..e.valid_up_to()]).unwrap_or(""),
+    }
+}
+
+impl Reader {
+    fn sent(&mut self, data: &[u8]) {
+        let Reader {
+            wire,
+            to_server,
+            pinning_statements,
+            syncs_since_execute,
+            copy_in,
+            ..
+        } = self;
+        let capture = |tag| match tag {
+            b'Q' | b'P' => SQL_CAPTURE,
+            b'B' | b'C' => 256,
+            _ => 0,
+        };
+        let ok = to_server.feed(data, capture, |tag, body| match tag {
+            b'Q' => {
+                wire.outstanding.fetch_add(1, Relaxed);
+                *syncs_since_execute = 0;
+                let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
+                let c = classify(sql);
+                wire.pin(wire.rules.pinning_reasons(&c, Protocol::Simple), sql);
+            }
+            b'P' => {
+                let (name, rest) = cstr(body);
+                let (sql, _) = cstr(rest);
+                let sql = text(sql);
+                let c = classify(sql);
+                // Today's proxies pin when the statement runs, the legacy ones at the Parse.
+                let parse_only = Classification {
+                    reasons: Reasons::EMPTY,
+                    ..c
+                };
+                wire.pin(
+                    wire.rules.pinning_reasons(&parse_only, Protocol::Parse),
+                    sql,
+                );
+                let at_run = wire.rules.pinning_reasons(&c, Protocol::Execute);
+                if at_run.is_empty() {
+                    pinning_statements.remove(name);
+                } else {
+                    pinning_statements.insert(name.into(), (at_run, truncate(sql, 120).into()));
+                }
+            }
+            b'B' if !pinning_statements.is_empty() => {
+                let (_portal, rest) = cstr(body);
+                let (name, _) = cstr(rest);
+                if let Some((reasons, sql)) = pinning_statements.get(name) {
+                    wire.pin(*reasons, sql);
+                }
+            }
+            b'C' if body.first() == Some(&b'S') => {
+                pinning_statements.remove(cstr(&body[1..]).0);
+            }
+            b'E' => *syncs_since_execute = 0,
+            b'S' if !*copy_in => {
+                wire.outstanding.fetch_add(1, Relaxed);
+                *syncs_since_execute += 1;
+            }
+            b'c' | b'f' => {
+                *copy_in = false;
+                *syncs_since_execute = 0;
+            }
+            b'F' => {
+                // A function called by OID: nothing says what it does.
+                wire.outstanding.fetch_add(1, Relaxed);
+                wire.pin(Reasons::of(Reason::Untracked), "(a protocol FunctionCall)");
+            }
+            _ => {}
+        });
+        if !ok {
+            wire.garbled.store(true, Relaxed);
+        }
+    }
+
+    fn received(&mut self, data: &[u8]) {
+        let Reader {
+            wire,
+            from_server,
+            settings_at_start,
+            settings,
+            started,
+            settings_changed,
+            syncs_since_execute,
+            copy_in,
+            ..
+        } = self;
+        let capture = |tag| match tag {
+            b'Z' => 1,
+            b'E' => 1024,
+            b'S' => 512,
+            _ => 0,
+        };
+        let ok = from_server.feed(data, capture, |tag, body| match tag {
+            b'Z' => {
+                let status = body.first().copied().unwrap_or(0);
+                if !*started {
+                    *started = true;
+                    *settings_at_start = settings.clone();
+                } else if *settings_changed && status == b'I' {
+                    // Outside a transaction block a reported setting that differs from the
+                    // start is session state (SET LOCAL reverts before this point).
+                    *settings_changed = false;
+                    let changed = settings
+                        .iter()
+                        .find(|s| !settings_at_start.contains(s))
+                        .map(|(name, _)| String::from_utf8_lossy(name).into_owned());
+                    if let Some(name) = changed {
+                        wire.pin(
+                            Reasons::of(Reason::SessionChanged),
+                            &format!("(the server reports a changed setting: {name})"),
+                        );
+                    }
+                }
+                wire.status.store(status, Relaxed);
+                wire.copy.store(false, Relaxed);
+                let n = wire.outstanding.load(Relaxed);
+                wire.outstanding.store(n.saturating_sub(1), Relaxed);
+                wire.wake_waiters();
+            }
+            b'G' => {
+                wire.copy.store(true, Relaxed);
+                // The Syncs sent after the Execute that started this copy reach the server in
+                // copy-in mode, which ignores them: no ReadyForQuery will answer them.
+                let n = wire.outstanding.load(Relaxed);
+                wire.outstanding
+                    .store(n.saturating_sub(*syncs_since_execute), Relaxed);
+                *syncs_since_execute = 0;
+                *copy_in = true;
+            }
+            b'H' | b'W' => wire.copy.store(true, Relaxed),
+            b'E' if fatal(body) => wire.fatal.store(true, Relaxed),
+            b'A' => wire.pin(
+                Reasons::of(Reason::Listen),
+                "(a notification arrived: the session listens)",
+            ),
+            b'S' => {
+                let (name, rest) = cstr(body);
+                let (value, _) = cstr(rest);
+                match settings.iter_mut().find(|(n, _)| &**n == name) {
+                    Some((_, v)) => *v = value.into(),
+                    None => settings.push((name.into(), value.into())),
+                }
+                *settings_changed |= *started;
+            }
+            _ => {}
+        });
+        if !ok {
+            wire.garbled.store(true, Relaxed);
+        }
+    }
+}
+
+/// True for an ErrorResponse whose severity is FATAL or PANIC.
+fn fatal(mut fields: &[u8]) -> bool {
+    let mut severity: Option<&[u8]> = None;
+    while let Some((&code, rest)) = fields.split_first() {
+        if code == 0 {
+            break;
+        }
+        let (value, rest) = cstr(rest);
+        match code {
+            // The non-localized severity (PostgreSQL 9.6+) wins over the localized one.
+            b'V' => severity = Some(value),
+            b'S' if severity.is_none() => severity = Some(value),
+            _ => {}
+        }
+        fields = rest;
+    }
+    matches!(severity, Some(b"FATAL" | b"PANIC"))
+}
+
+/// A stream whose traffic is read by a [`Wire`].
+pub(crate) struct Observed<S> {
+    inner: S,
+    reader: Reader,
+}
+
+impl<S> Observed<S> {
+    pub(crate) fn new(inner: S, wire: Arc<Wire>) -> Observed<S> {
+        Observed {
+            inner,
+            reader: Reader {
+                wire,
+                to_server: Framer::new(true),
+                from_server: Framer::new(false),
+                pinning_statements: HashMap::new(),
+                settings_at_start: Vec::new(),
+                settings: Vec::new(),
+                started: false,
+                settings_changed: false,
+                syncs_since_execute: 0,
+                copy_in: false,
+            },
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Observed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.reader.received(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.reader.sent(&buf[..n]);
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: TlsStream + Unpin> TlsStream for Observed<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.inner.channel_binding()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn startup() -> Vec<u8> {
+        let mut m = 8u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&196608u32.to_be_bytes());
+        m
+    }
+
+    fn reader() -> Reader {
+        Observed::new((), Wire::new(PinRules::new())).reader
+    }
+
+    /// Feeds `bytes` in every chunk size from 1 to 7, as a socket may deliver them.
+    fn feed_chunked(r: &mut Reader, bytes: &[u8], sent: bool, chunk: usize) {
+        for c in bytes.chunks(chunk) {
+            if sent {
+                r.sent(c);
+            } else {
+                r.received(c);
+            }
+        }
+    }
+
+    #[test]
+    fn ready_for_query_and_requests_are_counted_in_any_chunking() {
+        for chunk in 1..8 {
+            let mut r = reader();
+            feed_chunked(&mut r, &startup(), true, chunk);
+            let mut from = msg(b'R', &[0, 0, 0, 0]);
+            from.extend(msg(b'S', b"TimeZone\0UTC\0"));
+            from.extend(msg(b'Z', b"I"));
+            feed_chunked(&mut r, &from, false, chunk);
+            assert_eq!(r.wire.outstanding(), 0);
+            assert_eq!(r.wire.status(), TxnStatus::Idle);
+            let mut to = msg(b'Q', b"BEGIN\0");
+            to.extend(msg(b'P', b"s1\0SELECT 1\0\0\0"));
+            to.extend(msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+            to.extend(msg(b'E', b"\0\0\0\0\0"));
+            to.extend(msg(b'S', b""));
+            feed_chunked(&mut r, &to, true, chunk);
+            assert_eq!(r.wire.outstanding(), 2);
+            feed_chunked(&mut r, &msg(b'Z', b"T"), false, chunk);
+            assert_eq!(r.wire.outstanding(), 1);
+            assert_eq!(r.wire.status(), TxnStatus::InTransaction);
+            feed_chunked(&mut r, &msg(b'Z', b"T"), false, chunk);
+            assert_eq!(r.wire.outstanding(), 0);
+            assert!(r.wire.pinned().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_pinning_statement_pins_when_bound_not_when_parsed() {
+        let mut r = reader();
+        r.sent(&startup());
+        r.received(&msg(b'Z', b"I"));
+        r.sent(&msg(b'P', b"s7\0SELECT nextval('q')\0\0\0"));
+        assert!(r.wire.pinned().is_empty());
+        r.sent(&msg(b'B', b"\0s7\0\0\0\0\0\0\0"));
+        assert!(r.wire.pinned().contains(Reason::SequenceFunction));
+        assert_eq!(r.wire.first_pin().as_deref(), Some("SELECT nextval('q')"));
+    }
+
+    #[test]
+    fn copy_fatal_notifications_and_changed_settings_are_seen() {
+        let mut r = reader();
+        r.sent(&startup());
+        r.received(&msg(b'S', b"TimeZone\0UTC\0"));
+        r.received(&msg(b'Z', b"I"));
+        r.sent(&msg(b'Q', b"COPY t FROM STDIN\0"));
+        r.received(&msg(b'G', b"\0\0\0"));
+        assert!(r.wire.copy_open());
+        // A setting changed inside a transaction and reverted by its end is not session state.
+        r.received(&msg(b'Z', b"I"));
+        r.received(&msg(b'S', b"TimeZone\0Asia/Tokyo\0"));
+        r.received(&msg(b'Z', b"T"));
+        r.received(&msg(b'S', b"TimeZone\0UTC\0"));
+        r.received(&msg(b'Z', b"I"));
+        assert!(r.wire.pinned().is_empty());
+        r.received(&msg(b'S', b"TimeZone\0Asia/Tokyo\0"));
+        r.received(&msg(b'Z', b"I"));
+        assert!(r.wire.pinned().contains(Reason::SessionChanged));
+        r.received(&msg(b'A', b"\0\0\0\x01ch\0\0"));
+        assert!(r.wire.pinned().contains(Reason::Listen));
+        assert!(!r.wire.broken());
+        r.received(&msg(b'E', b"SFATAL\0VFATAL\0C57P01\0Mterminating\0\0"));
+        assert!(r.wire.broken());
+    }
+
+    #[test]
+    fn syncs_sent_into_copy_in_mode_are_not_counted() {
+        let mut r = reader();
+        r.sent(&startup());
+        r.received(&msg(b'Z', b"I"));
+        // As tokio-postgres's copy_in: Bind, Execute, Sync; then data, CopyDone, Sync.
+        let mut to = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
+        to.extend(msg(b'E', b"\0\0\0\0\0"));
+        to.extend(msg(b'S', b""));
+        r.sent(&to);
+        r.received(&msg(b'2', b""));
+        r.received(&msg(b'G', b"\0\0\0"));
+        assert_eq!(r.wire.outstanding(), 0);
+        r.sent(&msg(b'S', b"")); // ignored in copy-in mode, as the server ignores it
+        let mut to = msg(b'd', b"1\n");
+        to.extend(msg(b'c', b""));
+        to.extend(msg(b'S', b""));
+        r.sent(&to);
+        assert_eq!(r.wire.outstanding(), 1);
+        r.received(&msg(b'C', b"COPY 1\0"));
+        r.received(&msg(b'Z', b"I"));
+        assert_eq!(r.wire.outstanding(), 0);
+        assert!(!r.wire.copy_open());
+    }
+
+    #[test]
+    fn a_broken_frame_marks_the_stream_garbled() {
+        let mut r = reader();
+        r.sent(&startup());
+        r.received(&[b'Z', 0, 0, 0, 1]);
+        assert!(r.wire.broken());
+    }
+}
