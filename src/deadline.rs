@@ -161,10 +161,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(70));
         assert!(p.passed());
         let gone = Bound::new(Some(Duration::ZERO), None).unwrap();
-        assert!(PollBound::new(&gone).passed() || {
-            std::thread::sleep(Duration::from_millis(20));
-            PollBound::new(&gone).passed()
-        });
+        assert!(
+            PollBound::new(&gone).passed() || {
+                std::thread::sleep(Duration::from_millis(20));
+                PollBound::new(&gone).passed()
+            }
+        );
     }
 
     #[tokio::test]
