@@ -324,15 +324,47 @@ fn literals_after(src: &str, needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// The example's EMF namespace and default dimensions, and the environment variables it reads.
+/// The environment variables a Rust source reads by literal name: `env::var("NAME")`, and
+/// `env("NAME")`, the helper of `examples/support/rds_iam.rs`.
+fn env_reads(src: &str) -> Vec<String> {
+    ["env::var(\"", "env(\""]
+        .into_iter()
+        .flat_map(|needle| {
+            src.match_indices(needle).map(move |(at, _)| {
+                let rest = &src[at + needle.len()..];
+                rest[..rest.find('"').unwrap()].to_string()
+            })
+        })
+        .collect()
+}
+
+/// The variables Lambda sets in every function's environment (reserved: a template may not
+/// set them) that the example reads: the function's name, region and role credentials.
+const LAMBDA_ENV: &[&str] = &[
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
+/// The example's EMF namespace and default dimensions, the environment variables it and the
+/// modules it includes (`#[path = "..."]`) read, and its source.
 struct Example {
     namespace: String,
     dimensions: Vec<String>,
     env_vars: Vec<String>,
+    src: String,
 }
 
 fn example() -> Example {
     let src = strip_comments(&read(&root().join("examples/lambda_handler.rs")));
+    let mut env_vars = env_reads(&src);
+    for module in literals_after(&src, "#[path =") {
+        env_vars.extend(env_reads(&strip_comments(&read(
+            &root().join("examples").join(module),
+        ))));
+    }
     let namespaces = literals_after(&src, ".cloudwatch_namespace(");
     assert_eq!(namespaces.len(), 1, "the example sets one EMF namespace");
     assert!(
@@ -342,7 +374,8 @@ fn example() -> Example {
     Example {
         namespace: namespaces[0].clone(),
         dimensions: literals_after(&src, ".with_dimension("),
-        env_vars: literals_after(&src, "env::var("),
+        env_vars,
+        src,
     }
 }
 
@@ -956,7 +989,12 @@ fn template_matches_the_code() {
     }
     let env = &f["Environment"]["Variables"];
     for var in &ex.env_vars {
-        if var != "AWS_LAMBDA_FUNCTION_NAME" && env.get(var).is_none() {
+        let reserved = LAMBDA_ENV.contains(&var.as_str());
+        if reserved && env.get(var).is_some() {
+            problems.push(format!(
+                "the function's environment sets {var}, which Lambda reserves and sets itself"
+            ));
+        } else if !reserved && env.get(var).is_none() {
             problems.push(format!(
                 "the example reads {var}; the function's environment does not set it"
             ));
@@ -983,6 +1021,47 @@ fn template_matches_the_code() {
             "the proxy requires IAM authentication"
         );
     }
+    // IAM authentication: the example signs a token per connection for the user and the proxy
+    // endpoint of DATABASE_URL, which therefore holds no password and verifies TLS (the token
+    // is sent in cleartext); the function may connect as that user.
+    for want in [
+        "\"DATABASE_IAM_AUTH\"",
+        "Ok(\"true\")",
+        ".password_provider(",
+    ] {
+        assert!(
+            ex.src.contains(want),
+            "examples/lambda_handler.rs has {want}"
+        );
+    }
+    if env["DATABASE_IAM_AUTH"] != "true" {
+        problems.push(format!(
+            "the proxy requires IAM authentication: DATABASE_IAM_AUTH must be \"true\", is {}",
+            env["DATABASE_IAM_AUTH"]
+        ));
+    }
+    let url = env["DATABASE_URL"]["Fn::Sub"]
+        .as_str()
+        .expect("DATABASE_URL: !Sub \"postgres://...\"");
+    let endpoint = format!("${{{proxy_id}.Endpoint}}");
+    let want_prefix = format!("postgres://${{DatabaseUser}}@{endpoint}:");
+    if !url.starts_with(&want_prefix) {
+        problems.push(format!(
+            "DATABASE_URL must be {want_prefix}... (the user the token is for, no password, the proxy): {url}"
+        ));
+    }
+    let params = url.split_once('?').map_or("", |(_, p)| p);
+    if !params.split('&').any(|p| p == "sslmode=verify-full") {
+        problems.push(format!(
+            "DATABASE_URL must verify TLS (sslmode=verify-full): {url}"
+        ));
+    }
+    if !policies.contains("dbuser:${ProxyResourceId}/${DatabaseUser}") {
+        problems.push(
+            "the function's rds-db:connect must name the proxy and the URL's user".to_string(),
+        );
+    }
+
     let idle_client = proxy
         .get("IdleClientTimeout")
         .and_then(Value::as_i64)
