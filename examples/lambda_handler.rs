@@ -2,10 +2,14 @@
 //! write, through pinpool's Lambda layer, with the pool's metrics flushed to CloudWatch as EMF
 //! at the end of every invocation.
 //!
-//! Reads `DATABASE_URL`; creates its table if missing (in the first invocation that reaches the
-//! database: INIT survives a database outage). Answers 200 `{"ok": true, ...}`; on a
-//! pinpool timeout, deadline or connect error, 503 with a JSON error body before the deadline
-//! (instead of timing out into API Gateway's opaque 502). `?pin=1` runs a pinning statement
+//! Reads `DATABASE_URL`; with `DATABASE_IAM_AUTH=true` (as `deploy/template.yaml` sets it, for
+//! an RDS Proxy that requires IAM authentication) logs in with a fresh RDS IAM token per new
+//! connection instead of the URL's password (`support/rds_iam.rs`: for the URL's host, port and
+//! user, signed with the function's role's credentials, in its region, from Lambda's
+//! environment). Creates its table if missing, in the first invocation that reaches the
+//! database (INIT survives a database outage). Answers 200 `{"ok": true, ...}`; on a pinpool
+//! timeout, deadline or connect error, 503 with a JSON error body before the deadline (instead
+//! of timing out into API Gateway's opaque 502). `?pin=1` runs a pinning statement
 //! first (a `SET`), to watch pinpool close that connection when the invocation ends.
 //!
 //! Build for Lambda (`provided.al2023`): `cargo lambda build --release --features lambda
@@ -15,6 +19,9 @@ use lambda_http::{Body, Error, Request, Response, service_fn};
 use metrics_cloudwatch_embedded::lambda::MetricsLayer;
 use pinpool::Pool;
 use pinpool::lambda::{PoolLayer, SnapStart};
+
+#[path = "support/rds_iam.rs"]
+mod rds_iam;
 
 const TABLE: &str = "CREATE TABLE IF NOT EXISTS pinpool_visits (id bigserial PRIMARY KEY, path text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
 
@@ -95,10 +102,24 @@ async fn main() -> Result<(), Error> {
     pinpool::metrics::describe();
 
     let url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
-    let pool = Pool::builder(url.as_str())
-        .max_size(2)
-        .min_idle(1)
-        .build()?;
+    let iam_auth = match std::env::var("DATABASE_IAM_AUTH").as_deref() {
+        Ok("true") => true,
+        Ok("false" | "") | Err(_) => false,
+        Ok(other) => {
+            return Err(format!("DATABASE_IAM_AUTH is true or false, not {other:?}").into());
+        }
+    };
+    let mut builder = Pool::builder(url.as_str()).max_size(2).min_idle(1);
+    if iam_auth {
+        // Checked here, at INIT: a DATABASE_URL without a user or host fails the function's
+        // start, not every connect. The credentials are read at each connect.
+        let target = rds_iam::TokenTarget::from_url(&url, &rds_iam::region_from_env()?)?;
+        builder = builder.password_provider(rds_iam::password_provider(
+            target,
+            rds_iam::AwsCredentials::from_env,
+        ));
+    }
+    let pool = builder.build()?;
     // INIT: open a connection while it costs nothing, best-effort and within 2 s. A database
     // that is down must not fail INIT: every request this environment would serve would
     // become an opaque Lambda error. The invocations answer 503 until it is back.
