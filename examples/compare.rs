@@ -188,6 +188,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A raw tokio-postgres client and a pinpool client of a pool of one, to the same database.
+async fn raw_and_pooled() -> (tokio_postgres::Client, pinpool::Pool, pinpool::PooledClient) {
+    let (raw, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let pool = pinpool::Pool::builder(database_url().as_str())
+        .max_size(1)
+        .build()
+        .unwrap();
+    let pooled = pool.get().await.unwrap();
+    (raw, pool, pooled)
+}
+
 /// Reads a row stream to its end and counts the rows.
 async fn count_rows<S, T, E>(rows: S) -> usize
 where
@@ -215,15 +229,7 @@ async fn main() {
         && matches!(shape.as_str(), "prepared" | "stream")
     {
         // Statements through pinpool or a raw client (`raw`), for counting what pinpool adds.
-        let (raw, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let pool = pinpool::Pool::builder(database_url().as_str())
-            .max_size(1)
-            .build()
-            .unwrap();
-        let pooled = pool.get().await.unwrap();
+        let (raw, _pool, pooled) = raw_and_pooled().await;
         let start = Instant::now();
         let n = if shape == "prepared" { 2_000 } else { 20 };
         for i in 0..n {
@@ -337,15 +343,7 @@ async fn main() {
     );
 
     // 2. Statements: pinpool against a raw tokio-postgres client.
-    let (raw, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let pool = pinpool::Pool::builder(database_url().as_str())
-        .max_size(1)
-        .build()
-        .unwrap();
-    let pooled = pool.get().await.unwrap();
+    let (raw, _pool, pooled) = raw_and_pooled().await;
     let sql = "SELECT $1::int + 1";
     let raw_stmt = raw.prepare(sql).await.unwrap();
     let pooled_stmt = pooled.prepare(sql).await.unwrap();

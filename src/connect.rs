@@ -182,3 +182,170 @@ where
 }
 
 pub(crate) type SharedPasswordProvider = Arc<dyn PasswordProvider>;
+
+/// A password provider that reuses another's value for a while: RDS IAM authentication
+/// tokens are valid for 15 minutes and AWS recommends IAM authentication only below about 200
+/// new connections per second, so a token can serve every connection opened in its lifetime.
+///
+/// A cached value younger than `lifetime - refresh_ahead` is returned at once. An older one is
+/// refreshed on the next call (nothing runs in the background, which a frozen Lambda
+/// environment could not run anyway); if that refresh fails, the old value keeps being served
+/// until `lifetime` is over, and the error is logged. Ages are read from the wall clock, so a
+/// freeze counts. Concurrent connects share one refresh. A slow provider is still bounded by
+/// the pool's `connect_timeout`, which covers the password.
+///
+/// ```
+/// # fn demo() -> Result<(), pinpool::Error> {
+/// use std::time::Duration;
+/// let token = || async { Ok::<_, std::io::Error>("iam-token".to_string()) };
+/// let pool = pinpool::Pool::builder("postgres://app@my-proxy.example/app")
+///     .password_provider(
+///         pinpool::CachedPassword::new(token, Duration::from_secs(15 * 60))
+///             .refresh_ahead(Duration::from_secs(5 * 60)),
+///     )
+///     .build()?;
+/// # Ok(()) }
+/// ```
+pub struct CachedPassword<P> {
+    inner: P,
+    lifetime: std::time::Duration,
+    refresh_ahead: std::time::Duration,
+    cached: tokio::sync::Mutex<Option<(String, std::time::SystemTime)>>,
+}
+
+impl<P: PasswordProvider> CachedPassword<P> {
+    /// Caches `inner`'s values for `lifetime` (for RDS IAM tokens, 15 minutes), refreshing
+    /// them once a fifth of it is left (see [`refresh_ahead`](Self::refresh_ahead)).
+    pub fn new(inner: P, lifetime: std::time::Duration) -> Self {
+        CachedPassword {
+            inner,
+            lifetime,
+            refresh_ahead: lifetime / 5,
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// How long before the end of its lifetime a value is refreshed. Default: a fifth of the
+    /// lifetime. At most the lifetime (a value then is refreshed at every call).
+    #[must_use]
+    pub fn refresh_ahead(mut self, d: std::time::Duration) -> Self {
+        self.refresh_ahead = d.min(self.lifetime);
+        self
+    }
+}
+
+impl<P: PasswordProvider> PasswordProvider for CachedPassword<P> {
+    fn password(&self) -> BoxFuture<'_, Result<String, BoxError>> {
+        Box::pin(async move {
+            // Held across the refresh: concurrent connects wait for it instead of each asking.
+            let mut cached = self.cached.lock().await;
+            let now = std::time::SystemTime::now();
+            let age = |at: std::time::SystemTime| now.duration_since(at).unwrap_or_default();
+            if let Some((value, at)) = cached.as_ref()
+                && age(*at) < self.lifetime.saturating_sub(self.refresh_ahead)
+            {
+                return Ok(value.clone());
+            }
+            match self.inner.password().await {
+                Ok(value) => {
+                    *cached = Some((value.clone(), now));
+                    Ok(value)
+                }
+                Err(e) => match cached.as_ref() {
+                    Some((value, at)) if age(*at) < self.lifetime => {
+                        tracing::warn!(error = %e, "pinpool: the password provider failed; the cached value serves until it expires");
+                        Ok(value.clone())
+                    }
+                    _ => Err(e),
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Duration;
+
+    /// A provider that counts its calls and fails while `failing` is set.
+    fn counting(
+        calls: Arc<AtomicUsize>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    ) -> impl PasswordProvider {
+        move || {
+            let n = calls.fetch_add(1, SeqCst) + 1;
+            let fail = failing.load(SeqCst);
+            async move {
+                if fail {
+                    Err(std::io::Error::other("provider down"))
+                } else {
+                    Ok(format!("token-{n}"))
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn values_are_reused_refreshed_ahead_and_kept_through_a_failed_refresh() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let p = CachedPassword::new(
+            counting(calls.clone(), failing.clone()),
+            Duration::from_millis(600),
+        )
+        .refresh_ahead(Duration::from_millis(300));
+        for _ in 0..5 {
+            assert_eq!(p.password().await.unwrap(), "token-1");
+        }
+        assert_eq!(calls.load(SeqCst), 1, "reused within its lifetime");
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(
+            p.password().await.unwrap(),
+            "token-2",
+            "refreshed ahead of expiry"
+        );
+        assert_eq!(p.password().await.unwrap(), "token-2");
+        assert_eq!(calls.load(SeqCst), 2);
+
+        failing.store(true, SeqCst);
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(
+            p.password().await.unwrap(),
+            "token-2",
+            "a failed refresh serves the old value until it expires"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            p.password().await.is_err(),
+            "an expired value is not served"
+        );
+        failing.store(false, SeqCst);
+        assert!(p.password().await.unwrap().starts_with("token-"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_connects_share_one_refresh() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let slow = move || {
+            counted.fetch_add(1, SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, std::io::Error>("slow-token".to_string())
+            }
+        };
+        let p = Arc::new(CachedPassword::new(slow, Duration::from_secs(60)));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move { p.password().await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), "slow-token");
+        }
+        assert_eq!(calls.load(SeqCst), 1);
+    }
+}

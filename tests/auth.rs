@@ -92,3 +92,41 @@ async fn a_failing_provider_gives_a_password_error() {
     assert!(std::error::Error::source(&err).is_some());
     assert_eq!(pool.status().size, 0);
 }
+
+/// A cached provider (RDS IAM tokens live 15 minutes): many new connections, one token.
+#[tokio::test]
+async fn a_cached_provider_serves_every_connection_of_its_lifetime_with_one_value() {
+    if !common::password_auth_enforced().await {
+        return;
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let provider = move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, std::io::Error>(SECRET.to_string()) }
+    };
+    let pool = Pool::builder(url("auth_cached"))
+        .max_size(4)
+        .password_provider(pinpool::CachedPassword::new(
+            provider,
+            std::time::Duration::from_secs(15 * 60),
+        ))
+        .build()
+        .unwrap();
+    let clients = futures_util::future::join_all((0..4).map(|_| pool.get())).await;
+    for c in &clients {
+        let user: String = c
+            .as_ref()
+            .unwrap()
+            .query_one_scalar("SELECT current_user::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(user, ROLE);
+    }
+    assert_eq!(pool.status().opened, 4);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one token for four connections"
+    );
+}

@@ -128,6 +128,36 @@ async fn runtime_api() -> RuntimeApi {
     }
 }
 
+/// Starts the example handler against `api`'s Runtime API and `database_url`; returns the
+/// child and a task collecting its stdout (the EMF documents) until it ends.
+fn spawn_example(
+    api: &RuntimeApi,
+    function: &str,
+    database_url: &str,
+) -> (tokio::process::Child, tokio::task::JoinHandle<Vec<String>>) {
+    let mut child = tokio::process::Command::new(common::example_binary("lambda_handler"))
+        .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
+        .env("AWS_LAMBDA_FUNCTION_NAME", function)
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("DATABASE_URL", database_url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            out.push(line);
+        }
+        out
+    });
+    (child, lines)
+}
+
 /// An API Gateway HTTP API (payload 2.0) event.
 fn event(path: &str, query: &str, id: &str) -> String {
     serde_json::json!({
@@ -164,26 +194,7 @@ async fn the_example_handler_answers_every_invocation_before_its_deadline_across
     .await
     .unwrap();
     let mut api = runtime_api().await;
-    let mut child = tokio::process::Command::new(common::example_binary("lambda_handler"))
-        .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
-        .env("AWS_LAMBDA_FUNCTION_NAME", "pinpool-e2e")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("DATABASE_URL", emu.url("postgres", "postgres"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut reader = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            out.push(line);
-        }
-        out
-    });
+    let (mut child, lines) = spawn_example(&api, "pinpool-e2e", &emu.url("postgres", "postgres"));
     let pid = child.id().unwrap().to_string();
     let signal = |sig: &str| {
         let status = std::process::Command::new("kill")
@@ -307,26 +318,7 @@ async fn run_example(
     between: impl Fn(usize),
 ) -> (Vec<(Posted, SystemTime)>, Vec<serde_json::Value>) {
     let mut api = runtime_api().await;
-    let mut child = tokio::process::Command::new(common::example_binary("lambda_handler"))
-        .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
-        .env("AWS_LAMBDA_FUNCTION_NAME", "pinpool-e2e-outage")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("DATABASE_URL", database_url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut reader = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            out.push(line);
-        }
-        out
-    });
+    let (mut child, lines) = spawn_example(&api, "pinpool-e2e-outage", &database_url);
     let mut posted_all = Vec::new();
     for (n, d) in deadlines.iter().enumerate() {
         between(n);
