@@ -565,17 +565,12 @@ impl<'a> Lexer<'a> {
         &s[start.min(s.len())..]
     }
 
-    /// The next token and the offset where it starts, skipping whitespace and comments.
-    fn next(&mut self) -> Option<(usize, Tok<'a>)> {
+    /// Skips whitespace and comments.
+    fn skip_blank(&mut self) {
         let s = self.s;
-        loop {
-            let b = *s.get(self.i)?;
-            let class = CLASS[b as usize];
-            if class & SPACE != 0 {
+        while let Some(&b) = s.get(self.i) {
+            if CLASS[b as usize] & SPACE != 0 {
                 self.i += 1;
-            } else if class & START != 0 {
-                // The most common token first: an identifier or keyword.
-                return Some((self.i, self.word()));
             } else if b == b'-' && self.peek(self.i + 1) == b'-' {
                 match s[self.i..].iter().position(|&c| c == b'\n') {
                     Some(p) => self.i += p + 1,
@@ -596,8 +591,42 @@ impl<'a> Lexer<'a> {
                     }
                 }
             } else {
-                break;
+                return;
             }
+        }
+    }
+
+    /// After a `U&"..."` name: the escape character of a `UESCAPE 'c'` clause, consumed, if
+    /// one follows. Reads bytes only, no tokens, so a run of such names stays linear.
+    fn uescape(&mut self) -> Option<u8> {
+        let at = self.i;
+        self.skip_blank();
+        let s = self.s;
+        let word_end = self.i + 7;
+        let is_clause = s.get(self.i..word_end).is_some_and(|w| eq(w, "uescape"))
+            && !s.get(word_end).is_some_and(|&b| is_ident_cont(b));
+        if is_clause {
+            self.i = word_end;
+            self.skip_blank();
+            if let (Some(b'\''), Some(&c), Some(b'\'')) =
+                (s.get(self.i), s.get(self.i + 1), s.get(self.i + 2))
+            {
+                self.i += 3;
+                return Some(c);
+            }
+        }
+        self.i = at;
+        None
+    }
+
+    /// The next token and the offset where it starts, skipping whitespace and comments.
+    fn next(&mut self) -> Option<(usize, Tok<'a>)> {
+        let s = self.s;
+        self.skip_blank();
+        let b = *s.get(self.i)?;
+        if CLASS[b as usize] & START != 0 {
+            // The most common token first: an identifier or keyword.
+            return Some((self.i, self.word()));
         }
         let start = self.i;
         let b = s[start];
@@ -651,18 +680,7 @@ impl<'a> Lexer<'a> {
                 let body = self.quoted(q, false);
                 if q == b'"' {
                     // An optional `UESCAPE 'c'` names the escape character.
-                    let at = self.i;
-                    let esc = match (self.next(), self.next()) {
-                        (Some((_, Tok::Word(w))), Some((_, Tok::Str(&[c]))))
-                            if eq(w, "uescape") =>
-                        {
-                            c
-                        }
-                        _ => {
-                            self.i = at;
-                            b'\\'
-                        }
-                    };
+                    let esc = self.uescape().unwrap_or(b'\\');
                     Tok::UQuoted(body, esc)
                 } else {
                     Tok::Str(body)
@@ -1059,13 +1077,65 @@ fn scan(text: &str, report: impl FnMut(StmtInfo)) {
 /// SQL (one level: a `DO` inside it is not looked into again, which keeps the scan linear).
 /// RDS Proxy cannot see inside a block, but the session state it leaves is still there for
 /// the next caller of the connection.
-fn do_body_reasons(body: &[u8]) -> Reasons {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Reasons::EMPTY;
+fn do_body_reasons(body: &[u8], quoted: bool) -> Reasons {
+    let scan_body = |b: &[u8]| {
+        let mut reasons = Reasons::EMPTY;
+        if let Ok(text) = std::str::from_utf8(b) {
+            scan_at(text, true, |s| reasons = reasons.union(s.reasons));
+        }
+        reasons
     };
-    let mut reasons = Reasons::EMPTY;
-    scan_at(text, true, |s| reasons = reasons.union(s.reasons));
-    reasons
+    if !quoted {
+        return scan_body(body);
+    }
+    // A body in quotes holds its own quotes doubled; in an E'' string also backslash-escaped.
+    // Which one it was is not kept, so both readings are scanned (each linear).
+    let mut plain = Vec::with_capacity(body.len());
+    let mut escaped = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        match (body[i], body.get(i + 1)) {
+            (b'\'', Some(b'\'')) => {
+                plain.push(b'\'');
+                i += 2;
+                continue;
+            }
+            _ => plain.push(body[i]),
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while i < plain.len() {
+        if plain[i] == b'\\' && i + 1 < plain.len() {
+            escaped.push(plain[i + 1]);
+            i += 2;
+        } else {
+            escaped.push(plain[i]);
+            i += 1;
+        }
+    }
+    scan_body(&plain).union(scan_body(&escaped))
+}
+
+/// Inside a `DO` block, where statements need not lead (`BEGIN SET ...; END`, `IF ... THEN
+/// LISTEN ...`): the keywords that pin wherever they stand. `EXECUTE` runs a string as SQL,
+/// which is not read: possibly pinning. A false alarm (the `SET` of an `UPDATE`) costs a
+/// reconnect; a miss would leave the state for the next caller.
+fn block_keyword(w: &[u8]) -> Option<Reason> {
+    let is = |k: &str| eq(w, k);
+    match w.len() {
+        3 if is("set") => Some(Reason::Set),
+        4 if is("load") => Some(Reason::Load),
+        5 if is("reset") => Some(Reason::Set),
+        6 if is("listen") => Some(Reason::Listen),
+        7 if is("prepare") || is("discard") || is("execute") => Some(match w[0] {
+            b'p' | b'P' => Reason::PreparedStatement,
+            b'd' | b'D' => Reason::Discard,
+            _ => Reason::Untracked,
+        }),
+        10 if is("deallocate") => Some(Reason::PreparedStatement),
+        _ => None,
+    }
 }
 
 fn scan_at<'a>(text: &'a str, nested: bool, mut report: impl FnMut(StmtInfo)) {
@@ -1168,8 +1238,16 @@ fn scan_at<'a>(text: &'a str, nested: bool, mut report: impl FnMut(StmtInfo)) {
             Tok::Word(_) | Tok::Quoted(_) | Tok::UQuoted(..) if is_name(tok, "pg_settings") => {
                 st.pg_settings = true;
             }
-            Tok::Dollar(body) | Tok::Str(body) if !nested && eq(st.word(0), "do") => {
-                st.reasons = st.reasons.union(do_body_reasons(body));
+            Tok::Dollar(body) if !nested && eq(st.word(0), "do") => {
+                st.reasons = st.reasons.union(do_body_reasons(body, false));
+            }
+            Tok::Str(body) if !nested && eq(st.word(0), "do") => {
+                st.reasons = st.reasons.union(do_body_reasons(body, true));
+            }
+            Tok::Word(w) if nested && block_keyword(w).is_some() => {
+                if let Some(r) = block_keyword(w) {
+                    st.reasons.insert(r);
+                }
             }
             _ => {}
         }
