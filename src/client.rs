@@ -70,11 +70,12 @@ impl<'a> Guarded<'a> {
         fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, Error> {
         let in_flight = self.state.begin();
+        let request = in_flight.request;
         match within(bound, fut).await {
             Ok(res) => {
                 in_flight.done();
                 if settles(&res) {
-                    self.settle(bound).await;
+                    self.settle(bound, request).await;
                 }
                 self.pool.report_pins(self.state);
                 res.map_err(|e| self.failed(e))
@@ -96,9 +97,10 @@ impl<'a> Guarded<'a> {
                 Ok((s, bound, in_flight))
             }
             Ok(Err(e)) => {
+                let request = in_flight.request;
                 in_flight.done();
                 if e.as_db_error().is_some() {
-                    self.settle(bound).await;
+                    self.settle(bound, request).await;
                 }
                 self.pool.report_pins(self.state);
                 Err(self.failed(e))
@@ -109,10 +111,11 @@ impl<'a> Guarded<'a> {
 
     /// After a call: tokio-postgres may hand over a statement's result before the socket
     /// delivered its ReadyForQuery (a result's end and the ReadyForQuery read apart); wait
-    /// for it within the bound, so the connection is found at rest on return.
-    async fn settle(self, bound: Option<Bound>) {
+    /// for the ReadyForQuery of the call's request (`request`, see [`crate::wire::Wire::ready_for`]) within
+    /// the bound, so the connection is found at rest on return.
+    async fn settle(self, bound: Option<Bound>, request: u32) {
         if !self.state.health(false).killed {
-            let _ = within(bound, self.state.wire.settled()).await;
+            let _ = within(bound, self.state.wire.ready_for(request)).await;
         }
     }
 
@@ -854,7 +857,16 @@ impl PooledClient {
     /// A round trip after raw access: whatever it left queued is written and answered first.
     /// True when the connection is then clean enough to hand out.
     pub(crate) async fn settle_raw(&self) -> bool {
-        if self.check_connection().await.is_err() {
+        // Part of the checkout: bounded like a wait for a slot (and like the freeze check).
+        let s = &self.pool.settings;
+        let bound = Bound::new(Some(s.acquire_timeout.min(s.validate_timeout)), self.cutoff);
+        let ctx = self.ctx();
+        if ctx
+            .g
+            .run(bound, ctx.client.check_connection())
+            .await
+            .is_err()
+        {
             return false;
         }
         let conn = self.conn();
@@ -1142,8 +1154,11 @@ impl<'a> TransactionBuilder<'a> {
     /// # Errors
     /// The server's error or a timeout.
     pub async fn start(self) -> Result<Transaction<'a>, Error> {
+        // The bound first: a start refused here sends nothing and queues no ROLLBACK, so it
+        // must leave no mark saying one is queued.
+        let bound = self.g.bound()?;
         let mark = TxnMark::new(self.g.state);
-        let inner = self.g.run(self.g.bound()?, self.inner.start()).await?;
+        let inner = self.g.run(bound, self.inner.start()).await?;
         Ok(Transaction {
             inner,
             g: self.g,

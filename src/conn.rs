@@ -15,7 +15,7 @@ use crate::config::{PinPolicy, Settings};
 use crate::connect::{ConnectionFuture, Opened};
 use crate::pinning::Reasons;
 use crate::status::CloseReason;
-use crate::wire::{TxnStatus, Wire};
+use crate::wire::{Facts, TxnStatus, Wire};
 
 /// The connection task's future, held where [`ConnState::kill`] can drop it synchronously:
 /// dropping a `Client` with a request pending does not close the socket, dropping this does.
@@ -118,9 +118,13 @@ impl ConnState {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Counts a call in flight, and takes the number of the request it is about to queue.
     pub(crate) fn begin(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Relaxed);
-        InFlight(self)
+        InFlight {
+            state: self,
+            request: self.wire.next_request(),
+        }
     }
 
     fn set(&self, flag: u8, on: bool) {
@@ -141,10 +145,23 @@ impl ConnState {
         self.set(ROLLBACK_QUEUED, true);
     }
 
-    /// True while a dropped transaction's ROLLBACK is queued and not yet written: once
-    /// anything was written after it, the wire's status is the truth again.
-    fn rollback_pending(&self, flags: u8) -> bool {
-        flags & ROLLBACK_QUEUED != 0 && self.wire.sent() == self.rollback_mark.load(Relaxed)
+    /// True while a dropped transaction's ROLLBACK is queued, or written and still unanswered,
+    /// with nothing else written since it was queued: tokio-postgres writes it ahead of any
+    /// later request, so the first request written after the mark is the ROLLBACK. Once more
+    /// was written, or it was answered, the wire's status is the truth again.
+    fn rollback_pending(&self, flags: u8, wire: Facts) -> bool {
+        if flags & ROLLBACK_QUEUED == 0 {
+            return false;
+        }
+        match self
+            .wire
+            .sent()
+            .wrapping_sub(self.rollback_mark.load(Relaxed))
+        {
+            0 => true,
+            1 => wire.outstanding() == 1 && !wire.copy_open(),
+            _ => false,
+        }
     }
 
     /// True when raw access was handed out since the last round trip settled it.
@@ -203,7 +220,7 @@ impl ConnState {
             txn_object: flags & TXN_OBJECT != 0,
             busy: wire.outstanding() > 0 || wire.copy_open(),
             status: wire.status(),
-            rollback_queued: self.rollback_pending(flags),
+            rollback_queued: self.rollback_pending(flags, wire),
             pinned: wire.pinned(),
         }
     }
@@ -211,11 +228,15 @@ impl ConnState {
 
 /// Counts one statement in flight until [`InFlight::done`]; dropping it without `done` leaves
 /// the count, which marks the connection's protocol state unknown.
-pub(crate) struct InFlight<'a>(&'a ConnState);
+pub(crate) struct InFlight<'a> {
+    state: &'a ConnState,
+    /// The number of the call's (first) request on the wire: see [`crate::wire::Wire::ready_for`].
+    pub(crate) request: u32,
+}
 
 impl InFlight<'_> {
     pub(crate) fn done(self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.state.in_flight.fetch_sub(1, Relaxed);
     }
 }
 
@@ -351,7 +372,7 @@ impl Health {
             Some(CloseReason::Broken)
         } else if self.in_flight > 0
             || self.txn_object
-            || self.busy
+            || (self.busy && !rolling_back)
             || (self.status != TxnStatus::Idle && !rolling_back)
         {
             Some(CloseReason::UnknownState)

@@ -29,8 +29,6 @@ pin_project! {
         failed: bool,
         // The inner stream ended; waiting for the socket to deliver the ReadyForQuery.
         ending: bool,
-        // The ReadyForQuery count to wait past, when it had not arrived at the end.
-        end_mark: Option<u8>,
     }
 }
 
@@ -57,7 +55,6 @@ impl<'a, S> Tracked<'a, S> {
             guard: Some(guard),
             failed: false,
             ending: false,
-            end_mark: None,
         }
     }
 }
@@ -120,10 +117,7 @@ where
                     }
                     return Poll::Ready(Some(Err(Error::Query(e))));
                 }
-                Poll::Ready(None) => {
-                    *this.ending = true;
-                    *this.end_mark = this.state.wire.answering_mark();
-                }
+                Poll::Ready(None) => *this.ending = true,
                 Poll::Pending => {
                     return match expired(this.sleep, this.bound, this.state, cx) {
                         Some(e) => {
@@ -138,8 +132,8 @@ where
         // Past the bound the wait stops: the connection, not at rest, is closed on return.
         // (tokio-postgres ends a stream at its CommandComplete, which may be read apart from
         // the ReadyForQuery.)
-        if let Some(mark) = *this.end_mark
-            && this.state.wire.poll_ready_since(mark, cx).is_pending()
+        if let Some(g) = this.guard.as_ref()
+            && this.state.wire.poll_ready_for(g.request, cx).is_pending()
             && !this.state.health(false).killed
             && !passed(this.check)
             && expired_quietly(this.sleep.as_mut(), cx).is_pending()
@@ -237,8 +231,9 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         };
         if ended {
             let this = self.project();
-            let _ = crate::deadline::within(*this.bound, this.state.wire.settled()).await;
             if let Some(g) = this.guard.take() {
+                let ready = this.state.wire.ready_for(g.request);
+                let _ = crate::deadline::within(*this.bound, ready).await;
                 g.done();
             }
         }

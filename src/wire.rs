@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -55,6 +55,11 @@ pub(crate) struct Wire {
     facts: AtomicU64,
     /// Requests written so far (Query, counted Sync, FunctionCall).
     sent: AtomicU32,
+    /// Requests that will get a ReadyForQuery, the startup included (`sent`, less the Syncs
+    /// the server ignores in copy-in mode, plus one), and ReadyForQuery messages received:
+    /// the `n`-th request is answered once `ready` reaches `n`.
+    expected: AtomicU32,
+    ready: AtomicU32,
     first_pin: Mutex<Option<Box<str>>>,
     /// Tasks waiting for the last ReadyForQuery; `waiting` says whether there are any.
     waiters: Mutex<Vec<Waker>>,
@@ -68,6 +73,8 @@ impl Wire {
             // The startup message waits for its ReadyForQuery like any request.
             facts: AtomicU64::new(1),
             sent: AtomicU32::new(0),
+            expected: AtomicU32::new(1),
+            ready: AtomicU32::new(0),
             first_pin: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicBool::new(false),
@@ -101,7 +108,19 @@ impl Wire {
 
     fn count_sent(&self) {
         self.sent.store(self.sent().wrapping_add(1), Relaxed);
+        self.expected
+            .store(self.expected().wrapping_add(1), Relaxed);
         self.update(|f| f.set_outstanding(f.outstanding() + 1));
+    }
+
+    /// The number the next request written will have: its ReadyForQuery is the one that
+    /// brings `ready` to it (or, with requests queued ahead of it, a later one).
+    pub(crate) fn next_request(&self) -> u32 {
+        self.expected().wrapping_add(1)
+    }
+
+    fn expected(&self) -> u32 {
+        self.expected.load(Relaxed)
     }
 
     /// The start of the first message that pinned.
@@ -113,28 +132,24 @@ impl Wire {
             .map(str::to_owned)
     }
 
-    /// Waits for the ReadyForQuery of the request whose answer just ended, if it has not
-    /// arrived (tokio-postgres hands a result over at its CommandComplete, which a socket read
-    /// may deliver apart from the ReadyForQuery behind it). Responses come in order, so the
-    /// next ReadyForQuery is that request's: nothing else pipelined on the connection is
-    /// waited for. Cancel safe.
-    pub(crate) async fn settled(&self) {
-        let Some(mark) = self.answering_mark() else {
-            return;
-        };
-        std::future::poll_fn(|cx| self.poll_ready_since(mark, cx)).await
+    /// Waits until the ReadyForQuery of request number `target` arrived ([`Wire::next_request`]
+    /// taken just before a call's request was queued). tokio-postgres hands a result over at
+    /// its CommandComplete, which a socket read may deliver apart from the ReadyForQuery
+    /// behind it; waiting for it lets the return find the connection at rest. Requests queued
+    /// ahead of the call only make the target early, never late, so nothing pipelined behind
+    /// the call is waited for. Cancel safe.
+    pub(crate) async fn ready_for(&self, target: u32) {
+        std::future::poll_fn(|cx| self.poll_ready_for(target, cx)).await
     }
 
-    /// `Some(count)` when a request is being answered: its ReadyForQuery is the one that will
-    /// change the count.
-    pub(crate) fn answering_mark(&self) -> Option<u8> {
-        let f = self.facts();
-        f.answering().then(|| f.ready_count())
+    fn reached(&self, target: u32) -> bool {
+        // Wrapping: `ready` is at or past `target`.
+        (self.ready.load(SeqCst).wrapping_sub(target) as i32) >= 0
     }
 
-    /// Ready once a ReadyForQuery arrived after `mark` was taken.
-    pub(crate) fn poll_ready_since(&self, mark: u8, cx: &mut Context<'_>) -> Poll<()> {
-        if self.facts().ready_count() != mark {
+    /// Ready once request number `target` was answered.
+    pub(crate) fn poll_ready_for(&self, target: u32, cx: &mut Context<'_>) -> Poll<()> {
+        if self.reached(target) {
             return Poll::Ready(());
         }
         {
@@ -142,21 +157,24 @@ impl Wire {
             if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
                 waiters.push(cx.waker().clone());
             }
-            self.waiting.store(true, Relaxed);
+            self.waiting.store(true, SeqCst);
         }
-        // Checked again after registering: a ReadyForQuery in between found the waker.
-        if self.facts().ready_count() != mark {
+        // Checked again after registering (both sides SeqCst): a ReadyForQuery in between
+        // either sees `waiting` or is seen here.
+        if self.reached(target) {
             Poll::Ready(())
         } else {
             Poll::Pending
         }
     }
 
-    fn wake_waiters(&self) {
-        if self.waiting.load(Relaxed) {
+    fn count_ready(&self) {
+        self.ready
+            .store(self.ready.load(Relaxed).wrapping_add(1), SeqCst);
+        if self.waiting.load(SeqCst) {
             let waiters = {
                 let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-                self.waiting.store(false, Relaxed);
+                self.waiting.store(false, SeqCst);
                 std::mem::take(&mut *w)
             };
             waiters.into_iter().for_each(Waker::wake);
@@ -178,16 +196,13 @@ impl Wire {
 
 /// The facts of a [`Wire`] packed in one word: bits 0-31 the requests waiting for their
 /// ReadyForQuery, 32-39 the last ReadyForQuery's status byte (0 before the first), 40 a COPY
-/// is open, 41 a FATAL or PANIC arrived, 42 the framing broke, 43 a message arrived since the
-/// last ReadyForQuery (the request being answered has not had its own yet), 44-47 the count
-/// of ReadyForQuery messages modulo 16, 48-63 the pin reasons.
+/// is open, 41 a FATAL or PANIC arrived, 42 the framing broke, 48-63 the pin reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Facts(u64);
 
 const COPY: u64 = 1 << 40;
 const FATAL: u64 = 1 << 41;
 const GARBLED: u64 = 1 << 42;
-const ANSWERING: u64 = 1 << 43;
 
 impl Facts {
     pub(crate) fn outstanding(self) -> u32 {
@@ -230,21 +245,6 @@ impl Facts {
 
     pub(crate) fn pinned(self) -> Reasons {
         Reasons::from_bits((self.0 >> 48) as u16)
-    }
-
-    /// A request is being answered and its ReadyForQuery has not arrived.
-    pub(crate) fn answering(self) -> bool {
-        self.0 & ANSWERING != 0
-    }
-
-    /// The number of ReadyForQuery messages so far, modulo 16: it changes when one arrives.
-    pub(crate) fn ready_count(self) -> u8 {
-        ((self.0 >> 44) & 0xf) as u8
-    }
-
-    fn count_ready(&mut self) {
-        let n = (u64::from(self.ready_count()) + 1) & 0xf;
-        self.0 = (self.0 & !(0xf << 44)) | (n << 44);
     }
 
     fn set_pinned(&mut self, r: Reasons) {
@@ -374,9 +374,9 @@ const fn table(tags: &[u8]) -> [bool; 256] {
 /// The client's messages with a fact: Query, Parse, Bind, Close, Execute, Sync, FunctionCall,
 /// CopyDone, CopyFail.
 static TO_SERVER: [bool; 256] = table(b"QPBCESFcf");
-/// The server's: ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse, the
-/// three COPY responses, and the messages that end an answer (see [`Reader::received`]).
-static FROM_SERVER: [bool; 256] = table(b"ZESAGHWCIsnTc");
+/// The server's: ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse and the
+/// three COPY responses.
+static FROM_SERVER: [bool; 256] = table(b"ZESAGHW");
 
 /// What the connection task alone keeps while reading the stream.
 struct Reader {
@@ -506,10 +506,6 @@ impl Reader {
             _ => 0,
         };
         let ok = from_server.feed(data, capture, |tag, body| match tag {
-            // What answers a request ends with CommandComplete, EmptyQueryResponse,
-            // PortalSuspended, ErrorResponse, NoData or RowDescription (a prepare), CopyDone or
-            // a COPY response: its ReadyForQuery is still to come.
-            b'C' | b'I' | b's' | b'n' | b'T' | b'c' => wire.update(|f| f.set(ANSWERING, true)),
             b'Z' => {
                 let status = body.first().copied().unwrap_or(0);
                 if !*started {
@@ -533,14 +529,11 @@ impl Reader {
                 wire.update(|f| {
                     f.set_status(status);
                     f.set(COPY, false);
-                    f.set(ANSWERING, false);
-                    f.count_ready();
                     f.set_outstanding(f.outstanding().saturating_sub(1));
                 });
-                wire.wake_waiters();
+                wire.count_ready();
             }
             b'G' => {
-                wire.update(|f| f.set(ANSWERING, true));
                 // The Syncs sent after the Execute that started this copy reach the server in
                 // copy-in mode, which ignores them: no ReadyForQuery will answer them.
                 let ignored = *syncs_since_execute;
@@ -548,16 +541,13 @@ impl Reader {
                     f.set(COPY, true);
                     f.set_outstanding(f.outstanding().saturating_sub(ignored));
                 });
+                wire.expected
+                    .store(wire.expected().wrapping_sub(ignored), Relaxed);
                 *syncs_since_execute = 0;
                 *copy_in = true;
             }
-            b'H' | b'W' => wire.update(|f| f.set(COPY | ANSWERING, true)),
-            b'E' => wire.update(|f| {
-                f.set(ANSWERING, true);
-                if fatal(body) {
-                    f.set(FATAL, true);
-                }
-            }),
+            b'H' | b'W' => wire.update(|f| f.set(COPY, true)),
+            b'E' if fatal(body) => wire.update(|f| f.set(FATAL, true)),
             b'A' => wire.pin(
                 Reasons::of(Reason::Listen),
                 "(a notification arrived: the session listens)",
