@@ -589,7 +589,7 @@ proptest! {
     /// text takes well under 64 times as long (a quadratic scan would take 256 times).
     #[test]
     fn time_grows_linearly_with_the_text(
-        unit in "([ \n]|SET|\\$|\\$\\$|\\$a\\$|'|\"|E'|\\\\|--|/\\*|\\*/|;|\\(|\\)|nextval|set_config|TEMP|x|1){1,12}",
+        unit in "([ \n]|SET|\\$|\\$\\$|\\$a\\$|'|\"|E'|\\\\|--|/\\*|\\*/|;|\\(|\\)|nextval|set_config|TEMP|x|1|U&\"a\" |UESCAPE|DO |''){1,12}",
     ) {
         let small = unit.repeat(4096 / unit.len() + 1);
         let large = unit.repeat(16 * (4096 / unit.len() + 1));
