@@ -317,18 +317,7 @@ impl Pool {
     }
 
     async fn warm_up_until(&self, cut: Option<Instant>) -> Result<usize, Error> {
-        let inner = &*self.inner;
-        let mut opened = 0;
-        while inner.idle().len() < inner.settings.min_idle {
-            let Ok(permit) = inner.slots.try_acquire() else {
-                break;
-            };
-            let conn = inner.connect(cut).await?;
-            inner.idle().push_back(conn);
-            drop(permit);
-            opened += 1;
-        }
-        Ok(opened)
+        self.inner.fill_to_min_idle(cut).await
     }
 
     /// A snapshot of the pool's state and counters.
@@ -652,7 +641,8 @@ impl PoolInner {
     }
 
     /// After an invocation: make sure queued requests (a dropped transaction's ROLLBACK,
-    /// what raw access left) reached the server and left the connection clean, and trim.
+    /// what raw access left) reached the server and left the connection clean, trim, and
+    /// refill up to `min_idle` (`refill_after_invocation`).
     /// Stops at the invocation's cutoff like everything else: Lambda counts this time, and a
     /// connection whose round trip does not come back by then is closed (which ends its
     /// transaction on the server).
@@ -671,6 +661,34 @@ impl PoolInner {
             };
             self.discard_all(extra, CloseReason::Trimmed);
         }
+        // Connections closed in this invocation (pinned ones above all) are replaced now,
+        // after the response, not on the next invocation's critical path.
+        if let Some(limit) = self.settings.refill_after_invocation
+            && self.idle().len() < self.settings.min_idle
+        {
+            let until = cut.min(Instant::now() + limit);
+            if let Err(e) = self.fill_to_min_idle(Some(until)).await {
+                tracing::debug!(error = %e, "pinpool: no replacement connection after the invocation");
+            }
+        }
+    }
+
+    /// Opens connections until `min_idle` are idle (never more than `max_size` in all, and
+    /// only with a free slot: a waiting caller comes first), each within `connect_timeout`
+    /// and `cut`. Returns how many it opened. Cancel safe: a connect dropped mid-way undoes
+    /// its count and frees its slot.
+    async fn fill_to_min_idle(&self, cut: Option<Instant>) -> Result<usize, Error> {
+        let mut opened = 0;
+        while self.idle().len() < self.settings.min_idle {
+            let Ok(permit) = self.slots.try_acquire() else {
+                break;
+            };
+            let conn = self.connect(cut).await?;
+            self.idle().push_back(conn);
+            drop(permit);
+            opened += 1;
+        }
+        Ok(opened)
     }
 
     /// Refuses a statement that may pin, under the strict policy: counts and logs it.

@@ -289,3 +289,73 @@ mod through_the_emulator {
         common::assert_quiet(&pool);
     }
 }
+
+/// A connection closed in an invocation (pinned) is replaced after it, up to `min_idle`: the
+/// next invocation finds one ready instead of connecting on its critical path.
+#[tokio::test]
+async fn a_pinned_connection_is_replaced_after_its_invocation_not_in_the_next() {
+    for refill in [Some(Duration::from_secs(2)), None] {
+        let pool = builder("inv_refill")
+            .max_size(2)
+            .min_idle(1)
+            .refill_after_invocation(refill)
+            .build()
+            .unwrap();
+        assert_eq!(pool.warm_up().await.unwrap(), 1);
+        pool.invocation(in_ms(5000), async {
+            let c = pool.get().await.unwrap();
+            c.batch_execute("SET statement_timeout = '7s'")
+                .await
+                .unwrap();
+        })
+        .await;
+        let s = pool.status();
+        assert_eq!(s.closed.get(CloseReason::Pinned), 1, "{s:?}");
+        if refill.is_some() {
+            assert_eq!(
+                (s.idle, s.opened),
+                (1, 2),
+                "replaced before the next event: {s:?}"
+            );
+        } else {
+            assert_eq!((s.idle, s.opened), (0, 1), "{s:?}");
+        }
+        common::assert_quiet(&pool);
+    }
+}
+
+/// The replacement never delays the next event past `refill_after_invocation`: against a
+/// database 400 ms away it gives up at its bound and leaves nothing half-open behind.
+#[tokio::test]
+async fn the_replacement_after_an_invocation_stops_at_its_bound() {
+    let port = common::slow_relay(Duration::from_millis(400)).await;
+    let pool = pinpool::Pool::builder(format!(
+        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=inv_refill_bound"
+    ))
+    .connect_timeout(Duration::from_secs(20))
+    .max_size(2)
+    .min_idle(1)
+    .refill_after_invocation(Some(Duration::from_millis(200)))
+    .build()
+    .unwrap();
+    assert_eq!(pool.warm_up().await.unwrap(), 1);
+    let mut handler_done = Instant::now();
+    pool.invocation(in_ms(10_000), async {
+        let c = pool.get().await.unwrap();
+        c.batch_execute("SET statement_timeout = '7s'")
+            .await
+            .unwrap();
+        drop(c);
+        handler_done = Instant::now();
+    })
+    .await;
+    let end_work = handler_done.elapsed();
+    assert!(end_work < Duration::from_millis(700), "{end_work:?}");
+    let s = pool.status();
+    assert_eq!(
+        (s.size, s.idle),
+        (0, 0),
+        "the unfinished connect left nothing: {s:?}"
+    );
+    common::assert_quiet(&pool);
+}
