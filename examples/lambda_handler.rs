@@ -12,8 +12,9 @@
 //! of timing out into API Gateway's opaque 502). `?pin=1` runs a pinning statement
 //! first (a `SET`), to watch pinpool close that connection when the invocation ends.
 //!
-//! Build for Lambda (`provided.al2023`): `cargo lambda build --release --features lambda
-//! --example lambda_handler`, or see the README.
+//! Build for Lambda (`provided.al2023`): `cargo lambda build --release --manifest-path
+//! deploy/handler/Cargo.toml` (`deploy/handler` builds this file as a binary), or see the
+//! README.
 
 use lambda_http::{Body, Error, Request, Response, service_fn};
 use metrics_cloudwatch_embedded::lambda::MetricsLayer;
