@@ -70,8 +70,8 @@ pub enum Reason {
     Oversized,
     /// An extended-protocol Parse, under the legacy rules of proxies before November 2023.
     Parse,
-    /// A message whose effect pinpool cannot know: a protocol-level FunctionCall (a function
-    /// called by its OID).
+    /// SQL whose effect pinpool cannot know: a protocol-level FunctionCall (a function called
+    /// by its OID), or a `DO` block's `EXECUTE` of a string.
     Untracked,
     /// The server reported changed session state: a reported setting differs from the
     /// connection's start outside a transaction block (a `SET` hidden in a function, say).
@@ -173,7 +173,7 @@ impl Reason {
                 "proxies before November 2023 pin on every extended-protocol Parse: upgrade the proxy"
             }
             Reason::Untracked => {
-                "a protocol FunctionCall may do anything: call the function from SQL instead"
+                "a protocol FunctionCall or a DO block's EXECUTE may do anything: call the function from SQL, or run the statement itself"
             }
             Reason::SessionChanged => {
                 "a function or procedure changed a session setting: make it SET LOCAL, or set_config(..., true), inside a transaction"
