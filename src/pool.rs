@@ -4,7 +4,9 @@
 //! - every checked-out connection and every connection being opened holds one semaphore
 //!   permit; idle connections hold none;
 //! - `size` counts connections open or being opened, so `size <= max_size`;
-//! - a connection returns to the idle set only with a known, clean protocol state.
+//! - a connection returns to the idle set only with a known, clean protocol state, as its
+//!   protocol stream shows it (`Health::verdict`): at rest and idle, or with nothing ahead of
+//!   the next caller but a dropped transaction's ROLLBACK.
 
 use std::collections::VecDeque;
 use std::fmt;
