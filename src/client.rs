@@ -3,6 +3,7 @@
 //! counted in flight until it finishes.
 
 use std::future::Future;
+use std::panic::Location;
 use std::sync::Arc;
 
 use bytes::Buf;
@@ -784,6 +785,9 @@ pub struct PooledClient {
     pool: Arc<PoolInner>,
     cutoff: Option<Instant>,
     invocation: Option<Invocation>,
+    /// Where `get()` was called, and when (only with `held_too_long`).
+    from: &'static Location<'static>,
+    since: Option<Instant>,
 }
 
 /// Whether a connection may be pinned, and by what.
@@ -815,6 +819,20 @@ impl PooledClient {
             pool,
             cutoff,
             invocation,
+            from: Location::caller(),
+            since: None,
+        }
+    }
+
+    /// Records where the client was checked out (and when, if `held_too_long` is set), and
+    /// lends it to its invocation, which reports it if it is still out at its end.
+    pub(crate) fn lent_from(&mut self, from: &'static Location<'static>) {
+        self.from = from;
+        if self.pool.settings.held_too_long.is_some() {
+            self.since = Some(Instant::now());
+        }
+        if let (Some(inv), Some(conn)) = (&self.invocation, &self.conn) {
+            inv.lend(conn.state.id, from);
         }
     }
 
@@ -934,6 +952,7 @@ impl PooledClient {
 impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            self.pool.note_held(self.since, self.from);
             self.pool.put_back(conn, self.invocation.as_ref());
         }
     }
@@ -944,6 +963,7 @@ impl std::fmt::Debug for PooledClient {
         let state = &self.conn().state;
         f.debug_struct("PooledClient")
             .field("connection", &state.id)
+            .field("checked_out_at", &format_args!("{}", self.from))
             .field("pinned", &state.pinned())
             .finish()
     }

@@ -436,6 +436,7 @@ pub(crate) struct Settings {
     pub(crate) validate_timeout: Duration,
     pub(crate) trim_at_invocation_end: bool,
     pub(crate) refill_after_invocation: Option<Duration>,
+    pub(crate) held_too_long: Option<Duration>,
     pub(crate) statement_cache_capacity: usize,
     pub(crate) statement_cache_bytes: usize,
 }
@@ -460,6 +461,7 @@ impl fmt::Debug for Settings {
             .field("validate_timeout", &self.validate_timeout)
             .field("trim_at_invocation_end", &self.trim_at_invocation_end)
             .field("refill_after_invocation", &self.refill_after_invocation)
+            .field("held_too_long", &self.held_too_long)
             .field("statement_cache_capacity", &self.statement_cache_capacity)
             .field("statement_cache_bytes", &self.statement_cache_bytes)
             .finish()
@@ -485,6 +487,7 @@ impl fmt::Debug for Settings {
 /// | `statement_cache_capacity` | 100 | one round trip per repeated query, without pinning |
 /// | `statement_cache_bytes` | 256 KiB | bounds the cache's memory |
 /// | `trim_at_invocation_end` | false | idle unpinned connections hold no database connection behind RDS Proxy |
+/// | `held_too_long` | off | a warning naming where a client was checked out when it is returned after this long; a client still out when its invocation ends is reported whatever this says |
 /// | `refill_after_invocation` | 250 ms | connections closed in an invocation (pinned ones) are replaced up to `min_idle` after its response, not on the next invocation's critical path; at most this long (billed) |
 #[must_use = "a builder does nothing until build() is called"]
 pub struct Builder {
@@ -512,6 +515,7 @@ struct SettingsDraft {
     validate_timeout: Duration,
     trim_at_invocation_end: bool,
     refill_after_invocation: Option<Duration>,
+    held_too_long: Option<Duration>,
     statement_cache_capacity: usize,
     statement_cache_bytes: usize,
 }
@@ -536,6 +540,7 @@ impl Builder {
                 validate_timeout: Duration::from_secs(1),
                 trim_at_invocation_end: false,
                 refill_after_invocation: Some(Duration::from_millis(250)),
+                held_too_long: None,
                 statement_cache_capacity: 100,
                 statement_cache_bytes: 256 * 1024,
             },
@@ -682,6 +687,17 @@ impl Builder {
         self
     }
 
+    /// Warn (`tracing`, with where the client was checked out) and count
+    /// (`pinpool_held_too_long{when="returned"}`) when a client is returned after being held
+    /// longer than this. Default off: a handler may legitimately hold its client for a long
+    /// job (Lambda allows 15 minutes). The leak that matters in Lambda, a client still checked
+    /// out when its invocation ends (it is then held through the freeze), is reported always
+    /// (`when="invocation_end"`).
+    pub fn held_too_long(mut self, threshold: Option<Duration>) -> Self {
+        self.settings.held_too_long = threshold;
+        self
+    }
+
     /// Close idle connections beyond `min_idle` when an invocation ends. Default false: idle,
     /// unpinned connections hold no database connection behind RDS Proxy.
     pub fn trim_at_invocation_end(mut self, trim: bool) -> Self {
@@ -758,6 +774,7 @@ impl Builder {
             ("idle_timeout", s.idle_timeout),
             ("validate_timeout", Some(s.validate_timeout)),
             ("refill_after_invocation", s.refill_after_invocation),
+            ("held_too_long", s.held_too_long),
         ] {
             if d == Some(Duration::ZERO) {
                 return Err(Error::config(name, "must be longer than zero"));
@@ -845,6 +862,7 @@ impl Builder {
             validate_timeout: s.validate_timeout,
             trim_at_invocation_end: s.trim_at_invocation_end,
             refill_after_invocation: s.refill_after_invocation,
+            held_too_long: s.held_too_long,
             statement_cache_capacity: s.statement_cache_capacity,
             statement_cache_bytes: s.statement_cache_bytes,
         };

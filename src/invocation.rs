@@ -3,6 +3,7 @@
 //! freezes.
 
 use std::future::Future;
+use std::panic::Location;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,8 @@ pub(crate) struct InvocationInner {
     pool: Arc<PoolInner>,
     /// Pinned connections kept for this invocation; each still holds its pool slot.
     stash: Mutex<Vec<Conn>>,
+    /// Clients checked out in this invocation and not returned: connection id, where.
+    lent: Mutex<Vec<(u64, &'static Location<'static>)>>,
     ended: AtomicBool,
 }
 
@@ -45,6 +48,7 @@ impl Invocation {
             deadline,
             pool,
             stash: Mutex::new(Vec::new()),
+            lent: Mutex::new(Vec::new()),
             ended: AtomicBool::new(false),
         }))
     }
@@ -104,9 +108,33 @@ impl Invocation {
         self.0.kept().pop()
     }
 
-    /// Ends the invocation: closes the connections it kept. Synchronous, so it also runs when
-    /// the invocation's future is dropped.
+    /// A client of this invocation was checked out at `from`.
+    pub(crate) fn lend(&self, id: u64, from: &'static Location<'static>) {
+        self.0.lent().push((id, from));
+    }
+
+    /// A client of this invocation came back.
+    pub(crate) fn give_back(&self, id: u64) {
+        let mut lent = self.0.lent();
+        if let Some(i) = lent.iter().position(|(c, _)| *c == id) {
+            lent.swap_remove(i);
+        }
+    }
+
+    /// Ends the invocation: closes the connections it kept, and reports clients still checked
+    /// out (held into the freeze that follows). Synchronous, so it also runs when the
+    /// invocation's future is dropped.
     pub(crate) fn end(&self) {
+        if !self.has_ended() {
+            for (id, from) in self.0.lent().iter() {
+                crate::metrics::held_too_long("invocation_end");
+                tracing::warn!(
+                    connection = id,
+                    checked_out_at = %from,
+                    "pinpool: a client is still checked out when its invocation ends: it is held through the freeze"
+                );
+            }
+        }
         let kept: Vec<Conn> = {
             let mut stash = self.0.kept();
             self.0.ended.store(true, Relaxed);
@@ -117,6 +145,10 @@ impl Invocation {
 }
 
 impl InvocationInner {
+    fn lent(&self) -> std::sync::MutexGuard<'_, Vec<(u64, &'static Location<'static>)>> {
+        self.lent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The kept connections, locked (a poisoned lock still holds a consistent list).
     fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
         self.stash.lock().unwrap_or_else(|e| e.into_inner())

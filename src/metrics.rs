@@ -13,6 +13,7 @@
 //! | `pinpool_pinned` | counter | count | `reason` ([`crate::pinning::Reason`]) |
 //! | `pinpool_statements_refused` | counter | count | `reason` |
 //! | `pinpool_statement_cache` | counter | count | `result` (hit, miss, eviction) |
+//! | `pinpool_held_too_long` | counter | count | `when` (returned: held past `held_too_long`; invocation_end: still checked out when its invocation ended) |
 
 use std::cell::RefCell;
 use std::time::Duration;
@@ -47,6 +48,9 @@ pub const STATEMENTS_REFUSED: &str = "pinpool_statements_refused";
 
 /// Statement cache lookups and evictions, by `result` (hit, miss, eviction).
 pub const STATEMENT_CACHE: &str = "pinpool_statement_cache";
+/// Clients held too long, by `when`: `returned` (held longer than `held_too_long`) or
+/// `invocation_end` (still checked out when their invocation ended, so held into the freeze).
+pub const HELD_TOO_LONG: &str = "pinpool_held_too_long";
 
 /// Describes every metric (units and help text) to the installed recorder. Call it once after
 /// installing a recorder; CloudWatch EMF recorders take the unit from here.
@@ -57,6 +61,11 @@ pub fn describe() {
         "time get() waited for a connection"
     );
     describe_counter!(TIMEOUTS, Unit::Count, "timeouts by phase and cause");
+    describe_counter!(
+        HELD_TOO_LONG,
+        Unit::Count,
+        "clients held past held_too_long, or past the end of their invocation"
+    );
     describe_counter!(CONNECTIONS_OPENED, Unit::Count, "connections opened");
     describe_counter!(CONNECT_ERRORS, Unit::Count, "failed connection attempts");
     describe_counter!(
@@ -182,6 +191,10 @@ pub(crate) fn cache_hit() {
 
 pub(crate) fn cache_miss() {
     hot(|h| h.cache_miss.increment(1));
+}
+
+pub(crate) fn held_too_long(when: &'static str) {
+    counter!(HELD_TOO_LONG, "when" => when).increment(1);
 }
 
 pub(crate) fn cache_evictions(n: u64) {

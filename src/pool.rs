@@ -10,6 +10,8 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
+use std::panic::Location;
 use std::sync::atomic::{
     AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
@@ -143,8 +145,12 @@ impl Pool {
     /// # Errors
     /// [`Error::Timeout`] (phase acquire or connect), [`Error::Connect`],
     /// [`Error::Password`], [`Error::Closed`].
-    pub async fn get(&self) -> Result<PooledClient, Error> {
-        self.checkout(None).await
+    #[track_caller]
+    pub fn get(&self) -> impl Future<Output = Result<PooledClient, Error>> + Send + '_ {
+        // Where the client is checked out, for the held-too-long warnings (a `#[track_caller]`
+        // async fn would not see its caller).
+        let from = Location::caller();
+        async move { self.checkout(None, from).await }
     }
 
     /// Runs `fut` as one invocation with `deadline` (a Lambda invocation's): every `get()`,
@@ -198,14 +204,26 @@ impl Pool {
     ///
     /// # Errors
     /// As [`get`](Self::get); a deadline already within the margin fails at once.
-    pub async fn get_by(&self, deadline: SystemTime) -> Result<PooledClient, Error> {
-        let cut = cutoff(deadline, self.inner.settings.deadline_margin);
-        self.checkout(Some(cut)).await
+    #[track_caller]
+    pub fn get_by(
+        &self,
+        deadline: SystemTime,
+    ) -> impl Future<Output = Result<PooledClient, Error>> + Send + '_ {
+        let from = Location::caller();
+        async move {
+            let cut = cutoff(deadline, self.inner.settings.deadline_margin);
+            self.checkout(Some(cut), from).await
+        }
     }
 
-    async fn checkout(&self, cut: Option<Instant>) -> Result<PooledClient, Error> {
+    async fn checkout(
+        &self,
+        cut: Option<Instant>,
+        from: &'static Location<'static>,
+    ) -> Result<PooledClient, Error> {
         loop {
-            let client = self.checkout_once(cut).await?;
+            let mut client = self.checkout_once(cut).await?;
+            client.lent_from(from);
             // Raw access may have left a request queued and unwritten (a raw call dropped
             // early): a round trip writes and answers it before anyone's statements run, then
             // the wire decides. One that fails is closed on return and the next is tried.
@@ -481,6 +499,9 @@ impl PoolInner {
 
     /// Takes a connection back from a dropped [`PooledClient`]. Synchronous: it never spawns.
     pub(crate) fn put_back(&self, mut conn: Conn, inv: Option<&Invocation>) {
+        if let Some(inv) = inv {
+            inv.give_back(conn.state.id);
+        }
         self.report_pins(&conn.state);
         let now = SystemTime::now();
         let verdict = if self.closed.load(Relaxed) {
@@ -691,6 +712,23 @@ impl PoolInner {
             opened += 1;
         }
         Ok(opened)
+    }
+
+    /// A client held from `since` (checked out at `from`) is being returned: warn and count
+    /// when that was longer than `held_too_long`.
+    pub(crate) fn note_held(&self, since: Option<Instant>, from: &'static Location<'static>) {
+        let (Some(since), Some(limit)) = (since, self.settings.held_too_long) else {
+            return;
+        };
+        let held = since.elapsed();
+        if held > limit {
+            metrics::held_too_long("returned");
+            tracing::warn!(
+                held_ms = held.as_millis() as u64,
+                checked_out_at = %from,
+                "pinpool: a client was held longer than held_too_long"
+            );
+        }
     }
 
     /// Refuses a statement that may pin, under the strict policy: counts and logs it.

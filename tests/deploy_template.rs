@@ -32,6 +32,7 @@ const METRIC_CONSTANTS: &[(&str, &str)] = &[
     ("PINNED", pinpool::metrics::PINNED),
     ("STATEMENTS_REFUSED", pinpool::metrics::STATEMENTS_REFUSED),
     ("STATEMENT_CACHE", pinpool::metrics::STATEMENT_CACHE),
+    ("HELD_TOO_LONG", pinpool::metrics::HELD_TOO_LONG),
 ];
 
 /// The RDS Proxy metrics (namespace AWS/RDS, dimension ProxyName) in AWS's documentation.
@@ -506,6 +507,7 @@ fn label_values(metric: &str, label: &str) -> Option<Vec<String>> {
                 .collect(),
         ),
         (m::STATEMENT_CACHE, "result") => words(&["hit", "miss", "eviction"]),
+        (m::HELD_TOO_LONG, "when") => words(&["returned", "invocation_end"]),
         _ => None,
     }
 }

@@ -359,3 +359,49 @@ async fn the_replacement_after_an_invocation_stops_at_its_bound() {
     );
     common::assert_quiet(&pool);
 }
+
+/// A client held longer than `held_too_long` is reported when it comes back, and one still
+/// checked out when its invocation ends (held through the freeze) always is; both name where
+/// it was checked out.
+#[test]
+fn clients_held_too_long_or_past_their_invocation_are_reported() {
+    let rec = common::TestRecorder::default();
+    let kept = std::sync::Arc::new(std::sync::Mutex::new(None));
+    common::run_recorded(&rec, async {
+        let pool = builder("inv_held")
+            .held_too_long(Some(Duration::from_millis(100)))
+            .build()
+            .unwrap();
+        // Returned at once: not reported.
+        drop(pool.get().await.unwrap());
+        let c = pool.get().await.unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("tests/invocation.rs"),
+            "the caller's location: {debug}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        drop(c);
+        let keep = kept.clone();
+        pool.invocation(in_ms(5000), async {
+            // A handler that stores its client somewhere and returns.
+            *keep.lock().unwrap() = Some(pool.get().await.unwrap());
+            let c = pool.get().await.unwrap();
+            drop(c);
+        })
+        .await;
+        drop(kept.lock().unwrap().take());
+    });
+    assert_eq!(
+        rec.counter("pinpool_held_too_long{when=returned}"),
+        1,
+        "{:?}",
+        rec.names()
+    );
+    assert_eq!(
+        rec.counter("pinpool_held_too_long{when=invocation_end}"),
+        1,
+        "{:?}",
+        rec.names()
+    );
+}
