@@ -291,8 +291,7 @@ async fn the_example_handler_answers_every_invocation_before_its_deadline_across
 async fn black_hole(forward: Arc<std::sync::atomic::AtomicBool>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let config: tokio_postgres::Config = common::database_url().parse().unwrap();
-    let db_port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = common::database_addr();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((mut client, _)) = listener.accept().await {
@@ -300,8 +299,9 @@ async fn black_hole(forward: Arc<std::sync::atomic::AtomicBool>) -> u16 {
                 held.push(client);
                 continue;
             }
+            let db = db.clone();
             tokio::spawn(async move {
-                if let Ok(mut db) = TcpStream::connect(("127.0.0.1", db_port)).await {
+                if let Ok(mut db) = TcpStream::connect(db).await {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut db).await;
                 }
             });

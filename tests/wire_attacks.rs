@@ -1,6 +1,7 @@
 //! Attacks on the protocol observer: each test is a way a connection could go back to the idle
 //! set in a state it must not (or be closed, or wait, when it must not), and each failed
-//! against the observer's first version.
+//! against the observer's first version. A test is named, and its comment written, for the
+//! way it broke that version; its assertions state the behaviour that holds now.
 
 mod common;
 
@@ -305,8 +306,8 @@ async fn state_left_by_a_do_block_reaches_the_next_caller() {
             "SELECT current_setting('statement_timeout') = '4321ms'",
         ),
         (
-            "DO $$ BEGIN CREATE TEMP TABLE review_do_tmp (a int); END $$",
-            "SELECT to_regclass('pg_temp.review_do_tmp') IS NOT NULL",
+            "DO $$ BEGIN CREATE TEMP TABLE attack_do_tmp (a int); END $$",
+            "SELECT to_regclass('pg_temp.attack_do_tmp') IS NOT NULL",
         ),
         (
             "DO $$ BEGIN PERFORM pg_advisory_lock(774411); END $$",
@@ -321,7 +322,7 @@ async fn state_left_by_a_do_block_reaches_the_next_caller() {
         let c = pool.get().await.unwrap();
         let left: bool = c.query_one_scalar(probe, &[]).await.unwrap();
         // Whatever the probe found, close this connection before the next case.
-        c.batch_execute("SET application_name = 'review_do_block'")
+        c.batch_execute("SET application_name = 'attack_do_block'")
             .await
             .unwrap();
         drop(c);
@@ -345,7 +346,7 @@ async fn the_end_of_invocation_round_trip_runs_past_the_deadline() {
     use std::time::{Duration, SystemTime};
     let port = common::slow_relay(Duration::from_millis(700)).await;
     let pool = pinpool::Pool::builder(format!(
-        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=review_late_settle"
+        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=attack_late_settle"
     ))
     .connect_timeout(Duration::from_secs(20))
     .max_size(1)

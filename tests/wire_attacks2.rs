@@ -1,6 +1,7 @@
 //! A second round of attacks on the protocol observer, on the fixes of the first round
 //! (`tests/wire_attacks.rs`) and what is near them. Each failed against the code it was
-//! written for.
+//! written for; a test is named, and its comment written, for the way it broke that code,
+//! and its assertions state the behaviour that holds now.
 
 mod common;
 
@@ -125,7 +126,8 @@ async fn coalescing_relay(quiet: Duration) -> u16 {
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                let Ok(server) = tokio::net::TcpStream::connect(common::database_addr()).await
+                else {
                     return;
                 };
                 let (mut cr, mut cw) = client.into_split();

@@ -270,16 +270,21 @@ pub async fn in_transaction_block(c: &pinpool::PooledClient) -> bool {
     }
 }
 
-/// A TCP relay to the database that holds every chunk the server sends for `delay` before
-/// passing it on (a database `delay` away, one way). Returns the relay's port.
-pub async fn slow_relay(delay: std::time::Duration) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// The database's host and port, from `DATABASE_URL`.
+pub fn database_addr() -> (String, u16) {
     let config: tokio_postgres::Config = database_url().parse().unwrap();
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         _ => "127.0.0.1".to_string(),
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host, config.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// A TCP relay to the database that holds every chunk the server sends for `delay` before
+/// passing it on (a database `delay` away, one way). Returns the relay's port.
+pub async fn slow_relay(delay: std::time::Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, port) = database_addr();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
