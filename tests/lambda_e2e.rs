@@ -135,7 +135,19 @@ fn spawn_example(
     function: &str,
     database_url: &str,
 ) -> (tokio::process::Child, tokio::task::JoinHandle<Vec<String>>) {
-    let mut child = tokio::process::Command::new(common::example_binary("lambda_handler"))
+    spawn_example_binary(api, "lambda_handler", function, database_url, &[])
+}
+
+/// As [`spawn_example`], for the example `example`, with more environment.
+fn spawn_example_binary(
+    api: &RuntimeApi,
+    example: &str,
+    function: &str,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, tokio::task::JoinHandle<Vec<String>>) {
+    let mut child = tokio::process::Command::new(common::example_binary(example))
+        .envs(env.iter().copied())
         .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
         .env("AWS_LAMBDA_FUNCTION_NAME", function)
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
@@ -409,4 +421,57 @@ async fn a_refused_database_port_during_init_costs_typed_errors_not_the_environm
         assert_eq!(status_of(p).0, 503, "{p:?}");
     }
     assert!(docs.len() >= 2, "an EMF document per invocation: {docs:?}");
+}
+
+/// Lambda Managed Instances: three invocations at once in one process (`run_concurrent`), each
+/// with its own deadline. The one whose work outlasts its deadline answers 503 before it, while
+/// the others, running beside it, answer 200.
+#[tokio::test]
+async fn concurrent_invocations_each_stop_at_their_own_deadline() {
+    let mut api = runtime_api().await;
+    let (mut child, _lines) = spawn_example_binary(
+        &api,
+        "managed_instances",
+        "pinpool-e2e-managed",
+        &common::url_for("e2e_managed"),
+        &[("AWS_LAMBDA_MAX_CONCURRENCY", "3")],
+    );
+    let now = SystemTime::now();
+    let events = [
+        ("slow", 5_000u64, Duration::from_millis(1_500)),
+        ("fast", 0, Duration::from_secs(8)),
+        ("medium", 300, Duration::from_secs(8)),
+    ];
+    let mut deadlines = std::collections::HashMap::new();
+    for (id, sleep_ms, d) in events {
+        let deadline = now + d;
+        let deadline_ms = deadline.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        deadlines.insert(id.to_string(), deadline);
+        api.events
+            .send((
+                id.to_string(),
+                deadline_ms,
+                serde_json::json!({ "sleep_ms": sleep_ms }).to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut posted = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let p = tokio::time::timeout(Duration::from_secs(20), api.posted.recv())
+            .await
+            .expect("every invocation answered")
+            .unwrap();
+        posted.insert(p.request_id.clone(), p);
+    }
+    child.kill().await.unwrap();
+    for (id, want) in [("slow", 503), ("fast", 200), ("medium", 200)] {
+        let p = &posted[id];
+        assert_eq!(p.kind, "response", "{p:?}");
+        assert!(p.at < deadlines[id], "{id} answered after its deadline");
+        let body: serde_json::Value = serde_json::from_str(&p.body).unwrap();
+        assert_eq!(body["statusCode"], want, "{id}: {body}");
+    }
+    // They ran side by side: the fast one did not wait behind the slow one.
+    assert!(posted["fast"].at < posted["slow"].at, "{posted:?}");
 }
