@@ -87,6 +87,22 @@ async fn runtime_api() -> RuntimeApi {
             tokio::spawn(async move {
                 let mut r = BufReader::new(stream);
                 while let Some((method, path, body)) = read_request(&mut r).await {
+                    if path.ends_with("/extension/register") {
+                        // The example's no-op extension (it makes Lambda send SIGTERM).
+                        let body = r#"{"functionName":"pinpool-e2e","functionVersion":"1","handler":"bootstrap"}"#;
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nLambda-Extension-Identifier: ext-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if r.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if path.ends_with("/extension/event/next") {
+                        // No event ever comes for it, as in Lambda until shutdown.
+                        std::future::pending::<()>().await;
+                    }
                     let reply = if method == "GET" && path.ends_with("/runtime/invocation/next") {
                         let Some((id, deadline, event)) = events.lock().await.recv().await else {
                             return;
@@ -474,4 +490,53 @@ async fn concurrent_invocations_each_stop_at_their_own_deadline() {
     }
     // They ran side by side: the fast one did not wait behind the slow one.
     assert!(posted["fast"].at < posted["slow"].at, "{posted:?}");
+}
+
+/// SIGTERM (Lambda's shutdown of an environment whose process registered an extension): the
+/// example's hook closes the pool, so its backends are gone at once, and the process exits 0
+/// within Lambda's 500 ms.
+#[tokio::test]
+async fn sigterm_closes_the_pools_connections_within_lambdas_500_ms() {
+    let app = "e2e_sigterm";
+    let mut api = runtime_api().await;
+    let (mut child, _lines) = spawn_example(&api, "pinpool-e2e-sigterm", &common::url_for(app));
+    let deadline = SystemTime::now() + Duration::from_secs(8);
+    let deadline_ms = deadline.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    api.events
+        .send(("sig-0".into(), deadline_ms, event("/sig", "", "sig-0")))
+        .await
+        .unwrap();
+    let posted = tokio::time::timeout(Duration::from_secs(15), api.posted.recv())
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(status_of(&posted).0, 200, "{posted:?}");
+    let admin = common::admin().await;
+    assert!(
+        !common::backends(&admin, app).await.is_empty(),
+        "a connection is open"
+    );
+    let pid = child.id().unwrap().to_string();
+    let sent = std::time::Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_millis(500), child.wait())
+        .await
+        .expect("exited within 500 ms")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let gone = common::eventually(2, || async {
+        common::backends(&admin, app).await.is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "the pool's backends are gone after {:?}",
+        sent.elapsed()
+    );
 }
