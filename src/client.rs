@@ -75,8 +75,8 @@ impl<'a> Guarded<'a> {
         match within(bound, fut).await {
             Ok(res) => {
                 in_flight.done();
-                if settles(&res) {
-                    self.settle(bound, request).await;
+                if res.as_ref().map_or_else(answered_by_server, |_| true) {
+                    self.state.await_ready(request, bound).await;
                 }
                 self.pool.report_pins(self.state);
                 res.map_err(|e| self.failed(e))
@@ -100,23 +100,13 @@ impl<'a> Guarded<'a> {
             Ok(Err(e)) => {
                 let request = in_flight.request;
                 in_flight.done();
-                if e.as_db_error().is_some() {
-                    self.settle(bound, request).await;
+                if answered_by_server(&e) {
+                    self.state.await_ready(request, bound).await;
                 }
                 self.pool.report_pins(self.state);
                 Err(self.failed(e))
             }
             Err(()) => Err(self.expire(bound)),
-        }
-    }
-
-    /// After a call: tokio-postgres may hand over a statement's result before the socket
-    /// delivered its ReadyForQuery (a result's end and the ReadyForQuery read apart); wait
-    /// for the ReadyForQuery of the call's request (`request`, see [`crate::wire::Wire::ready_for`]) within
-    /// the bound, so the connection is found at rest on return.
-    async fn settle(self, bound: Option<Bound>, request: u32) {
-        if !self.state.health(false).killed {
-            let _ = within(bound, self.state.wire.ready_for(request)).await;
         }
     }
 
@@ -138,13 +128,13 @@ impl<'a> Guarded<'a> {
     }
 }
 
-/// Whether a finished call's ReadyForQuery is worth waiting for: after a result or the
-/// server's error it follows at once. Not after a client-side error (an unexpected message,
-/// a wrong row count), where the server may still be sending rows or, in COPY-in mode, wait
-/// for data: the connection is then closed on return unless it is at rest by then.
-fn settles<T>(res: &Result<T, tokio_postgres::Error>) -> bool {
-    res.as_ref()
-        .map_or_else(|e| e.as_db_error().is_some(), |_| true)
+/// True for the server's own error: its ReadyForQuery follows at once, so a call that ended
+/// with it (or with a result) waits for it ([`ConnState::await_ready`]). Not a client-side
+/// error (an unexpected message, a wrong row count), after which the server may still be
+/// sending rows or, in COPY-in mode, wait for data: the connection is then closed on return
+/// unless it is at rest by then.
+pub(crate) fn answered_by_server(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some()
 }
 
 /// True for errors after which the session cannot be trusted: the connection closed, a FATAL

@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 use crate::cache::StatementCache;
 use crate::config::{PinPolicy, Settings};
 use crate::connect::{ConnectionFuture, Opened};
+use crate::deadline::{Bound, within};
 use crate::pinning::Reasons;
 use crate::status::CloseReason;
 use crate::wire::{Facts, TxnStatus, Wire};
@@ -164,6 +165,19 @@ impl ConnState {
         }
     }
 
+    /// After a call whose answer came (a result or the server's error): tokio-postgres hands it
+    /// over at its CommandComplete, which a socket read may deliver apart from the
+    /// ReadyForQuery behind it. Waits within `bound` for the ReadyForQuery of the call's
+    /// request ([`Wire::ready_for`]), unless it arrived already (the common case: nothing to
+    /// wait for, no timer made) or the socket was closed, so the connection is found at rest
+    /// on return.
+    pub(crate) async fn await_ready(&self, request: u32, bound: Option<Bound>) {
+        if self.wire.reached(request) || self.flags.load(Relaxed) & KILLED != 0 {
+            return;
+        }
+        let _ = within(bound, self.wire.ready_for(request)).await;
+    }
+
     /// True when raw access was handed out since the last round trip settled it.
     pub(crate) fn raw_used(&self) -> bool {
         self.flags.load(Relaxed) & RAW_USED != 0
@@ -230,7 +244,7 @@ impl ConnState {
 /// the count, which marks the connection's protocol state unknown.
 pub(crate) struct InFlight<'a> {
     state: &'a ConnState,
-    /// The number of the call's (first) request on the wire: see [`crate::wire::Wire::ready_for`].
+    /// The number of the call's (first) request on the wire: see [`Wire::ready_for`].
     pub(crate) request: u32,
 }
 

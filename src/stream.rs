@@ -226,14 +226,13 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         // way the server is past it. A timeout or a broken connection leaves it in flight.
         let ended = match &rows {
             Ok(_) => true,
-            Err(Error::Query(e)) => e.as_db_error().is_some(),
+            Err(Error::Query(e)) => crate::client::answered_by_server(e),
             Err(_) => false,
         };
         if ended {
             let this = self.project();
             if let Some(g) = this.guard.take() {
-                let ready = this.state.wire.ready_for(g.request);
-                let _ = crate::deadline::within(*this.bound, ready).await;
+                this.state.await_ready(g.request, *this.bound).await;
                 g.done();
             }
         }

@@ -61,7 +61,8 @@ pub(crate) struct Wire {
     expected: AtomicU32,
     ready: AtomicU32,
     first_pin: Mutex<Option<Box<str>>>,
-    /// Tasks waiting for the last ReadyForQuery; `waiting` says whether there are any.
+    /// Tasks waiting for a ReadyForQuery ([`Wire::ready_for`]); `waiting` says whether there
+    /// are any.
     waiters: Mutex<Vec<Waker>>,
     waiting: AtomicBool,
 }
@@ -142,7 +143,7 @@ impl Wire {
         std::future::poll_fn(|cx| self.poll_ready_for(target, cx)).await
     }
 
-    fn reached(&self, target: u32) -> bool {
+    pub(crate) fn reached(&self, target: u32) -> bool {
         // Wrapping: `ready` is at or past `target`.
         (self.ready.load(SeqCst).wrapping_sub(target) as i32) >= 0
     }
