@@ -329,15 +329,13 @@ async fn a_pinned_connection_is_replaced_after_its_invocation_not_in_the_next() 
 #[tokio::test]
 async fn the_replacement_after_an_invocation_stops_at_its_bound() {
     let port = common::slow_relay(Duration::from_millis(400)).await;
-    let pool = pinpool::Pool::builder(format!(
-        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=inv_refill_bound"
-    ))
-    .connect_timeout(Duration::from_secs(20))
-    .max_size(2)
-    .min_idle(1)
-    .refill_after_invocation(Some(Duration::from_millis(200)))
-    .build()
-    .unwrap();
+    let pool = common::relayed(port, "inv_refill_bound")
+        .connect_timeout(Duration::from_secs(20))
+        .max_size(2)
+        .min_idle(1)
+        .refill_after_invocation(Some(Duration::from_millis(200)))
+        .build()
+        .unwrap();
     assert_eq!(pool.warm_up().await.unwrap(), 1);
     let mut handler_done = Instant::now();
     pool.invocation(in_ms(10_000), async {

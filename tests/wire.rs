@@ -162,13 +162,11 @@ async fn a_slowly_read_stream_stops_at_its_bound() {
 #[tokio::test]
 async fn prepare_and_execute_share_one_query_timeout() {
     let port = common::slow_relay(Duration::from_millis(600)).await;
-    let pool = pinpool::Pool::builder(format!(
-        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=wire_one_timeout"
-    ))
-    .connect_timeout(Duration::from_secs(20))
-    .query_timeout(Some(Duration::from_millis(1000)))
-    .build()
-    .unwrap();
+    let pool = common::relayed(port, "wire_one_timeout")
+        .connect_timeout(Duration::from_secs(20))
+        .query_timeout(Some(Duration::from_millis(1000)))
+        .build()
+        .unwrap();
     let c = pool.get().await.unwrap();
     let start = Instant::now();
     // A cache miss: a Parse round trip, then the Bind/Execute round trip, 600 ms each.

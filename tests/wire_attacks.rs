@@ -345,14 +345,12 @@ async fn state_left_by_a_do_block_reaches_the_next_caller() {
 async fn the_end_of_invocation_round_trip_runs_past_the_deadline() {
     use std::time::{Duration, SystemTime};
     let port = common::slow_relay(Duration::from_millis(700)).await;
-    let pool = pinpool::Pool::builder(format!(
-        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=attack_late_settle"
-    ))
-    .connect_timeout(Duration::from_secs(20))
-    .max_size(1)
-    .min_idle(1)
-    .build()
-    .unwrap();
+    let pool = common::relayed(port, "attack_late_settle")
+        .connect_timeout(Duration::from_secs(20))
+        .max_size(1)
+        .min_idle(1)
+        .build()
+        .unwrap();
     pool.warm_up().await.unwrap();
     let deadline = SystemTime::now() + Duration::from_millis(2500);
     pool.invocation(deadline, async {

@@ -121,50 +121,31 @@ async fn a_transaction_start_past_the_deadline_returns_an_open_transaction() {
 /// several messages: one socket read then holds messages of several requests).
 async fn coalescing_relay(quiet: Duration) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(common::database_addr()).await
-                else {
-                    return;
-                };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let up = async move {
-                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                    let _ = sw.shutdown().await;
-                };
-                let down = async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    'outer: loop {
-                        let mut batch = Vec::new();
-                        match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => batch.extend_from_slice(&buf[..n]),
-                        }
-                        loop {
-                            match tokio::time::timeout(quiet, sr.read(&mut buf)).await {
-                                Err(_) => break,
-                                Ok(Ok(0)) | Ok(Err(_)) => {
-                                    let _ = cw.write_all(&batch).await;
-                                    break 'outer;
-                                }
-                                Ok(Ok(n)) => batch.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        if cw.write_all(&batch).await.is_err() {
-                            break;
-                        }
+    common::relay(move |mut sr, mut cw| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        'outer: loop {
+            let mut batch = Vec::new();
+            match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => batch.extend_from_slice(&buf[..n]),
+            }
+            loop {
+                match tokio::time::timeout(quiet, sr.read(&mut buf)).await {
+                    Err(_) => break,
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        let _ = cw.write_all(&batch).await;
+                        break 'outer;
                     }
-                    let _ = cw.shutdown().await;
-                };
-                tokio::join!(up, down);
-            });
+                    Ok(Ok(n)) => batch.extend_from_slice(&buf[..n]),
+                }
+            }
+            if cw.write_all(&batch).await.is_err() {
+                break;
+            }
         }
-    });
-    port
+        let _ = cw.shutdown().await;
+    })
+    .await
 }
 
 /// `Wire::settled` after a call waits for "the next ReadyForQuery" whenever the ANSWERING bit
@@ -182,12 +163,10 @@ async fn a_call_waits_for_the_ready_for_query_of_a_copy_pipelined_behind_it() {
     let table = "attack2_pipe_copy_t";
     fresh_table(table).await;
     let port = coalescing_relay(Duration::from_millis(30)).await;
-    let pool = pinpool::Pool::builder(format!(
-        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=attack2_pipe_copy"
-    ))
-    .max_size(1)
-    .build()
-    .unwrap();
+    let pool = common::relayed(port, "attack2_pipe_copy")
+        .max_size(1)
+        .build()
+        .unwrap();
     let c = pool.get().await.unwrap();
     c.query("SELECT 1", &[]).await.unwrap(); // prepared and cached: one Bind/Execute/Sync
     let copy_stmt = c
@@ -288,12 +267,10 @@ async fn state_left_by_a_do_block_still_reaches_the_next_caller() {
 #[tokio::test]
 async fn sixteen_ready_for_query_messages_in_one_read_lose_a_waiting_call() {
     let port = coalescing_relay(Duration::from_millis(30)).await;
-    let pool = pinpool::Pool::builder(format!(
-        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=attack2_mod16"
-    ))
-    .max_size(1)
-    .build()
-    .unwrap();
+    let pool = common::relayed(port, "attack2_mod16")
+        .max_size(1)
+        .build()
+        .unwrap();
     let c = pool.get().await.unwrap();
     c.query("SELECT 1", &[]).await.unwrap(); // prepared and cached
     let start = Instant::now();
@@ -335,13 +312,11 @@ async fn sixteen_ready_for_query_messages_in_one_read_lose_a_waiting_call() {
 #[tokio::test]
 async fn a_dropped_transactions_rollback_once_written_closes_the_connection() {
     let port = common::slow_relay(Duration::from_millis(200)).await;
-    let pool = pinpool::Pool::builder(format!(
-        "postgres://postgres@127.0.0.1:{port}/postgres?application_name=attack2_rb_written"
-    ))
-    .connect_timeout(Duration::from_secs(20))
-    .max_size(1)
-    .build()
-    .unwrap();
+    let pool = common::relayed(port, "attack2_rb_written")
+        .connect_timeout(Duration::from_secs(20))
+        .max_size(1)
+        .build()
+        .unwrap();
     let mut c = pool.get().await.unwrap();
     let tx = c.transaction().await.unwrap();
     drop(tx); // ROLLBACK queued

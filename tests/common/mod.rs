@@ -280,43 +280,76 @@ pub fn database_addr() -> (String, u16) {
     (host, config.get_ports().first().copied().unwrap_or(5432))
 }
 
-/// A TCP relay to the database that holds every chunk the server sends for `delay` before
-/// passing it on (a database `delay` away, one way). Returns the relay's port.
-pub async fn slow_relay(delay: std::time::Duration) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (host, port) = database_addr();
+/// A TCP relay to the database: what the client sends goes straight on; what the server sends
+/// goes through `down` (from the server's read half to the client's write half), which shapes
+/// the network the test needs. Returns the relay's port.
+pub async fn relay<F, Fut>(down: F) -> u16
+where
+    F: Fn(tokio::net::tcp::OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let host = host.clone();
+            let down = down.clone();
             tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect((host.as_str(), port)).await else {
+                let Ok(server) = tokio::net::TcpStream::connect(database_addr()).await else {
                     return;
                 };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
+                let (mut cr, cw) = client.into_split();
+                let (sr, mut sw) = server.into_split();
                 let up = async move {
                     let _ = tokio::io::copy(&mut cr, &mut sw).await;
                     let _ = sw.shutdown().await;
                 };
-                let down = async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        tokio::time::sleep(delay).await;
-                        if cw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = cw.shutdown().await;
-                };
-                tokio::join!(up, down);
+                tokio::join!(up, down(sr, cw));
             });
         }
     });
     relay_port
+}
+
+/// A relay ([`relay`]) that holds every chunk the server sends for `delay` before passing it
+/// on (a database `delay` away, one way).
+pub async fn slow_relay(delay: std::time::Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    relay(move |mut sr, mut cw| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            tokio::time::sleep(delay).await;
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = cw.shutdown().await;
+    })
+    .await
+}
+
+/// A pool builder for the database through a relay on `port`, its backends tagged `app`.
+pub fn relayed(port: u16, app: &str) -> pinpool::Builder {
+    // The database's user, password and name; the relay's address (a parsed config's
+    // `host()` and `port()` would add a second address, not replace the first).
+    let db: tokio_postgres::Config = database_url().parse().unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(port).application_name(app);
+    if let Some(user) = db.get_user() {
+        config.user(user);
+    }
+    if let Some(password) = db.get_password() {
+        config.password(password);
+    }
+    if let Some(dbname) = db.get_dbname() {
+        config.dbname(dbname);
+    }
+    pinpool::Pool::builder(config)
 }
