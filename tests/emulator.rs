@@ -667,3 +667,70 @@ async fn a_function_call_message_pins_its_session() {
     let now: String = other.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
     assert_eq!(now, default);
 }
+
+async fn client_named(emu: &Emulator, app: &str) -> tokio_postgres::Client {
+    let url = format!("{}?application_name={app}", emu.url("postgres", "postgres"));
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect through the emulator");
+    tokio::spawn(conn);
+    c
+}
+
+#[tokio::test]
+async fn the_emulator_names_who_holds_the_pins() {
+    let emu = start("em_who", 4, |c| c).await;
+    let pinned = client_named(&emu, "em_who_pinned").await;
+    let plain = client_named(&emu, "em_who_plain").await;
+    pinned
+        .batch_execute("SET search_path = public")
+        .await
+        .unwrap();
+    plain.batch_execute("SELECT 1").await.unwrap();
+    // The name given at login, though the pinning statement could have changed it.
+    let other = client_named(&emu, "em_who_renamed").await;
+    other
+        .batch_execute("SET application_name = 'something_else'")
+        .await
+        .unwrap();
+    let mut names = emu.pinned_sessions();
+    names.sort();
+    assert_eq!(names, ["em_who_pinned", "em_who_renamed"]);
+    drop(pinned);
+    drop(other);
+    let ok = eventually(5, || async { emu.pinned_sessions().is_empty() }).await;
+    assert!(ok, "{:?}", emu.pinned_sessions());
+    drop(plain);
+}
+
+#[tokio::test]
+async fn a_nat_that_forgets_idle_flows_leaves_the_client_waiting_for_ever() {
+    let emu = start("em_nat", 2, |c| {
+        c.nat_idle_timeout(Some(Duration::from_millis(300)))
+            .idle_client_timeout(Duration::from_secs(3))
+    })
+    .await;
+    let c = client_named(&emu, "em_nat_client").await;
+    c.batch_execute("SET search_path = public").await.unwrap(); // pins
+    let v: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 1);
+    // Quick enough: the flow is remembered.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    assert_eq!(emu.counters().nat_drops, 0);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Forgotten: the socket is open, the query goes out, nothing comes back.
+    assert!(!c.is_closed());
+    let answer = tokio::time::timeout(Duration::from_secs(1), c.batch_execute("SELECT 1")).await;
+    assert!(answer.is_err(), "a forgotten flow answered: {answer:?}");
+    assert_eq!(emu.counters().nat_drops, 1);
+    // The proxy still holds the pinned session until its idle client timeout, then lets go.
+    assert_eq!(emu.pinned_sessions(), ["em_nat_client"]);
+    let ok = eventually(6, || async { emu.counters().pinned_now == 0 }).await;
+    assert!(ok, "{:?}", emu.counters());
+    assert!(emu.counters().idle_client_closes >= 1);
+    assert!(
+        !c.is_closed(),
+        "the client heard of the close through the NAT"
+    );
+}

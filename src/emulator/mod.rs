@@ -52,6 +52,7 @@ pub struct EmulatorConfig {
     password: Option<String>,
     close_on_borrow_timeout: bool,
     application_name: String,
+    nat_idle_timeout: Option<Duration>,
     #[cfg(feature = "tls")]
     tls: Option<Arc<TlsSetting>>,
 }
@@ -67,7 +68,8 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("rules", &self.rules)
             .field("password", &self.password.as_ref().map(|_| "_"))
             .field("close_on_borrow_timeout", &self.close_on_borrow_timeout)
-            .field("application_name", &self.application_name);
+            .field("application_name", &self.application_name)
+            .field("nat_idle_timeout", &self.nat_idle_timeout);
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls);
         d.finish()
@@ -136,6 +138,7 @@ impl EmulatorConfig {
             password: None,
             close_on_borrow_timeout: false,
             application_name: "pinpool-emulator".to_string(),
+            nat_idle_timeout: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -231,6 +234,18 @@ impl EmulatorConfig {
         self.application_name = name.into();
         self
     }
+
+    /// A NAT gateway (or load balancer) between the clients and the proxy that forgets a
+    /// flow idle longer than this (AWS NAT gateways: 350 s), as happens to the socket of a
+    /// Lambda environment frozen that long. The client's socket stays open, but nothing it
+    /// sends arrives and nothing comes back: its next query waits forever. The proxy side
+    /// never hears of it: a pinned session keeps its database connection until the idle
+    /// client timeout. Default `None` (no NAT).
+    #[must_use]
+    pub fn nat_idle_timeout(mut self, d: Option<Duration>) -> Self {
+        self.nat_idle_timeout = d;
+        self
+    }
 }
 
 /// Live counters, updated without locks.
@@ -246,6 +261,7 @@ pub(crate) struct Counters {
     borrow_waits: AtomicU64,
     borrow_timeouts: AtomicU64,
     idle_client_closes: AtomicU64,
+    nat_drops: AtomicU64,
 }
 
 impl Counters {
@@ -279,6 +295,8 @@ pub struct EmulatorCounters {
     pub borrow_timeouts: u64,
     /// Client connections closed for idleness.
     pub idle_client_closes: u64,
+    /// Client flows a NAT forgot ([`EmulatorConfig::nat_idle_timeout`]).
+    pub nat_drops: u64,
 }
 
 impl EmulatorCounters {
@@ -297,6 +315,8 @@ pub(crate) struct Shared {
     counters: Arc<Counters>,
     silent: AtomicBool,
     epoch: tokio::sync::watch::Sender<u64>,
+    /// The `application_name` each pinned session gave at login, by session id.
+    pinned: std::sync::Mutex<std::collections::HashMap<u64, String>>,
 }
 
 /// A running emulator. Dropping it stops it: every client and database connection closes.
@@ -355,6 +375,7 @@ impl Emulator {
             counters,
             silent: AtomicBool::new(false),
             epoch: tokio::sync::watch::channel(0).0,
+            pinned: std::sync::Mutex::default(),
         });
         let accepting = shared.clone();
         let accept = tokio::spawn(async move {
@@ -415,7 +436,19 @@ impl Emulator {
             borrow_waits: c.borrow_waits.load(Relaxed),
             borrow_timeouts: c.borrow_timeouts.load(Relaxed),
             idle_client_closes: c.idle_client_closes.load(Relaxed),
+            nat_drops: c.nat_drops.load(Relaxed),
         }
+    }
+
+    /// The `application_name` each client session pinned now gave at login (empty when it
+    /// gave none), in no particular order: who holds the pins.
+    pub fn pinned_sessions(&self) -> Vec<String> {
+        let pinned = self
+            .shared
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pinned.values().cloned().collect()
     }
 
     /// The fault of a half-open connection: while on, client connections stay open but

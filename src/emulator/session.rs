@@ -145,6 +145,8 @@ pub(crate) struct Session {
     next_stmt: u64,
     discard_until_sync: bool,
     epoch: tokio::sync::watch::Receiver<u64>,
+    /// The `application_name` the client gave at login.
+    app: String,
 }
 
 enum Flow {
@@ -169,6 +171,7 @@ impl Session {
             next_stmt: 0,
             discard_until_sync: false,
             epoch,
+            app: String::new(),
         }
     }
 
@@ -281,8 +284,8 @@ impl Session {
                 wire::parameter_status(&mut self.to_client, k, v);
             }
         }
-        let app = params.get("application_name").map_or("", String::as_str);
-        wire::parameter_status(&mut self.to_client, "application_name", app);
+        self.app = params.get("application_name").cloned().unwrap_or_default();
+        wire::parameter_status(&mut self.to_client, "application_name", &self.app);
         wire::backend_key(&mut self.to_client, self.id as i32, 0x5eed);
         wire::ready(&mut self.to_client, b'I');
         self.write_client().await?;
@@ -367,7 +370,14 @@ impl Session {
             }
             self.write_client().await?;
             self.maybe_release();
-            let idle = self.shared.config.idle_client_timeout;
+            let idle_client = self.shared.config.idle_client_timeout;
+            // A NAT that forgets idle flows acts before the proxy's own idle timeout.
+            let nat = self
+                .shared
+                .config
+                .nat_idle_timeout
+                .filter(|nat| *nat < idle_client);
+            let idle = nat.unwrap_or(idle_client);
             let Session {
                 client,
                 cbuf,
@@ -377,6 +387,7 @@ impl Session {
             } = self;
             match held {
                 None => match tokio::time::timeout(idle, client.read_buf(cbuf)).await {
+                    Err(_) if nat.is_some() => return self.nat_forgot(idle).await,
                     Err(_) => {
                         self.shared
                             .counters
@@ -410,6 +421,9 @@ impl Session {
                             }
                         }
                         () = tokio::time::sleep(idle), if quiet => {
+                            if nat.is_some() {
+                                return self.nat_forgot(idle).await;
+                            }
                             self.shared.counters.idle_client_closes.fetch_add(1, Relaxed);
                             return Ok(());
                         }
@@ -417,6 +431,43 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A NAT between client and proxy forgot this flow after `idle` without a packet. The
+    /// client's socket stays open and what it sends is lost; nothing reaches it. The proxy
+    /// never hears of it: it keeps the session (and a pinned database connection) until its
+    /// own idle client timeout, counted from the last packet, and only then lets go, even if
+    /// the client closed its socket meanwhile (its FIN is lost too). The proxy's close is lost
+    /// the same way: the client's socket stays open until the client closes it.
+    async fn nat_forgot(&mut self, idle: Duration) -> io::Result<()> {
+        self.shared.counters.nat_drops.fetch_add(1, Relaxed);
+        tracing::debug!(client = self.id, "emulator: a NAT forgot the client's flow");
+        let proxy_gives_up = tokio::time::Instant::now()
+            + self.shared.config.idle_client_timeout.saturating_sub(idle);
+        let mut open = true;
+        let mut released = false;
+        while open {
+            tokio::select! {
+                n = self.client.read_buf(&mut self.cbuf) => {
+                    // Lost in the NAT, like everything from now on.
+                    self.cbuf.clear();
+                    open = n.is_ok_and(|n| n > 0);
+                }
+                () = tokio::time::sleep_until(proxy_gives_up), if !released => {
+                    released = true;
+                    self.shared.counters.idle_client_closes.fetch_add(1, Relaxed);
+                    self.leave().await;
+                }
+            }
+        }
+        if !released {
+            tokio::time::sleep_until(proxy_gives_up).await;
+            self.shared
+                .counters
+                .idle_client_closes
+                .fetch_add(1, Relaxed);
+        }
+        Ok(())
     }
 
     /// The database connection went away under the client: tell it and close.
@@ -438,7 +489,15 @@ impl Session {
         if !self.pinned.is_empty() {
             self.pinned = Reasons::EMPTY;
             self.shared.counters.pinned_now.fetch_sub(1, Relaxed);
+            self.pinned_sessions().remove(&self.id);
         }
+    }
+
+    fn pinned_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+        self.shared
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Gives the database connection back after a transaction, unless the session is pinned.
@@ -463,6 +522,7 @@ impl Session {
         if self.pinned.is_empty() {
             let now = c.pinned_now.fetch_add(1, Relaxed) + 1;
             c.peak_pinned.fetch_max(now, Relaxed);
+            self.pinned_sessions().insert(self.id, self.app.clone());
             let conn = self.held.as_ref().map_or(0, |h| h.up.id);
             let digest: String = sql.chars().take(80).collect();
             tracing::info!(
