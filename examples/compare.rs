@@ -10,7 +10,30 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use clap::{CommandFactory, Parser, error::ErrorKind};
 use pinpool::emulator::{Emulator, EmulatorConfig};
+use serde_json::{Map, Value, json};
+
+/// A quick, honest verdict: pinpool against deadpool-postgres, bb8-postgres and a raw
+/// tokio-postgres client, side by side in alternating rounds. Prints a table, then one JSON
+/// object as the last line (ratios are pinpool time / peer time, lower is better).
+///
+/// The database is DATABASE_URL, else postgres://postgres@127.0.0.1:5432/postgres.
+#[derive(Parser)]
+#[command(
+    name = "compare",
+    after_help = "--only runs one pool and shape alone, for a profiler (valgrind --tool=callgrind \
+counts instructions repeatably on a noisy machine):
+  --only <pinpool|deadpool|bb8> <c1|c16|c64|c16_held|c64_held>
+      16,000 checkouts of that shape
+  --only <pinpool|raw> <prepared|stream>
+      2,000 prepared SELECTs, or 20 streams of 10,000 rows"
+)]
+struct Args {
+    /// Run one pool and shape alone (see below) [default: the whole comparison]
+    #[arg(long, num_args = 2, value_names = ["POOL", "SHAPE"], action = clap::ArgAction::Set)]
+    only: Option<Vec<String>>,
+}
 
 const ROUNDS: usize = 30;
 /// Checkouts per configuration and round, split across the tasks.
@@ -220,70 +243,92 @@ where
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // `--only <pinpool|deadpool|bb8> <shape>`: that pool and shape alone, for a profiler
-    // (`valgrind --tool=callgrind` counts instructions repeatably on a noisy machine);
-    // `--only <pinpool|raw> <prepared|stream>`: 2,000 prepared SELECTs or 20 10,000-row streams.
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, kind, shape] = &args[..]
-        && flag == "--only"
-        && matches!(shape.as_str(), "prepared" | "stream")
-    {
-        // Statements through pinpool or a raw client (`raw`), for counting what pinpool adds.
-        let (raw, _pool, pooled) = raw_and_pooled().await;
-        let start = Instant::now();
-        let n = if shape == "prepared" { 2_000 } else { 20 };
-        for i in 0..n {
-            match (kind.as_str(), shape.as_str()) {
-                ("raw", "prepared") => drop(raw.query("SELECT $1::int + 1", &[&i]).await.unwrap()),
-                (_, "prepared") => drop(pooled.query("SELECT $1::int + 1", &[&i]).await.unwrap()),
-                ("raw", _) => drop(
-                    count_rows(
-                        raw.query_raw("SELECT g FROM generate_series(1, 10000) g", [] as [i32; 0])
-                            .await
-                            .unwrap(),
-                    )
-                    .await,
-                ),
-                _ => drop(
-                    count_rows(
-                        pooled
-                            .query_raw("SELECT g FROM generate_series(1, 10000) g", [] as [i32; 0])
-                            .await
-                            .unwrap(),
-                    )
-                    .await,
-                ),
+    let args = Args::parse();
+    if let Some(only) = args.only {
+        let [kind, shape] = &only[..] else {
+            unreachable!("--only takes two values")
+        };
+        match (kind.as_str(), shape.as_str()) {
+            ("pinpool" | "raw", "prepared" | "stream") => statements_alone(kind, shape).await,
+            ("pinpool" | "deadpool" | "bb8", _) if SHAPES.iter().any(|s| s.name == shape) => {
+                checkouts_alone(kind, shape).await
             }
+            _ => Args::command()
+                .error(
+                    ErrorKind::InvalidValue,
+                    format!(
+                        "--only {kind} {shape}: use <pinpool|deadpool|bb8> \
+                         <c1|c16|c64|c16_held|c64_held> or <pinpool|raw> <prepared|stream>"
+                    ),
+                )
+                .exit(),
         }
-        println!(
-            "{kind} {shape}: {:.1} us each",
-            start.elapsed().as_secs_f64() / n as f64 * 1e6
-        );
         return;
     }
-    if let [flag, kind, shape] = &args[..]
-        && flag == "--only"
-    {
-        let shape = *SHAPES
-            .iter()
-            .find(|s| s.name == shape)
-            .expect("a shape: c1, c16, c64, c16_held or c64_held");
-        let pool = AnyPool::build(kind, shape.size).await;
-        let (d, f) = checkout_run(&pool, shape).await;
-        println!(
-            "{kind} {}: {:.0} ns per checkout, fairness {f:.2}",
-            shape.name,
-            d.as_secs_f64() / CHECKOUTS as f64 * 1e9
-        );
-        return;
+    everything().await;
+}
+
+/// Statements through pinpool or a raw client (`raw`), for counting what pinpool adds: 2,000
+/// prepared SELECTs or 20 10,000-row streams.
+async fn statements_alone(kind: &str, shape: &str) {
+    let (raw, _pool, pooled) = raw_and_pooled().await;
+    let start = Instant::now();
+    let n = if shape == "prepared" { 2_000 } else { 20 };
+    for i in 0..n {
+        match (kind, shape) {
+            ("raw", "prepared") => drop(raw.query("SELECT $1::int + 1", &[&i]).await.unwrap()),
+            (_, "prepared") => drop(pooled.query("SELECT $1::int + 1", &[&i]).await.unwrap()),
+            ("raw", _) => drop(
+                count_rows(
+                    raw.query_raw("SELECT g FROM generate_series(1, 10000) g", [] as [i32; 0])
+                        .await
+                        .unwrap(),
+                )
+                .await,
+            ),
+            _ => drop(
+                count_rows(
+                    pooled
+                        .query_raw("SELECT g FROM generate_series(1, 10000) g", [] as [i32; 0])
+                        .await
+                        .unwrap(),
+                )
+                .await,
+            ),
+        }
     }
+    println!(
+        "{kind} {shape}: {:.1} us each",
+        start.elapsed().as_secs_f64() / n as f64 * 1e6
+    );
+}
+
+/// One pool and checkout shape alone.
+async fn checkouts_alone(kind: &str, shape: &str) {
+    let shape = *SHAPES.iter().find(|s| s.name == shape).expect("a shape");
+    let pool = AnyPool::build(kind, shape.size).await;
+    let (d, f) = checkout_run(&pool, shape).await;
+    println!(
+        "{kind} {}: {:.0} ns per checkout, fairness {f:.2}",
+        shape.name,
+        d.as_secs_f64() / CHECKOUTS as f64 * 1e9
+    );
+}
+
+/// `x` to `places` decimals, as the table shows it.
+fn round(x: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (x * scale).round() / scale
+}
+
+/// The whole comparison: the table, then the JSON line.
+async fn everything() {
     let started = Instant::now();
-    let mut json = String::from("{");
 
     // 1. Checkout and return.
-    let mut vs_deadpool = Vec::new();
-    let mut vs_bb8 = Vec::new();
-    let mut fairness = Vec::new();
+    let mut vs_deadpool = Map::new();
+    let mut vs_bb8 = Map::new();
+    let mut fairness = Map::new();
     println!(
         "{:<10} {:>14} {:>14} {:>14} {:>10} {:>10} {:>9}",
         "checkout", "pinpool", "deadpool", "bb8", "vs_dead", "vs_bb8", "fairness"
@@ -325,22 +370,13 @@ async fn main() {
             b,
             f
         );
-        vs_deadpool.push(format!("\"{}\":{:.3}", shape.name, d));
-        vs_bb8.push(format!("\"{}\":{:.3}", shape.name, b));
+        vs_deadpool.insert(shape.name.into(), json!(round(d, 3)));
+        vs_bb8.insert(shape.name.into(), json!(round(b, 3)));
         if shape.held {
-            fairness.push(format!(
-                "\"{}\":{:.3}",
-                shape.name.trim_end_matches("_held"),
-                f
-            ));
+            let name = shape.name.trim_end_matches("_held");
+            fairness.insert(name.into(), json!(round(f, 3)));
         }
     }
-    json += &format!(
-        "\"checkout_vs_deadpool\":{{{}}},\"checkout_vs_bb8\":{{{}}},\"fairness\":{{{}}},",
-        vs_deadpool.join(","),
-        vs_bb8.join(","),
-        fairness.join(",")
-    );
 
     // 2. Statements: pinpool against a raw tokio-postgres client.
     let (raw, _pool, pooled) = raw_and_pooled().await;
@@ -396,9 +432,6 @@ async fn main() {
     println!(
         "\nquery(&str) pinpool/raw {q:.2}   prepared pinpool/raw {p:.2}   10k-row stream pinpool/raw {st:.2}"
     );
-    json += &format!(
-        "\"query_str_vs_raw\":{q:.3},\"prepared_vs_raw\":{p:.3},\"stream_10k_vs_raw\":{st:.3},"
-    );
     drop(pooled);
 
     // 3. classify.
@@ -424,7 +457,6 @@ async fn main() {
         "classify: {ns_200b:.0} ns for {} bytes, {mb_s:.0} MB/s on 16 KB",
         typical.len()
     );
-    json += &format!("\"classify_200b_ns\":{ns_200b:.1},\"classify_16kb_mb_s\":{mb_s:.1},");
 
     // 4. The emulator's added latency per round trip (p50).
     let emulator = Emulator::start(
@@ -455,7 +487,17 @@ async fn main() {
     println!(
         "emulator: SELECT 1 p50 {direct:.0} us direct, {through:.0} us through it: {added:.0} us added"
     );
-    json += &format!("\"emulator_added_us\":{added:.1}}}");
     eprintln!("compare: {:.0} s", started.elapsed().as_secs_f64());
+    let json: Value = json!({
+        "checkout_vs_deadpool": vs_deadpool,
+        "checkout_vs_bb8": vs_bb8,
+        "fairness": fairness,
+        "query_str_vs_raw": round(q, 3),
+        "prepared_vs_raw": round(p, 3),
+        "stream_10k_vs_raw": round(st, 3),
+        "classify_200b_ns": round(ns_200b, 1),
+        "classify_16kb_mb_s": round(mb_s, 1),
+        "emulator_added_us": round(added, 1),
+    });
     println!("{json}");
 }

@@ -8,118 +8,97 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Parser;
 use pinpool::emulator::{Emulator, EmulatorConfig};
 use pinpool::pinning::PinRules;
 
-const USAGE: &str =
-    "usage: rds_proxy_emulator [--listen ADDR] [--upstream URL] [--max-connections N] \
-[--borrow-timeout DURATION] [--idle-client-timeout DURATION] [--legacy-parse-pinning] \
-[--set-local-safe] [--password P] [--close-on-borrow-timeout] [--tls-cert F --tls-key F [--tls-required]]
-durations: 500ms, 10s, 30m, 2h";
-
-/// Parses `500ms`, `10s`, `30m`, `2h` (a bare number is seconds).
-fn duration(s: &str) -> Option<Duration> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(secs))
+/// Runs the local RDS Proxy emulator in the foreground until Ctrl-C, logging pins and borrow
+/// timeouts and a counters line every 10 seconds.
+///
+/// Durations: 500ms, 10s, 30m, 2h, 1m 30s.
+#[derive(Parser)]
+#[command(name = "rds_proxy_emulator")]
+struct Args {
+    /// The address clients connect to
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6432")]
+    listen: SocketAddr,
+    /// The PostgreSQL server behind the proxy
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    upstream: String,
+    /// The most database connections the proxy opens
+    #[arg(long, value_name = "N", default_value_t = 40)]
+    max_connections: usize,
+    /// How long a transaction waits for a database connection (ConnectionBorrowTimeout)
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = humantime::parse_duration)]
+    borrow_timeout: Duration,
+    /// Idle client connections are closed after this long (IdleClientTimeout)
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
+    idle_client_timeout: Duration,
+    /// Pin on every Parse message, as proxies from before November 2023 did
+    #[arg(long)]
+    legacy_parse_pinning: bool,
+    /// Count SET LOCAL, SET TRANSACTION, SET CONSTRAINTS and set_config(..., true) as not pinning
+    #[arg(long)]
+    set_local_safe: bool,
+    /// Require clients to log in with this password (md5); without it, trust
+    #[arg(long, value_name = "P")]
+    password: Option<String>,
+    /// Close the client connection after a borrow timeout, not only fail its transaction
+    #[arg(long)]
+    close_on_borrow_timeout: bool,
+    /// Offer TLS to clients with this PEM certificate chain (with --tls-key); without it, no TLS
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS (with --tls-cert)
+    #[arg(long, requires = "tls_cert")]
+    tls_required: bool,
 }
 
-fn parse() -> Result<EmulatorConfig, String> {
-    let mut args = std::env::args().skip(1);
-    let mut upstream = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut listen: SocketAddr = "127.0.0.1:6432".parse().expect("address");
-    let mut rest: Vec<(String, Option<String>)> = Vec::new();
-    while let Some(a) = args.next() {
-        let value = |args: &mut dyn Iterator<Item = String>| {
-            args.next().ok_or(format!("{a} needs a value"))
-        };
-        match a.as_str() {
-            "--upstream" => upstream = value(&mut args)?,
-            "--listen" => {
-                listen = value(&mut args)?
-                    .parse()
-                    .map_err(|e| format!("--listen: {e}"))?
-            }
-            "--legacy-parse-pinning" | "--set-local-safe" | "--close-on-borrow-timeout" => {
-                rest.push((a, None))
-            }
-            "--max-connections" | "--borrow-timeout" | "--idle-client-timeout" | "--password" => {
-                let v = value(&mut args)?;
-                rest.push((a, Some(v)));
-            }
-            "-h" | "--help" => return Err(String::new()),
-            _ => return Err(format!("unknown argument {a}")),
-        }
+fn config(args: Args) -> Result<EmulatorConfig, String> {
+    let mut config = EmulatorConfig::new(args.upstream)
+        .listen(args.listen)
+        .max_connections(args.max_connections)
+        .borrow_timeout(args.borrow_timeout)
+        .idle_client_timeout(args.idle_client_timeout)
+        .close_on_borrow_timeout(args.close_on_borrow_timeout)
+        .rules(
+            PinRules::new()
+                .legacy_parse(args.legacy_parse_pinning)
+                .set_local_safe(args.set_local_safe),
+        );
+    if let Some(password) = args.password {
+        config = config.password(password);
     }
-    let mut config = EmulatorConfig::new(upstream).listen(listen);
-    let mut rules = PinRules::new();
-    let file = |k: &str| {
-        rest.iter()
-            .find(|(a, _)| a == k)
-            .and_then(|(_, v)| v.clone())
-    };
-    match (file("--tls-cert"), file("--tls-key")) {
-        (Some(cert), Some(key)) => {
-            let read = |f: &str| std::fs::read(f).map_err(|e| format!("{f}: {e}"));
-            let required = rest.iter().any(|(a, _)| a == "--tls-required");
-            config = config
-                .tls_pem(&read(&cert)?, &read(&key)?, required)
-                .map_err(|e| e.to_string())?;
-        }
-        (None, None) => {}
-        _ => return Err("--tls-cert and --tls-key go together".into()),
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        let read = |f: &PathBuf| std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()));
+        config = config
+            .tls_pem(&read(&cert)?, &read(&key)?, args.tls_required)
+            .map_err(|e| e.to_string())?;
     }
-    for (k, v) in rest {
-        let v = v.unwrap_or_default();
-        config =
-            match k.as_str() {
-                "--max-connections" => config
-                    .max_connections(v.parse().map_err(|e| format!("--max-connections: {e}"))?),
-                "--borrow-timeout" => config
-                    .borrow_timeout(duration(&v).ok_or("--borrow-timeout: use 500ms, 10s, 2m")?),
-                "--idle-client-timeout" => config.idle_client_timeout(
-                    duration(&v).ok_or("--idle-client-timeout: use 500ms, 10s, 30m")?,
-                ),
-                "--password" => config.password(v),
-                "--close-on-borrow-timeout" => config.close_on_borrow_timeout(true),
-                "--legacy-parse-pinning" => {
-                    rules = rules.legacy_parse(true);
-                    config
-                }
-                "--set-local-safe" => {
-                    rules = rules.set_local_safe(true);
-                    config
-                }
-                _ => config,
-            };
-    }
-    Ok(config.rules(rules))
+    Ok(config)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args = Args::parse();
     tracing_subscriber::fmt().with_target(false).init();
-    let config = match parse() {
+    let config = match config(args) {
         Ok(c) => c,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
         Err(e) => {
-            eprintln!("rds_proxy_emulator: {e}\n{USAGE}");
+            eprintln!("rds_proxy_emulator: {e}");
             return ExitCode::from(2);
         }
     };
