@@ -483,7 +483,7 @@ impl fmt::Debug for Settings {
 /// | `idle_timeout` | 10 min | below RDS Proxy's 30 min `IdleClientTimeout`; wall clock, so a frozen environment counts |
 /// | `pin_policy` | `CloseOnReturn` | a pinned connection never sits idle while the environment is frozen |
 /// | `pin_rules` | today's AWS rules | see [`crate::pinning`] |
-/// | `freeze_check` | `Validate` | an invocation checks connections idle longer than `validate_idle_after` (5 s) with a round trip bounded by `validate_timeout` (1 s) |
+/// | `freeze_check` | `Validate` | an invocation checks connections idle longer than `validate_idle_after` (5 s) with a round trip bounded by `validate_timeout` (1 s) and half the time left |
 /// | `statement_cache_capacity` | 100 | one round trip per repeated query, without pinning |
 /// | `statement_cache_bytes` | 256 KiB | bounds the cache's memory |
 /// | `trim_at_invocation_end` | false | idle unpinned connections hold no database connection behind RDS Proxy |
@@ -667,8 +667,9 @@ impl Builder {
         self
     }
 
-    /// The longest one check of an idle connection may take (also bounded by the deadline).
-    /// A half-open connection fails it. Default 1 s.
+    /// The longest one check of an idle connection may take. A half-open connection fails
+    /// it. At an invocation's start it also takes at most half the time left before the
+    /// deadline, so a failed check leaves time to connect afresh. Default 1 s.
     pub fn validate_timeout(mut self, d: Duration) -> Self {
         self.settings.validate_timeout = d;
         self

@@ -659,7 +659,10 @@ impl PoolInner {
                 check.push((conn, permit));
             }
         }
-        let bound = Bound::new(Some(settings.validate_timeout), Some(cut));
+        // A failed check (a half-open socket answers nothing) must leave the invocation time
+        // to connect afresh: at most half of what is left before the cutoff.
+        let half_left = cut.saturating_duration_since(Instant::now()) / 2;
+        let bound = Bound::new(Some(settings.validate_timeout.min(half_left)), Some(cut));
         self.check_all(check, bound, CloseReason::Stale).await;
     }
 

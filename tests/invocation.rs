@@ -259,6 +259,35 @@ mod through_the_emulator {
     }
 
     #[tokio::test]
+    async fn a_flow_a_nat_forgot_during_the_freeze_costs_a_check_not_the_invocation() {
+        // The incident's second suspect: frozen longer than the NAT's idle timeout, the
+        // socket is open and dead. The check must leave time to connect afresh, even with a
+        // validate_timeout longer than the invocation.
+        let emu = emulator("inv_nat", |c| {
+            c.nat_idle_timeout(Some(Duration::from_millis(300)))
+        })
+        .await;
+        let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
+            .validate_idle_after(Some(Duration::from_millis(100)))
+            .validate_timeout(Duration::from_secs(10))
+            .deadline_margin(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        select_one(&pool).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let deadline = in_ms(1500);
+        let v = pool
+            .invocation(deadline, async {
+                let c = pool.get().await?;
+                c.query_one_scalar::<i32, _>("SELECT 1", &[]).await
+            })
+            .await;
+        assert_eq!(v.unwrap(), 1);
+        assert_eq!(emu.counters().nat_drops, 1);
+        assert_eq!(pool.status().opened, 2, "the dead connection was replaced");
+    }
+
+    #[tokio::test]
     async fn an_invocation_dropped_during_the_freeze_check_closes_what_it_was_checking() {
         let emu = emulator("inv_drop_check", |c| c).await;
         let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
