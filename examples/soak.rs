@@ -5,144 +5,152 @@
 //! cargo run --release --features emulator --example soak
 //! ```
 //!
-//! Time is scaled down (a 2 s Lambda timeout, a 10 s proxy borrow timeout) so a run takes about
-//! a minute. `--help` lists the flags. The last line of stdout is one JSON object.
+//! Time is scaled down (a 2 s Lambda timeout, a 10 s proxy borrow timeout, a 3 s NAT idle
+//! timeout) so a run takes about a minute and a half. `--help` lists the flags with their
+//! defaults. The last line of stdout is one JSON object.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use clap::{Parser, ValueEnum};
 use pinpool::emulator::{Emulator, EmulatorConfig};
 use pinpool::pinning::PinRules;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
-const USAGE: &str =
-    "usage: soak [--duration 8s] [--vus 60] [--think 1s] [--rate N] [--routing random|mru]
-  [--environments 1000] [--env-idle-lifetime 30s] [--pin-share 0.2] [--scenarios 2023,today]
-  [--upstream-connections 40] [--lambda-timeout 2s] [--borrow-timeout 10s]
-  [--idle-client-timeout 60s] [--variants baseline,plain-pool,pinpool] [--seed 1] [--svg FILE]
-  [--pinpool-rules match|today|legacy]   (match: pinpool knows what the proxy pins)";
-
-#[derive(Clone, Debug)]
+/// The incident soak: Lambda environments behind the RDS Proxy emulator, with and without
+/// pinpool.
+#[derive(Parser, Clone, Debug)]
+#[command(max_term_width = 100, args_override_self = true)]
 struct Options {
+    /// How long each variant runs
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Virtual users (a closed model, like k6): they start together, wait for each answer, then think
+    #[arg(long, default_value_t = 60)]
     vus: usize,
+    /// Each virtual user's pause after an answer
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     think: Duration,
+    /// An open model instead of virtual users: invocations per second, at a steady rate
+    #[arg(long)]
     rate: Option<f64>,
-    mru: bool,
+    /// Which idle environment Lambda gives an invocation
+    #[arg(long, value_enum, default_value_t = Routing::Random)]
+    routing: Routing,
+    /// The most execution environments at once; more concurrent invocations are throttled
+    #[arg(long, default_value_t = 1000)]
     environments: usize,
+    /// An environment idle this long is reclaimed (its sockets close)
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     env_idle_lifetime: Duration,
+    /// The share of invocations that run a pinning `SET` first (proxies `today` and `nat`)
+    #[arg(long, default_value_t = 0.2)]
     pin_share: f64,
-    scenarios: Vec<String>,
-    upstream: usize,
+    /// The proxies to run against
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "2023,today,nat"
+    )]
+    scenarios: Vec<Scenario>,
+    /// The proxy's database connections
+    #[arg(long, default_value_t = 40)]
+    upstream_connections: usize,
+    /// The Lambda function's timeout
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     lambda_timeout: Duration,
+    /// The proxy's ConnectionBorrowTimeout (120 s in AWS)
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     borrow_timeout: Duration,
+    /// The proxy's IdleClientTimeout (1,800 s in AWS)
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_client_timeout: Duration,
-    variants: Vec<String>,
+    /// The `nat` scenario's NAT idle timeout (AWS NAT gateways: 350 s)
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    nat_idle_timeout: Duration,
+    /// The clients to run
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "baseline,plain-pool,pinpool"
+    )]
+    variants: Vec<Variant>,
+    /// The seed of arrivals, routing and pinning choices: a seed gives the same choices
+    #[arg(long, default_value_t = 1)]
     seed: u64,
-    svg: Option<String>,
-    /// The rules pinpool is given: "match" (the scenario's), "today" or "legacy".
-    pinpool_rules: String,
-    database_url: String,
+    /// Write the chart (SVG) here
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// The rules pinpool is given: match (the proxy's), today or legacy
+    #[arg(long, value_enum, default_value_t = Rules::Match)]
+    pinpool_rules: Rules,
+    /// pinpool's `validate_idle_after`, scaled down like the NAT timeout (its 5 s default sits
+    /// far below AWS NAT's 350 s)
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pinpool_validate_idle_after: Duration,
+    /// The PostgreSQL behind the emulator [default: $DATABASE_URL, else
+    /// postgres://postgres@127.0.0.1:5432/postgres]
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("not a duration: {s}"))?;
-    Ok(Duration::from_secs_f64(match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("not a duration: {s} (use 500ms, 2s, 1m)")),
-    }))
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Routing {
+    /// Any idle environment
+    Random,
+    /// The most recently used idle environment
+    Mru,
 }
 
-fn parse() -> Result<Options, String> {
-    let mut o = Options {
-        duration: Duration::from_secs(8),
-        vus: 60,
-        think: Duration::from_secs(1),
-        rate: None,
-        mru: false,
-        environments: 1000,
-        env_idle_lifetime: Duration::from_secs(30),
-        pin_share: 0.2,
-        scenarios: vec!["2023".into(), "today".into()],
-        upstream: 40,
-        lambda_timeout: Duration::from_secs(2),
-        borrow_timeout: Duration::from_secs(10),
-        idle_client_timeout: Duration::from_secs(60),
-        variants: vec!["baseline".into(), "plain-pool".into(), "pinpool".into()],
-        seed: 1,
-        svg: None,
-        pinpool_rules: "match".into(),
-        database_url: std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == "-h" || flag == "--help" {
-            return Err(String::new());
-        }
-        let v = args.next().ok_or(format!("{flag} needs a value"))?;
-        let num = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| format!("{flag}: not a number: {v}"))
-        };
-        let list = |v: &str| v.split(',').map(str::to_string).collect::<Vec<_>>();
-        match flag.as_str() {
-            "--duration" => o.duration = duration(&v)?,
-            "--vus" => o.vus = num(&v)? as usize,
-            "--think" => o.think = duration(&v)?,
-            "--rate" => o.rate = Some(num(&v)?),
-            "--routing" => o.mru = v == "mru",
-            "--environments" => o.environments = num(&v)? as usize,
-            "--env-idle-lifetime" => o.env_idle_lifetime = duration(&v)?,
-            "--pin-share" => o.pin_share = num(&v)?,
-            "--scenarios" => o.scenarios = list(&v),
-            "--upstream-connections" => o.upstream = num(&v)? as usize,
-            "--lambda-timeout" => o.lambda_timeout = duration(&v)?,
-            "--borrow-timeout" => o.borrow_timeout = duration(&v)?,
-            "--idle-client-timeout" => o.idle_client_timeout = duration(&v)?,
-            "--variants" => o.variants = list(&v),
-            "--seed" => o.seed = num(&v)? as u64,
-            "--svg" => o.svg = Some(v),
-            "--pinpool-rules" if ["match", "today", "legacy"].contains(&v.as_str()) => {
-                o.pinpool_rules = v
-            }
-            _ => return Err(format!("unknown flag {flag}")),
-        }
-    }
-    for s in &o.scenarios {
-        if s != "2023" && s != "today" {
-            return Err(format!("--scenarios: unknown scenario {s}"));
-        }
-    }
-    for v in &o.variants {
-        if !["baseline", "plain-pool", "pinpool"].contains(&v.as_str()) {
-            return Err(format!("--variants: unknown variant {v}"));
-        }
-    }
-    Ok(o)
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    /// Before November 2023: any extended-protocol Parse pins
+    #[value(name = "2023")]
+    Legacy,
+    /// Today's rules: the documented statements pin
+    Today,
+    /// Today's rules, behind a NAT that silently forgets idle flows
+    Nat,
 }
 
-/// A small deterministic generator (xorshift), so a seed gives the same arrivals and choices.
-struct Rng(u64);
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// One connection per environment, no pool: the incident's code
+    Baseline,
+    /// deadpool-postgres, max 7: a conventional pool
+    PlainPool,
+    /// pinpool in the invocation scope
+    Pinpool,
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Rules {
+    /// The proxy's own rules
+    Match,
+    /// Today's rules
+    Today,
+    /// The 2023 rules (any Parse pins)
+    Legacy,
+}
+
+/// The name clap knows a value by, for the table and the JSON.
+fn name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .expect("no skipped values")
+        .get_name()
+        .to_string()
+}
+
+impl Scenario {
+    fn legacy(self) -> bool {
+        self == Scenario::Legacy
     }
 }
 
@@ -152,11 +160,15 @@ enum Conn {
     Baseline(Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>),
     /// A conventional pool (deadpool-postgres, max 7), unaware of pinning and deadlines.
     Plain(deadpool_postgres::Pool),
-    /// pinpool with defaults, inside the invocation scope.
+    /// pinpool as the README's quickstart sets it up, inside the invocation scope.
     Pin(pinpool::Pool),
 }
 
 struct Env {
+    /// The `application_name` of every connection this environment opens: the emulator
+    /// names the pinned sessions by it, so pins of frozen environments can be told apart.
+    name: String,
+    pg: tokio_postgres::Config,
     conn: Conn,
     last_used: Instant,
 }
@@ -170,33 +182,49 @@ impl Drop for Env {
     }
 }
 
+/// One invocation's answer time, and whether it was the environment's first (a cold start).
+struct Latency {
+    ms: f64,
+    cold: bool,
+    ok: bool,
+}
+
 struct Run {
-    scenario: String,
-    variant: String,
+    scenario: Scenario,
+    variant: Variant,
     url: String,
     opts: Options,
     idle: Mutex<Vec<Env>>,
     live_envs: AtomicUsize,
+    next_env: AtomicU64,
     in_flight: AtomicUsize,
     invocations: AtomicU64,
     ok: AtomicU64,
     timeouts: AtomicU64,
     fast_failures: AtomicU64,
-    latencies: Mutex<Vec<f64>>,
-    rng: Mutex<Rng>,
+    latencies: Mutex<Vec<Latency>>,
+    /// The fast failures' errors, by message.
+    errors: Mutex<std::collections::BTreeMap<String, u64>>,
+    rng: Mutex<StdRng>,
 }
 
 const READ: &str = "SELECT count(*) FROM pinpool_soak WHERE k = $1";
 const WRITE: &str = "INSERT INTO pinpool_soak (k) VALUES ($1)";
 const PIN: &str = "SET application_name = 'soak-pinned'";
 
+/// A pin counts as frozen once its environment has been idle this long: the emulator sees a
+/// client's close within it.
+const FREEZE_GRACE: Duration = Duration::from_millis(100);
+
 impl Run {
     fn new_env(&self) -> Env {
-        let pg: tokio_postgres::Config = self.url.parse().expect("emulator URL");
-        let conn = match self.variant.as_str() {
-            "baseline" => Conn::Baseline(None),
-            "plain-pool" => {
-                let manager = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
+        let name = format!("soak-env-{}", self.next_env.fetch_add(1, Relaxed));
+        let mut pg: tokio_postgres::Config = self.url.parse().expect("emulator URL");
+        pg.application_name(&name);
+        let conn = match self.variant {
+            Variant::Baseline => Conn::Baseline(None),
+            Variant::PlainPool => {
+                let manager = deadpool_postgres::Manager::new(pg.clone(), tokio_postgres::NoTls);
                 Conn::Plain(
                     deadpool_postgres::Pool::builder(manager)
                         .max_size(7)
@@ -204,10 +232,11 @@ impl Run {
                         .expect("deadpool"),
                 )
             }
-            _ => {
-                let legacy = match self.opts.pinpool_rules.as_str() {
-                    "match" => self.scenario == "2023",
-                    rules => rules == "legacy",
+            Variant::Pinpool => {
+                let legacy = match self.opts.pinpool_rules {
+                    Rules::Match => self.scenario.legacy(),
+                    Rules::Legacy => true,
+                    Rules::Today => false,
                 };
                 let rules = if legacy {
                     PinRules::legacy()
@@ -215,67 +244,91 @@ impl Run {
                     PinRules::new()
                 };
                 Conn::Pin(
-                    pinpool::Pool::builder(pg)
+                    pinpool::Pool::builder(pg.clone())
                         .pin_rules(rules)
+                        .min_idle(1)
+                        .validate_idle_after(Some(self.opts.pinpool_validate_idle_after))
                         .build()
                         .expect("pinpool"),
                 )
             }
         };
         Env {
+            name,
+            pg,
             conn,
             last_used: Instant::now(),
         }
     }
 
-    /// Lambda's routing: an idle warm environment, else a new one (up to the limit).
-    fn route(&self) -> Option<Env> {
+    /// Lambda's routing: an idle warm environment, else a new one (up to the limit). True
+    /// with a new one: a cold start.
+    fn route(&self) -> Option<(Env, bool)> {
         let mut idle = self.idle.lock().unwrap();
         let now = Instant::now();
         let before = idle.len();
         idle.retain(|e| now.duration_since(e.last_used) < self.opts.env_idle_lifetime);
         self.live_envs.fetch_sub(before - idle.len(), Relaxed);
         if !idle.is_empty() {
-            let i = if self.opts.mru {
-                idle.len() - 1
-            } else {
-                self.rng.lock().unwrap().below(idle.len())
+            let i = match self.opts.routing {
+                Routing::Mru => idle.len() - 1,
+                Routing::Random => self.rng.lock().unwrap().random_range(0..idle.len()),
             };
-            return Some(idle.swap_remove(i));
+            return Some((idle.swap_remove(i), false));
         }
         drop(idle);
         if self.live_envs.load(Relaxed) >= self.opts.environments {
             return None;
         }
         self.live_envs.fetch_add(1, Relaxed);
-        Some(self.new_env())
+        Some((self.new_env(), true))
     }
 
     async fn invoke(self: &Arc<Self>, k: i64, pin: bool) {
         self.invocations.fetch_add(1, Relaxed);
-        let Some(mut env) = self.route() else {
+        let Some((mut env, cold)) = self.route() else {
             self.fast_failures.fetch_add(1, Relaxed); // throttled
             return;
         };
         self.in_flight.fetch_add(1, Relaxed);
         let start = Instant::now();
         let deadline = SystemTime::now() + self.opts.lambda_timeout;
+        let mut answered = None;
         let outcome = tokio::time::timeout(
             self.opts.lambda_timeout,
-            workload(&mut env, deadline, k, pin),
+            workload(&mut env, deadline, k, pin, &mut answered),
         )
         .await;
-        let elapsed = start.elapsed().as_secs_f64() * 1000.0;
-        self.latencies.lock().unwrap().push(elapsed);
+        // The answer's time: work after it (pinpool's end of invocation) is billed, but the
+        // caller does not wait for it.
+        let ms = |at: Option<Instant>| {
+            at.unwrap_or_else(Instant::now)
+                .duration_since(start)
+                .as_secs_f64()
+                * 1000.0
+        };
+        let ok = matches!(outcome, Ok(Ok(())));
+        self.latencies.lock().unwrap().push(Latency {
+            ms: ms(answered),
+            cold,
+            ok,
+        });
         self.in_flight.fetch_sub(1, Relaxed);
         match outcome {
-            Ok(Ok(())) => {
-                self.ok.fetch_add(1, Relaxed);
-                env.last_used = Instant::now();
-                self.idle.lock().unwrap().push(env);
-            }
-            Ok(Err(_)) => {
-                self.fast_failures.fetch_add(1, Relaxed);
+            Ok(result) => {
+                if let Err(e) = &result {
+                    *self
+                        .errors
+                        .lock()
+                        .unwrap()
+                        .entry(e.to_string())
+                        .or_default() += 1;
+                }
+                if result.is_ok() {
+                    self.ok.fetch_add(1, Relaxed);
+                } else {
+                    self.fast_failures.fetch_add(1, Relaxed);
+                }
                 env.last_used = Instant::now();
                 self.idle.lock().unwrap().push(env);
             }
@@ -288,17 +341,34 @@ impl Run {
             }
         }
     }
+
+    /// Pinned sessions whose environment is not running an invocation: frozen pins.
+    fn frozen_pins(&self, pinned: &[String]) -> u64 {
+        let frozen: HashSet<String> = self
+            .idle
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.last_used.elapsed() >= FREEZE_GRACE)
+            .map(|e| e.name.clone())
+            .collect();
+        pinned.iter().filter(|n| frozen.contains(*n)).count() as u64
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn workload(env: &mut Env, deadline: SystemTime, k: i64, pin: bool) -> Result<(), BoxError> {
+async fn workload(
+    env: &mut Env,
+    deadline: SystemTime,
+    k: i64,
+    pin: bool,
+    answered: &mut Option<Instant>,
+) -> Result<(), BoxError> {
     match &mut env.conn {
         Conn::Baseline(slot) => {
             if slot.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-                let url = SOAK_URL.lock().unwrap().clone();
-                let (client, connection) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                let (client, connection) = env.pg.connect(tokio_postgres::NoTls).await?;
                 let task = tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -327,27 +397,29 @@ async fn workload(env: &mut Env, deadline: SystemTime, k: i64, pin: bool) -> Res
                 }
                 c.query(READ, &[&k]).await?;
                 c.execute(WRITE, &[&k]).await?;
+                drop(c);
+                *answered = Some(Instant::now());
                 Ok::<(), pinpool::Error>(())
             })
             .await?;
         }
     }
+    answered.get_or_insert_with(Instant::now);
     Ok(())
 }
-
-static SOAK_URL: Mutex<String> = Mutex::new(String::new());
 
 #[derive(Debug)]
 struct Sample {
     t: f64,
     pinned: u64,
+    frozen: u64,
     in_flight: usize,
     timeouts: u64,
 }
 
 struct Outcome {
-    scenario: String,
-    variant: String,
+    scenario: Scenario,
+    variant: Variant,
     invocations: u64,
     ok: u64,
     timeouts: u64,
@@ -355,9 +427,43 @@ struct Outcome {
     p50: f64,
     p99: f64,
     max: f64,
+    warm_p50: f64,
+    warm_p99: f64,
+    cold_p99: f64,
+    cold_starts: u64,
     peak_pinned: u64,
+    frozen_pins_peak: u64,
     borrow_timeouts: u64,
+    nat_drops: u64,
     samples: Vec<Sample>,
+}
+
+impl Outcome {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "scenario": name(self.scenario),
+            "name": name(self.variant),
+            "invocations": self.invocations,
+            "ok": self.ok,
+            "lambda_timeouts": self.timeouts,
+            "fast_failures": self.fast_failures,
+            "p50_ms": round1(self.p50),
+            "p99_ms": round1(self.p99),
+            "max_ms": round1(self.max),
+            "warm_p50_ms": round1(self.warm_p50),
+            "warm_p99_ms": round1(self.warm_p99),
+            "cold_p99_ms": round1(self.cold_p99),
+            "cold_starts": self.cold_starts,
+            "peak_pinned": self.peak_pinned,
+            "frozen_pins_peak": self.frozen_pins_peak,
+            "borrow_timeouts": self.borrow_timeouts,
+            "nat_drops": self.nat_drops,
+        })
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -367,48 +473,129 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn run_one(opts: &Options, scenario: &str, variant: &str) -> Result<Outcome, BoxError> {
-    let rules = if scenario == "2023" {
+/// Sorted answer times of the invocations `keep` selects.
+fn times(lat: &[Latency], keep: impl Fn(&Latency) -> bool) -> Vec<f64> {
+    let mut v: Vec<f64> = lat.iter().filter(|l| keep(l)).map(|l| l.ms).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+async fn run_one(
+    opts: &Options,
+    scenario: Scenario,
+    variant: Variant,
+) -> Result<Outcome, BoxError> {
+    let rules = if scenario.legacy() {
         PinRules::legacy()
     } else {
         PinRules::new()
     };
+    let nat = (scenario == Scenario::Nat).then_some(opts.nat_idle_timeout);
     let emulator = Emulator::start(
-        EmulatorConfig::new(opts.database_url.clone())
-            .max_connections(opts.upstream)
+        EmulatorConfig::new(database_url(opts))
+            .max_connections(opts.upstream_connections)
             .borrow_timeout(opts.borrow_timeout)
             .idle_client_timeout(opts.idle_client_timeout)
+            .nat_idle_timeout(nat)
             .rules(rules)
             .application_name("pinpool-soak"),
     )
     .await?;
-    let url = emulator.url("postgres", "postgres");
-    *SOAK_URL.lock().unwrap() = url.clone();
     let run = Arc::new(Run {
-        scenario: scenario.into(),
-        variant: variant.into(),
-        url,
+        scenario,
+        variant,
+        url: emulator.url("postgres", "postgres"),
         opts: opts.clone(),
         idle: Mutex::new(Vec::new()),
         live_envs: AtomicUsize::new(0),
+        next_env: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         invocations: AtomicU64::new(0),
         ok: AtomicU64::new(0),
         timeouts: AtomicU64::new(0),
         fast_failures: AtomicU64::new(0),
         latencies: Mutex::new(Vec::new()),
-        rng: Mutex::new(Rng(opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)),
+        errors: Mutex::default(),
+        rng: Mutex::new(StdRng::seed_from_u64(opts.seed)),
     });
-    let end = tokio::time::Instant::now() + opts.duration;
     let started = Instant::now();
-    let mut load = Vec::new();
-    let pin_share = if scenario == "today" {
-        opts.pin_share
-    } else {
+    let load = start_load(&run, scenario);
+    let mut samples = Vec::new();
+    let mut last_print = Instant::now();
+    while load.iter().any(|t| !t.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let c = emulator.counters();
+        let sample = Sample {
+            t: started.elapsed().as_secs_f64(),
+            pinned: c.pinned_now,
+            frozen: run.frozen_pins(&emulator.pinned_sessions()),
+            in_flight: run.in_flight.load(Relaxed),
+            timeouts: run.timeouts.load(Relaxed),
+        };
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            last_print = Instant::now();
+            eprintln!(
+                "  {:>5} {:<10} t={:>4.1}s invocations={} ok={} lambda_timeouts={} pinned={} frozen_pins={} in_flight={}",
+                name(scenario),
+                name(variant),
+                sample.t,
+                run.invocations.load(Relaxed),
+                run.ok.load(Relaxed),
+                sample.timeouts,
+                sample.pinned,
+                sample.frozen,
+                sample.in_flight
+            );
+        }
+        samples.push(sample);
+    }
+    let c = emulator.counters();
+    for (error, n) in run.errors.lock().unwrap().iter() {
+        eprintln!(
+            "  {:>5} {:<10} {n} failed with: {error}",
+            name(scenario),
+            name(variant)
+        );
+    }
+    // Every environment ends with the run.
+    run.idle.lock().unwrap().clear();
+    let lat = std::mem::take(&mut *run.latencies.lock().unwrap());
+    let all = times(&lat, |_| true);
+    let warm = times(&lat, |l| l.ok && !l.cold);
+    let cold = times(&lat, |l| l.ok && l.cold);
+    Ok(Outcome {
+        scenario,
+        variant,
+        invocations: run.invocations.load(Relaxed),
+        ok: run.ok.load(Relaxed),
+        timeouts: run.timeouts.load(Relaxed),
+        fast_failures: run.fast_failures.load(Relaxed),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        max: all.last().copied().unwrap_or(0.0),
+        warm_p50: percentile(&warm, 0.5),
+        warm_p99: percentile(&warm, 0.99),
+        cold_p99: percentile(&cold, 0.99),
+        cold_starts: lat.iter().filter(|l| l.cold).count() as u64,
+        peak_pinned: c.peak_pinned,
+        frozen_pins_peak: samples.iter().map(|s| s.frozen).max().unwrap_or(0),
+        borrow_timeouts: c.borrow_timeouts,
+        nat_drops: c.nat_drops,
+        samples,
+    })
+}
+
+/// The load: virtual users (closed model) or a steady arrival rate (open model).
+fn start_load(run: &Arc<Run>, scenario: Scenario) -> Vec<tokio::task::JoinHandle<()>> {
+    let opts = &run.opts;
+    let end = tokio::time::Instant::now() + opts.duration;
+    let pin_share = if scenario.legacy() {
         0.0
+    } else {
+        opts.pin_share
     };
+    let mut load = Vec::new();
     if let Some(rate) = opts.rate {
-        // Open model: a steady arrival rate.
         let run = run.clone();
         load.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
@@ -417,7 +604,7 @@ async fn run_one(opts: &Options, scenario: &str, variant: &str) -> Result<Outcom
             while tokio::time::Instant::now() < end {
                 tick.tick().await;
                 n += 1;
-                let pin = run.rng.lock().unwrap().chance(pin_share);
+                let pin = run.rng.lock().unwrap().random_bool(pin_share);
                 let r = run.clone();
                 tasks.push(tokio::spawn(async move { r.invoke(n % 1000, pin).await }));
             }
@@ -426,15 +613,14 @@ async fn run_one(opts: &Options, scenario: &str, variant: &str) -> Result<Outcom
             }
         }));
     } else {
-        // Closed model, like k6: virtual users that start together, wait for their answer,
-        // then think for a fixed time.
+        // Virtual users that start together, wait for their answer, then think.
         for vu in 0..opts.vus {
             let run = run.clone();
             let think = opts.think;
             load.push(tokio::spawn(async move {
                 let mut n = 0i64;
                 while tokio::time::Instant::now() < end {
-                    let pin = run.rng.lock().unwrap().chance(pin_share);
+                    let pin = run.rng.lock().unwrap().random_bool(pin_share);
                     run.invoke((vu as i64) * 1000 + n % 1000, pin).await;
                     n += 1;
                     tokio::time::sleep(think).await;
@@ -442,48 +628,13 @@ async fn run_one(opts: &Options, scenario: &str, variant: &str) -> Result<Outcom
             }));
         }
     }
-    let mut samples = Vec::new();
-    let mut last_print = Instant::now();
-    while load.iter().any(|t| !t.is_finished()) {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let c = emulator.counters();
-        samples.push(Sample {
-            t: started.elapsed().as_secs_f64(),
-            pinned: c.pinned_now,
-            in_flight: run.in_flight.load(Relaxed),
-            timeouts: run.timeouts.load(Relaxed),
-        });
-        if last_print.elapsed() >= Duration::from_secs(2) {
-            last_print = Instant::now();
-            eprintln!(
-                "  {scenario:>5} {variant:<10} t={:>4.1}s invocations={} ok={} lambda_timeouts={} pinned={} in_flight={}",
-                started.elapsed().as_secs_f64(),
-                run.invocations.load(Relaxed),
-                run.ok.load(Relaxed),
-                run.timeouts.load(Relaxed),
-                c.pinned_now,
-                run.in_flight.load(Relaxed)
-            );
-        }
-    }
-    let c = emulator.counters();
-    // Every environment ends with the run.
-    run.idle.lock().unwrap().clear();
-    let mut lat = run.latencies.lock().unwrap().clone();
-    lat.sort_by(f64::total_cmp);
-    Ok(Outcome {
-        scenario: scenario.into(),
-        variant: variant.into(),
-        invocations: run.invocations.load(Relaxed),
-        ok: run.ok.load(Relaxed),
-        timeouts: run.timeouts.load(Relaxed),
-        fast_failures: run.fast_failures.load(Relaxed),
-        p50: percentile(&lat, 0.5),
-        p99: percentile(&lat, 0.99),
-        max: lat.last().copied().unwrap_or(0.0),
-        peak_pinned: c.peak_pinned,
-        borrow_timeouts: c.borrow_timeouts,
-        samples,
+    load
+}
+
+fn database_url(opts: &Options) -> String {
+    opts.database_url.clone().unwrap_or_else(|| {
+        std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
     })
 }
 
@@ -498,8 +649,8 @@ fn svg(outcomes: &[Outcome], opts: &Options) -> String {
     );
     let _ = writeln!(
         s,
-        "<text x=\"8\" y=\"16\">pinned upstream connections (red), in-flight invocations (blue), Lambda timeouts so far (black); upstream limit {} dashed</text>",
-        opts.upstream
+        "<text x=\"8\" y=\"16\">pins held by frozen environments (red), all pins (orange), in-flight invocations (blue), Lambda timeouts so far (black); upstream limit {} dashed</text>",
+        opts.upstream_connections
     );
     for (i, o) in outcomes.iter().enumerate() {
         let (x0, y0) = ((i as f64 % cols) * w, 24.0 + (i as f64 / cols).floor() * h);
@@ -512,7 +663,7 @@ fn svg(outcomes: &[Outcome], opts: &Options) -> String {
                     .max(s.in_flight as f64)
                     .max(s.timeouts as f64)
             })
-            .fold(opts.upstream as f64, f64::max)
+            .fold(opts.upstream_connections as f64, f64::max)
             * 1.1;
         let px = |t: f64| x0 + pad + (t / t_max) * (w - 2.0 * pad);
         let py = |v: f64| y0 + h - pad + 10.0 - (v / y_max) * (h - pad - 10.0);
@@ -521,8 +672,8 @@ fn svg(outcomes: &[Outcome], opts: &Options) -> String {
             "<text x=\"{}\" y=\"{}\">{} proxy, {}: {} timeouts / {} invocations</text>",
             x0 + pad,
             y0 + 14.0,
-            o.scenario,
-            o.variant,
+            name(o.scenario),
+            name(o.variant),
             o.timeouts,
             o.invocations
         );
@@ -539,13 +690,14 @@ fn svg(outcomes: &[Outcome], opts: &Options) -> String {
             "<line x1=\"{}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#888\" stroke-dasharray=\"4 3\"/>",
             px(0.0),
             px(t_max),
-            y = py(opts.upstream as f64)
+            y = py(opts.upstream_connections as f64)
         );
         for (color, f) in [
             (
-                "#d62728",
+                "#ff9f40",
                 &(|s: &Sample| s.pinned as f64) as &dyn Fn(&Sample) -> f64,
             ),
+            ("#d62728", &|s: &Sample| s.frozen as f64),
             ("#1f77b4", &|s: &Sample| s.in_flight as f64),
             ("#000000", &|s: &Sample| s.timeouts as f64),
         ] {
@@ -576,81 +728,77 @@ fn svg(outcomes: &[Outcome], opts: &Options) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let opts = match parse() {
-        Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return Ok(());
-        }
-        Err(e) => {
-            eprintln!("soak: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
+    let opts = Options::parse();
+    if !(0.0..=1.0).contains(&opts.pin_share) {
+        eprintln!("soak: --pin-share must be between 0 and 1");
+        std::process::exit(2);
+    }
     // The workload's table, directly on the database.
-    let (admin, conn) = tokio_postgres::connect(&opts.database_url, tokio_postgres::NoTls).await?;
+    let (admin, conn) =
+        tokio_postgres::connect(&database_url(&opts), tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     admin
         .batch_execute("CREATE TABLE IF NOT EXISTS pinpool_soak (id bigserial PRIMARY KEY, k bigint NOT NULL, at timestamptz NOT NULL DEFAULT now()); TRUNCATE pinpool_soak")
         .await?;
     eprintln!(
-        "soak: {} virtual users, think {:?}, Lambda timeout {:?}, proxy borrow timeout {:?}, {} upstream connections, {:?} per run",
+        "soak: {} virtual users, think {}, Lambda timeout {}, proxy borrow timeout {}, {} upstream connections, NAT idle timeout {} (nat), {} per run",
         opts.vus,
-        opts.think,
-        opts.lambda_timeout,
-        opts.borrow_timeout,
-        opts.upstream,
-        opts.duration
+        humantime::format_duration(opts.think),
+        humantime::format_duration(opts.lambda_timeout),
+        humantime::format_duration(opts.borrow_timeout),
+        opts.upstream_connections,
+        humantime::format_duration(opts.nat_idle_timeout),
+        humantime::format_duration(opts.duration)
     );
     let mut outcomes = Vec::new();
-    for scenario in &opts.scenarios {
-        for variant in &opts.variants {
+    for &scenario in &opts.scenarios {
+        for &variant in &opts.variants {
             outcomes.push(run_one(&opts, scenario, variant).await?);
         }
     }
+    print_table(&outcomes);
+    if let Some(path) = &opts.svg {
+        std::fs::write(path, svg(&outcomes, &opts))?;
+        eprintln!("soak: chart written to {}", path.display());
+    }
+    let rows: Vec<serde_json::Value> = outcomes.iter().map(Outcome::json).collect();
+    println!("{}", serde_json::json!({ "variants": rows }));
+    Ok(())
+}
+
+fn print_table(outcomes: &[Outcome]) {
     println!(
-        "{:<6} {:<11} {:>11} {:>8} {:>15} {:>13} {:>8} {:>8} {:>8} {:>11} {:>15}",
+        "{:<6} {:<11} {:>11} {:>6} {:>15} {:>13} {:>11} {:>12} {:>12} {:>12} {:>11} {:>11} {:>16}",
         "proxy",
         "variant",
         "invocations",
         "ok",
         "lambda_timeouts",
         "fast_failures",
-        "p50_ms",
-        "p99_ms",
-        "max_ms",
+        "cold_starts",
+        "warm_p50_ms",
+        "warm_p99_ms",
+        "cold_p99_ms",
         "peak_pinned",
+        "frozen_pins",
         "borrow_timeouts"
     );
-    for o in &outcomes {
+    for o in outcomes {
         println!(
-            "{:<6} {:<11} {:>11} {:>8} {:>15} {:>13} {:>8.1} {:>8.1} {:>8.1} {:>11} {:>15}",
-            o.scenario,
-            o.variant,
+            "{:<6} {:<11} {:>11} {:>6} {:>15} {:>13} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>11} {:>11} {:>16}",
+            name(o.scenario),
+            name(o.variant),
             o.invocations,
             o.ok,
             o.timeouts,
             o.fast_failures,
-            o.p50,
-            o.p99,
-            o.max,
+            o.cold_starts,
+            o.warm_p50,
+            o.warm_p99,
+            o.cold_p99,
             o.peak_pinned,
+            o.frozen_pins_peak,
             o.borrow_timeouts
         );
     }
-    if let Some(path) = &opts.svg {
-        std::fs::write(path, svg(&outcomes, &opts))?;
-        eprintln!("soak: chart written to {path}");
-    }
-    let variants: Vec<String> = outcomes
-        .iter()
-        .map(|o| {
-            format!(
-                "{{\"scenario\":\"{}\",\"name\":\"{}\",\"invocations\":{},\"ok\":{},\"lambda_timeouts\":{},\"fast_failures\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"max_ms\":{:.1},\"peak_pinned\":{},\"borrow_timeouts\":{}}}",
-                o.scenario, o.variant, o.invocations, o.ok, o.timeouts, o.fast_failures, o.p50, o.p99, o.max, o.peak_pinned, o.borrow_timeouts
-            )
-        })
-        .collect();
-    println!("{{\"variants\":[{}]}}", variants.join(","));
-    Ok(())
 }
