@@ -328,10 +328,19 @@ async fn everything() {
     // 1. Checkout and return.
     let mut vs_deadpool = Map::new();
     let mut vs_bb8 = Map::new();
-    let mut fairness = Map::new();
+    // Per pool, per shape: the first task's finish time over the last's (1 is fair).
+    let mut fairness = [Map::new(), Map::new(), Map::new()];
     println!(
-        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>10} {:>9}",
-        "checkout", "pinpool", "deadpool", "bb8", "vs_dead", "vs_bb8", "fairness"
+        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "checkout",
+        "pinpool",
+        "deadpool",
+        "bb8",
+        "vs_dead",
+        "vs_bb8",
+        "fair_pin",
+        "fair_dead",
+        "fair_bb8"
     );
     for shape in SHAPES {
         let pools = [
@@ -339,8 +348,12 @@ async fn everything() {
             AnyPool::build("deadpool", shape.size).await,
             AnyPool::build("bb8", shape.size).await,
         ];
-        let (mut rd, mut rb, mut fair, mut times) =
-            (Vec::new(), Vec::new(), Vec::new(), [0.0f64; 3]);
+        let (mut rd, mut rb, mut fair, mut times) = (
+            Vec::new(),
+            Vec::new(),
+            [vec![], vec![], vec![]],
+            [0.0f64; 3],
+        );
         for round in 0..ROUNDS {
             // Alternate the order so drift does not favour one pool.
             let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
@@ -348,9 +361,7 @@ async fn everything() {
             for i in order {
                 let (d, f) = checkout_run(&pools[i], shape).await;
                 t[i] = d.as_secs_f64();
-                if i == 0 {
-                    fair.push(f);
-                }
+                fair[i].push(f);
             }
             rd.push(t[0] / t[1]);
             rb.push(t[0] / t[2]);
@@ -359,22 +370,24 @@ async fn everything() {
             }
         }
         let per = |s: f64| s / CHECKOUTS as f64 * 1e9;
-        let (d, b, f) = (median(rd), median(rb), median(fair));
+        let (d, b) = (median(rd), median(rb));
+        let f = fair.map(median);
         println!(
-            "{:<10} {:>11.0} ns {:>11.0} ns {:>11.0} ns {:>10.2} {:>10.2} {:>9.2}",
+            "{:<10} {:>11.0} ns {:>11.0} ns {:>11.0} ns {:>10.2} {:>10.2} {:>9.2} {:>9.2} {:>9.2}",
             shape.name,
             per(times[0]),
             per(times[1]),
             per(times[2]),
             d,
             b,
-            f
+            f[0],
+            f[1],
+            f[2]
         );
         vs_deadpool.insert(shape.name.into(), json!(round(d, 3)));
         vs_bb8.insert(shape.name.into(), json!(round(b, 3)));
-        if shape.held {
-            let name = shape.name.trim_end_matches("_held");
-            fairness.insert(name.into(), json!(round(f, 3)));
+        for (map, f) in fairness.iter_mut().zip(f) {
+            map.insert(shape.name.into(), json!(round(f, 3)));
         }
     }
 
@@ -491,7 +504,11 @@ async fn everything() {
     let json: Value = json!({
         "checkout_vs_deadpool": vs_deadpool,
         "checkout_vs_bb8": vs_bb8,
-        "fairness": fairness,
+        "fairness": {
+            "pinpool": fairness[0],
+            "deadpool": fairness[1],
+            "bb8": fairness[2],
+        },
         "query_str_vs_raw": round(q, 3),
         "prepared_vs_raw": round(p, 3),
         "stream_10k_vs_raw": round(st, 3),

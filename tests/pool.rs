@@ -627,3 +627,35 @@ async fn status_is_one_consistent_picture_under_load() {
     assert!(pool.status().closed.get(CloseReason::Pinned) > 100);
     assert_quiet(&pool);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_task_looping_over_free_checkouts_lets_the_others_run() {
+    // Free connections are handed out without waiting; get() still takes part in tokio's
+    // cooperative budget, so one task's loop cannot run to its end before another starts.
+    let pool = builder("pl_coop").max_size(2).min_idle(2).build().unwrap();
+    pool.warm_up().await.unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let loops: Vec<_> = (0..2)
+        .map(|_| {
+            let (pool, done) = (pool.clone(), done.clone());
+            tokio::spawn(async move {
+                for _ in 0..2_000 {
+                    drop(pool.get().await.unwrap());
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                // What both loops had done when this one ended.
+                done.load(std::sync::atomic::Ordering::Relaxed)
+            })
+        })
+        .collect();
+    let mut at_end = Vec::new();
+    for l in loops {
+        at_end.push(l.await.unwrap());
+    }
+    assert!(
+        at_end[0] > 2_000 + 500,
+        "the first loop ended with the other at {} of 2,000: it never yielded",
+        at_end[0] - 2_000
+    );
+    assert_quiet(&pool);
+}
