@@ -1,6 +1,5 @@
 //! Configuration: a `#[must_use]` builder whose `build()` validates every option.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -417,9 +416,12 @@ fn key_value_pairs(s: &str) -> Option<Vec<Pair<'_>>> {
     }
 }
 
-/// The validated settings of a pool.
-#[derive(Clone)]
+/// The settings of a pool: the builder's draft, validated by [`Builder::build`]. Each option
+/// is a field here, a default in [`Settings::default`] and a setter on [`Builder`], once each.
+/// Debug shows `pg` with its password redacted (tokio-postgres's Config does that).
+#[derive(Clone, Debug)]
 pub(crate) struct Settings {
+    /// Set by `build()` from the connection string; empty in the draft.
     pub(crate) pg: tokio_postgres::Config,
     pub(crate) max_size: usize,
     pub(crate) min_idle: usize,
@@ -439,33 +441,6 @@ pub(crate) struct Settings {
     pub(crate) held_too_long: Option<Duration>,
     pub(crate) statement_cache_capacity: usize,
     pub(crate) statement_cache_bytes: usize,
-}
-
-impl fmt::Debug for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // tokio-postgres's Config redacts the password in its Debug output.
-        f.debug_struct("Settings")
-            .field("pg", &self.pg)
-            .field("max_size", &self.max_size)
-            .field("min_idle", &self.min_idle)
-            .field("acquire_timeout", &self.acquire_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("query_timeout", &self.query_timeout)
-            .field("deadline_margin", &self.deadline_margin)
-            .field("max_lifetime", &self.max_lifetime)
-            .field("idle_timeout", &self.idle_timeout)
-            .field("pin_rules", &self.pin_rules)
-            .field("pin_policy", &self.pin_policy)
-            .field("freeze_check", &self.freeze_check)
-            .field("validate_idle_after", &self.validate_idle_after)
-            .field("validate_timeout", &self.validate_timeout)
-            .field("trim_at_invocation_end", &self.trim_at_invocation_end)
-            .field("refill_after_invocation", &self.refill_after_invocation)
-            .field("held_too_long", &self.held_too_long)
-            .field("statement_cache_capacity", &self.statement_cache_capacity)
-            .field("statement_cache_bytes", &self.statement_cache_bytes)
-            .finish()
-    }
 }
 
 /// Builds a [`Pool`]. Every setter takes a value; [`Builder::build`] checks them all and
@@ -492,58 +467,44 @@ impl fmt::Debug for Settings {
 #[must_use = "a builder does nothing until build() is called"]
 pub struct Builder {
     conn: ConnectionConfig,
-    settings: SettingsDraft,
+    settings: Settings,
     connector: Option<Arc<dyn Connect>>,
     password: Option<SharedPasswordProvider>,
     #[cfg(feature = "tls")]
     root_certs_pem: Option<Vec<u8>>,
 }
 
-struct SettingsDraft {
-    max_size: usize,
-    min_idle: usize,
-    acquire_timeout: Duration,
-    connect_timeout: Duration,
-    query_timeout: Option<Duration>,
-    deadline_margin: Duration,
-    max_lifetime: Option<Duration>,
-    idle_timeout: Option<Duration>,
-    pin_rules: PinRules,
-    pin_policy: PinPolicy,
-    freeze_check: FreezeCheck,
-    validate_idle_after: Option<Duration>,
-    validate_timeout: Duration,
-    trim_at_invocation_end: bool,
-    refill_after_invocation: Option<Duration>,
-    held_too_long: Option<Duration>,
-    statement_cache_capacity: usize,
-    statement_cache_bytes: usize,
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            pg: tokio_postgres::Config::new(),
+            max_size: 4,
+            min_idle: 0,
+            acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            query_timeout: Some(Duration::from_secs(30)),
+            deadline_margin: Duration::from_millis(200),
+            max_lifetime: Some(Duration::from_secs(3600)),
+            idle_timeout: Some(Duration::from_secs(600)),
+            pin_rules: PinRules::new(),
+            pin_policy: PinPolicy::CloseOnReturn,
+            freeze_check: FreezeCheck::Validate,
+            validate_idle_after: Some(Duration::from_secs(5)),
+            validate_timeout: Duration::from_secs(1),
+            trim_at_invocation_end: false,
+            refill_after_invocation: Some(Duration::from_millis(250)),
+            held_too_long: None,
+            statement_cache_capacity: 100,
+            statement_cache_bytes: 256 * 1024,
+        }
+    }
 }
 
 impl Builder {
     pub(crate) fn new(conn: ConnectionConfig) -> Builder {
         Builder {
             conn,
-            settings: SettingsDraft {
-                max_size: 4,
-                min_idle: 0,
-                acquire_timeout: Duration::from_secs(5),
-                connect_timeout: Duration::from_secs(5),
-                query_timeout: Some(Duration::from_secs(30)),
-                deadline_margin: Duration::from_millis(200),
-                max_lifetime: Some(Duration::from_secs(3600)),
-                idle_timeout: Some(Duration::from_secs(600)),
-                pin_rules: PinRules::new(),
-                pin_policy: PinPolicy::CloseOnReturn,
-                freeze_check: FreezeCheck::Validate,
-                validate_idle_after: Some(Duration::from_secs(5)),
-                validate_timeout: Duration::from_secs(1),
-                trim_at_invocation_end: false,
-                refill_after_invocation: Some(Duration::from_millis(250)),
-                held_too_long: None,
-                statement_cache_capacity: 100,
-                statement_cache_bytes: 256 * 1024,
-            },
+            settings: Settings::default(),
             connector: None,
             password: None,
             #[cfg(feature = "tls")]
@@ -846,27 +807,7 @@ impl Builder {
         {
             pg.connect_timeout(s.connect_timeout);
         }
-        let settings = Settings {
-            pg,
-            max_size: s.max_size,
-            min_idle: s.min_idle,
-            acquire_timeout: s.acquire_timeout,
-            connect_timeout: s.connect_timeout,
-            query_timeout: s.query_timeout,
-            deadline_margin: s.deadline_margin,
-            max_lifetime: s.max_lifetime,
-            idle_timeout: s.idle_timeout,
-            pin_rules: s.pin_rules,
-            pin_policy: s.pin_policy,
-            freeze_check: s.freeze_check,
-            validate_idle_after: s.validate_idle_after,
-            validate_timeout: s.validate_timeout,
-            trim_at_invocation_end: s.trim_at_invocation_end,
-            refill_after_invocation: s.refill_after_invocation,
-            held_too_long: s.held_too_long,
-            statement_cache_capacity: s.statement_cache_capacity,
-            statement_cache_bytes: s.statement_cache_bytes,
-        };
+        let settings = Settings { pg, ..s };
         Ok(Pool::from_parts(settings, connector, password))
     }
 }
