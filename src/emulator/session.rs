@@ -17,7 +17,7 @@ use super::Shared;
 use super::stream::ClientStream;
 use super::upstream::{BorrowError, Upstream, cancel};
 use super::wire::{self, Frame, cstr, take_frame};
-use crate::pinning::{Classification, Protocol, Reason, Reasons, classify};
+use crate::pinning::{Classification, PinRules, Protocol, Reason, Reasons, classify};
 
 /// A statement the client prepared under its own name, known to the emulator by another.
 struct Stmt {
@@ -707,34 +707,10 @@ impl Session {
             }
             return Ok(Flow::Continue);
         }
-        if self.held.is_none() {
-            match self.borrow().await? {
-                Ok(()) => {}
-                Err(e) => {
-                    let text = match e {
-                        BorrowError::Timeout => {
-                            tracing::info!(
-                                client = self.id,
-                                "emulator: timed out waiting to acquire a database connection"
-                            );
-                            "Timed-out waiting to acquire database connection.".to_string()
-                        }
-                        BorrowError::Connect(e) => {
-                            format!("The proxy could not connect to the database: {e}")
-                        }
-                    };
-                    wire::error(&mut self.to_client, "ERROR", "08000", &text);
-                    match frame.tag {
-                        b'Q' | b'S' | b'F' => wire::ready(&mut self.to_client, b'I'),
-                        _ => self.discard_until_sync = true,
-                    }
-                    if self.shared.config.close_on_borrow_timeout {
-                        self.write_client().await?;
-                        return Ok(Flow::Close);
-                    }
-                    return Ok(Flow::Continue);
-                }
-            }
+        if self.held.is_none()
+            && let Err(e) = self.borrow().await?
+        {
+            return self.borrow_failed(frame.tag, e).await;
         }
         let rules = self.shared.config.rules;
         match frame.tag {
@@ -747,121 +723,10 @@ impl Session {
                 h.open.simple = true;
                 h.end_cycle();
             }
-            b'F' => {
-                // A FunctionCall runs a function by OID: set_config, an advisory lock, nextval,
-                // or one that changes session state in its body. Neither the emulator nor RDS
-                // Proxy (which documents nothing here) can see what it does: pin, so the
-                // connection it may have changed never serves another client.
-                let oid = frame
-                    .body
-                    .get(..4)
-                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("four bytes")));
-                self.pin(
-                    Reasons::of(Reason::Untracked),
-                    &format!("FunctionCall of function OID {oid}"),
-                );
-                let h = self.held.as_mut().expect("held");
-                frame.write_to(&mut h.out);
-                h.open.simple = true;
-                h.end_cycle();
-            }
-            b'P' => {
-                let (name, rest) = wire::split_name(&frame.body)?;
-                let sql = wire::parse_query(&rest)?;
-                let class = classify(&sql);
-                let r = rules.pinning_reasons(
-                    &Classification {
-                        reasons: Reasons::EMPTY,
-                        txn: class.txn,
-                    },
-                    Protocol::Parse,
-                );
-                self.pin(r, &sql);
-                let global = self.remember(name, rest.clone(), class);
-                let id = (self.id, self.unnamed_seq);
-                let h = self.held.as_mut().expect("held");
-                match global {
-                    None => {
-                        h.up.unnamed = Some(id);
-                        frame.write_to(&mut h.out);
-                    }
-                    Some(global) => {
-                        wire::named(b'P', b"", &global, &rest).write_to(&mut h.out);
-                        h.up.prepared.insert(global.clone());
-                        self.shared.pool.registry().prepared(&global);
-                        h.open.prepared.push(global);
-                    }
-                }
-                self.held.as_mut().expect("held").open_dirty = true;
-            }
-            b'B' => {
-                let mut body = frame.body.clone();
-                let portal = cstr(&mut body)?;
-                let name = cstr(&mut body)?;
-                let stmt = if name.is_empty() {
-                    self.unnamed.as_ref()
-                } else {
-                    self.stmts.get(&name)
-                };
-                let (global, class) = match stmt {
-                    Some(s) => (
-                        if name.is_empty() {
-                            String::new()
-                        } else {
-                            s.global.clone()
-                        },
-                        Some(s.class),
-                    ),
-                    None => (name.clone(), None),
-                };
-                if let Some(class) = class {
-                    let r = rules.pinning_reasons(&class, Protocol::Execute);
-                    let sql = stmt
-                        .map(|s| wire::parse_query(&s.rest).unwrap_or_default())
-                        .unwrap_or_default();
-                    self.pin(r, &sql);
-                    self.ensure(&name);
-                }
-                let h = self.held.as_mut().expect("held");
-                wire::named(b'B', &[portal.as_bytes(), &[0]].concat(), &global, &body)
-                    .write_to(&mut h.out);
-                h.open_dirty = true;
-            }
-            b'D' | b'C' => {
-                let mut body = frame.body.clone();
-                if body.is_empty() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "Describe or Close without a kind",
-                    ));
-                }
-                let kind = body.get_u8();
-                let name = cstr(&mut body)?;
-                if kind == b'S' && !name.is_empty() {
-                    if frame.tag == b'D' {
-                        self.ensure(&name);
-                    }
-                    let global = self
-                        .stmts
-                        .get(&name)
-                        .map_or(name.clone(), |s| s.global.clone());
-                    let h = self.held.as_mut().expect("held");
-                    wire::named(frame.tag, &[kind], &global, b"").write_to(&mut h.out);
-                    if frame.tag == b'C' && self.stmts.remove(&name).is_some() {
-                        let mut reg = self.shared.pool.registry();
-                        if h.up.prepared.remove(&global) {
-                            reg.closed(&global);
-                        }
-                        reg.retire(global);
-                    }
-                } else {
-                    if frame.tag == b'D' && kind == b'S' {
-                        self.ensure("");
-                    }
-                    frame.write_to(&mut self.held.as_mut().expect("held").out);
-                }
-                self.held.as_mut().expect("held").open_dirty = true;
-            }
+            b'F' => self.on_function_call(&frame),
+            b'P' => self.on_parse(&frame, rules)?,
+            b'B' => self.on_bind(&frame, rules)?,
+            b'D' | b'C' => self.on_describe_or_close(&frame)?,
             b'S' => {
                 let h = self.held.as_mut().expect("held");
                 frame.write_to(&mut h.out);
@@ -882,6 +747,159 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// No database connection for the client's message: an error, as RDS Proxy answers.
+    async fn borrow_failed(&mut self, tag: u8, e: BorrowError) -> io::Result<Flow> {
+        let text = match e {
+            BorrowError::Timeout => {
+                tracing::info!(
+                    client = self.id,
+                    "emulator: timed out waiting to acquire a database connection"
+                );
+                "Timed-out waiting to acquire database connection.".to_string()
+            }
+            BorrowError::Connect(e) => {
+                format!("The proxy could not connect to the database: {e}")
+            }
+        };
+        wire::error(&mut self.to_client, "ERROR", "08000", &text);
+        match tag {
+            b'Q' | b'S' | b'F' => wire::ready(&mut self.to_client, b'I'),
+            _ => self.discard_until_sync = true,
+        }
+        if self.shared.config.close_on_borrow_timeout {
+            self.write_client().await?;
+            return Ok(Flow::Close);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// A FunctionCall: pins (see the comment inside) and goes through.
+    fn on_function_call(&mut self, frame: &Frame) {
+        // A FunctionCall runs a function by OID: set_config, an advisory lock, nextval,
+        // or one that changes session state in its body. Neither the emulator nor RDS
+        // Proxy (which documents nothing here) can see what it does: pin, so the
+        // connection it may have changed never serves another client.
+        let oid = frame
+            .body
+            .get(..4)
+            .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("four bytes")));
+        self.pin(
+            Reasons::of(Reason::Untracked),
+            &format!("FunctionCall of function OID {oid}"),
+        );
+        let h = self.held.as_mut().expect("held");
+        frame.write_to(&mut h.out);
+        h.open.simple = true;
+        h.end_cycle();
+    }
+
+    /// A Parse: pins under the legacy rules (or for a transaction statement's class), and is
+    /// renamed to the emulator's own name for a named statement.
+    fn on_parse(&mut self, frame: &Frame, rules: PinRules) -> io::Result<()> {
+        let (name, rest) = wire::split_name(&frame.body)?;
+        let sql = wire::parse_query(&rest)?;
+        let class = classify(&sql);
+        let r = rules.pinning_reasons(
+            &Classification {
+                reasons: Reasons::EMPTY,
+                txn: class.txn,
+            },
+            Protocol::Parse,
+        );
+        self.pin(r, &sql);
+        let global = self.remember(name, rest.clone(), class);
+        let id = (self.id, self.unnamed_seq);
+        let h = self.held.as_mut().expect("held");
+        match global {
+            None => {
+                h.up.unnamed = Some(id);
+                frame.write_to(&mut h.out);
+            }
+            Some(global) => {
+                wire::named(b'P', b"", &global, &rest).write_to(&mut h.out);
+                h.up.prepared.insert(global.clone());
+                self.shared.pool.registry().prepared(&global);
+                h.open.prepared.push(global);
+            }
+        }
+        self.held.as_mut().expect("held").open_dirty = true;
+        Ok(())
+    }
+
+    /// A Bind: pins on what its statement does, and makes sure the statement exists on the
+    /// held database connection.
+    fn on_bind(&mut self, frame: &Frame, rules: PinRules) -> io::Result<()> {
+        let mut body = frame.body.clone();
+        let portal = cstr(&mut body)?;
+        let name = cstr(&mut body)?;
+        let stmt = if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.stmts.get(&name)
+        };
+        let (global, class) = match stmt {
+            Some(s) => (
+                if name.is_empty() {
+                    String::new()
+                } else {
+                    s.global.clone()
+                },
+                Some(s.class),
+            ),
+            None => (name.clone(), None),
+        };
+        if let Some(class) = class {
+            let r = rules.pinning_reasons(&class, Protocol::Execute);
+            let sql = stmt
+                .map(|s| wire::parse_query(&s.rest).unwrap_or_default())
+                .unwrap_or_default();
+            self.pin(r, &sql);
+            self.ensure(&name);
+        }
+        let h = self.held.as_mut().expect("held");
+        wire::named(b'B', &[portal.as_bytes(), &[0]].concat(), &global, &body).write_to(&mut h.out);
+        h.open_dirty = true;
+        Ok(())
+    }
+
+    /// A Describe or Close of a statement or portal, named the emulator's way.
+    fn on_describe_or_close(&mut self, frame: &Frame) -> io::Result<()> {
+        let mut body = frame.body.clone();
+        if body.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "Describe or Close without a kind",
+            ));
+        }
+        let kind = body.get_u8();
+        let name = cstr(&mut body)?;
+        if kind == b'S' && !name.is_empty() {
+            if frame.tag == b'D' {
+                self.ensure(&name);
+            }
+            let global = self
+                .stmts
+                .get(&name)
+                .map_or(name.clone(), |s| s.global.clone());
+            let h = self.held.as_mut().expect("held");
+            wire::named(frame.tag, &[kind], &global, b"").write_to(&mut h.out);
+            if frame.tag == b'C' && self.stmts.remove(&name).is_some() {
+                let mut reg = self.shared.pool.registry();
+                if h.up.prepared.remove(&global) {
+                    reg.closed(&global);
+                }
+                reg.retire(global);
+            }
+        } else {
+            if frame.tag == b'D' && kind == b'S' {
+                self.ensure("");
+            }
+            frame.write_to(&mut self.held.as_mut().expect("held").out);
+        }
+        self.held.as_mut().expect("held").open_dirty = true;
+        Ok(())
     }
 
     /// Relays what the database connection sent, hiding the answers to injected messages.
