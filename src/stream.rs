@@ -21,10 +21,7 @@ pin_project! {
         #[pin]
         inner: S,
         #[pin]
-        sleep: Option<Sleep>,
-        bound: Option<Bound>,
-        check: Option<PollBound>,
-        state: &'a ConnState,
+        watch: Watch<'a>,
         guard: Option<InFlight<'a>>,
         failed: bool,
         // The inner stream ended; waiting for the socket to deliver the ReadyForQuery.
@@ -48,10 +45,7 @@ impl<'a, S> Tracked<'a, S> {
     ) -> Self {
         Tracked {
             inner,
-            sleep: bound.map(|b| sleep_until(b.at)),
-            check: bound.as_ref().map(PollBound::new),
-            bound,
-            state,
+            watch: Watch::new(bound, state),
             guard: Some(guard),
             failed: false,
             ending: false,
@@ -66,26 +60,74 @@ impl Tracked<'_, tokio_postgres::RowStream> {
     }
 }
 
-/// True when the bound has passed, read from the clock: a stream whose items are always ready
-/// never lets its timer fire, so every poll looks.
-#[inline]
-fn passed(check: &Option<PollBound>) -> bool {
-    check.is_some_and(|c| c.passed())
+pin_project! {
+    /// What a stream and a copy sink share: the bound, checked at every poll (a stream whose
+    /// items are always ready never lets its timer fire, so every poll also reads the clock),
+    /// and the connection, closed when the bound passes and marked broken when an error ends
+    /// the session.
+    struct Watch<'a> {
+        #[pin]
+        sleep: Option<Sleep>,
+        bound: Option<Bound>,
+        check: Option<PollBound>,
+        state: &'a ConnState,
+    }
 }
 
-/// Checks the bound; on expiry closes the connection and returns the timeout error.
-fn expired(
-    sleep: Pin<&mut Option<Sleep>>,
-    bound: &Option<Bound>,
-    state: &ConnState,
-    cx: &mut Context<'_>,
-) -> Option<Error> {
-    let sleep = sleep.as_pin_mut()?;
-    if sleep.poll(cx).is_pending() {
-        return None;
+impl<'a> Watch<'a> {
+    fn new(bound: Option<Bound>, state: &'a ConnState) -> Self {
+        Watch {
+            sleep: bound.map(|b| sleep_until(b.at)),
+            check: bound.as_ref().map(PollBound::new),
+            bound,
+            state,
+        }
     }
-    state.kill();
-    bound.map(|b| b.error(Phase::Query))
+
+    /// True when the bound has passed, read from the clock.
+    #[inline]
+    fn passed(&self) -> bool {
+        self.check.as_ref().is_some_and(PollBound::passed)
+    }
+
+    /// The timeout error after closing the connection, when the bound has passed (read from
+    /// the clock).
+    fn passed_error(&self) -> Option<Error> {
+        if !self.passed() {
+            return None;
+        }
+        self.state.kill();
+        self.bound.map(|b| b.error(Phase::Query))
+    }
+
+    /// After the inner stream or sink was pending: polls the timer; once it fired, closes the
+    /// connection and returns the timeout error.
+    fn expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Error> {
+        let this = self.project();
+        let sleep = this.sleep.as_pin_mut()?;
+        if sleep.poll(cx).is_pending() {
+            return None;
+        }
+        this.state.kill();
+        this.bound.map(|b| b.error(Phase::Query))
+    }
+
+    /// Polls the timer without acting on it: ready once it fired (with no bound, never).
+    fn expired_quietly(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project().sleep.as_pin_mut() {
+            Some(s) => s.poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The driver's error; an error that ends the session (FATAL, a closed socket) marks the
+    /// connection broken. Any other error response ends only the statement.
+    fn failed(&self, e: tokio_postgres::Error) -> Error {
+        if crate::client::ends_session(&e) {
+            self.state.kill_broken();
+        }
+        Error::Query(e)
+    }
 }
 
 impl<S, T> Stream for Tracked<'_, S>
@@ -100,10 +142,9 @@ where
             return Poll::Ready(None);
         }
         if !*this.ending {
-            if passed(this.check) {
+            if let Some(e) = this.watch.passed_error() {
                 *this.failed = true;
-                this.state.kill();
-                return Poll::Ready(this.bound.map(|b| Err(b.error(Phase::Query))));
+                return Poll::Ready(Some(Err(e)));
             }
             match this.inner.poll_next(cx) {
                 Poll::Ready(Some(Ok(v))) => return Poll::Ready(Some(Ok(v))),
@@ -112,14 +153,11 @@ where
                     if let Some(g) = this.guard.take() {
                         g.done();
                     }
-                    if crate::client::ends_session(&e) {
-                        this.state.kill_broken();
-                    }
-                    return Poll::Ready(Some(Err(Error::Query(e))));
+                    return Poll::Ready(Some(Err(this.watch.failed(e))));
                 }
                 Poll::Ready(None) => *this.ending = true,
                 Poll::Pending => {
-                    return match expired(this.sleep, this.bound, this.state, cx) {
+                    return match this.watch.as_mut().expired(cx) {
                         Some(e) => {
                             *this.failed = true;
                             Poll::Ready(Some(Err(e)))
@@ -132,11 +170,12 @@ where
         // Past the bound the wait stops: the connection, not at rest, is closed on return.
         // (tokio-postgres ends a stream at its CommandComplete, which may be read apart from
         // the ReadyForQuery.)
+        let state = this.watch.state;
         if let Some(g) = this.guard.as_ref()
-            && this.state.wire.poll_ready_for(g.request, cx).is_pending()
-            && !this.state.health(false).killed
-            && !passed(this.check)
-            && expired_quietly(this.sleep.as_mut(), cx).is_pending()
+            && state.wire.poll_ready_for(g.request, cx).is_pending()
+            && !state.health(false).killed
+            && !this.watch.passed()
+            && this.watch.as_mut().expired_quietly(cx).is_pending()
         {
             return Poll::Pending;
         }
@@ -148,14 +187,6 @@ where
     }
 }
 
-/// Polls the bound's timer without acting on it: ready once it fired (or with no bound never).
-fn expired_quietly(sleep: Pin<&mut Option<Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
-    match sleep.as_pin_mut() {
-        Some(s) => s.poll(cx),
-        None => Poll::Pending,
-    }
-}
-
 pin_project! {
     /// A sink for `COPY ... FROM STDIN`, from `copy_in`. Call [`CopyInSink::finish`] at the
     /// end; a sink dropped unfinished makes the pool close the connection.
@@ -163,10 +194,7 @@ pin_project! {
         #[pin]
         inner: tokio_postgres::CopyInSink<T>,
         #[pin]
-        sleep: Option<Sleep>,
-        bound: Option<Bound>,
-        check: Option<PollBound>,
-        state: &'a ConnState,
+        watch: Watch<'a>,
         guard: Option<InFlight<'a>>,
     }
 }
@@ -180,10 +208,7 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
     ) -> Self {
         CopyInSink {
             inner,
-            sleep: bound.map(|b| sleep_until(b.at)),
-            check: bound.as_ref().map(PollBound::new),
-            bound,
-            state,
+            watch: Watch::new(bound, state),
             guard: Some(guard),
         }
     }
@@ -197,16 +222,13 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         ) -> Poll<Result<R, tokio_postgres::Error>>,
     ) -> Poll<Result<R, Error>> {
         let this = self.project();
-        if passed(this.check) {
-            this.state.kill();
-            return Poll::Ready(Err(this
-                .bound
-                .map_or(Error::Closed, |b| b.error(Phase::Query))));
+        if let Some(e) = this.watch.passed_error() {
+            return Poll::Ready(Err(e));
         }
         if let Poll::Ready(r) = f(this.inner, cx) {
-            return Poll::Ready(r.map_err(Error::Query));
+            return Poll::Ready(r.map_err(|e| this.watch.failed(e)));
         }
-        match expired(this.sleep, this.bound, this.state, cx) {
+        match this.watch.expired(cx) {
             Some(e) => Poll::Ready(Err(e)),
             None => Poll::Pending,
         }
@@ -232,7 +254,10 @@ impl<'a, T: Buf + 'static + Send> CopyInSink<'a, T> {
         if ended {
             let this = self.project();
             if let Some(g) = this.guard.take() {
-                this.state.await_ready(g.request, *this.bound).await;
+                this.watch
+                    .state
+                    .await_ready(g.request, this.watch.bound)
+                    .await;
                 g.done();
             }
         }
@@ -248,7 +273,10 @@ impl<T: Buf + 'static + Send> Sink<T> for CopyInSink<'_, T> {
     }
 
     fn start_send(self: Pin<&mut Self>, item: T) -> Result<(), Error> {
-        self.project().inner.start_send(item).map_err(Error::Query)
+        let this = self.project();
+        this.inner
+            .start_send(item)
+            .map_err(|e| this.watch.failed(e))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {

@@ -409,3 +409,44 @@ async fn raw_access_is_observed_like_everything_else() {
     drop(c);
     assert_quiet(&pool);
 }
+
+#[tokio::test]
+async fn a_copy_whose_session_ends_closes_its_connection_as_broken() {
+    // A stream and a copy sink read a session-ending error the same way: the connection is
+    // broken, not merely in an unknown state.
+    let pool = builder("st_copy_fatal").max_size(1).build().unwrap();
+    let admin = common::admin().await;
+    let c = pool.get().await.unwrap();
+    table(&c, "st_copy_fatal_t").await;
+    let err = {
+        let sink = c.copy_in("COPY st_copy_fatal_t FROM STDIN").await.unwrap();
+        let mut sink = pin!(sink);
+        sink.send(Bytes::from_static(b"1\tv\n")).await.unwrap();
+        assert_eq!(common::kill_backends(&admin, "st_copy_fatal").await, 1);
+        // The FATAL reaches the sink at the latest when it finishes.
+        let mut failed = None;
+        for i in 0..1_000 {
+            if let Err(e) = sink.send(Bytes::from(format!("{i}\tv\n"))).await {
+                failed = Some(e);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        match failed {
+            Some(e) => e,
+            None => sink.as_mut().finish().await.unwrap_err(),
+        }
+    };
+    assert!(matches!(err, pinpool::Error::Query(_)), "{err:?}");
+    drop(c);
+    let closed = pool.status().closed;
+    assert_eq!(
+        (closed.get(CloseReason::Broken), closed.total()),
+        (1, 1),
+        "{closed:?}"
+    );
+    admin
+        .batch_execute("DROP TABLE IF EXISTS st_copy_fatal_t")
+        .await
+        .unwrap();
+}
