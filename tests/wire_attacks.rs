@@ -14,18 +14,30 @@ use pinpool::PooledClient;
 
 /// The server's own word on the transaction state of `c`'s session ('I', 'T' or 'E' as
 /// pg_stat_activity reports it), read from another session so the probe cannot fail.
+/// The states of `app`'s backends, once none is inside a transaction or 3 s have passed: a
+/// connection the pool closed leaves its backend "idle in transaction" until the server reads
+/// the end of its socket, while one kept in the pool stays so.
 async fn backend_state(app: &str) -> Vec<String> {
-    admin()
-        .await
-        .query(
-            "SELECT state FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
-        .collect()
+    let admin = admin().await;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let states: Vec<String> = admin
+            .query(
+                "SELECT state FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+            .collect();
+        if std::time::Instant::now() > end
+            || !states.iter().any(|s| s.starts_with("idle in transaction"))
+        {
+            return states;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls `fut` exactly once (so tokio-postgres queues its request) and drops it.
