@@ -23,14 +23,17 @@ use crate::wire::{Facts, TxnStatus, Wire};
 struct TaskSlot {
     fut: Mutex<Option<ConnectionFuture>>,
     abort: OnceLock<AbortHandle>,
+    wire: Arc<Wire>,
 }
 
 /// Spawns the task that drives a connection's socket. The task ends when the server closes
-/// the connection or when [`ConnState::kill`] drops the future.
-fn spawn_connection(connection: ConnectionFuture, id: u64) -> Arc<TaskSlot> {
+/// the connection or when [`ConnState::kill`] drops the future; either way `wire` learns it,
+/// so nobody waits for a ReadyForQuery that cannot come.
+fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> Arc<TaskSlot> {
     let slot = Arc::new(TaskSlot {
         fut: Mutex::new(Some(connection)),
         abort: OnceLock::new(),
+        wire,
     });
     let polled = slot.clone();
     let handle = tokio::spawn(poll_fn(move |cx| {
@@ -45,6 +48,7 @@ fn spawn_connection(connection: ConnectionFuture, id: u64) -> Arc<TaskSlot> {
                     tracing::debug!(connection = id, error = %e, "pinpool: connection ended with an error");
                 }
                 *fut = None;
+                polled.wire.end();
                 Poll::Ready(())
             }
         }
@@ -109,6 +113,7 @@ impl ConnState {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         drop(fut);
+        self.wire.end();
         if let Some(abort) = self.task.abort.get() {
             abort.abort();
         }
@@ -299,6 +304,7 @@ impl Conn {
             connection,
             wire,
         } = opened;
+        let task = spawn_connection(connection, id, wire.clone());
         Conn(Box::new(ConnData {
             client,
             state: ConnState {
@@ -308,7 +314,7 @@ impl Conn {
                 reported: AtomicU16::new(0),
                 rollback_mark: AtomicU32::new(0),
                 wire,
-                task: spawn_connection(connection, id),
+                task,
                 cache: Mutex::new(StatementCache::default()),
             },
             created: now,

@@ -65,6 +65,8 @@ pub(crate) struct Wire {
     /// are any.
     waiters: Mutex<Vec<Waker>>,
     waiting: AtomicBool,
+    /// The connection task ended (or its future was dropped): no ReadyForQuery will come.
+    ended: AtomicBool,
 }
 
 impl Wire {
@@ -79,6 +81,7 @@ impl Wire {
             first_pin: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         })
     }
 
@@ -134,11 +137,11 @@ impl Wire {
     }
 
     /// Waits until the ReadyForQuery of request number `target` arrived ([`Wire::next_request`]
-    /// taken just before a call's request was queued). tokio-postgres hands a result over at
-    /// its CommandComplete, which a socket read may deliver apart from the ReadyForQuery
-    /// behind it; waiting for it lets the return find the connection at rest. Requests queued
-    /// ahead of the call only make the target early, never late, so nothing pipelined behind
-    /// the call is waited for. Cancel safe.
+    /// taken just before a call's request was queued), or the connection ended. tokio-postgres
+    /// hands a result over at its CommandComplete, which a socket read may deliver apart from
+    /// the ReadyForQuery behind it; waiting for it lets the return find the connection at rest.
+    /// Requests queued ahead of the call only make the target early, never late, so nothing
+    /// pipelined behind the call is waited for. Cancel safe.
     pub(crate) async fn ready_for(&self, target: u32) {
         std::future::poll_fn(|cx| self.poll_ready_for(target, cx)).await
     }
@@ -148,9 +151,11 @@ impl Wire {
         (self.ready.load(SeqCst).wrapping_sub(target) as i32) >= 0
     }
 
-    /// Ready once request number `target` was answered.
+    /// Ready once request number `target` was answered, or once the connection ended (a FATAL
+    /// error, a closed socket: nothing more will be answered, and the connection is closed on
+    /// return).
     pub(crate) fn poll_ready_for(&self, target: u32, cx: &mut Context<'_>) -> Poll<()> {
-        if self.reached(target) {
+        if self.reached(target) || self.ended.load(SeqCst) {
             return Poll::Ready(());
         }
         {
@@ -160,9 +165,9 @@ impl Wire {
             }
             self.waiting.store(true, SeqCst);
         }
-        // Checked again after registering (both sides SeqCst): a ReadyForQuery in between
-        // either sees `waiting` or is seen here.
-        if self.reached(target) {
+        // Checked again after registering (both sides SeqCst): a ReadyForQuery or the end in
+        // between either sees `waiting` or is seen here.
+        if self.reached(target) || self.ended.load(SeqCst) {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -172,6 +177,17 @@ impl Wire {
     fn count_ready(&self) {
         self.ready
             .store(self.ready.load(Relaxed).wrapping_add(1), SeqCst);
+        self.wake_waiters();
+    }
+
+    /// The connection task ended, or its future was dropped: whoever waits for a ReadyForQuery
+    /// stops waiting.
+    pub(crate) fn end(&self) {
+        self.ended.store(true, SeqCst);
+        self.wake_waiters();
+    }
+
+    fn wake_waiters(&self) {
         if self.waiting.load(SeqCst) {
             let waiters = {
                 let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
@@ -818,6 +834,27 @@ mod tests {
                 msgs.iter().map(|(t, b)| (*t, b[..b.len().min(8)].to_vec())).collect();
             proptest::prop_assert_eq!(whole, want);
         }
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_ready_for_query_ends_with_the_connection() {
+        let mut r = reader();
+        r.sent(&startup());
+        r.received(&msg(b'Z', b"I"));
+        r.sent(&msg(b'Q', b"SELECT pg_sleep(5)\0"));
+        let target = r.wire.next_request() - 1;
+        let wire = r.wire.clone();
+        let waiting = tokio::spawn(async move { wire.ready_for(target).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // A FATAL, then the socket closes: no ReadyForQuery follows.
+        r.received(&msg(b'E', b"SFATAL\0VFATAL\0C57P01\0Mterminating\0\0"));
+        r.wire.end();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("the wait ends with the connection")
+            .unwrap();
+        assert!(!r.wire.reached(target));
     }
 
     #[test]
