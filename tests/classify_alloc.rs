@@ -42,7 +42,11 @@ fn classify_does_not_allocate() {
     // The counter itself works: a deliberate allocation on this thread is seen.
     let before = allocs();
     std::hint::black_box(vec![1u8; 64]);
-    assert_eq!(allocs() - before, 1, "the counting allocator is not counting");
+    assert_eq!(
+        allocs() - before,
+        1,
+        "the counting allocator is not counting"
+    );
     for sql in &inputs {
         let before = allocs();
         let c = pinpool::pinning::classify(sql);
