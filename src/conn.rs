@@ -119,6 +119,18 @@ impl ConnState {
         }
     }
 
+    /// True once the connection task has ended or its future was dropped: nothing more will be
+    /// written on this connection, so its wire's byte count is final. Takes the task's lock,
+    /// which the task holds while it polls: a poll that is ending has ended when this returns.
+    /// Never called from inside the connection task.
+    pub(crate) fn ended(&self) -> bool {
+        self.task
+            .fut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
     /// The statement cache, locked (a poisoned lock still holds a consistent cache).
     pub(crate) fn cache(&self) -> std::sync::MutexGuard<'_, StatementCache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())

@@ -6,7 +6,9 @@
 //!   a COPY is open, FATAL/PANIC errors, notifications, and reported settings that changed;
 //! - from the client: how many requests (startup, Query, Sync, FunctionCall) wait for their
 //!   ReadyForQuery, and what each Query, Parse, Bind and FunctionCall would pin, classified
-//!   with the pool's [`PinRules`] whatever API sent it.
+//!   with the pool's [`PinRules`] whatever API sent it;
+//! - how many bytes the stream below accepted from tokio-postgres: while that count stands
+//!   still, nothing of a request can have reached the server (the retry rule in `client.rs`).
 //!
 //! The connection task is the only writer: it runs the stream's `poll_read` and `poll_write`.
 //! The pool reads the facts through [`Wire`] from other tasks. A client future completes only
@@ -55,6 +57,9 @@ pub(crate) struct Wire {
     facts: AtomicU64,
     /// Requests written so far (Query, counted Sync, FunctionCall).
     sent: AtomicU32,
+    /// Bytes the stream below the observer accepted (the socket, or a TLS layer that may
+    /// still hold them: either way they may have been sent). Only the connection task writes.
+    written: AtomicU64,
     /// Requests that will get a ReadyForQuery, the startup included (`sent`, less the Syncs
     /// the server ignores in copy-in mode, plus one), and ReadyForQuery messages received:
     /// the `n`-th request is answered once `ready` reaches `n`.
@@ -76,6 +81,7 @@ impl Wire {
             // The startup message waits for its ReadyForQuery like any request.
             facts: AtomicU64::new(1),
             sent: AtomicU32::new(0),
+            written: AtomicU64::new(0),
             expected: AtomicU32::new(1),
             ready: AtomicU32::new(0),
             first_pin: Mutex::new(None),
@@ -108,6 +114,19 @@ impl Wire {
     /// Requests written so far: a change says something was written since.
     pub(crate) fn sent(&self) -> u32 {
         self.sent.load(Relaxed)
+    }
+
+    /// Bytes written so far: while it has not changed, no byte of anything queued since can
+    /// have reached the server. Read after the connection task ended (a closed client: its
+    /// channel's close is ordered after its last write), it is final.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Relaxed)
+    }
+
+    fn count_written(&self, n: usize) {
+        // The connection task alone writes: a load and a store, no read-modify-write.
+        self.written
+            .store(self.written().wrapping_add(n as u64), Relaxed);
     }
 
     fn count_sent(&self) {
@@ -656,6 +675,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
+            this.reader.wire.count_written(n);
             this.reader.sent(&buf[..n]);
         }
         r
@@ -855,6 +875,57 @@ mod tests {
             .expect("the wait ends with the connection")
             .unwrap();
         assert!(!r.wire.reached(target));
+    }
+
+    /// Accepts at most `take` bytes a write, then fails once `left` writes have been made.
+    struct Trickle {
+        take: usize,
+        left: usize,
+        got: Vec<u8>,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.left == 0 {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            this.left -= 1;
+            let n = buf.len().min(this.take);
+            this.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn written_counts_the_bytes_the_stream_below_accepted() {
+        use tokio::io::AsyncWriteExt;
+        let wire = Wire::new(PinRules::new());
+        let inner = Trickle {
+            take: 3,
+            left: 4,
+            got: Vec::new(),
+        };
+        let mut s = Observed::new(inner, wire.clone());
+        assert_eq!(wire.written(), 0);
+        let mut bytes = startup();
+        bytes.extend(msg(b'Q', b"SELECT 1\0"));
+        // Four writes of three bytes are accepted, then the stream fails: exactly what it took
+        // is counted, however little of a message that is.
+        assert!(s.write_all(&bytes).await.is_err());
+        assert_eq!(wire.written(), 12);
+        assert_eq!(s.inner.got.len(), 12);
+        assert_eq!(wire.sent(), 0, "the Query was not written whole");
     }
 
     #[test]
