@@ -486,14 +486,14 @@ impl PoolInner {
 
     /// A connection to take the place of connection `old` in a checkout: `old` was closed (its
     /// task ended) before anything of the checkout was sent on it (the retry rule in
-    /// `client.rs`). The
-    /// replacement takes over `old`'s slot and its place in `size`, so capacity is neither
-    /// leaked nor counted twice: an idle connection (it brings its own place, so `old`'s is
-    /// given up under the idle set's lock, and `status()` never sees both), or a new one
-    /// opened within `connect_timeout` and `cut` (it takes `old`'s place; during the connect
-    /// `old` still holds it). Nothing changes until the replacement is in hand, and then
-    /// synchronously: dropped at any await, this leaves `old` the checkout's connection, to be
-    /// discarded as broken on return. On success `old` is counted closed here.
+    /// `client.rs`). The replacement takes over `old`'s slot and its place in `size`, so
+    /// capacity is neither leaked nor counted twice. It is an idle connection `get()` would
+    /// hand out as it is (that one brings its own place, so `old`'s is given up under the idle
+    /// set's lock, and `status()` never sees both), or else a new one opened within
+    /// `connect_timeout` and `cut` (it takes `old`'s place, which `old` holds until then).
+    /// Nothing changes until the replacement is in hand, and then synchronously: dropped at
+    /// any await, this leaves `old` the checkout's connection, to be discarded as broken on
+    /// return. On success `old` is counted closed here.
     pub(crate) async fn replacement(&self, old: u64, cut: Option<Instant>) -> Result<Conn, Error> {
         // Connection tasks first take in what arrived with this close: a proxy restart closes
         // every socket, the idle ones' too, and their ends are read before one is picked.
@@ -504,7 +504,13 @@ impl PoolInner {
         let now = SystemTime::now();
         let idle = loop {
             let mut idle = self.idle();
-            let Some(conn) = idle.pop_back() else {
+            // The most recently used one that `get()` would hand out without a round trip: one
+            // with raw access unsettled may still have a request queued (a raw BEGIN, say) that
+            // would run ahead of the retried statement. It stays for a `get()` to settle.
+            let Some(at) = idle.iter().rposition(|c| !c.state.raw_used()) else {
+                break None;
+            };
+            let Some(conn) = idle.remove(at) else {
                 break None;
             };
             match conn.stale(&self.settings, Some(now)) {

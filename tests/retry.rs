@@ -380,6 +380,54 @@ fn a_retried_client_returned_in_its_invocation_is_not_reported_as_held_past_it()
     );
 }
 
+/// Polls a future once (its request is queued, not yet written), then drops it.
+async fn poll_once_and_drop<F: Future>(fut: F) {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        let _ = fut.as_mut().poll(cx);
+        Poll::Ready(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_retry_takes_no_idle_connection_a_raw_request_may_still_be_queued_on() {
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS rt_rawq_t; CREATE TABLE rt_rawq_t (id int)")
+        .await
+        .unwrap();
+    let (port, cuts) = cutting_relay().await;
+    let pool = relayed(port, "rt_rawq").max_size(2).build().unwrap();
+    let a = pool.get().await.unwrap();
+    let b = pool.get().await.unwrap();
+    // A raw BEGIN dropped after it was queued: `get()` gives such a connection a round trip
+    // before anyone's statements; a retry must not take it without one.
+    poll_once_and_drop(PooledClient::raw(&b).batch_execute("BEGIN")).await;
+    drop(b);
+    let first = cuts.kills.lock().unwrap().remove(0);
+    first.notify_one();
+    until_closed(&a).await;
+    let n = a
+        .execute("INSERT INTO rt_rawq_t VALUES (1)", &[])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(pool.status().retries, 1);
+    drop(a);
+    drop(pool);
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM rt_rawq_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows, 1,
+        "the acknowledged INSERT ran inside the queued BEGIN and was lost"
+    );
+    admin.batch_execute("DROP TABLE rt_rawq_t").await.unwrap();
+}
+
 // ---- Bounded ------------------------------------------------------------------------------
 
 #[tokio::test]
