@@ -743,3 +743,16 @@ async fn a_transaction_start_dropped_at_any_poll_of_its_retry_leaks_nothing() {
     assert!(completed, "the retry never completed within 200 polls");
     assert_quiet(&pool);
 }
+
+/// The replacement lives behind `&self` (a `OnceCell`): the client stays `Send + Sync`, and
+/// its calls' futures `Send`, as a multi-threaded runtime and `GenericClient` need.
+#[allow(dead_code)]
+fn the_client_and_its_futures_stay_send_and_sync(pool: &Pool, c: &mut PooledClient) {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    send_sync(&*c);
+    send(&pool.get());
+    send(&c.query("SELECT 1", &[]));
+    send(&c.query_raw("SELECT 1", std::iter::empty::<i32>()));
+    send(&c.transaction());
+}
