@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Buf;
 use std::sync::atomic::Ordering::Relaxed;
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use tokio_postgres::error::{Severity, SqlState};
@@ -23,7 +22,6 @@ use crate::pinning::{Classification, Protocol, Reasons, TxnControl, classify};
 use crate::pool::PoolInner;
 use crate::statement::{Statement, StatementRef, ToStatement};
 use crate::stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream};
-use crate::wire::Wire;
 
 /// What runs a statement needs besides the client: the connection's state, the pool's
 /// settings and the caller's cutoff.
@@ -149,8 +147,10 @@ impl<'a> Guarded<'a> {
 ///   ([`is_closed_error`]) and its connection task has ended (`closed`,
 ///   [`ConnState::ended`]), so nothing more will be written on it and its byte count is
 ///   final;
-/// - no byte was written on it since the checkout handed it out (`wire`'s count still at
-///   `mark`). Bytes a TLS layer accepted count as written, though they may not have left:
+/// - no byte was written on it since the checkout handed it out
+///   ([`ConnState::unwritten_since_checkout`]: the observer's count of the bytes the stream
+///   below it accepted). Bytes a TLS layer accepted count as written, though they may not have
+///   left:
 ///   a wrong guess costs a retry, never a statement run twice. So nothing of this call left,
 ///   and no statement, portal, transaction, stream or copy of this checkout can exist on
 ///   that connection: swapping it is invisible;
@@ -162,8 +162,8 @@ impl<'a> Guarded<'a> {
 ///
 /// A statement that may have reached the server is never run twice: its effects (an INSERT
 /// that committed before the answer was lost) may stand.
-fn retry_allowed(closed: bool, wire: &Wire, mark: u64, raw_used: bool) -> bool {
-    closed && wire.written() == mark && wire.pinned().is_empty() && !raw_used
+fn retry_allowed(closed: bool, state: &ConnState, raw_used: bool) -> bool {
+    closed && state.unwritten_since_checkout() && state.pinned().is_empty() && !raw_used
 }
 
 /// True for an error that says the connection is closed (not the server's error, not a
@@ -873,17 +873,10 @@ macro_rules! statement_methods {
 /// Pool-specific calls are associated functions ([`PooledClient::pin_state`],
 /// [`PooledClient::raw`]) so they never shadow a driver method.
 pub struct PooledClient {
-    /// The connection the checkout handed out.
+    /// The connection the checkout handed out. If it was closed before anything was sent on
+    /// it ([`retry_allowed`]), its `replacement` is where every call runs and the one that
+    /// goes back to the pool; at most one per checkout.
     conn: Option<Conn>,
-    /// The one that replaced it, if it was closed before anything was sent on it (see
-    /// [`retry_allowed`]); at most one per checkout. Once set, it is where every call runs,
-    /// and the one that goes back to the pool; the replaced one is closed and counted already.
-    /// Set once and never changed, so calls in flight keep their borrow of the connection they
-    /// started on.
-    fresh: OnceCell<Conn>,
-    /// The bytes written on `conn` when it was handed out ([`Wire::written`]): the mark
-    /// [`retry_allowed`] compares with.
-    written_at_checkout: u64,
     pool: Arc<PoolInner>,
     cutoff: Option<Instant>,
     invocation: Option<Invocation>,
@@ -916,10 +909,9 @@ impl PooledClient {
         cutoff: Option<Instant>,
         invocation: Option<Invocation>,
     ) -> Self {
+        conn.state.mark_checkout();
         PooledClient {
-            written_at_checkout: conn.state.wire.written(),
             conn: Some(conn),
-            fresh: OnceCell::new(),
             pool,
             cutoff,
             invocation,
@@ -950,9 +942,10 @@ impl PooledClient {
     /// The connection calls run on: the one that replaced the checked-out one, if any (one
     /// atomic load).
     fn conn(&self) -> &Conn {
-        match self.fresh.get() {
+        let conn = self.checked_out();
+        match conn.replacement.get().and_then(|cell| cell.get()) {
             Some(fresh) => fresh,
-            None => self.checked_out(),
+            None => conn,
         }
     }
 
@@ -1014,19 +1007,16 @@ impl PooledClient {
         std::ptr::eq(ctx.g.state, &conn.state)
             && error.is_none_or(is_closed_error)
             && conn.client.is_closed()
-            && retry_allowed(
-                conn.state.ended(),
-                &conn.state.wire,
-                self.written_at_checkout,
-                conn.state.raw_used(),
-            )
+            && retry_allowed(conn.state.ended(), &conn.state, conn.state.raw_used())
     }
 
     /// The checked-out connection's replacement, made by whichever call gets here first (the
     /// others wait for it), within `ctx`'s bound: a context on it for the call.
     async fn swap<'s>(&'s self, ctx: Ctx<'s>) -> Result<Ctx<'s>, Error> {
-        let old = self.checked_out().state.id;
-        let install = self.fresh.get_or_try_init(|| async {
+        let checked_out = self.checked_out();
+        let old = checked_out.state.id;
+        let cell = checked_out.replacement.get_or_init(Box::default);
+        let install = cell.get_or_try_init(|| async {
             let conn = self.pool.replacement(old, self.cutoff).await?;
             // Synchronous from the replacement's arrival to its installation: dropped before,
             // nothing changed.
@@ -1060,15 +1050,16 @@ impl PooledClient {
         ctx.g.run(ctx.bound, ctx.client.check_connection()).await
     }
 
-    /// True when raw access was handed out since the connection was last settled.
+    /// True when raw access was handed out since the connection was last settled (asked at
+    /// the checkout, before anything could replace the connection).
     pub(crate) fn raw_used(&self) -> bool {
-        self.conn().state.raw_used()
+        self.checked_out().state.raw_used()
     }
 
     /// A round trip after raw access: whatever it left queued is written and answered first.
     /// True when the connection is then clean enough to hand out; the retry rule's mark is
     /// taken after it, as the checkout hands the connection out only then.
-    pub(crate) async fn settle_raw(&mut self) -> bool {
+    pub(crate) async fn settle_raw(&self) -> bool {
         // Part of the checkout: bounded like a wait for a slot (and like the freeze check).
         let s = &self.pool.settings;
         let bound = Bound::new(Some(s.acquire_timeout.min(s.validate_timeout)), self.cutoff);
@@ -1083,11 +1074,9 @@ impl PooledClient {
         }
         conn.state.settle();
         self.pool.report_pins(&conn.state);
-        let clean = conn
-            .on_return(&self.pool.settings, std::time::SystemTime::now())
-            .is_none();
-        self.written_at_checkout = self.conn().state.wire.written();
-        clean
+        conn.state.mark_checkout();
+        conn.on_return(&self.pool.settings, std::time::SystemTime::now())
+            .is_none()
     }
 
     /// True when the connection is known to be closed.
@@ -1143,20 +1132,19 @@ impl PooledClient {
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        let checked_out = self.conn.take();
-        // A replaced connection was closed and counted when it was replaced: only the one
-        // that replaced it goes back, with the slot.
-        let current = match self.fresh.take() {
-            Some(fresh) => {
-                drop(checked_out);
-                Some(fresh)
-            }
-            None => checked_out,
+        let Some(mut conn) = self.conn.take() else {
+            return;
         };
-        if let Some(conn) = current {
-            self.pool.note_held(self.since, self.from);
-            self.pool.put_back(conn, self.invocation.as_ref());
+        // A replaced connection was closed and counted when it was replaced: only the one
+        // that replaced it goes back, with the slot. (Looked at before it is taken: taking
+        // moves a new cell in, and almost every connection has none.)
+        if conn.replacement.get().is_some()
+            && let Some(fresh) = conn.replacement.take().and_then(|cell| cell.into_inner())
+        {
+            conn = fresh;
         }
+        self.pool.note_held(self.since, self.from);
+        self.pool.put_back(conn, self.invocation.as_ref());
     }
 }
 
@@ -1402,12 +1390,8 @@ impl<'a> TransactionBuilder<'a> {
             deferrable,
         } = self;
         let options = (isolation_level, read_only, deferrable);
-        // Field by field: the transaction borrows the connection it begins on for 'a, and the
-        // retry needs the others while the first attempt's borrow of its connection lasts.
         let PooledClient {
             conn,
-            fresh,
-            written_at_checkout,
             pool,
             cutoff,
             invocation,
@@ -1418,31 +1402,39 @@ impl<'a> TransactionBuilder<'a> {
         // The bound first: a start refused here sends nothing and queues no ROLLBACK, so it
         // must leave no mark saying one is queued.
         let bound = call_bound(pool, cutoff)?;
-        if fresh.initialized() {
-            let conn = fresh.get_mut().expect("a replacement is set once and kept");
-            return begin(conn, pool, cutoff, options, bound)
-                .await
-                .map_err(|(e, _)| e);
-        }
         let conn: &mut ConnData = conn
             .as_mut()
             .expect("a PooledClient holds its connection until dropped");
-        // What the rule reads, taken where the attempt's borrow does not reach: the wire, and
-        // the raw flag (nothing can set it while this holds the client).
-        let wire = conn.state.wire.clone();
-        let raw_used = conn.state.raw_used();
-        let old = conn.state.id;
-        let e = match begin(conn, pool, cutoff, options, bound).await {
+        if conn
+            .replacement
+            .get()
+            .is_some_and(|cell| cell.initialized())
+        {
+            let fresh = conn
+                .replacement
+                .get_mut()
+                .and_then(|cell| cell.get_mut())
+                .expect("a replacement is set once and kept");
+            let ConnData { client, state, .. } = &mut **fresh;
+            return begin(client, state, pool, cutoff, options, bound)
+                .await
+                .map_err(|(e, _)| e);
+        }
+        // Field by field: the transaction borrows the client it begins on for 'a, and the
+        // retry needs the replacement cell while the first attempt's borrow lasts.
+        let ConnData {
+            client,
+            state,
+            replacement,
+            ..
+        } = conn;
+        let old = state.id;
+        let e = match begin(client, state, pool, cutoff, options, bound).await {
             Ok(tx) => return Ok(tx),
-            Err((e, closed))
-                if is_closed_error(&e)
-                    && retry_allowed(closed, &wire, *written_at_checkout, raw_used) =>
-            {
-                e
-            }
+            Err((e, true)) if is_closed_error(&e) => e,
             Err((e, _)) => return Err(e),
         };
-        let replacement = match within(bound, pool.replacement(old, cutoff)).await {
+        let fresh = match within(bound, pool.replacement(old, cutoff)).await {
             Ok(Ok(r)) => r,
             Ok(Err(Error::Closed)) => return Err(e),
             Ok(Err(other)) => return Err(other),
@@ -1450,30 +1442,35 @@ impl<'a> TransactionBuilder<'a> {
         };
         if let Some(inv) = invocation {
             inv.give_back(old);
-            inv.lend(replacement.state.id, from);
+            inv.lend(fresh.state.id, from);
         }
-        pool.retried(old, replacement.state.id);
-        if fresh.set(replacement).is_err() {
+        pool.retried(old, fresh.state.id);
+        if replacement.get_or_init(Box::default).set(fresh).is_err() {
             unreachable!("the client is borrowed mutably: nothing else sets its replacement");
         }
-        let conn = fresh.get_mut().expect("just set");
-        begin(conn, pool, cutoff, options, bound)
+        let fresh = replacement
+            .get_mut()
+            .and_then(|cell| cell.get_mut())
+            .expect("just set");
+        let ConnData { client, state, .. } = &mut **fresh;
+        begin(client, state, pool, cutoff, options, bound)
             .await
             .map_err(|(e, _)| e)
     }
 }
 
-/// Begins a transaction on `conn`. On failure, also says whether its connection task has
-/// ended ([`ConnState::ended`], read here, where the connection is still at hand).
+/// Begins a transaction on a connection's client. On failure, also says whether [`retry_allowed`] holds for
+/// it (decided here, where the connection is still at hand; the raw flag is read before the
+/// BEGIN, and nothing else can set it while the builder holds the client).
 async fn begin<'c>(
-    conn: &'c mut ConnData,
+    client: &'c mut Client,
+    state: &'c ConnState,
     pool: &'c PoolInner,
     cutoff: Option<Instant>,
     (isolation_level, read_only, deferrable): (Option<IsolationLevel>, Option<bool>, Option<bool>),
     bound: Option<Bound>,
 ) -> Result<Transaction<'c>, (Error, bool)> {
-    let ConnData { client, state, .. } = conn;
-    let state: &ConnState = state;
+    let raw_used = state.raw_used();
     let g = Guarded {
         state,
         pool,
@@ -1498,9 +1495,10 @@ async fn begin<'c>(
         }),
         Err(e) => {
             drop(mark);
-            // Read from the connection's task, not its client: on success the transaction
-            // keeps the client borrowed.
-            Err((e, state.ended()))
+            // Closed is read from the connection's task, not its client: on success the
+            // transaction keeps the client borrowed.
+            let retry = retry_allowed(state.ended(), state, raw_used);
+            Err((e, retry))
         }
     }
 }

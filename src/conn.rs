@@ -2,7 +2,7 @@
 //! state that decides whether it may go back to the pool.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
@@ -79,6 +79,9 @@ pub(crate) struct ConnState {
     /// The wire's count of requests written when a dropped transaction queued its ROLLBACK:
     /// while nothing more was written, the ROLLBACK still waits ahead of everything else.
     rollback_mark: AtomicU32,
+    /// The wire's count of bytes written when the connection was last handed out: while it
+    /// still stands, nothing of that checkout was sent (the retry rule, in `client.rs`).
+    checkout_mark: AtomicU64,
     /// What the protocol stream says: transaction status, requests waiting, COPY, pins.
     pub(crate) wire: Arc<Wire>,
     task: Arc<TaskSlot>,
@@ -129,6 +132,16 @@ impl ConnState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
+    }
+
+    /// The connection is handed out: what was written so far is not this checkout's.
+    pub(crate) fn mark_checkout(&self) {
+        self.checkout_mark.store(self.wire.written(), Relaxed);
+    }
+
+    /// True while no byte was written since [`mark_checkout`](Self::mark_checkout).
+    pub(crate) fn unwritten_since_checkout(&self) -> bool {
+        self.wire.written() == self.checkout_mark.load(Relaxed)
     }
 
     /// The statement cache, locked (a poisoned lock still holds a consistent cache).
@@ -291,6 +304,14 @@ pub(crate) struct Conn(Box<ConnData>);
 pub(crate) struct ConnData {
     pub(crate) client: Client,
     pub(crate) state: ConnState,
+    /// The connection that replaced this one in its checkout, if this one was closed before
+    /// anything of the checkout was sent on it (the retry rule in `client.rs`): set once and
+    /// never changed, so calls in flight keep their borrow of the connection they started on.
+    /// Such a connection never goes back to the pool. The async cell, which lets concurrent
+    /// calls wait for one replacement, is allocated at the first retry; a field of its own, so
+    /// a transaction can begin on the replacement while its failed first attempt still borrows
+    /// the client.
+    pub(crate) replacement: OnceLock<Box<tokio::sync::OnceCell<Conn>>>,
     pub(crate) created: SystemTime,
     pub(crate) last_used: SystemTime,
 }
@@ -325,10 +346,12 @@ impl Conn {
                 flags: AtomicU8::new(0),
                 reported: AtomicU16::new(0),
                 rollback_mark: AtomicU32::new(0),
+                checkout_mark: AtomicU64::new(0),
                 wire,
                 task,
                 cache: Mutex::new(StatementCache::default()),
             },
+            replacement: OnceLock::new(),
             created: now,
             last_used: now,
         }))
