@@ -14,7 +14,7 @@ use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
 
-use crate::conn::{Conn, ConnState, InFlight};
+use crate::conn::{Conn, ConnData, ConnState, InFlight};
 use crate::deadline::{Bound, within};
 use crate::error::{Error, Phase};
 use crate::invocation::Invocation;
@@ -32,15 +32,28 @@ struct Guarded<'a> {
     cutoff: Option<Instant>,
 }
 
+/// The bound of one statement call, made once: its prepare, execute, a stale-statement retry
+/// and a retry on a fresh connection share it. Fails at once when it has already passed.
+fn call_bound(pool: &PoolInner, cutoff: Option<Instant>) -> Result<Option<Bound>, Error> {
+    match Bound::new(pool.settings.query_timeout, cutoff) {
+        Some(b) if b.passed() => Err(b.error(Phase::Query)),
+        b => Ok(b),
+    }
+}
+
 impl<'a> Guarded<'a> {
-    /// The bound of one statement call, made once: its prepare, execute and any retry share
-    /// it. Fails at once when it has already passed.
+    /// The bound of one statement call (see [`call_bound`]).
     fn bound(&self) -> Result<Option<Bound>, Error> {
-        let bound = Bound::new(self.pool.settings.query_timeout, self.cutoff);
-        match bound {
-            Some(b) if b.passed() => Err(b.error(Phase::Query)),
-            b => Ok(b),
-        }
+        call_bound(self.pool, self.cutoff)
+    }
+
+    /// A context for one call on `client`, with the call's bound.
+    fn ctx(self, client: &'a Client) -> Result<Ctx<'a>, Error> {
+        Ok(Ctx {
+            client,
+            g: self,
+            bound: self.bound()?,
+        })
     }
 
     /// Under [`PinPolicy::Refuse`](crate::PinPolicy::Refuse), refuses `sql` before anything
@@ -121,10 +134,49 @@ impl<'a> Guarded<'a> {
 
     fn expire(&self, bound: Option<Bound>) -> Error {
         self.state.kill();
-        match bound {
-            Some(b) => b.error(Phase::Query),
-            None => unreachable!("a future without a bound cannot time out"),
-        }
+        expired(bound)
+    }
+}
+
+/// The retry rule: a call that failed because its connection was closed may run again on a
+/// fresh connection only when nothing of the checkout can have reached the server and
+/// nothing the caller holds can refer to the old connection. Decided from structure, never
+/// from an error's text:
+///
+/// - the connection is closed: the call's error is a closed-connection error
+///   ([`is_closed_error`]) and its connection task has ended (`closed`,
+///   [`ConnState::ended`]), so nothing more will be written on it and its byte count is
+///   final;
+/// - no byte was written on it since the checkout handed it out
+///   ([`ConnState::unwritten_since_checkout`]: the observer's count of the bytes the stream
+///   below it accepted). Bytes a TLS layer accepted count as written, though they may not have
+///   left:
+///   a wrong guess costs a retry, never a statement run twice. So nothing of this call left,
+///   and no statement, portal, transaction, stream or copy of this checkout can exist on
+///   that connection: swapping it is invisible;
+/// - it carries no session state the caller may rely on: nothing seen on it may have pinned
+///   it (under `PinPolicy::Keep`, and within an invocation under `KeepForInvocation`, a
+///   `SET` comes back in the same session; a fresh connection would silently lack it);
+/// - no raw client was handed out in this checkout (`raw_used`): the caller would hold the
+///   old connection's.
+///
+/// A statement that may have reached the server is never run twice: its effects (an INSERT
+/// that committed before the answer was lost) may stand.
+fn retry_allowed(closed: bool, state: &ConnState, raw_used: bool) -> bool {
+    closed && state.unwritten_since_checkout() && state.pinned().is_empty() && !raw_used
+}
+
+/// True for an error that says the connection is closed (not the server's error, not a
+/// timeout).
+fn is_closed_error(e: &Error) -> bool {
+    matches!(e, Error::Query(e) if e.is_closed())
+}
+
+/// The error of a bound that passed.
+fn expired(bound: Option<Bound>) -> Error {
+    match bound {
+        Some(b) => b.error(Phase::Query),
+        None => unreachable!("a future without a bound cannot time out"),
     }
 }
 
@@ -148,11 +200,13 @@ pub(crate) fn ends_session(e: &tokio_postgres::Error) -> bool {
         })
 }
 
-/// A client and its guard: the single place statements pass through.
+/// A client and its guard: the single place statements pass through, with the bound of the
+/// one call it serves.
 #[derive(Clone, Copy)]
 struct Ctx<'a> {
     client: &'a Client,
     g: Guarded<'a>,
+    bound: Option<Bound>,
 }
 
 /// Checks and runs a statement argument with `$run` (`run` or `open`), binding `$s` to the
@@ -163,7 +217,7 @@ struct Ctx<'a> {
 macro_rules! dispatch {
     ($ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
         let ctx = $ctx;
-        let bound = ctx.g.bound()?;
+        let bound = ctx.bound;
         match $stmt.__statement() {
             StatementRef::Text(sql) => match ctx.cached(sql, bound).await? {
                 Some(p) => {
@@ -188,7 +242,7 @@ macro_rules! dispatch {
     }};
     (once $ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
         let ctx = $ctx;
-        let bound = ctx.g.bound()?;
+        let bound = ctx.bound;
         match $stmt.__statement() {
             StatementRef::Text(sql) => match ctx.cached(sql, bound).await? {
                 Some(p) => dispatch!(@prepared ctx, bound, (&p), $run, |$s| $call),
@@ -282,7 +336,14 @@ impl<'a> Ctx<'a> {
     }
 
     async fn prepare_typed(self, query: &str, types: &[Type]) -> Result<Statement, Error> {
-        self.prepare_in(query, types, self.g.bound()?).await
+        self.prepare_in(query, types, self.bound).await
+    }
+
+    async fn prepare_cached(self, query: &str) -> Result<Statement, Error> {
+        match self.cached(query, self.bound).await? {
+            Some(stmt) => Ok(stmt),
+            None => self.prepare_in(query, &[], self.bound).await,
+        }
     }
 
     /// Prepares within a bound the caller already made.
@@ -383,7 +444,7 @@ impl<'a> Ctx<'a> {
     ) -> Result<Vec<Row>, Error> {
         self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(self.g.bound()?, self.client.query_typed(query, params))
+            .run(self.bound, self.client.query_typed(query, params))
             .await
     }
 
@@ -394,7 +455,7 @@ impl<'a> Ctx<'a> {
     ) -> Result<Row, Error> {
         self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(self.g.bound()?, self.client.query_typed_one(query, params))
+            .run(self.bound, self.client.query_typed_one(query, params))
             .await
     }
 
@@ -405,7 +466,7 @@ impl<'a> Ctx<'a> {
     ) -> Result<Option<Row>, Error> {
         self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(self.g.bound()?, self.client.query_typed_opt(query, params))
+            .run(self.bound, self.client.query_typed_opt(query, params))
             .await
     }
 
@@ -417,7 +478,7 @@ impl<'a> Ctx<'a> {
         self.g.check(query, None, Protocol::Parse)?;
         let (s, bound, f) = self
             .g
-            .open(self.g.bound()?, self.client.query_typed_raw(query, params))
+            .open(self.bound, self.client.query_typed_raw(query, params))
             .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
@@ -437,7 +498,7 @@ impl<'a> Ctx<'a> {
     ) -> Result<u64, Error> {
         self.g.check(query, None, Protocol::Parse)?;
         self.g
-            .run(self.g.bound()?, self.client.execute_typed(query, params))
+            .run(self.bound, self.client.execute_typed(query, params))
             .await
     }
 
@@ -471,7 +532,7 @@ impl<'a> Ctx<'a> {
     async fn simple_query(self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
         self.g.check(query, None, Protocol::Simple)?;
         self.g
-            .run(self.g.bound()?, self.client.simple_query(query))
+            .run(self.bound, self.client.simple_query(query))
             .await
     }
 
@@ -479,7 +540,7 @@ impl<'a> Ctx<'a> {
         self.g.check(query, None, Protocol::Simple)?;
         let (s, bound, f) = self
             .g
-            .open(self.g.bound()?, self.client.simple_query_raw(query))
+            .open(self.bound, self.client.simple_query_raw(query))
             .await?;
         Ok(SimpleQueryStream::new(s, bound, self.g.state, f))
     }
@@ -487,13 +548,22 @@ impl<'a> Ctx<'a> {
     async fn batch_execute(self, query: &str) -> Result<(), Error> {
         self.g.check(query, None, Protocol::Simple)?;
         self.g
-            .run(self.g.bound()?, self.client.batch_execute(query))
+            .run(self.bound, self.client.batch_execute(query))
             .await
     }
 }
 
+/// True when `statement` may run on a connection other than the one the call started on: SQL
+/// text may; a prepared [`Statement`] names an object of the connection that prepared it.
+fn rerunnable<T: ?Sized + ToStatement>(statement: &T) -> bool {
+    matches!(statement.__statement(), StatementRef::Text(_))
+}
+
 /// Generates the statement methods, with tokio-postgres's names and argument shapes, on a
-/// type with a `fn ctx(&self) -> Ctx<'_>`.
+/// type with `call` (a call that may run again: its arguments are borrowed) and `call_once` (its
+/// parameters come from an iterator, used up by running it): each method is one of those with
+/// a closure that runs it on a [`Ctx`], and whether its statement may run on another
+/// connection ([`rerunnable`]).
 macro_rules! statement_methods {
     () => {
         /// Prepares a statement (a protocol-level Parse; it does not pin on today's RDS Proxy).
@@ -501,7 +571,8 @@ macro_rules! statement_methods {
         /// # Errors
         /// The server's error, a timeout, or [`Error::PinRefused`](crate::Error::PinRefused).
         pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
-            self.ctx().prepare_typed(query, &[]).await
+            self.call(true, move |ctx| ctx.prepare_typed(query, &[]))
+                .await
         }
 
         /// The connection's cached prepared statement for `query`, prepared and cached on a
@@ -511,12 +582,7 @@ macro_rules! statement_methods {
         /// # Errors
         /// As [`prepare`](Self::prepare).
         pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
-            let ctx = self.ctx();
-            let bound = ctx.g.bound()?;
-            match ctx.cached(query, bound).await? {
-                Some(stmt) => Ok(stmt),
-                None => ctx.prepare_in(query, &[], bound).await,
-            }
+            self.call(true, move |ctx| ctx.prepare_cached(query)).await
         }
 
         /// Prepares a statement with the given parameter types.
@@ -528,7 +594,8 @@ macro_rules! statement_methods {
             query: &str,
             parameter_types: &[Type],
         ) -> Result<Statement, Error> {
-            self.ctx().prepare_typed(query, parameter_types).await
+            self.call(true, move |ctx| ctx.prepare_typed(query, parameter_types))
+                .await
         }
 
         /// Runs a statement and returns its rows.
@@ -541,7 +608,10 @@ macro_rules! statement_methods {
             statement: &T,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Vec<Row>, Error> {
-            self.ctx().query(statement, params).await
+            self.call(rerunnable(statement), move |ctx| {
+                ctx.query(statement, params)
+            })
+            .await
         }
 
         /// Runs a statement that returns exactly one row.
@@ -553,7 +623,10 @@ macro_rules! statement_methods {
             statement: &T,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Row, Error> {
-            self.ctx().query_one(statement, params).await
+            self.call(rerunnable(statement), move |ctx| {
+                ctx.query_one(statement, params)
+            })
+            .await
         }
 
         /// Runs a statement that returns at most one row.
@@ -565,7 +638,10 @@ macro_rules! statement_methods {
             statement: &T,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Option<Row>, Error> {
-            self.ctx().query_opt(statement, params).await
+            self.call(rerunnable(statement), move |ctx| {
+                ctx.query_opt(statement, params)
+            })
+            .await
         }
 
         /// Runs a statement returning one column and collects its values.
@@ -577,7 +653,10 @@ macro_rules! statement_methods {
             statement: &T,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Vec<R>, Error> {
-            self.ctx().query_scalar(statement, params).await
+            self.call(rerunnable(statement), move |ctx| {
+                ctx.query_scalar(statement, params)
+            })
+            .await
         }
 
         /// Runs a statement returning exactly one row of one column.
@@ -589,7 +668,10 @@ macro_rules! statement_methods {
             statement: &T,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<R, Error> {
-            self.ctx().query_one_scalar(statement, params).await
+            self.call(rerunnable(statement), move |ctx| {
+                ctx.query_one_scalar(statement, params)
+            })
+            .await
         }
 
         /// Runs a statement returning at most one row of one column.
@@ -601,7 +683,10 @@ macro_rules! statement_methods {
             statement: &T,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Option<R>, Error> {
-            self.ctx().query_opt_scalar(statement, params).await
+            self.call(rerunnable(statement), move |ctx| {
+                ctx.query_opt_scalar(statement, params)
+            })
+            .await
         }
 
         /// Runs a statement and streams its rows. Read the stream to its end: one dropped
@@ -620,7 +705,10 @@ macro_rules! statement_methods {
             I: IntoIterator<Item = P>,
             I::IntoIter: ExactSizeIterator,
         {
-            self.ctx().query_raw(statement, params).await
+            self.call_once(rerunnable(statement), move |ctx| {
+                ctx.query_raw(statement, params)
+            })
+            .await
         }
 
         /// Runs a statement with explicitly typed parameters in one round trip (unnamed
@@ -633,7 +721,8 @@ macro_rules! statement_methods {
             query: &str,
             params: &[(&(dyn ToSql + Sync), Type)],
         ) -> Result<Vec<Row>, Error> {
-            self.ctx().query_typed(query, params).await
+            self.call(true, move |ctx| ctx.query_typed(query, params))
+                .await
         }
 
         /// [`query_typed`](Self::query_typed) for exactly one row.
@@ -645,7 +734,8 @@ macro_rules! statement_methods {
             query: &str,
             params: &[(&(dyn ToSql + Sync), Type)],
         ) -> Result<Row, Error> {
-            self.ctx().query_typed_one(query, params).await
+            self.call(true, move |ctx| ctx.query_typed_one(query, params))
+                .await
         }
 
         /// [`query_typed`](Self::query_typed) for at most one row.
@@ -657,7 +747,8 @@ macro_rules! statement_methods {
             query: &str,
             params: &[(&(dyn ToSql + Sync), Type)],
         ) -> Result<Option<Row>, Error> {
-            self.ctx().query_typed_opt(query, params).await
+            self.call(true, move |ctx| ctx.query_typed_opt(query, params))
+                .await
         }
 
         /// [`query_typed`](Self::query_typed), streaming the rows.
@@ -673,7 +764,8 @@ macro_rules! statement_methods {
             P: BorrowToSql,
             I: IntoIterator<Item = (P, Type)>,
         {
-            self.ctx().query_typed_raw(query, params).await
+            self.call_once(true, move |ctx| ctx.query_typed_raw(query, params))
+                .await
         }
 
         /// Runs a statement and returns the number of rows it affected.
@@ -685,7 +777,10 @@ macro_rules! statement_methods {
             statement: &T,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<u64, Error> {
-            self.ctx().execute(statement, params).await
+            self.call(rerunnable(statement), move |ctx| {
+                ctx.execute(statement, params)
+            })
+            .await
         }
 
         /// [`execute`](Self::execute) with explicitly typed parameters, in one round trip.
@@ -697,7 +792,8 @@ macro_rules! statement_methods {
             query: &str,
             params: &[(&(dyn ToSql + Sync), Type)],
         ) -> Result<u64, Error> {
-            self.ctx().execute_typed(query, params).await
+            self.call(true, move |ctx| ctx.execute_typed(query, params))
+                .await
         }
 
         /// [`execute`](Self::execute) with parameters from an iterator.
@@ -711,7 +807,10 @@ macro_rules! statement_methods {
             I: IntoIterator<Item = P>,
             I::IntoIter: ExactSizeIterator,
         {
-            self.ctx().execute_raw(statement, params).await
+            self.call_once(rerunnable(statement), move |ctx| {
+                ctx.execute_raw(statement, params)
+            })
+            .await
         }
 
         /// Starts a `COPY ... FROM STDIN`. Call [`CopyInSink::finish`] at the end.
@@ -723,7 +822,8 @@ macro_rules! statement_methods {
             T: ?Sized + ToStatement,
             U: Buf + 'static + Send,
         {
-            self.ctx().copy_in(statement).await
+            self.call(rerunnable(statement), move |ctx| ctx.copy_in(statement))
+                .await
         }
 
         /// Starts a `COPY ... TO STDOUT`. Read the stream to its end.
@@ -734,7 +834,8 @@ macro_rules! statement_methods {
             &self,
             statement: &T,
         ) -> Result<CopyOutStream<'_>, Error> {
-            self.ctx().copy_out(statement).await
+            self.call(rerunnable(statement), move |ctx| ctx.copy_out(statement))
+                .await
         }
 
         /// Sends a text of one or more statements with the simple protocol; returns their
@@ -743,7 +844,7 @@ macro_rules! statement_methods {
         /// # Errors
         /// As [`query`](Self::query).
         pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-            self.ctx().simple_query(query).await
+            self.call(true, move |ctx| ctx.simple_query(query)).await
         }
 
         /// [`simple_query`](Self::simple_query), streaming the messages.
@@ -751,7 +852,8 @@ macro_rules! statement_methods {
         /// # Errors
         /// As [`query`](Self::query).
         pub async fn simple_query_raw(&self, query: &str) -> Result<SimpleQueryStream<'_>, Error> {
-            self.ctx().simple_query_raw(query).await
+            self.call(true, move |ctx| ctx.simple_query_raw(query))
+                .await
         }
 
         /// Sends a text of one or more statements with the simple protocol, ignoring rows.
@@ -759,7 +861,7 @@ macro_rules! statement_methods {
         /// # Errors
         /// As [`query`](Self::query).
         pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-            self.ctx().batch_execute(query).await
+            self.call(true, move |ctx| ctx.batch_execute(query)).await
         }
     };
 }
@@ -771,6 +873,9 @@ macro_rules! statement_methods {
 /// Pool-specific calls are associated functions ([`PooledClient::pin_state`],
 /// [`PooledClient::raw`]) so they never shadow a driver method.
 pub struct PooledClient {
+    /// The connection the checkout handed out. If it was closed before anything was sent on
+    /// it ([`retry_allowed`]), its `replacement` is where every call runs and the one that
+    /// goes back to the pool; at most one per checkout.
     conn: Option<Conn>,
     pool: Arc<PoolInner>,
     cutoff: Option<Instant>,
@@ -804,6 +909,7 @@ impl PooledClient {
         cutoff: Option<Instant>,
         invocation: Option<Invocation>,
     ) -> Self {
+        conn.state.mark_checkout();
         PooledClient {
             conn: Some(conn),
             pool,
@@ -826,60 +932,149 @@ impl PooledClient {
         }
     }
 
-    fn conn(&self) -> &Conn {
+    /// The connection the checkout handed out.
+    fn checked_out(&self) -> &Conn {
         self.conn
             .as_ref()
             .expect("a PooledClient holds its connection until dropped")
     }
 
-    fn ctx(&self) -> Ctx<'_> {
-        let conn = self.conn();
-        Ctx {
-            client: &conn.client,
-            g: Guarded {
-                state: &conn.state,
-                pool: &self.pool,
-                cutoff: self.cutoff,
-            },
+    /// The connection calls run on: the one that replaced the checked-out one, if any (one
+    /// atomic load).
+    fn conn(&self) -> &Conn {
+        let conn = self.checked_out();
+        match conn.replacement.get().and_then(|cell| cell.get()) {
+            Some(fresh) => fresh,
+            None => conn,
         }
+    }
+
+    fn guarded<'s>(&'s self, conn: &'s Conn) -> Guarded<'s> {
+        Guarded {
+            state: &conn.state,
+            pool: &self.pool,
+            cutoff: self.cutoff,
+        }
+    }
+
+    /// A context for one call on the current connection, with the call's bound.
+    fn ctx(&self) -> Result<Ctx<'_>, Error> {
+        let conn = self.conn();
+        self.guarded(conn).ctx(&conn.client)
+    }
+
+    /// Runs one call with `f` on the current connection; if it failed because that connection
+    /// turned out closed before anything of this checkout was sent ([`retry_allowed`]), once
+    /// more on a fresh connection, all within the call's one bound. `rerun`: the call's
+    /// statement may run on another connection ([`rerunnable`]).
+    async fn call<'s, R, F, Fut>(&'s self, rerun: bool, f: F) -> Result<R, Error>
+    where
+        F: Fn(Ctx<'s>) -> Fut,
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        let ctx = self.ctx()?;
+        match f(ctx).await {
+            Err(e) if rerun && self.may_swap(&ctx, Some(&e)) => match self.swap(ctx).await {
+                Ok(fresh) => f(fresh).await,
+                // The pool was closed meanwhile: the statement's own error tells what happened.
+                Err(Error::Closed) => Err(e),
+                Err(other) => Err(other),
+            },
+            r => r,
+        }
+    }
+
+    /// [`call`](Self::call) for a call whose parameters come from an iterator: a first
+    /// attempt would use them up, so it is never run twice. Instead it starts on a fresh
+    /// connection when the current one is already known closed, under the same rule.
+    async fn call_once<'s, R, F, Fut>(&'s self, rerun: bool, f: F) -> Result<R, Error>
+    where
+        F: FnOnce(Ctx<'s>) -> Fut,
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        let mut ctx = self.ctx()?;
+        if rerun && self.may_swap(&ctx, None) {
+            ctx = self.swap(ctx).await?;
+        }
+        f(ctx).await
+    }
+
+    /// True when the call that ran on `ctx` (and failed with `error`, if it ran) may run again
+    /// on a fresh connection, invisibly to the caller: it ran on the checked-out connection,
+    /// not on a replacement (once, never twice), and [`retry_allowed`] holds for it.
+    fn may_swap(&self, ctx: &Ctx<'_>, error: Option<&Error>) -> bool {
+        let conn = self.checked_out();
+        std::ptr::eq(ctx.g.state, &conn.state)
+            && error.is_none_or(is_closed_error)
+            && conn.client.is_closed()
+            && retry_allowed(conn.state.ended(), &conn.state, conn.state.raw_used())
+    }
+
+    /// The checked-out connection's replacement, made by whichever call gets here first (the
+    /// others wait for it), within `ctx`'s bound: a context on it for the call.
+    async fn swap<'s>(&'s self, ctx: Ctx<'s>) -> Result<Ctx<'s>, Error> {
+        let checked_out = self.checked_out();
+        let old = checked_out.state.id;
+        let cell = checked_out.replacement.get_or_init(Box::default);
+        let install = cell.get_or_try_init(|| async {
+            let conn = self.pool.replacement(old, self.cutoff).await?;
+            // Synchronous from the replacement's arrival to its installation: dropped before,
+            // nothing changed.
+            if let Some(inv) = &self.invocation {
+                inv.give_back(old);
+                inv.lend(conn.state.id, self.from);
+            }
+            Ok(conn)
+        });
+        let fresh = match within(ctx.bound, install).await {
+            Ok(fresh) => fresh?,
+            Err(()) => return Err(expired(ctx.bound)),
+        };
+        self.pool.retried(old, fresh.state.id);
+        Ok(Ctx {
+            client: &fresh.client,
+            g: self.guarded(fresh),
+            bound: ctx.bound,
+        })
     }
 
     statement_methods!();
 
     /// Checks the connection with a round trip (a protocol Sync), bounded like a statement.
+    /// Never retried: it answers for this connection.
     ///
     /// # Errors
     /// When the connection is broken or the bound passes.
     pub async fn check_connection(&self) -> Result<(), Error> {
-        let ctx = self.ctx();
-        ctx.g
-            .run(ctx.g.bound()?, ctx.client.check_connection())
-            .await
+        let ctx = self.ctx()?;
+        ctx.g.run(ctx.bound, ctx.client.check_connection()).await
     }
 
-    /// True when raw access was handed out since the connection was last settled.
+    /// True when raw access was handed out since the connection was last settled (asked at
+    /// the checkout, before anything could replace the connection).
     pub(crate) fn raw_used(&self) -> bool {
-        self.conn().state.raw_used()
+        self.checked_out().state.raw_used()
     }
 
     /// A round trip after raw access: whatever it left queued is written and answered first.
-    /// True when the connection is then clean enough to hand out.
+    /// True when the connection is then clean enough to hand out; the retry rule's mark is
+    /// taken after it, as the checkout hands the connection out only then.
     pub(crate) async fn settle_raw(&self) -> bool {
         // Part of the checkout: bounded like a wait for a slot (and like the freeze check).
         let s = &self.pool.settings;
         let bound = Bound::new(Some(s.acquire_timeout.min(s.validate_timeout)), self.cutoff);
-        let ctx = self.ctx();
-        if ctx
-            .g
-            .run(bound, ctx.client.check_connection())
+        let conn = self.conn();
+        if self
+            .guarded(conn)
+            .run(bound, conn.client.check_connection())
             .await
             .is_err()
         {
             return false;
         }
-        let conn = self.conn();
         conn.state.settle();
         self.pool.report_pins(&conn.state);
+        conn.state.mark_checkout();
         conn.on_return(&self.pool.settings, std::time::SystemTime::now())
             .is_none()
     }
@@ -899,17 +1094,11 @@ impl PooledClient {
 
     /// A builder for a transaction with an isolation level, read-only or deferrable.
     pub fn build_transaction(&mut self) -> TransactionBuilder<'_> {
-        let conn: &mut crate::conn::ConnData = self
-            .conn
-            .as_mut()
-            .expect("a PooledClient holds its connection until dropped");
         TransactionBuilder {
-            inner: conn.client.build_transaction(),
-            g: Guarded {
-                state: &conn.state,
-                pool: &self.pool,
-                cutoff: self.cutoff,
-            },
+            client: self,
+            isolation_level: None,
+            read_only: None,
+            deferrable: None,
         }
     }
 
@@ -926,7 +1115,9 @@ impl PooledClient {
     /// on the wire like everything else (pins, transaction status, COPY), but its calls are
     /// not bounded by pinpool's timeouts, and a call dropped before its request was written
     /// may leave that request queued: such a connection gets a round trip before an
-    /// invocation ends (or at the next invocation's start) before it is trusted again.
+    /// invocation ends (or at the next invocation's start) before it is trusted again. Once
+    /// it was handed out, the connection is never swapped for a fresh one (the caller holds
+    /// this one's client): no statement of this checkout is retried.
     pub fn raw(this: &Self) -> &Client {
         let conn = this.conn();
         conn.state.set_raw_used();
@@ -941,10 +1132,19 @@ impl PooledClient {
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.pool.note_held(self.since, self.from);
-            self.pool.put_back(conn, self.invocation.as_ref());
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        // A replaced connection was closed and counted when it was replaced: only the one
+        // that replaced it goes back, with the slot. (Looked at before it is taken: taking
+        // moves a new cell in, and almost every connection has none.)
+        if conn.replacement.get().is_some()
+            && let Some(fresh) = conn.replacement.take().and_then(|cell| cell.into_inner())
+        {
+            conn = fresh;
         }
+        self.pool.note_held(self.since, self.from);
+        self.pool.put_back(conn, self.invocation.as_ref());
     }
 }
 
@@ -996,11 +1196,26 @@ pub struct Transaction<'a> {
 }
 
 impl<'a> Transaction<'a> {
-    fn ctx(&self) -> Ctx<'_> {
-        Ctx {
-            client: self.inner.client(),
-            g: self.g,
-        }
+    fn ctx(&self) -> Result<Ctx<'_>, Error> {
+        self.g.ctx(self.inner.client())
+    }
+
+    /// Runs one call. Never again on another connection: the transaction's BEGIN was sent.
+    async fn call<'s, R, F, Fut>(&'s self, _rerun: bool, f: F) -> Result<R, Error>
+    where
+        F: Fn(Ctx<'s>) -> Fut,
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        f(self.ctx()?).await
+    }
+
+    /// As [`call`](Self::call).
+    async fn call_once<'s, R, F, Fut>(&'s self, _rerun: bool, f: F) -> Result<R, Error>
+    where
+        F: FnOnce(Ctx<'s>) -> Fut,
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        f(self.ctx()?).await
     }
 
     statement_methods!();
@@ -1085,7 +1300,7 @@ impl<'a> Transaction<'a> {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Portal, Error> {
         let inner = &self.inner;
-        dispatch!(self.ctx(), statement, run, |s| inner.bind(s, params))
+        dispatch!(self.ctx()?, statement, run, |s| inner.bind(s, params))
     }
 
     /// [`bind`](Self::bind) with parameters from an iterator.
@@ -1100,7 +1315,7 @@ impl<'a> Transaction<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let inner = &self.inner;
-        dispatch!(once self.ctx(), statement, run, |s| inner.bind_raw(s, params))
+        dispatch!(once self.ctx()?, statement, run, |s| inner.bind_raw(s, params))
     }
 
     /// Reads up to `max_rows` rows from a portal (0: all).
@@ -1136,44 +1351,155 @@ impl<'a> Transaction<'a> {
 /// Builds a transaction, from [`PooledClient::build_transaction`].
 #[must_use = "a transaction builder does nothing until start() is called"]
 pub struct TransactionBuilder<'a> {
-    inner: tokio_postgres::TransactionBuilder<'a>,
-    g: Guarded<'a>,
+    client: &'a mut PooledClient,
+    isolation_level: Option<IsolationLevel>,
+    read_only: Option<bool>,
+    deferrable: Option<bool>,
 }
 
 impl<'a> TransactionBuilder<'a> {
     /// The isolation level.
     pub fn isolation_level(mut self, level: IsolationLevel) -> Self {
-        self.inner = self.inner.isolation_level(level);
+        self.isolation_level = Some(level);
         self
     }
 
     /// A read-only transaction.
     pub fn read_only(mut self, read_only: bool) -> Self {
-        self.inner = self.inner.read_only(read_only);
+        self.read_only = Some(read_only);
         self
     }
 
     /// A deferrable transaction (with serializable and read-only).
     pub fn deferrable(mut self, deferrable: bool) -> Self {
-        self.inner = self.inner.deferrable(deferrable);
+        self.deferrable = Some(deferrable);
         self
     }
 
-    /// Begins the transaction.
+    /// Begins the transaction. Its BEGIN is the first thing it sends, so like any call it
+    /// begins on a fresh connection when the checked-out one turned out closed before
+    /// anything of the checkout was sent (the retry rule in the README).
     ///
     /// # Errors
     /// The server's error or a timeout.
     pub async fn start(self) -> Result<Transaction<'a>, Error> {
+        let TransactionBuilder {
+            client,
+            isolation_level,
+            read_only,
+            deferrable,
+        } = self;
+        let options = (isolation_level, read_only, deferrable);
+        let PooledClient {
+            conn,
+            pool,
+            cutoff,
+            invocation,
+            from,
+            ..
+        } = client;
+        let (pool, cutoff): (&PoolInner, Option<Instant>) = (pool, *cutoff);
         // The bound first: a start refused here sends nothing and queues no ROLLBACK, so it
         // must leave no mark saying one is queued.
-        let bound = self.g.bound()?;
-        let mark = TxnMark::new(self.g.state);
-        let inner = self.g.run(bound, self.inner.start()).await?;
-        Ok(Transaction {
+        let bound = call_bound(pool, cutoff)?;
+        let conn: &mut ConnData = conn
+            .as_mut()
+            .expect("a PooledClient holds its connection until dropped");
+        if conn
+            .replacement
+            .get()
+            .is_some_and(|cell| cell.initialized())
+        {
+            let fresh = conn
+                .replacement
+                .get_mut()
+                .and_then(|cell| cell.get_mut())
+                .expect("a replacement is set once and kept");
+            let ConnData { client, state, .. } = &mut **fresh;
+            return begin(client, state, pool, cutoff, options, bound)
+                .await
+                .map_err(|(e, _)| e);
+        }
+        // Field by field: the transaction borrows the client it begins on for 'a, and the
+        // retry needs the replacement cell while the first attempt's borrow lasts.
+        let ConnData {
+            client,
+            state,
+            replacement,
+            ..
+        } = conn;
+        let old = state.id;
+        let e = match begin(client, state, pool, cutoff, options, bound).await {
+            Ok(tx) => return Ok(tx),
+            Err((e, true)) if is_closed_error(&e) => e,
+            Err((e, _)) => return Err(e),
+        };
+        let fresh = match within(bound, pool.replacement(old, cutoff)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(Error::Closed)) => return Err(e),
+            Ok(Err(other)) => return Err(other),
+            Err(()) => return Err(expired(bound)),
+        };
+        if let Some(inv) = invocation {
+            inv.give_back(old);
+            inv.lend(fresh.state.id, from);
+        }
+        pool.retried(old, fresh.state.id);
+        if replacement.get_or_init(Box::default).set(fresh).is_err() {
+            unreachable!("the client is borrowed mutably: nothing else sets its replacement");
+        }
+        let fresh = replacement
+            .get_mut()
+            .and_then(|cell| cell.get_mut())
+            .expect("just set");
+        let ConnData { client, state, .. } = &mut **fresh;
+        begin(client, state, pool, cutoff, options, bound)
+            .await
+            .map_err(|(e, _)| e)
+    }
+}
+
+/// Begins a transaction on a connection's client. On failure, also says whether [`retry_allowed`] holds for
+/// it (decided here, where the connection is still at hand; the raw flag is read before the
+/// BEGIN, and nothing else can set it while the builder holds the client).
+async fn begin<'c>(
+    client: &'c mut Client,
+    state: &'c ConnState,
+    pool: &'c PoolInner,
+    cutoff: Option<Instant>,
+    (isolation_level, read_only, deferrable): (Option<IsolationLevel>, Option<bool>, Option<bool>),
+    bound: Option<Bound>,
+) -> Result<Transaction<'c>, (Error, bool)> {
+    let raw_used = state.raw_used();
+    let g = Guarded {
+        state,
+        pool,
+        cutoff,
+    };
+    let mut builder = client.build_transaction();
+    if let Some(level) = isolation_level {
+        builder = builder.isolation_level(level);
+    }
+    if let Some(on) = read_only {
+        builder = builder.read_only(on);
+    }
+    if let Some(on) = deferrable {
+        builder = builder.deferrable(on);
+    }
+    let mark = TxnMark::new(state);
+    match g.run(bound, builder.start()).await {
+        Ok(inner) => Ok(Transaction {
             inner,
-            g: self.g,
+            g,
             _mark: Some(mark),
-        })
+        }),
+        Err(e) => {
+            drop(mark);
+            // Closed is read from the connection's task, not its client: on success the
+            // transaction keeps the client borrowed.
+            let retry = retry_allowed(state.ended(), state, raw_used);
+            Err((e, retry))
+        }
     }
 }
 

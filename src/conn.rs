@@ -2,7 +2,7 @@
 //! state that decides whether it may go back to the pool.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
@@ -23,14 +23,17 @@ use crate::wire::{Facts, TxnStatus, Wire};
 struct TaskSlot {
     fut: Mutex<Option<ConnectionFuture>>,
     abort: OnceLock<AbortHandle>,
+    wire: Arc<Wire>,
 }
 
 /// Spawns the task that drives a connection's socket. The task ends when the server closes
-/// the connection or when [`ConnState::kill`] drops the future.
-fn spawn_connection(connection: ConnectionFuture, id: u64) -> Arc<TaskSlot> {
+/// the connection or when [`ConnState::kill`] drops the future; either way `wire` learns it,
+/// so nobody waits for a ReadyForQuery that cannot come.
+fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> Arc<TaskSlot> {
     let slot = Arc::new(TaskSlot {
         fut: Mutex::new(Some(connection)),
         abort: OnceLock::new(),
+        wire,
     });
     let polled = slot.clone();
     let handle = tokio::spawn(poll_fn(move |cx| {
@@ -45,6 +48,7 @@ fn spawn_connection(connection: ConnectionFuture, id: u64) -> Arc<TaskSlot> {
                     tracing::debug!(connection = id, error = %e, "pinpool: connection ended with an error");
                 }
                 *fut = None;
+                polled.wire.end();
                 Poll::Ready(())
             }
         }
@@ -75,6 +79,9 @@ pub(crate) struct ConnState {
     /// The wire's count of requests written when a dropped transaction queued its ROLLBACK:
     /// while nothing more was written, the ROLLBACK still waits ahead of everything else.
     rollback_mark: AtomicU32,
+    /// The wire's count of bytes written when the connection was last handed out: while it
+    /// still stands, nothing of that checkout was sent (the retry rule, in `client.rs`).
+    checkout_mark: AtomicU64,
     /// What the protocol stream says: transaction status, requests waiting, COPY, pins.
     pub(crate) wire: Arc<Wire>,
     task: Arc<TaskSlot>,
@@ -109,9 +116,32 @@ impl ConnState {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         drop(fut);
+        self.wire.end();
         if let Some(abort) = self.task.abort.get() {
             abort.abort();
         }
+    }
+
+    /// True once the connection task has ended or its future was dropped: nothing more will be
+    /// written on this connection, so its wire's byte count is final. Takes the task's lock,
+    /// which the task holds while it polls: a poll that is ending has ended when this returns.
+    /// Never called from inside the connection task.
+    pub(crate) fn ended(&self) -> bool {
+        self.task
+            .fut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    /// The connection is handed out: what was written so far is not this checkout's.
+    pub(crate) fn mark_checkout(&self) {
+        self.checkout_mark.store(self.wire.written(), Relaxed);
+    }
+
+    /// True while no byte was written since [`mark_checkout`](Self::mark_checkout).
+    pub(crate) fn unwritten_since_checkout(&self) -> bool {
+        self.wire.written() == self.checkout_mark.load(Relaxed)
     }
 
     /// The statement cache, locked (a poisoned lock still holds a consistent cache).
@@ -274,6 +304,14 @@ pub(crate) struct Conn(Box<ConnData>);
 pub(crate) struct ConnData {
     pub(crate) client: Client,
     pub(crate) state: ConnState,
+    /// The connection that replaced this one in its checkout, if this one was closed before
+    /// anything of the checkout was sent on it (the retry rule in `client.rs`): set once and
+    /// never changed, so calls in flight keep their borrow of the connection they started on.
+    /// Such a connection never goes back to the pool. The async cell, which lets concurrent
+    /// calls wait for one replacement, is allocated at the first retry; a field of its own, so
+    /// a transaction can begin on the replacement while its failed first attempt still borrows
+    /// the client.
+    pub(crate) replacement: OnceLock<Box<tokio::sync::OnceCell<Conn>>>,
     pub(crate) created: SystemTime,
     pub(crate) last_used: SystemTime,
 }
@@ -299,6 +337,7 @@ impl Conn {
             connection,
             wire,
         } = opened;
+        let task = spawn_connection(connection, id, wire.clone());
         Conn(Box::new(ConnData {
             client,
             state: ConnState {
@@ -307,10 +346,12 @@ impl Conn {
                 flags: AtomicU8::new(0),
                 reported: AtomicU16::new(0),
                 rollback_mark: AtomicU32::new(0),
+                checkout_mark: AtomicU64::new(0),
                 wire,
-                task: spawn_connection(connection, id),
+                task,
                 cache: Mutex::new(StatementCache::default()),
             },
+            replacement: OnceLock::new(),
             created: now,
             last_used: now,
         }))

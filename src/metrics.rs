@@ -14,6 +14,7 @@
 //! | `pinpool_statements_refused` | counter | count | `reason` |
 //! | `pinpool_statement_cache` | counter | count | `result` (hit, miss, eviction) |
 //! | `pinpool_held_too_long` | counter | count | `when` (returned: held past `held_too_long`; invocation_end: still checked out when its invocation ended) |
+//! | `pinpool_retries` | counter | count | |
 
 use std::cell::RefCell;
 use std::time::Duration;
@@ -51,6 +52,9 @@ pub const STATEMENT_CACHE: &str = "pinpool_statement_cache";
 /// Clients held too long, by `when`: `returned` (held longer than `held_too_long`) or
 /// `invocation_end` (still checked out when their invocation ended, so held into the freeze).
 pub const HELD_TOO_LONG: &str = "pinpool_held_too_long";
+/// Statements run again on a fresh connection because theirs was closed before anything of
+/// them was sent (RDS Proxy closed it for idleness, or restarted).
+pub const RETRIES: &str = "pinpool_retries";
 
 /// Describes every metric (units and help text) to the installed recorder. Call it once after
 /// installing a recorder; CloudWatch EMF recorders take the unit from here.
@@ -65,6 +69,11 @@ pub fn describe() {
         HELD_TOO_LONG,
         Unit::Count,
         "clients held past held_too_long, or past the end of their invocation"
+    );
+    describe_counter!(
+        RETRIES,
+        Unit::Count,
+        "statements run again on a fresh connection: theirs was closed before they were sent"
     );
     describe_counter!(CONNECTIONS_OPENED, Unit::Count, "connections opened");
     describe_counter!(CONNECT_ERRORS, Unit::Count, "failed connection attempts");
@@ -195,6 +204,10 @@ pub(crate) fn cache_miss() {
 
 pub(crate) fn held_too_long(when: &'static str) {
     counter!(HELD_TOO_LONG, "when" => when).increment(1);
+}
+
+pub(crate) fn retried() {
+    counter!(RETRIES).increment(1);
 }
 
 pub(crate) fn cache_evictions(n: u64) {

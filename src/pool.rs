@@ -370,6 +370,7 @@ impl Pool {
             cache_hits: inner.counters.cache_hits.load(Relaxed),
             cache_misses: inner.counters.cache_misses.load(Relaxed),
             cache_evictions: inner.counters.cache_evictions.load(Relaxed),
+            retries: inner.counters.retries.load(Relaxed),
         }
     }
 
@@ -437,13 +438,22 @@ impl PoolInner {
         }
     }
 
-    /// Opens a connection within `connect_timeout` and the cutoff.
+    /// Opens a connection within `connect_timeout` and the cutoff, counted in `size` from the
+    /// start.
     async fn connect(&self, cut: Option<Instant>) -> Result<Conn, Error> {
+        let size = CountGuard::new(&self.size);
+        let conn = self.open(cut).await?;
+        size.disarm();
+        Ok(conn)
+    }
+
+    /// Opens a connection within `connect_timeout` and the cutoff; the caller counts it in
+    /// `size`.
+    async fn open(&self, cut: Option<Instant>) -> Result<Conn, Error> {
         let bound = Bound::new(Some(self.settings.connect_timeout), cut);
         if let Some(b) = bound.filter(Bound::passed) {
             return Err(b.error(Phase::Connect));
         }
-        let size = CountGuard::new(&self.size);
         let open = async {
             let with_password;
             let config = match &self.password {
@@ -473,12 +483,80 @@ impl PoolInner {
                 return Err(bound.map_or(Error::Closed, |b| b.error(Phase::Connect)));
             }
         };
-        size.disarm();
         let id = self.next_id.fetch_add(1, Relaxed);
         self.counters.opened.fetch_add(1, Relaxed);
         metrics::opened();
         tracing::debug!(connection = id, "pinpool: connection opened");
         Ok(Conn::new(opened, id))
+    }
+
+    /// A connection to take the place of connection `old` in a checkout: `old` was closed (its
+    /// task ended) before anything of the checkout was sent on it (the retry rule in
+    /// `client.rs`). The replacement takes over `old`'s slot and its place in `size`, so
+    /// capacity is neither leaked nor counted twice. It is an idle connection `get()` would
+    /// hand out as it is (that one brings its own place, so `old`'s is given up under the idle
+    /// set's lock, and `status()` never sees both), or else a new one opened within
+    /// `connect_timeout` and `cut` (it takes `old`'s place, which `old` holds until then).
+    /// Nothing changes until the replacement is in hand, and then synchronously: dropped at
+    /// any await, this leaves `old` the checkout's connection, to be discarded as broken on
+    /// return. On success `old` is counted closed here.
+    pub(crate) async fn replacement(&self, old: u64, cut: Option<Instant>) -> Result<Conn, Error> {
+        // Connection tasks first take in what arrived with this close: a proxy restart closes
+        // every socket, the idle ones' too, and their ends are read before one is picked.
+        tokio::task::yield_now().await;
+        if self.closed.load(Relaxed) {
+            return Err(Error::Closed);
+        }
+        let now = SystemTime::now();
+        let idle = loop {
+            let mut idle = self.idle();
+            // The most recently used one that `get()` would hand out without a round trip: one
+            // with raw access unsettled may still have a request queued (a raw BEGIN, say) that
+            // would run ahead of the retried statement. It stays for a `get()` to settle.
+            let Some(at) = idle.iter().rposition(|c| !c.state.raw_used()) else {
+                break None;
+            };
+            let Some(conn) = idle.remove(at) else {
+                break None;
+            };
+            match conn.stale(&self.settings, Some(now)) {
+                None => {
+                    // `old` gives up its place: the idle connection had one of its own.
+                    self.size.fetch_sub(1, Relaxed);
+                    break Some((conn, idle.len()));
+                }
+                Some(reason) => {
+                    drop(idle);
+                    self.discard(conn, reason);
+                }
+            }
+        };
+        let conn = match idle {
+            Some((conn, idle)) => {
+                metrics::gauges(self.in_use.load(Relaxed), idle);
+                conn
+            }
+            None => self.open(cut).await?,
+        };
+        self.counters.closed(CloseReason::Broken);
+        metrics::closed(CloseReason::Broken);
+        tracing::debug!(
+            connection = old,
+            replacement = conn.state.id,
+            "pinpool: connection closed before anything was sent on it; replaced in its checkout"
+        );
+        Ok(conn)
+    }
+
+    /// A call runs again on connection `fresh`, which replaced `old` in its checkout.
+    pub(crate) fn retried(&self, old: u64, fresh: u64) {
+        self.counters.retries.fetch_add(1, Relaxed);
+        metrics::retried();
+        tracing::debug!(
+            connection = old,
+            replacement = fresh,
+            "pinpool: a statement found its connection closed before it was sent; run again on a fresh one"
+        );
     }
 
     /// Closes a connection now (its socket is closed when this returns) and counts why.

@@ -109,6 +109,9 @@ pub struct Status {
     pub cache_misses: u64,
     /// Statements evicted from a cache (and closed on the server).
     pub cache_evictions: u64,
+    /// Statements run on a fresh connection because theirs turned out to be closed before
+    /// anything of them was sent (the retry rule: see the README).
+    pub retries: u64,
 }
 
 /// The pool's counters, updated without a lock.
@@ -121,6 +124,7 @@ pub(crate) struct Counters {
     pub(crate) cache_hits: AtomicU64,
     pub(crate) cache_misses: AtomicU64,
     pub(crate) cache_evictions: AtomicU64,
+    pub(crate) retries: AtomicU64,
 }
 
 impl Counters {

@@ -6,7 +6,9 @@
 //!   a COPY is open, FATAL/PANIC errors, notifications, and reported settings that changed;
 //! - from the client: how many requests (startup, Query, Sync, FunctionCall) wait for their
 //!   ReadyForQuery, and what each Query, Parse, Bind and FunctionCall would pin, classified
-//!   with the pool's [`PinRules`] whatever API sent it.
+//!   with the pool's [`PinRules`] whatever API sent it;
+//! - how many bytes the stream below accepted from tokio-postgres: while that count stands
+//!   still, nothing of a request can have reached the server (the retry rule in `client.rs`).
 //!
 //! The connection task is the only writer: it runs the stream's `poll_read` and `poll_write`.
 //! The pool reads the facts through [`Wire`] from other tasks. A client future completes only
@@ -55,6 +57,9 @@ pub(crate) struct Wire {
     facts: AtomicU64,
     /// Requests written so far (Query, counted Sync, FunctionCall).
     sent: AtomicU32,
+    /// Bytes the stream below the observer accepted (the socket, or a TLS layer that may
+    /// still hold them: either way they may have been sent). Only the connection task writes.
+    written: AtomicU64,
     /// Requests that will get a ReadyForQuery, the startup included (`sent`, less the Syncs
     /// the server ignores in copy-in mode, plus one), and ReadyForQuery messages received:
     /// the `n`-th request is answered once `ready` reaches `n`.
@@ -65,6 +70,8 @@ pub(crate) struct Wire {
     /// are any.
     waiters: Mutex<Vec<Waker>>,
     waiting: AtomicBool,
+    /// The connection task ended (or its future was dropped): no ReadyForQuery will come.
+    ended: AtomicBool,
 }
 
 impl Wire {
@@ -74,11 +81,13 @@ impl Wire {
             // The startup message waits for its ReadyForQuery like any request.
             facts: AtomicU64::new(1),
             sent: AtomicU32::new(0),
+            written: AtomicU64::new(0),
             expected: AtomicU32::new(1),
             ready: AtomicU32::new(0),
             first_pin: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         })
     }
 
@@ -105,6 +114,19 @@ impl Wire {
     /// Requests written so far: a change says something was written since.
     pub(crate) fn sent(&self) -> u32 {
         self.sent.load(Relaxed)
+    }
+
+    /// Bytes written so far: while it has not changed, no byte of anything queued since can
+    /// have reached the server. Read after the connection task ended (a closed client: its
+    /// channel's close is ordered after its last write), it is final.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Relaxed)
+    }
+
+    fn count_written(&self, n: usize) {
+        // The connection task alone writes: a load and a store, no read-modify-write.
+        self.written
+            .store(self.written().wrapping_add(n as u64), Relaxed);
     }
 
     fn count_sent(&self) {
@@ -134,11 +156,11 @@ impl Wire {
     }
 
     /// Waits until the ReadyForQuery of request number `target` arrived ([`Wire::next_request`]
-    /// taken just before a call's request was queued). tokio-postgres hands a result over at
-    /// its CommandComplete, which a socket read may deliver apart from the ReadyForQuery
-    /// behind it; waiting for it lets the return find the connection at rest. Requests queued
-    /// ahead of the call only make the target early, never late, so nothing pipelined behind
-    /// the call is waited for. Cancel safe.
+    /// taken just before a call's request was queued), or the connection ended. tokio-postgres
+    /// hands a result over at its CommandComplete, which a socket read may deliver apart from
+    /// the ReadyForQuery behind it; waiting for it lets the return find the connection at rest.
+    /// Requests queued ahead of the call only make the target early, never late, so nothing
+    /// pipelined behind the call is waited for. Cancel safe.
     pub(crate) async fn ready_for(&self, target: u32) {
         std::future::poll_fn(|cx| self.poll_ready_for(target, cx)).await
     }
@@ -148,9 +170,11 @@ impl Wire {
         (self.ready.load(SeqCst).wrapping_sub(target) as i32) >= 0
     }
 
-    /// Ready once request number `target` was answered.
+    /// Ready once request number `target` was answered, or once the connection ended (a FATAL
+    /// error, a closed socket: nothing more will be answered, and the connection is closed on
+    /// return).
     pub(crate) fn poll_ready_for(&self, target: u32, cx: &mut Context<'_>) -> Poll<()> {
-        if self.reached(target) {
+        if self.reached(target) || self.ended.load(SeqCst) {
             return Poll::Ready(());
         }
         {
@@ -160,9 +184,9 @@ impl Wire {
             }
             self.waiting.store(true, SeqCst);
         }
-        // Checked again after registering (both sides SeqCst): a ReadyForQuery in between
-        // either sees `waiting` or is seen here.
-        if self.reached(target) {
+        // Checked again after registering (both sides SeqCst): a ReadyForQuery or the end in
+        // between either sees `waiting` or is seen here.
+        if self.reached(target) || self.ended.load(SeqCst) {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -172,6 +196,17 @@ impl Wire {
     fn count_ready(&self) {
         self.ready
             .store(self.ready.load(Relaxed).wrapping_add(1), SeqCst);
+        self.wake_waiters();
+    }
+
+    /// The connection task ended, or its future was dropped: whoever waits for a ReadyForQuery
+    /// stops waiting.
+    pub(crate) fn end(&self) {
+        self.ended.store(true, SeqCst);
+        self.wake_waiters();
+    }
+
+    fn wake_waiters(&self) {
         if self.waiting.load(SeqCst) {
             let waiters = {
                 let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
@@ -640,6 +675,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Observed<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
+            this.reader.wire.count_written(n);
             this.reader.sent(&buf[..n]);
         }
         r
@@ -818,6 +854,78 @@ mod tests {
                 msgs.iter().map(|(t, b)| (*t, b[..b.len().min(8)].to_vec())).collect();
             proptest::prop_assert_eq!(whole, want);
         }
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_ready_for_query_ends_with_the_connection() {
+        let mut r = reader();
+        r.sent(&startup());
+        r.received(&msg(b'Z', b"I"));
+        r.sent(&msg(b'Q', b"SELECT pg_sleep(5)\0"));
+        let target = r.wire.next_request() - 1;
+        let wire = r.wire.clone();
+        let waiting = tokio::spawn(async move { wire.ready_for(target).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // A FATAL, then the socket closes: no ReadyForQuery follows.
+        r.received(&msg(b'E', b"SFATAL\0VFATAL\0C57P01\0Mterminating\0\0"));
+        r.wire.end();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("the wait ends with the connection")
+            .unwrap();
+        assert!(!r.wire.reached(target));
+    }
+
+    /// Accepts at most `take` bytes a write, then fails once `left` writes have been made.
+    struct Trickle {
+        take: usize,
+        left: usize,
+        got: Vec<u8>,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.left == 0 {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            this.left -= 1;
+            let n = buf.len().min(this.take);
+            this.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn written_counts_the_bytes_the_stream_below_accepted() {
+        use tokio::io::AsyncWriteExt;
+        let wire = Wire::new(PinRules::new());
+        let inner = Trickle {
+            take: 3,
+            left: 4,
+            got: Vec::new(),
+        };
+        let mut s = Observed::new(inner, wire.clone());
+        assert_eq!(wire.written(), 0);
+        let mut bytes = startup();
+        bytes.extend(msg(b'Q', b"SELECT 1\0"));
+        // Four writes of three bytes are accepted, then the stream fails: exactly what it took
+        // is counted, however little of a message that is.
+        assert!(s.write_all(&bytes).await.is_err());
+        assert_eq!(wire.written(), 12);
+        assert_eq!(s.inner.got.len(), 12);
+        assert_eq!(wire.sent(), 0, "the Query was not written whole");
     }
 
     #[test]

@@ -33,6 +33,7 @@ const METRIC_CONSTANTS: &[(&str, &str)] = &[
     ("STATEMENTS_REFUSED", pinpool::metrics::STATEMENTS_REFUSED),
     ("STATEMENT_CACHE", pinpool::metrics::STATEMENT_CACHE),
     ("HELD_TOO_LONG", pinpool::metrics::HELD_TOO_LONG),
+    ("RETRIES", pinpool::metrics::RETRIES),
 ];
 
 /// The RDS Proxy metrics (namespace AWS/RDS, dimension ProxyName) in AWS's documentation.

@@ -162,10 +162,17 @@ async fn a_backend_killed_mid_query_fails_that_query_and_the_pool_recovers() {
         .await
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = Instant::now();
     kill_backends(&admin, "pl_killmid").await;
     let (r, c) = q.await.unwrap();
     let err = r.unwrap_err();
     assert!(matches!(err, Error::Query(_)), "{err:?}");
+    // The FATAL ends the session: no ReadyForQuery follows it to wait for.
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "failed only after {:?}",
+        killed.elapsed()
+    );
     drop(c);
     assert_eq!(
         pool.status().closed.get(CloseReason::Broken),
