@@ -36,7 +36,7 @@ struct Guarded<'a> {
 /// and a retry on a fresh connection share it. Fails at once when it has already passed.
 fn call_bound(pool: &PoolInner, cutoff: Option<Instant>) -> Result<Option<Bound>, Error> {
     match Bound::new(pool.settings.query_timeout, cutoff) {
-        Some(b) if b.passed() => Err(b.error(Phase::Query)),
+        Some(b) if b.passed() => Err(b.timed_out(Phase::Query)),
         b => Ok(b),
     }
 }
@@ -85,7 +85,7 @@ impl<'a> Guarded<'a> {
     ) -> Result<T, Error> {
         let in_flight = self.state.begin();
         let request = in_flight.request;
-        match within(bound, fut).await {
+        match within(bound, Phase::Query, fut).await {
             Ok(res) => {
                 in_flight.done();
                 if res.as_ref().map_or_else(answered_by_server, |_| true) {
@@ -94,7 +94,7 @@ impl<'a> Guarded<'a> {
                 self.pool.report_pins(self.state);
                 res.map_err(|e| self.failed(e))
             }
-            Err(()) => Err(self.expire(bound)),
+            Err(timeout) => Err(self.expire(timeout)),
         }
     }
 
@@ -105,7 +105,7 @@ impl<'a> Guarded<'a> {
         fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
     ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
         let in_flight = self.state.begin();
-        match within(bound, fut).await {
+        match within(bound, Phase::Query, fut).await {
             Ok(Ok(s)) => {
                 self.pool.report_pins(self.state);
                 Ok((s, bound, in_flight))
@@ -119,7 +119,7 @@ impl<'a> Guarded<'a> {
                 self.pool.report_pins(self.state);
                 Err(self.failed(e))
             }
-            Err(()) => Err(self.expire(bound)),
+            Err(timeout) => Err(self.expire(timeout)),
         }
     }
 
@@ -132,9 +132,10 @@ impl<'a> Guarded<'a> {
         Error::Query(e)
     }
 
-    fn expire(&self, bound: Option<Bound>) -> Error {
+    /// A statement ran past its bound: its socket closes at once.
+    fn expire(&self, timeout: Error) -> Error {
         self.state.kill();
-        expired(bound)
+        timeout
     }
 }
 
@@ -170,14 +171,6 @@ fn retry_allowed(closed: bool, state: &ConnState, raw_used: bool) -> bool {
 /// timeout).
 fn is_closed_error(e: &Error) -> bool {
     matches!(e, Error::Query(e) if e.is_closed())
-}
-
-/// The error of a bound that passed.
-fn expired(bound: Option<Bound>) -> Error {
-    match bound {
-        Some(b) => b.error(Phase::Query),
-        None => unreachable!("a future without a bound cannot time out"),
-    }
 }
 
 /// True for the server's own error: its ReadyForQuery follows at once, so a call that ended
@@ -1026,10 +1019,7 @@ impl PooledClient {
             }
             Ok(conn)
         });
-        let fresh = match within(ctx.bound, install).await {
-            Ok(fresh) => fresh?,
-            Err(()) => return Err(expired(ctx.bound)),
-        };
+        let fresh = within(ctx.bound, Phase::Query, install).await??;
         self.pool.retried(old, fresh.state.id);
         Ok(Ctx {
             client: &fresh.client,
@@ -1434,11 +1424,10 @@ impl<'a> TransactionBuilder<'a> {
             Err((e, true)) if is_closed_error(&e) => e,
             Err((e, _)) => return Err(e),
         };
-        let fresh = match within(bound, pool.replacement(old, cutoff)).await {
+        let fresh = match within(bound, Phase::Query, pool.replacement(old, cutoff)).await {
             Ok(Ok(r)) => r,
             Ok(Err(Error::Closed)) => return Err(e),
-            Ok(Err(other)) => return Err(other),
-            Err(()) => return Err(expired(bound)),
+            Ok(Err(other)) | Err(other) => return Err(other),
         };
         if let Some(inv) = invocation {
             inv.give_back(old);

@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 use crate::cache::StatementCache;
 use crate::config::{PinPolicy, Settings};
 use crate::connect::{ConnectionFuture, Opened};
-use crate::deadline::{Bound, within};
+use crate::deadline::{Bound, until};
 use crate::pinning::Reasons;
 use crate::status::CloseReason;
 use crate::wire::{Facts, TxnStatus, Wire};
@@ -205,7 +205,7 @@ impl ConnState {
         if self.wire.reached(request) || self.flags.load(Relaxed) & KILLED != 0 {
             return;
         }
-        let _ = within(bound, self.wire.ready_for(request)).await;
+        let _ = until(bound, self.wire.ready_for(request)).await;
     }
 
     /// True when raw access was handed out since the last round trip settled it.

@@ -54,7 +54,10 @@ impl Bound {
         }
     }
 
-    pub(crate) fn error(&self, phase: Phase) -> Error {
+    /// The timeout error of this bound for `phase`. Reported here, where a timeout is
+    /// decided, and only here: counted in `pinpool_timeouts` and logged. Call it only for a
+    /// timeout that happened; [`within`] calls it when its bound comes first.
+    pub(crate) fn timed_out(&self, phase: Phase) -> Error {
         crate::metrics::timeout(phase, self.cause);
         tracing::warn!(
             phase = phase.as_str(),
@@ -130,11 +133,29 @@ impl PollBound {
     }
 }
 
-/// Runs `fut` until `bound`; `Err(())` when the bound came first (the future is dropped).
-pub(crate) async fn within<F: Future>(bound: Option<Bound>, fut: F) -> Result<F::Output, ()> {
+/// Runs `fut` until `bound`: its output, or `phase`'s timeout error ([`Bound::timed_out`])
+/// when the bound came first (the future is then dropped). Without a bound it waits as long as
+/// `fut` takes.
+pub(crate) async fn within<F: Future>(
+    bound: Option<Bound>,
+    phase: Phase,
+    fut: F,
+) -> Result<F::Output, Error> {
     match bound {
         None => Ok(fut.await),
-        Some(b) => tokio::time::timeout_at(b.at, fut).await.map_err(|_| ()),
+        Some(b) => tokio::time::timeout_at(b.at, fut)
+            .await
+            .map_err(|_| b.timed_out(phase)),
+    }
+}
+
+/// Runs `fut` until `bound`, for a wait whose end is no error of the caller's (a check that
+/// fails closes its connection; a wait for a ReadyForQuery leaves the connection to be
+/// judged on return): `None` when the bound came first. Reports nothing.
+pub(crate) async fn until<F: Future>(bound: Option<Bound>, fut: F) -> Option<F::Output> {
+    match bound {
+        None => Some(fut.await),
+        Some(b) => tokio::time::timeout_at(b.at, fut).await.ok(),
     }
 }
 

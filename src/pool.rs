@@ -25,7 +25,7 @@ use crate::client::PooledClient;
 use crate::config::{Builder, ConnectionConfig, FreezeCheck, PinPolicy, Settings};
 use crate::conn::{Conn, ConnState, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
-use crate::deadline::{Bound, cutoff, within};
+use crate::deadline::{Bound, cutoff, until, within};
 use crate::error::{Error, Phase};
 use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
@@ -254,7 +254,7 @@ impl Pool {
             .and_then(|_| Bound::new(None, cut))
             .filter(Bound::passed)
         {
-            return Err(b.error(Phase::Acquire));
+            return Err(b.timed_out(Phase::Acquire));
         }
         // A pinned connection this invocation kept already holds its slot.
         if let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
@@ -271,14 +271,13 @@ impl Pool {
                 let start = Instant::now();
                 let bound = Bound::starting(start, Some(inner.settings.acquire_timeout), cut);
                 let acquired = match bound {
-                    Some(b) => acquire_until(&inner.waits, &inner.slots, b.at).await,
-                    None => Ok(inner.slots.acquire().await),
+                    Some(b) => acquire_until(&inner.waits, &inner.slots, b.at)
+                        .await
+                        .map_err(|()| b.timed_out(Phase::Acquire))?,
+                    None => inner.slots.acquire().await,
                 };
-                match acquired {
-                    Ok(Ok(p)) => (p, start.elapsed()),
-                    Ok(Err(_)) => return Err(Error::Closed),
-                    Err(()) => return Err(bound.map_or(Error::Closed, |b| b.error(Phase::Acquire))),
-                }
+                // The semaphore is closed only with the pool.
+                (acquired.map_err(|_| Error::Closed)?, start.elapsed())
             }
         };
         // After a wait, every connection was in use a moment ago: the one waiting in the idle
@@ -452,7 +451,7 @@ impl PoolInner {
     async fn open(&self, cut: Option<Instant>) -> Result<Conn, Error> {
         let bound = Bound::new(Some(self.settings.connect_timeout), cut);
         if let Some(b) = bound.filter(Bound::passed) {
-            return Err(b.error(Phase::Connect));
+            return Err(b.timed_out(Phase::Connect));
         }
         let open = async {
             let with_password;
@@ -471,16 +470,16 @@ impl PoolInner {
                 .await
                 .map_err(Error::Connect)
         };
-        let opened = match within(bound, open).await {
+        let opened = match within(bound, Phase::Connect, open).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 metrics::connect_error();
                 tracing::warn!(error = %e, "pinpool: connect failed");
                 return Err(e);
             }
-            Err(()) => {
+            Err(timeout) => {
                 metrics::connect_error();
-                return Err(bound.map_or(Error::Closed, |b| b.error(Phase::Connect)));
+                return Err(timeout);
             }
         };
         let id = self.next_id.fetch_add(1, Relaxed);
@@ -688,8 +687,8 @@ impl PoolInner {
         };
         while let Some((conn, _)) = unchecked.conns.front() {
             let ok = matches!(
-                within(bound, conn.client.check_connection()).await,
-                Ok(Ok(()))
+                until(bound, conn.client.check_connection()).await,
+                Some(Ok(()))
             );
             let Some((mut conn, permit)) = unchecked.conns.pop_front() else {
                 break;

@@ -97,7 +97,7 @@ impl<'a> Watch<'a> {
             return None;
         }
         self.state.kill();
-        self.bound.map(|b| b.error(Phase::Query))
+        self.bound.map(|b| b.timed_out(Phase::Query))
     }
 
     /// After the inner stream or sink was pending: polls the timer; once it fired, closes the
@@ -109,7 +109,7 @@ impl<'a> Watch<'a> {
             return None;
         }
         this.state.kill();
-        this.bound.map(|b| b.error(Phase::Query))
+        this.bound.map(|b| b.timed_out(Phase::Query))
     }
 
     /// Polls the timer without acting on it: ready once it fired (with no bound, never).
