@@ -37,7 +37,7 @@ fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> A
     });
     let polled = slot.clone();
     let handle = tokio::spawn(poll_fn(move |cx| {
-        let mut fut = polled.fut.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fut = crate::sync::lock(&polled.fut);
         let Some(f) = fut.as_mut() else {
             return Poll::Ready(());
         };
@@ -109,12 +109,7 @@ impl ConnState {
 
     fn close_socket(&self, flag: u8) {
         self.flags.fetch_or(flag, Relaxed);
-        let fut = self
-            .task
-            .fut
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let fut = crate::sync::lock(&self.task.fut).take();
         drop(fut);
         self.wire.end();
         if let Some(abort) = self.task.abort.get() {
@@ -127,11 +122,7 @@ impl ConnState {
     /// which the task holds while it polls: a poll that is ending has ended when this returns.
     /// Never called from inside the connection task.
     pub(crate) fn ended(&self) -> bool {
-        self.task
-            .fut
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        crate::sync::lock(&self.task.fut).is_none()
     }
 
     /// The connection is handed out: what was written so far is not this checkout's.
@@ -146,7 +137,7 @@ impl ConnState {
 
     /// The statement cache, locked (a poisoned lock still holds a consistent cache).
     pub(crate) fn cache(&self) -> std::sync::MutexGuard<'_, StatementCache> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.cache)
     }
 
     /// Counts a call in flight, and takes the number of the request it is about to queue.

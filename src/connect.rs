@@ -73,7 +73,7 @@ where
                     last: last.clone(),
                 };
                 let (client, connection) = config.connect(tls).await?;
-                let wire = last.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let wire = crate::sync::lock(&last).take();
                 if let Some(wire) = wire {
                     return Ok(Opened {
                         client,
@@ -121,7 +121,7 @@ where
     fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, T::Error> {
         // A new attempt (another host): a wire from an attempt passed over is not this one's.
         // If this attempt's server declines TLS, none is set and the caller reconnects.
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *crate::sync::lock(&self.last) = None;
         Ok(ObserveTls {
             inner: self.inner.make_tls_connect(domain)?,
             rules: self.rules,
@@ -146,7 +146,7 @@ where
         Box::pin(async move {
             let stream = handshake.await?;
             let wire = Wire::new(rules);
-            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(wire.clone());
+            *crate::sync::lock(&last) = Some(wire.clone());
             Ok(Observed::new(stream, wire))
         })
     }

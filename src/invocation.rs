@@ -146,12 +146,12 @@ impl Invocation {
 
 impl InvocationInner {
     fn lent(&self) -> std::sync::MutexGuard<'_, Vec<(u64, &'static Location<'static>)>> {
-        self.lent.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.lent)
     }
 
     /// The kept connections, locked (a poisoned lock still holds a consistent list).
     fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
-        self.stash.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.stash)
     }
 
     /// Closes kept connections and releases their slots.
@@ -164,7 +164,11 @@ impl InvocationInner {
 
 impl Drop for InvocationInner {
     fn drop(&mut self) {
-        let kept = std::mem::take(self.stash.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let kept = std::mem::take(
+            self.stash
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         self.close(kept);
     }
 }

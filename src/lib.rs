@@ -26,6 +26,7 @@ mod pool;
 mod statement;
 mod status;
 mod stream;
+mod sync;
 #[cfg(feature = "tls")]
 mod tls;
 mod waits;

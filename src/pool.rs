@@ -414,7 +414,7 @@ impl PoolInner {
     /// The idle set, locked; `idle_count` follows it when the guard drops.
     fn idle(&self) -> IdleGuard<'_> {
         IdleGuard {
-            deque: self.idle.lock().unwrap_or_else(|e| e.into_inner()),
+            deque: crate::sync::lock(&self.idle),
             count: &self.idle_count,
         }
     }

@@ -47,7 +47,7 @@ struct Entry {
 impl Waits {
     fn state(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding it; a poisoned lock still holds consistent data.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Registers a waiter, or updates its waker; returns its index.

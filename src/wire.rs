@@ -148,9 +148,7 @@ impl Wire {
 
     /// The start of the first message that pinned.
     pub(crate) fn first_pin(&self) -> Option<String> {
-        self.first_pin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.first_pin)
             .as_deref()
             .map(str::to_owned)
     }
@@ -178,7 +176,7 @@ impl Wire {
             return Poll::Ready(());
         }
         {
-            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            let mut waiters = crate::sync::lock(&self.waiters);
             if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
                 waiters.push(cx.waker().clone());
             }
@@ -209,7 +207,7 @@ impl Wire {
     fn wake_waiters(&self) {
         if self.waiting.load(SeqCst) {
             let waiters = {
-                let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                let mut w = crate::sync::lock(&self.waiters);
                 self.waiting.store(false, SeqCst);
                 std::mem::take(&mut *w)
             };
@@ -224,7 +222,7 @@ impl Wire {
         let before = self.pinned();
         self.update(|f| f.set_pinned(before.union(reasons)));
         if before.is_empty() {
-            let mut first = self.first_pin.lock().unwrap_or_else(|e| e.into_inner());
+            let mut first = crate::sync::lock(&self.first_pin);
             first.get_or_insert_with(|| truncate(what, 120).into());
         }
     }

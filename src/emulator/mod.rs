@@ -443,11 +443,7 @@ impl Emulator {
     /// The `application_name` each client session pinned now gave at login (empty when it
     /// gave none), in no particular order: who holds the pins.
     pub fn pinned_sessions(&self) -> Vec<String> {
-        let pinned = self
-            .shared
-            .pinned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pinned = crate::sync::lock(&self.shared.pinned);
         pinned.values().cloned().collect()
     }
 

@@ -494,10 +494,7 @@ impl Session {
     }
 
     fn pinned_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
-        self.shared
-            .pinned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.shared.pinned)
     }
 
     /// Gives the database connection back after a transaction, unless the session is pinned.
