@@ -7,7 +7,6 @@ use std::panic::Location;
 use std::sync::Arc;
 
 use bytes::Buf;
-use std::sync::atomic::Ordering::Relaxed;
 use tokio::time::Instant;
 
 use tokio_postgres::error::{Severity, SqlState};
@@ -283,8 +282,7 @@ impl<'a> Ctx<'a> {
         let counters = &self.g.pool.counters;
         let hit = self.g.state.cache().get(sql);
         if let Some(stmt) = hit {
-            counters.cache_hits.fetch_add(1, Relaxed);
-            crate::metrics::cache_hit();
+            counters.cache_hit();
             return Ok(Some(stmt));
         }
         if settings.pin_policy == crate::PinPolicy::Refuse
@@ -296,8 +294,7 @@ impl<'a> Ctx<'a> {
             // Refused without sending anything, not even the Parse.
             return Ok(None);
         }
-        counters.cache_misses.fetch_add(1, Relaxed);
-        crate::metrics::cache_miss();
+        counters.cache_miss();
         let stmt = self.prepare_in(sql, &[], bound).await?;
         let evicted = self.g.state.cache().insert(
             stmt.clone(),
@@ -305,10 +302,7 @@ impl<'a> Ctx<'a> {
             settings.statement_cache_bytes,
         );
         if !evicted.is_empty() {
-            counters
-                .cache_evictions
-                .fetch_add(evicted.len() as u64, Relaxed);
-            crate::metrics::cache_evictions(evicted.len() as u64);
+            counters.cache_evictions(evicted.len() as u64);
         }
         // Dropping the evicted statements sends their protocol Close.
         drop(evicted);

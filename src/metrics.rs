@@ -94,6 +94,11 @@ pub fn describe() {
         Unit::Count,
         "statements refused by the strict pin policy"
     );
+    describe_counter!(
+        STATEMENT_CACHE,
+        Unit::Count,
+        "statement cache hits, misses and evictions"
+    );
 }
 
 /// The handles of the metrics recorded on every checkout and cached statement, registered
@@ -212,4 +217,56 @@ pub(crate) fn retried() {
 
 pub(crate) fn cache_evictions(n: u64) {
     counter!(STATEMENT_CACHE, "result" => "eviction").increment(n);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    /// Records the names of the metrics described to it.
+    #[derive(Default)]
+    struct Described(Arc<Mutex<Vec<String>>>);
+
+    impl Recorder for Described {
+        fn describe_counter(&self, key: KeyName, _: Option<Unit>, _: SharedString) {
+            self.0.lock().unwrap().push(key.as_str().to_owned());
+        }
+        fn describe_gauge(&self, key: KeyName, _: Option<Unit>, _: SharedString) {
+            self.0.lock().unwrap().push(key.as_str().to_owned());
+        }
+        fn describe_histogram(&self, key: KeyName, _: Option<Unit>, _: SharedString) {
+            self.0.lock().unwrap().push(key.as_str().to_owned());
+        }
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> metrics::Counter {
+            metrics::Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn describe_covers_every_metric_named_in_this_file() {
+        // The names of the `pub const` metric names above, read from the source itself, so a
+        // new metric cannot be added without its description.
+        let source = include_str!("metrics.rs");
+        let mut named: Vec<String> = source
+            .lines()
+            .filter(|l| l.starts_with("pub const ") && l.contains(": &str = \""))
+            .filter_map(|l| l.split('"').nth(1).map(str::to_owned))
+            .collect();
+        named.sort();
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Described(names.clone());
+        metrics::with_local_recorder(&recorder, super::describe);
+        let mut described = names.lock().unwrap().clone();
+        described.sort();
+        assert!(named.len() >= 12, "{named:?}");
+        assert_eq!(described, named);
+    }
 }

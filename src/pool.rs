@@ -30,7 +30,7 @@ use crate::error::{Error, Phase};
 use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
 use crate::pinning::Reasons;
-use crate::status::{CloseReason, Counters, Status};
+use crate::status::{CloseReason, Counters, Gauges, Status};
 use crate::waits::{Waits, acquire_until};
 
 /// An async pool of PostgreSQL connections for Lambda handlers behind RDS Proxy. Cloning it
@@ -356,21 +356,13 @@ impl Pool {
             let in_use = inner.in_use.load(Acquire);
             (idle.len(), in_use, inner.size.load(Acquire))
         };
-        Status {
+        inner.counters.status(Gauges {
             max_size: inner.settings.max_size,
             size,
             idle,
             in_use,
             waiters: inner.waits.len(),
-            opened: inner.counters.opened.load(Relaxed),
-            closed: inner.counters.closed_counts(),
-            refused: inner.counters.refused.load(Relaxed),
-            pinned: inner.counters.pinned.load(Relaxed),
-            cache_hits: inner.counters.cache_hits.load(Relaxed),
-            cache_misses: inner.counters.cache_misses.load(Relaxed),
-            cache_evictions: inner.counters.cache_evictions.load(Relaxed),
-            retries: inner.counters.retries.load(Relaxed),
-        }
+        })
     }
 
     /// Closes every idle connection and refuses new `get()`s; checked-out connections are
@@ -483,8 +475,7 @@ impl PoolInner {
             }
         };
         let id = self.next_id.fetch_add(1, Relaxed);
-        self.counters.opened.fetch_add(1, Relaxed);
-        metrics::opened();
+        self.counters.opened();
         tracing::debug!(connection = id, "pinpool: connection opened");
         Ok(Conn::new(opened, id))
     }
@@ -538,7 +529,6 @@ impl PoolInner {
             None => self.open(cut).await?,
         };
         self.counters.closed(CloseReason::Broken);
-        metrics::closed(CloseReason::Broken);
         tracing::debug!(
             connection = old,
             replacement = conn.state.id,
@@ -549,8 +539,7 @@ impl PoolInner {
 
     /// A call runs again on connection `fresh`, which replaced `old` in its checkout.
     pub(crate) fn retried(&self, old: u64, fresh: u64) {
-        self.counters.retries.fetch_add(1, Relaxed);
-        metrics::retried();
+        self.counters.retried();
         tracing::debug!(
             connection = old,
             replacement = fresh,
@@ -565,7 +554,6 @@ impl PoolInner {
         drop(conn);
         self.size.fetch_sub(1, Relaxed);
         self.counters.closed(reason);
-        metrics::closed(reason);
         tracing::debug!(
             connection = id,
             reason = reason.as_str(),
@@ -820,8 +808,7 @@ impl PoolInner {
     /// Refuses a statement that may pin, under the strict policy: counts and logs it.
     pub(crate) fn refuse(&self, pins: Reasons, sql: &str) -> Error {
         let statement = truncate(sql, 120);
-        self.counters.refused.fetch_add(1, Relaxed);
-        metrics::refused(pins);
+        self.counters.refused(pins);
         tracing::warn!(reasons = %pins, statement, "pinpool: refused a statement that may pin the RDS Proxy session");
         Error::PinRefused {
             reasons: pins,
@@ -836,10 +823,7 @@ impl PoolInner {
         if new.is_empty() {
             return;
         }
-        if !was_pinned {
-            self.counters.pinned.fetch_add(1, Relaxed);
-        }
-        metrics::pinned(new);
+        self.counters.pinned(new, !was_pinned);
         let first = state.first_pin();
         let statement = first.as_deref().unwrap_or("");
         for reason in new.iter() {

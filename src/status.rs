@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::pinning::Reasons;
+
 /// Why the pool closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -114,25 +116,92 @@ pub struct Status {
     pub retries: u64,
 }
 
-/// The pool's counters, updated without a lock.
+/// The pool's counters, updated without a lock. Each event is counted here and recorded as
+/// its metric ([`crate::metrics`]) in the same call, so `status()` and the metrics never
+/// disagree.
 #[derive(Default)]
 pub(crate) struct Counters {
-    pub(crate) opened: AtomicU64,
+    opened: AtomicU64,
     closed: [AtomicU64; REASONS.len()],
-    pub(crate) refused: AtomicU64,
-    pub(crate) pinned: AtomicU64,
-    pub(crate) cache_hits: AtomicU64,
-    pub(crate) cache_misses: AtomicU64,
-    pub(crate) cache_evictions: AtomicU64,
-    pub(crate) retries: AtomicU64,
+    refused: AtomicU64,
+    pinned: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    cache_evictions: AtomicU64,
+    retries: AtomicU64,
 }
 
 impl Counters {
-    pub(crate) fn closed(&self, reason: CloseReason) {
-        self.closed[reason.index()].fetch_add(1, Relaxed);
+    pub(crate) fn opened(&self) {
+        self.opened.fetch_add(1, Relaxed);
+        crate::metrics::opened();
     }
 
-    pub(crate) fn closed_counts(&self) -> ClosedCounts {
-        ClosedCounts(std::array::from_fn(|i| self.closed[i].load(Relaxed)))
+    pub(crate) fn closed(&self, reason: CloseReason) {
+        self.closed[reason.index()].fetch_add(1, Relaxed);
+        crate::metrics::closed(reason);
     }
+
+    /// A statement refused for `pins`.
+    pub(crate) fn refused(&self, pins: Reasons) {
+        self.refused.fetch_add(1, Relaxed);
+        crate::metrics::refused(pins);
+    }
+
+    /// New pin reasons on a connection; `first` when it was not pinned before (the counter
+    /// counts connections, the metric reasons).
+    pub(crate) fn pinned(&self, new: Reasons, first: bool) {
+        if first {
+            self.pinned.fetch_add(1, Relaxed);
+        }
+        crate::metrics::pinned(new);
+    }
+
+    pub(crate) fn cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Relaxed);
+        crate::metrics::cache_hit();
+    }
+
+    pub(crate) fn cache_miss(&self) {
+        self.cache_misses.fetch_add(1, Relaxed);
+        crate::metrics::cache_miss();
+    }
+
+    pub(crate) fn cache_evictions(&self, n: u64) {
+        self.cache_evictions.fetch_add(n, Relaxed);
+        crate::metrics::cache_evictions(n);
+    }
+
+    pub(crate) fn retried(&self) {
+        self.retries.fetch_add(1, Relaxed);
+        crate::metrics::retried();
+    }
+
+    /// A [`Status`]: these counts, with the gauges the pool read.
+    pub(crate) fn status(&self, gauges: Gauges) -> Status {
+        Status {
+            max_size: gauges.max_size,
+            size: gauges.size,
+            idle: gauges.idle,
+            in_use: gauges.in_use,
+            waiters: gauges.waiters,
+            opened: self.opened.load(Relaxed),
+            closed: ClosedCounts(std::array::from_fn(|i| self.closed[i].load(Relaxed))),
+            refused: self.refused.load(Relaxed),
+            pinned: self.pinned.load(Relaxed),
+            cache_hits: self.cache_hits.load(Relaxed),
+            cache_misses: self.cache_misses.load(Relaxed),
+            cache_evictions: self.cache_evictions.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+        }
+    }
+}
+
+/// What the pool reads itself for a [`Status`].
+pub(crate) struct Gauges {
+    pub(crate) max_size: usize,
+    pub(crate) size: usize,
+    pub(crate) idle: usize,
+    pub(crate) in_use: usize,
+    pub(crate) waiters: usize,
 }
