@@ -13,7 +13,7 @@ use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
 
-use crate::conn::{Conn, ConnData, ConnState, InFlight};
+use crate::conn::{Conn, ConnData, ConnState, Fate, InFlight};
 use crate::deadline::{Bound, within};
 use crate::error::{Error, Phase};
 use crate::invocation::Invocation;
@@ -64,12 +64,7 @@ impl<'a> Guarded<'a> {
         class: Option<Classification>,
         protocol: Protocol,
     ) -> Result<(), Error> {
-        let settings = &self.pool.settings;
-        if settings.pin_policy != crate::PinPolicy::Refuse {
-            return Ok(());
-        }
-        let c = class.unwrap_or_else(|| classify(sql));
-        let pins = settings.pin_rules.pinning_reasons(&c, protocol);
+        let pins = self.pool.settings.refusal(sql, class, protocol);
         if pins.is_empty() {
             return Ok(());
         }
@@ -285,13 +280,8 @@ impl<'a> Ctx<'a> {
             counters.cache_hit();
             return Ok(Some(stmt));
         }
-        if settings.pin_policy == crate::PinPolicy::Refuse
-            && !settings
-                .pin_rules
-                .pinning_reasons(&classify(sql), Protocol::Execute)
-                .is_empty()
-        {
-            // Refused without sending anything, not even the Parse.
+        if !settings.refusal(sql, None, Protocol::Execute).is_empty() {
+            // Refused without sending anything, not even the Parse: the caller's check says so.
             return Ok(None);
         }
         counters.cache_miss();
@@ -1059,8 +1049,7 @@ impl PooledClient {
         conn.state.settle();
         self.pool.report_pins(&conn.state);
         conn.state.mark_checkout();
-        conn.on_return(&self.pool.settings, std::time::SystemTime::now())
-            .is_none()
+        conn.fate(&self.pool.settings, std::time::SystemTime::now(), false) == Fate::Idle
     }
 
     /// True when the connection is known to be closed.

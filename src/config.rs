@@ -9,7 +9,7 @@ use tokio_postgres::{NoTls, Socket};
 
 use crate::connect::{Connect, Connector, PasswordProvider, SharedPasswordProvider};
 use crate::error::Error;
-use crate::pinning::PinRules;
+use crate::pinning::{Classification, PinRules, Protocol, Reasons, classify};
 use crate::pool::Pool;
 
 /// RDS Proxy closes client connections after 24 hours; `max_lifetime` must stay below.
@@ -472,6 +472,25 @@ pub struct Builder {
     password: Option<SharedPasswordProvider>,
     #[cfg(feature = "tls")]
     root_certs_pem: Option<Vec<u8>>,
+}
+
+impl Settings {
+    /// What `sql` (of classification `class`, computed when `None`), sent with `protocol`,
+    /// may pin that [`PinPolicy::Refuse`] refuses before anything is sent: empty under the
+    /// other policies, which classify what is sent on the wire instead. The one place that
+    /// decides a refusal.
+    pub(crate) fn refusal(
+        &self,
+        sql: &str,
+        class: Option<Classification>,
+        protocol: Protocol,
+    ) -> Reasons {
+        if self.pin_policy != PinPolicy::Refuse {
+            return Reasons::EMPTY;
+        }
+        let class = class.unwrap_or_else(|| classify(sql));
+        self.pin_rules.pinning_reasons(&class, protocol)
+    }
 }
 
 impl Default for Settings {

@@ -372,15 +372,39 @@ impl ConnData {
         now.duration_since(self.last_used).unwrap_or_default()
     }
 
-    /// Why this returned connection must be closed instead of kept, if it must.
-    pub(crate) fn on_return(&self, s: &Settings, now: SystemTime) -> Option<CloseReason> {
-        self.state
+    /// What becomes of this connection, given back at `now`: the one place that decides,
+    /// from its [`Health`], the pin policy and its lifetime. `in_invocation` when the checkout
+    /// belongs to an invocation (only then can `KeepForInvocation` keep it).
+    pub(crate) fn fate(&self, s: &Settings, now: SystemTime, in_invocation: bool) -> Fate {
+        match self
+            .state
             .health(self.client.is_closed())
             .verdict(s.pin_policy)
-            .or_else(|| {
-                exceeded(s.max_lifetime, self.created, now).then_some(CloseReason::MaxLifetime)
-            })
+        {
+            Some(CloseReason::Pinned)
+                if in_invocation && s.pin_policy == PinPolicy::KeepForInvocation =>
+            {
+                Fate::KeepForInvocation
+            }
+            Some(reason) => Fate::Close(reason),
+            None if exceeded(s.max_lifetime, self.created, now) => {
+                Fate::Close(CloseReason::MaxLifetime)
+            }
+            None => Fate::Idle,
+        }
     }
+}
+
+/// What becomes of a connection given back ([`Conn::fate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// Back to the idle set.
+    Idle,
+    /// Possibly pinned, and kept with its slot for the rest of its invocation
+    /// ([`PinPolicy::KeepForInvocation`]), which closes it when it ends.
+    KeepForInvocation,
+    /// Closed, for this reason.
+    Close(CloseReason),
 }
 
 fn exceeded(limit: Option<Duration>, since: SystemTime, now: SystemTime) -> bool {

@@ -22,8 +22,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::client::PooledClient;
-use crate::config::{Builder, ConnectionConfig, FreezeCheck, PinPolicy, Settings};
-use crate::conn::{Conn, ConnState, truncate};
+use crate::config::{Builder, ConnectionConfig, FreezeCheck, Settings};
+use crate::conn::{Conn, ConnState, Fate, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
 use crate::deadline::{Bound, cutoff, until, within};
 use crate::error::{Error, Phase};
@@ -575,25 +575,29 @@ impl PoolInner {
         }
         self.report_pins(&conn.state);
         let now = SystemTime::now();
-        let verdict = if self.closed.load(Relaxed) {
-            Some(CloseReason::PoolClosed)
+        let fate = if self.closed.load(Relaxed) {
+            Fate::Close(CloseReason::PoolClosed)
         } else {
-            conn.on_return(&self.settings, now)
+            conn.fate(&self.settings, now, inv.is_some())
         };
-        if verdict == Some(CloseReason::Pinned)
-            && self.settings.pin_policy == PinPolicy::KeepForInvocation
-            && let Some(inv) = inv
-        {
-            match inv.stash(conn) {
+        let verdict = match (fate, inv) {
+            (Fate::KeepForInvocation, Some(inv)) => match inv.stash(conn) {
                 None => {
                     // Kept for the invocation, with its slot.
                     let in_use = self.in_use.fetch_sub(1, Release) - 1;
                     metrics::gauges(in_use, self.idle().len());
                     return;
                 }
-                Some(back) => conn = back,
-            }
-        }
+                // The invocation has ended: nothing keeps it.
+                Some(back) => {
+                    conn = back;
+                    Some(CloseReason::Pinned)
+                }
+            },
+            (Fate::KeepForInvocation, None) => Some(CloseReason::Pinned),
+            (Fate::Close(reason), _) => Some(reason),
+            (Fate::Idle, _) => None,
+        };
         // It leaves the in-use count under the idle set's lock, before it is closed or joins
         // the idle set, so `status()` never counts it twice.
         let (idle, in_use) = match verdict {
@@ -686,12 +690,14 @@ impl PoolInner {
                 conn.state.settle();
                 self.report_pins(&conn.state);
                 let now = SystemTime::now();
-                match conn.on_return(&self.settings, now) {
-                    None => {
+                // Outside any checkout: nothing keeps a pinned connection here.
+                match conn.fate(&self.settings, now, false) {
+                    Fate::Idle => {
                         conn.last_used = now;
                         self.idle().push_back(conn);
                     }
-                    Some(verdict) => self.discard(conn, verdict),
+                    Fate::Close(reason) => self.discard(conn, reason),
+                    Fate::KeepForInvocation => self.discard(conn, CloseReason::Pinned),
                 }
             } else {
                 self.discard(conn, reason);
