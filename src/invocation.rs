@@ -3,6 +3,7 @@
 //! freezes.
 
 use std::future::Future;
+use std::mem::replace;
 use std::panic::Location;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -12,9 +13,12 @@ use std::time::{Duration, SystemTime};
 
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
+use tokio::time::Instant;
 
 use crate::BoxFuture;
+use crate::config::FreezeCheck;
 use crate::conn::Conn;
+use crate::deadline::Bound;
 use crate::pool::PoolInner;
 use crate::status::CloseReason;
 
@@ -173,6 +177,79 @@ impl Drop for InvocationInner {
     }
 }
 
+/// The invocation's lifecycle around the handler, on the pool's primitives: what a freeze may
+/// have broken is checked before it starts, what it left queued is settled when it ends.
+impl Invocation {
+    /// Before the handler runs: idle connections are checked for what a freeze may have
+    /// broken (closed sockets, lifetimes, and connections idle longer than
+    /// `validate_idle_after`, per [`FreezeCheck`]).
+    async fn freeze_check(self, cut: Instant) {
+        let pool = &*self.0.pool;
+        // Let connection tasks take in what arrived while the environment was frozen
+        // (end-of-stream from a closed socket marks the client closed).
+        for _ in 0..2 {
+            tokio::task::yield_now().await;
+        }
+        let now = SystemTime::now();
+        let settings = &pool.settings;
+        let suspect = |c: &Conn| {
+            c.stale(settings, Some(now)).is_some()
+                || c.state.unsettled()
+                || settings
+                    .validate_idle_after
+                    .is_some_and(|after| c.idle_for(now) > after)
+        };
+        let taken = pool.take_idle(suspect);
+        if taken.is_empty() {
+            return;
+        }
+        let mut check = Vec::new();
+        for (conn, permit) in taken {
+            if let Some(reason) = conn.stale(settings, Some(now)) {
+                pool.discard(conn, reason);
+            } else if settings.freeze_check == FreezeCheck::Replace && !conn.state.unsettled() {
+                pool.discard(conn, CloseReason::Stale);
+            } else {
+                check.push((conn, permit));
+            }
+        }
+        // A failed check (a half-open socket answers nothing) must leave the invocation time
+        // to connect afresh: at most half of what is left before the cutoff.
+        let half_left = cut.saturating_duration_since(Instant::now()) / 2;
+        let bound = Bound::new(Some(settings.validate_timeout.min(half_left)), Some(cut));
+        pool.check_all(check, bound, CloseReason::Stale).await;
+    }
+
+    /// After the handler, once the invocation has ended (its kept pinned connections closed):
+    /// make sure queued requests (a dropped transaction's ROLLBACK, what raw access left)
+    /// reached the server and left the connection clean, trim, and refill up to `min_idle`
+    /// (`refill_after_invocation`). Stops at the invocation's cutoff like everything else:
+    /// Lambda counts this time, and a connection whose round trip does not come back by then
+    /// is closed (which ends its transaction on the server).
+    async fn settle(self, cut: Instant) {
+        let pool = &*self.0.pool;
+        let settings = &pool.settings;
+        let queued = pool.take_idle(|c| c.state.unsettled());
+        if !queued.is_empty() {
+            let bound = Bound::new(Some(settings.validate_timeout), Some(cut));
+            pool.check_all(queued, bound, CloseReason::Broken).await;
+        }
+        if settings.trim_at_invocation_end {
+            pool.trim_idle();
+        }
+        // Connections closed in this invocation (pinned ones above all) are replaced now,
+        // after the response, not on the next invocation's critical path.
+        if let Some(limit) = settings.refill_after_invocation
+            && pool.idle_len() < settings.min_idle
+        {
+            let until = cut.min(Instant::now() + limit);
+            if let Err(e) = pool.fill_to_min_idle(Some(until)).await {
+                tracing::debug!(error = %e, "pinpool: no replacement connection after the invocation");
+            }
+        }
+    }
+}
+
 /// Ends the invocation when dropped: the `invocation()` future may be dropped at any await.
 pub(crate) struct EndOnDrop(pub(crate) Invocation);
 
@@ -197,29 +274,35 @@ pin_project! {
     /// then the end-of-invocation work. `Send` when the handler's future is (so
     /// `Runtime::run_concurrent` works). Dropped at any point, it still ends the invocation.
     pub struct InvocationFuture<F: Future> {
-        check: Option<BoxFuture<'static, ()>>,
         #[pin]
         run: TaskLocalFuture<Invocation, F>,
-        end: Option<EndOnDrop>,
-        // The end-of-invocation work; an async block, so it does nothing until polled.
-        settle: Option<BoxFuture<'static, ()>>,
-        out: Option<F::Output>,
+        stage: Stage<F::Output>,
+        cut: Instant,
     }
 }
 
+/// Where an invocation is. Until the handler's future finishes, the stage holds the
+/// [`EndOnDrop`] that ends the invocation if it is dropped.
+enum Stage<T> {
+    /// The freeze check runs; the handler has not started.
+    Check(BoxFuture<'static, ()>, EndOnDrop),
+    /// The handler runs.
+    Run(EndOnDrop),
+    /// The invocation has ended; the end-of-invocation work runs, the handler's output waits.
+    Settle(BoxFuture<'static, ()>, T),
+    /// The output was returned.
+    Done,
+}
+
 impl<F: Future> InvocationFuture<F> {
-    pub(crate) fn new(
-        check: BoxFuture<'static, ()>,
-        inv: Invocation,
-        fut: F,
-        settle: BoxFuture<'static, ()>,
-    ) -> Self {
+    pub(crate) fn new(inv: Invocation, fut: F, cut: Instant) -> Self {
         InvocationFuture {
-            check: Some(check),
-            end: Some(EndOnDrop(inv.clone())),
+            stage: Stage::Check(
+                Box::pin(inv.clone().freeze_check(cut)),
+                EndOnDrop(inv.clone()),
+            ),
             run: CURRENT.scope(inv, fut),
-            settle: Some(settle),
-            out: None,
+            cut,
         }
     }
 }
@@ -228,25 +311,32 @@ impl<F: Future> Future for InvocationFuture<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        if let Some(check) = this.check.as_mut() {
-            ready!(check.as_mut().poll(cx));
-            *this.check = None;
+        let mut this = self.project();
+        loop {
+            match this.stage {
+                Stage::Check(check, _) => {
+                    ready!(check.as_mut().poll(cx));
+                    if let Stage::Check(_, end) = replace(this.stage, Stage::Done) {
+                        *this.stage = Stage::Run(end);
+                    }
+                }
+                Stage::Run(_) => {
+                    let out = ready!(this.run.as_mut().poll(cx));
+                    if let Stage::Run(end) = replace(this.stage, Stage::Done) {
+                        let inv = end.0.clone();
+                        // Ends the invocation: the pinned connections it kept close now.
+                        drop(end);
+                        *this.stage = Stage::Settle(Box::pin(inv.settle(*this.cut)), out);
+                    }
+                }
+                Stage::Settle(settle, _) => {
+                    ready!(settle.as_mut().poll(cx));
+                    if let Stage::Settle(_, out) = replace(this.stage, Stage::Done) {
+                        return Poll::Ready(out);
+                    }
+                }
+                Stage::Done => panic!("InvocationFuture polled after completion"),
+            }
         }
-        if this.out.is_none() {
-            let out = ready!(this.run.poll(cx));
-            *this.out = Some(out);
-            // Ends the invocation: the pinned connections it kept close now.
-            drop(this.end.take());
-        }
-        if let Some(settle) = this.settle.as_mut() {
-            ready!(settle.as_mut().poll(cx));
-            *this.settle = None;
-        }
-        Poll::Ready(
-            this.out
-                .take()
-                .expect("InvocationFuture polled after completion"),
-        )
     }
 }

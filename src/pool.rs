@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::client::PooledClient;
-use crate::config::{Builder, ConnectionConfig, FreezeCheck, Settings};
+use crate::config::{Builder, ConnectionConfig, Settings};
 use crate::conn::{Conn, ConnState, Fate, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
 use crate::deadline::{Bound, cutoff, until, within};
@@ -188,14 +188,7 @@ impl Pool {
         fut: F,
     ) -> InvocationFuture<F> {
         let cut = cutoff(inv.deadline(), self.inner.settings.deadline_margin);
-        let checking = self.clone();
-        let settling = self.clone();
-        InvocationFuture::new(
-            Box::pin(async move { checking.inner.freeze_check(cut).await }),
-            inv,
-            fut,
-            Box::pin(async move { settling.inner.settle_after_invocation(cut).await }),
-        )
+        InvocationFuture::new(inv, fut, cut)
     }
 
     /// Like [`get`](Self::get), but nothing (waiting, connecting, and every statement of the
@@ -630,7 +623,10 @@ impl PoolInner {
 
     /// Takes the idle connections `pick` selects out of the idle set, each with a slot, so
     /// they can be checked without other callers opening more connections meanwhile.
-    fn take_idle(&self, pick: impl Fn(&Conn) -> bool) -> Vec<(Conn, SemaphorePermit<'_>)> {
+    pub(crate) fn take_idle(
+        &self,
+        pick: impl Fn(&Conn) -> bool,
+    ) -> Vec<(Conn, SemaphorePermit<'_>)> {
         let mut taken = Vec::new();
         let mut idle = self.idle();
         let mut i = 0;
@@ -651,7 +647,7 @@ impl PoolInner {
 
     /// Checks connections with a round trip, all within one bound; the ones that answer go
     /// back to the idle set, the others are closed as `reason`.
-    async fn check_all(
+    pub(crate) async fn check_all(
         &self,
         conns: Vec<(Conn, SemaphorePermit<'_>)>,
         bound: Option<Bound>,
@@ -706,81 +702,28 @@ impl PoolInner {
         }
     }
 
-    /// What a freeze may have broken, checked before an invocation gets a connection.
-    async fn freeze_check(&self, cut: Instant) {
-        // Let connection tasks take in what arrived while the environment was frozen
-        // (end-of-stream from a closed socket marks the client closed).
-        for _ in 0..2 {
-            tokio::task::yield_now().await;
-        }
-        let now = SystemTime::now();
-        let settings = &self.settings;
-        let suspect = |c: &Conn| {
-            c.stale(settings, Some(now)).is_some()
-                || c.state.unsettled()
-                || settings
-                    .validate_idle_after
-                    .is_some_and(|after| c.idle_for(now) > after)
+    /// The idle connections beyond the `min_idle` most recently used, out of the idle set
+    /// and closed as trimmed.
+    pub(crate) fn trim_idle(&self) {
+        let extra: Vec<Conn> = {
+            let mut idle = self.idle();
+            let extra = idle.len() - self.settings.min_idle.min(idle.len());
+            // The most recently used stay (they are popped first).
+            idle.drain(..extra).collect()
         };
-        let taken = self.take_idle(suspect);
-        if taken.is_empty() {
-            return;
-        }
-        let mut check = Vec::new();
-        for (conn, permit) in taken {
-            if let Some(reason) = conn.stale(settings, Some(now)) {
-                self.discard(conn, reason);
-            } else if settings.freeze_check == FreezeCheck::Replace && !conn.state.unsettled() {
-                self.discard(conn, CloseReason::Stale);
-            } else {
-                check.push((conn, permit));
-            }
-        }
-        // A failed check (a half-open socket answers nothing) must leave the invocation time
-        // to connect afresh: at most half of what is left before the cutoff.
-        let half_left = cut.saturating_duration_since(Instant::now()) / 2;
-        let bound = Bound::new(Some(settings.validate_timeout.min(half_left)), Some(cut));
-        self.check_all(check, bound, CloseReason::Stale).await;
+        self.discard_all(extra, CloseReason::Trimmed);
     }
 
-    /// After an invocation: make sure queued requests (a dropped transaction's ROLLBACK,
-    /// what raw access left) reached the server and left the connection clean, trim, and
-    /// refill up to `min_idle` (`refill_after_invocation`).
-    /// Stops at the invocation's cutoff like everything else: Lambda counts this time, and a
-    /// connection whose round trip does not come back by then is closed (which ends its
-    /// transaction on the server).
-    async fn settle_after_invocation(&self, cut: Instant) {
-        let queued = self.take_idle(|c| c.state.unsettled());
-        if !queued.is_empty() {
-            let bound = Bound::new(Some(self.settings.validate_timeout), Some(cut));
-            self.check_all(queued, bound, CloseReason::Broken).await;
-        }
-        if self.settings.trim_at_invocation_end {
-            let extra: Vec<Conn> = {
-                let mut idle = self.idle();
-                let extra = idle.len() - self.settings.min_idle.min(idle.len());
-                // The most recently used stay (they are popped first).
-                idle.drain(..extra).collect()
-            };
-            self.discard_all(extra, CloseReason::Trimmed);
-        }
-        // Connections closed in this invocation (pinned ones above all) are replaced now,
-        // after the response, not on the next invocation's critical path.
-        if let Some(limit) = self.settings.refill_after_invocation
-            && self.idle().len() < self.settings.min_idle
-        {
-            let until = cut.min(Instant::now() + limit);
-            if let Err(e) = self.fill_to_min_idle(Some(until)).await {
-                tracing::debug!(error = %e, "pinpool: no replacement connection after the invocation");
-            }
-        }
+    /// How many connections are idle now.
+    pub(crate) fn idle_len(&self) -> usize {
+        self.idle().len()
     }
 
     /// Opens connections until `min_idle` are idle (never more than `max_size` in all, and
     /// only with a free slot: a waiting caller comes first), each within `connect_timeout`
     /// and `cut`. Returns how many it opened. Cancel safe: a connect dropped mid-way undoes
     /// its count and frees its slot.
-    async fn fill_to_min_idle(&self, cut: Option<Instant>) -> Result<usize, Error> {
+    pub(crate) async fn fill_to_min_idle(&self, cut: Option<Instant>) -> Result<usize, Error> {
         let mut opened = 0;
         while self.idle().len() < self.settings.min_idle {
             let Ok(permit) = self.slots.try_acquire() else {
