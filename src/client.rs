@@ -152,13 +152,18 @@ impl<'a> Guarded<'a> {
 /// - it carries no session state the caller may rely on: nothing seen on it may have pinned
 ///   it (under `PinPolicy::Keep`, and within an invocation under `KeepForInvocation`, a
 ///   `SET` comes back in the same session; a fresh connection would silently lack it);
-/// - no raw client was handed out in this checkout (`raw_used`): the caller would hold the
-///   old connection's.
+/// - no raw client was handed out in this checkout (`raw_used`), and no prepared
+///   [`Statement`] ([`ConnState::statement_lent`]: a `prepare_cached` hit writes nothing):
+///   the caller would hold the old connection's.
 ///
 /// A statement that may have reached the server is never run twice: its effects (an INSERT
 /// that committed before the answer was lost) may stand.
 fn retry_allowed(closed: bool, state: &ConnState, raw_used: bool) -> bool {
-    closed && state.unwritten_since_checkout() && state.pinned().is_empty() && !raw_used
+    closed
+        && state.unwritten_since_checkout()
+        && !state.statement_lent()
+        && state.pinned().is_empty()
+        && !raw_used
 }
 
 /// True for an error that says the connection is closed (not the server's error, not a
@@ -313,14 +318,18 @@ impl<'a> Ctx<'a> {
     }
 
     async fn prepare_typed(self, query: &str, types: &[Type]) -> Result<Statement, Error> {
-        self.prepare_in(query, types, self.bound).await
+        let stmt = self.prepare_in(query, types, self.bound).await?;
+        self.g.state.lend_statement();
+        Ok(stmt)
     }
 
     async fn prepare_cached(self, query: &str) -> Result<Statement, Error> {
-        match self.cached(query, self.bound).await? {
-            Some(stmt) => Ok(stmt),
-            None => self.prepare_in(query, &[], self.bound).await,
-        }
+        let stmt = match self.cached(query, self.bound).await? {
+            Some(stmt) => stmt,
+            None => self.prepare_in(query, &[], self.bound).await?,
+        };
+        self.g.state.lend_statement();
+        Ok(stmt)
     }
 
     /// Prepares within a bound the caller already made.

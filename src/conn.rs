@@ -62,6 +62,7 @@ const KILLED: u8 = 2; // the socket was closed by pinpool after a timeout
 const BROKEN: u8 = 4; // the socket was closed by pinpool after a fatal error
 const ROLLBACK_QUEUED: u8 = 8; // a dropped transaction queued a ROLLBACK not yet known sent
 const RAW_USED: u8 = 16; // raw access was handed out: a request may wait unseen in the queue
+const STATEMENT_LENT: u8 = 32; // a Statement of this connection was handed out in this checkout
 /// Requests may wait in the client's queue, not yet written: a round trip settles them.
 const UNSETTLED: u8 = ROLLBACK_QUEUED | RAW_USED;
 
@@ -125,14 +126,28 @@ impl ConnState {
         crate::sync::lock(&self.task.fut).is_none()
     }
 
-    /// The connection is handed out: what was written so far is not this checkout's.
+    /// The connection is handed out: what was written so far, and the statements handed out
+    /// so far, are not this checkout's.
     pub(crate) fn mark_checkout(&self) {
         self.checkout_mark.store(self.wire.written(), Relaxed);
+        self.flags.fetch_and(!STATEMENT_LENT, Relaxed);
     }
 
     /// True while no byte was written since [`mark_checkout`](Self::mark_checkout).
     pub(crate) fn unwritten_since_checkout(&self) -> bool {
         self.wire.written() == self.checkout_mark.load(Relaxed)
+    }
+
+    /// A [`Statement`](crate::Statement) of this connection is handed to the caller, who may
+    /// keep it for later calls of this checkout: a cache hit writes nothing, so the byte count
+    /// alone would not show it.
+    pub(crate) fn lend_statement(&self) {
+        self.flags.fetch_or(STATEMENT_LENT, Relaxed);
+    }
+
+    /// True when a [`Statement`](crate::Statement) was handed out since the checkout.
+    pub(crate) fn statement_lent(&self) -> bool {
+        self.flags.load(Relaxed) & STATEMENT_LENT != 0
     }
 
     /// The statement cache, locked (a poisoned lock still holds a consistent cache).
