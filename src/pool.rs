@@ -18,6 +18,7 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::join_all;
 use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 use tokio::time::Instant;
 
@@ -673,11 +674,17 @@ impl PoolInner {
             conns: conns.into(),
             reason,
         };
-        while let Some((conn, _)) = unchecked.conns.front() {
-            let ok = matches!(
-                until(bound, conn.client.check_connection()).await,
-                Some(Ok(()))
-            );
+        // Side by side: a connection that answers nothing (a flow a NAT forgot) must not use up
+        // the bound of the healthy ones behind it.
+        let answers = join_all(
+            unchecked
+                .conns
+                .iter()
+                .map(|(conn, _)| until(bound, conn.client.check_connection())),
+        )
+        .await;
+        for answer in answers {
+            let ok = matches!(answer, Some(Ok(())));
             let Some((mut conn, permit)) = unchecked.conns.pop_front() else {
                 break;
             };

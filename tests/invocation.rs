@@ -288,6 +288,59 @@ mod through_the_emulator {
     }
 
     #[tokio::test]
+    async fn one_dead_idle_connection_does_not_cost_the_healthy_ones_their_check() {
+        // Connection A idles past the NAT's timeout, B does not: the checks at the start of
+        // the invocation run side by side, so A's silence costs B nothing.
+        let emu = emulator("inv_one_dead", |c| {
+            c.nat_idle_timeout(Some(Duration::from_millis(600)))
+        })
+        .await;
+        let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
+            .max_size(2)
+            .validate_idle_after(Some(Duration::from_millis(50)))
+            // Shorter than the NAT's timeout: a check one after the other would find B
+            // forgotten too once A's check had timed out.
+            .validate_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        {
+            let (a, b) = tokio::join!(pool.get(), pool.get());
+            let (a, b) = (a.unwrap(), b.unwrap());
+            a.batch_execute("SELECT 1").await.unwrap();
+            b.batch_execute("SELECT 1").await.unwrap();
+            drop(a);
+            drop(b); // returned last: handed out first
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // B again, outside an invocation (whose freeze check would touch A too).
+        pool.get()
+            .await
+            .unwrap()
+            .batch_execute("SELECT 1")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // A has been idle 800 ms (forgotten), B 400 ms (alive).
+        let v = pool
+            .invocation(in_ms(3000), async {
+                pool.get()
+                    .await?
+                    .query_one_scalar::<i32, _>("SELECT 1", &[])
+                    .await
+            })
+            .await;
+        assert_eq!(v.unwrap(), 1);
+        let s = pool.status();
+        assert_eq!(
+            s.closed.get(pinpool::CloseReason::Stale),
+            1,
+            "{s:?} {:?}",
+            emu.counters()
+        );
+        assert_eq!(s.opened, 2, "the healthy connection was kept: {s:?}");
+    }
+
+    #[tokio::test]
     async fn an_invocation_dropped_during_the_freeze_check_closes_what_it_was_checking() {
         let emu = emulator("inv_drop_check", |c| c).await;
         let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
