@@ -19,6 +19,8 @@ mod error;
 mod invocation;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+#[cfg(test)]
+mod memory;
 pub mod metrics;
 pub mod pinning;
 mod plain;

@@ -203,7 +203,7 @@ async fn session(
 /// A `tokio_postgres::Error` carrying an I/O error, so a failed socket reads as tokio-postgres's
 /// own connect failures do (`Error::Connect`, the cause as its source). tokio-postgres makes
 /// such errors only itself: it gets one from a stream that fails at once.
-async fn io_error(e: io::Error) -> tokio_postgres::Error {
+pub(crate) async fn io_error(e: io::Error) -> tokio_postgres::Error {
     struct Failing(Option<io::Error>);
     impl Failing {
         fn fail(&mut self) -> io::Error {

@@ -140,6 +140,12 @@ impl Pool {
         }
     }
 
+    /// The same settings, with connections from `connector` (the in-memory tests' seam).
+    #[cfg(test)]
+    pub(crate) fn with_connector(self, connector: Arc<dyn Connect>) -> Pool {
+        Pool::from_parts(self.inner.settings.clone(), connector, None)
+    }
+
     /// Checks out a connection, waiting at most `acquire_timeout` for a free one and at most
     /// `connect_timeout` to open a new one. Waiters are served in order.
     ///

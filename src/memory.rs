@@ -1,0 +1,366 @@
+//! The pool's core without PostgreSQL (tests only): a [`Connect`] whose connections end at a
+//! small in-memory server, enough of the protocol for the pool's own traffic (startup, Sync,
+//! simple queries), with faults on demand. Checkout, return, waiters, cancellation and the
+//! pool's invariants are tested here fast and deterministically (tokio's paused clock); what
+//! needs a real server stays in `tests/` against PostgreSQL.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio_postgres::NoTls;
+
+use crate::BoxFuture;
+use crate::connect::{Connect, Opened};
+use crate::pinning::PinRules;
+use crate::pool::Pool;
+use crate::wire::{Observed, Wire};
+
+/// Opens in-memory connections. Faults: `refuse` fails a connect at once, `hang` leaves a
+/// startup unanswered (the connect waits for its bound), `silent` leaves every request of the
+/// connections opened from then on unanswered.
+#[derive(Default)]
+pub(crate) struct Memory {
+    pub(crate) refuse: AtomicBool,
+    pub(crate) hang: AtomicBool,
+    pub(crate) silent: AtomicBool,
+    /// Connections the server has served, closed or not.
+    pub(crate) accepted: AtomicUsize,
+}
+
+impl Connect for Memory {
+    fn connect<'a>(
+        &'a self,
+        config: &'a tokio_postgres::Config,
+        rules: PinRules,
+    ) -> BoxFuture<'a, Result<Opened, tokio_postgres::Error>> {
+        Box::pin(async move {
+            if self.refuse.load(SeqCst) {
+                let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+                return Err(crate::plain::io_error(refused).await);
+            }
+            let (client_end, server_end) = tokio::io::duplex(64 * 1024);
+            self.accepted.fetch_add(1, SeqCst);
+            tokio::spawn(serve(
+                server_end,
+                self.hang.load(SeqCst),
+                self.silent.load(SeqCst),
+            ));
+            let wire = Wire::new(rules);
+            let (client, connection) = config
+                .connect_raw(Observed::new(client_end, wire.clone()), NoTls)
+                .await?;
+            Ok(Opened {
+                client,
+                connection: Box::pin(connection),
+                wire,
+            })
+        })
+    }
+
+    fn tls(&self) -> bool {
+        false
+    }
+}
+
+/// The server side of one connection: a trusting login, then ReadyForQuery for every Sync
+/// and an empty result for every simple query, until Terminate or the client's end closes.
+async fn serve(mut s: DuplexStream, hang: bool, silent: bool) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    // Startup: a length, then the body.
+    while buf.len() < 4 || buf.len() < (&buf[..4]).get_u32() as usize {
+        if s.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+    let len = (&buf[..4]).get_u32() as usize;
+    buf.advance(len);
+    if hang {
+        // Never answers; holds the socket open until the client gives up.
+        while s.read_buf(&mut buf).await? > 0 {}
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    message(&mut out, b'R', &0u32.to_be_bytes()); // AuthenticationOk
+    message(&mut out, b'K', &[0, 0, 0, 1, 0, 0, 0, 2]); // BackendKeyData
+    message(&mut out, b'Z', b"I");
+    s.write_all(&out).await?;
+    loop {
+        while buf.len() >= 5 && buf.len() > (&buf[1..5]).get_u32() as usize {
+            let tag = buf[0];
+            let len = (&buf[1..5]).get_u32() as usize;
+            buf.advance(1 + len);
+            let mut out = BytesMut::new();
+            match tag {
+                b'X' => return Ok(()),
+                _ if silent => {}
+                b'S' => message(&mut out, b'Z', b"I"),
+                b'Q' => {
+                    message(&mut out, b'I', b""); // EmptyQueryResponse
+                    message(&mut out, b'Z', b"I");
+                }
+                // Not part of the pool's own traffic: the test asked for too much.
+                _ => {
+                    return Err(io::Error::other(
+                        "the in-memory server speaks Sync and Query",
+                    ));
+                }
+            }
+            s.write_all(&out).await?;
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+fn message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_u32(4 + body.len() as u32);
+    out.put_slice(body);
+}
+
+/// A pool of `builder`'s settings whose connections are in memory.
+pub(crate) fn pool(builder: crate::Builder) -> (Pool, Arc<Memory>) {
+    let memory = Arc::new(Memory::default());
+    let pool = builder.build().expect("valid settings");
+    (pool.with_connector(memory.clone()), memory)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Mutex;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Duration;
+
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    use tokio::time::Instant;
+
+    use super::pool;
+    use crate::{Error, Phase, Pool, PooledClient, TimeoutCause};
+
+    fn builder() -> crate::Builder {
+        Pool::builder("postgres://memory@localhost/memory")
+    }
+
+    /// The pool's invariants, at any moment: what is idle and what is in use are each counted
+    /// in `size`, which never passes `max_size`.
+    fn assert_invariants(pool: &Pool) {
+        let s = pool.status();
+        assert!(s.idle + s.in_use <= s.size, "{s:?}");
+        assert!(s.size <= s.max_size, "{s:?}");
+    }
+
+    /// Everything is back: nothing in use, nobody waiting, every open connection idle.
+    fn assert_at_rest(pool: &Pool) {
+        let s = pool.status();
+        assert_eq!((s.in_use, s.waiters), (0, 0), "{s:?}");
+        assert_eq!(s.idle, s.size, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_returned_connection_is_handed_out_again() {
+        let (pool, memory) = pool(builder());
+        for _ in 0..100 {
+            let c = pool.get().await.unwrap();
+            assert_invariants(&pool);
+            drop(c);
+        }
+        assert_eq!(pool.status().opened, 1);
+        assert_eq!(memory.accepted.load(SeqCst), 1);
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_in_the_order_they_came() {
+        let (pool, _) = pool(builder().max_size(1));
+        let held = pool.get().await.unwrap();
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for i in 0..4 {
+            let (p, order) = (pool.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                let c = p.get().await.unwrap();
+                order.lock().unwrap().push(i);
+                tokio::task::yield_now().await;
+                drop(c);
+            }));
+            // Each waiter queues before the next is spawned.
+            while pool.status().waiters < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3]);
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gives_up_at_acquire_timeout_exactly() {
+        let (pool, _) = pool(
+            builder()
+                .max_size(1)
+                .acquire_timeout(Duration::from_secs(2)),
+        );
+        let _held = pool.get().await.unwrap();
+        let start = Instant::now();
+        let err = pool.get().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Timeout {
+                    phase: Phase::Acquire,
+                    cause: TimeoutCause::Configured,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert_eq!(pool.status().waiters, 0);
+        assert_invariants(&pool);
+    }
+
+    #[tokio::test]
+    async fn a_get_dropped_while_waiting_leaves_nothing_behind() {
+        let (pool, _) = pool(builder().max_size(1));
+        let held = pool.get().await.unwrap();
+        {
+            let mut waiting = std::pin::pin!(pool.get());
+            let polled = std::future::poll_fn(|cx| Poll::Ready(waiting.as_mut().poll(cx))).await;
+            assert!(polled.is_pending());
+            assert_eq!(pool.status().waiters, 1);
+        }
+        assert_eq!(pool.status().waiters, 0);
+        drop(held);
+        // The slot went to nobody: the next caller has it at once.
+        let c = tokio::time::timeout(Duration::from_millis(100), pool.get())
+            .await
+            .expect("not given to the dropped waiter")
+            .unwrap();
+        drop(c);
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_that_hangs_fails_at_connect_timeout_and_gives_back_its_place() {
+        let (pool, memory) = pool(builder().connect_timeout(Duration::from_secs(1)));
+        memory.hang.store(true, SeqCst);
+        let start = Instant::now();
+        let err = pool.get().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Timeout {
+                    phase: Phase::Connect,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        assert_eq!(pool.status().size, 0);
+        // Dropped mid-connect instead: its place is given back too.
+        let dropped = tokio::time::timeout(Duration::from_millis(300), pool.get()).await;
+        assert!(dropped.is_err());
+        assert_eq!(pool.status().size, 0);
+        memory.hang.store(false, SeqCst);
+        drop(pool.get().await.unwrap());
+        assert_eq!(pool.status().size, 1);
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_an_error_of_the_connect_phase() {
+        let (pool, memory) = pool(builder());
+        memory.refuse.store(true, SeqCst);
+        let err = pool.get().await.unwrap_err();
+        assert_eq!(err.phase(), Some(Phase::Connect), "{err:?}");
+        assert_eq!(pool.status().size, 0);
+        memory.refuse.store(false, SeqCst);
+        drop(pool.get().await.unwrap());
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freeze_check_closes_a_silent_idle_connection_and_the_invocation_connects_afresh() {
+        // Idleness is measured by the wall clock, which the paused clock does not move: every
+        // idle connection counts as idle long enough here.
+        let (pool, memory) = pool(
+            builder()
+                .validate_idle_after(Some(Duration::ZERO))
+                .validate_timeout(Duration::from_secs(1)),
+        );
+        memory.silent.store(true, SeqCst);
+        drop(pool.get().await.unwrap()); // opened silent: it answers nothing from now on
+        memory.silent.store(false, SeqCst);
+        let start = Instant::now();
+        let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+        let checked = pool
+            .invocation(deadline, async {
+                let c = pool.get().await?;
+                c.check_connection().await
+            })
+            .await;
+        checked.unwrap();
+        // The check's bound, then a fresh connection at once.
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        let s = pool.status();
+        assert_eq!(s.closed.get(crate::CloseReason::Stale), 1, "{s:?}");
+        assert_eq!(s.opened, 2, "{s:?}");
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test]
+    async fn random_operations_keep_the_invariants() {
+        let seed = std::env::var("PINPOOL_MEMORY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(7);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (pool, memory) = pool(
+            builder()
+                .max_size(3)
+                .acquire_timeout(Duration::from_millis(20)),
+        );
+        let mut held: Vec<PooledClient> = Vec::new();
+        for step in 0..2_000 {
+            match rng.random_range(0..6) {
+                0 | 1 => {
+                    // A get that times out, or is dropped mid-way, leaves nothing behind.
+                    let got = tokio::time::timeout(Duration::from_millis(5), pool.get()).await;
+                    if let Ok(Ok(c)) = got {
+                        held.push(c);
+                    }
+                }
+                2 | 3 if !held.is_empty() => {
+                    let i = rng.random_range(0..held.len());
+                    drop(held.swap_remove(i));
+                }
+                4 => memory.refuse.store(rng.random_bool(0.3), SeqCst),
+                _ if !held.is_empty() => {
+                    let i = rng.random_range(0..held.len());
+                    held[i].batch_execute("SELECT 1").await.unwrap();
+                }
+                _ => {}
+            }
+            let s = pool.status();
+            assert!(
+                s.idle + s.in_use <= s.size && s.size <= 3,
+                "seed {seed}, step {step}: {s:?}"
+            );
+            assert_eq!(s.in_use, held.len(), "seed {seed}, step {step}: {s:?}");
+        }
+        held.clear();
+        assert_at_rest(&pool);
+    }
+
+    use std::task::Poll;
+}
