@@ -166,7 +166,7 @@ impl Pool {
     ///
     /// Before `fut` starts, idle connections are checked for what a freeze may have broken:
     /// closed sockets, lifetimes, and connections idle longer than `validate_idle_after` per
-    /// [`FreezeCheck`]. When it ends (finished, failed or dropped), the pinned connections it
+    /// [`FreezeCheck`](crate::FreezeCheck). When it ends (finished, failed or dropped), the pinned connections it
     /// kept are closed; then connections whose dropped transaction queued a `ROLLBACK` are
     /// checked with a round trip, so the rollback has reached the server before the
     /// environment freezes; and with `trim_at_invocation_end`, idle connections beyond
