@@ -545,313 +545,6 @@ fn rerunnable<T: ?Sized + ToStatement>(statement: &T) -> bool {
     matches!(statement.__statement(), StatementRef::Text(_))
 }
 
-/// Generates the statement methods, with tokio-postgres's names and argument shapes, on a
-/// type with `call` (a call that may run again: its arguments are borrowed) and `call_once` (its
-/// parameters come from an iterator, used up by running it): each method is one of those with
-/// a closure that runs it on a [`Ctx`], and whether its statement may run on another
-/// connection ([`rerunnable`]).
-macro_rules! statement_methods {
-    () => {
-        /// Prepares a statement (a protocol-level Parse; it does not pin on today's RDS Proxy).
-        ///
-        /// # Errors
-        /// The server's error, a timeout, or [`Error::PinRefused`](crate::Error::PinRefused).
-        pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
-            self.call(true, move |ctx| ctx.prepare_typed(query, &[]))
-                .await
-        }
-
-        /// The connection's cached prepared statement for `query`, prepared and cached on a
-        /// miss (as the `&str` methods do); a plain [`prepare`](Self::prepare) when the cache
-        /// is off.
-        ///
-        /// # Errors
-        /// As [`prepare`](Self::prepare).
-        pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
-            self.call(true, move |ctx| ctx.prepare_cached(query)).await
-        }
-
-        /// Prepares a statement with the given parameter types.
-        ///
-        /// # Errors
-        /// As [`prepare`](Self::prepare).
-        pub async fn prepare_typed(
-            &self,
-            query: &str,
-            parameter_types: &[Type],
-        ) -> Result<Statement, Error> {
-            self.call(true, move |ctx| ctx.prepare_typed(query, parameter_types))
-                .await
-        }
-
-        /// Runs a statement and returns its rows.
-        ///
-        /// # Errors
-        /// The server's error, a timeout (the connection is then closed), or
-        /// [`Error::PinRefused`](crate::Error::PinRefused).
-        pub async fn query<T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Vec<Row>, Error> {
-            self.call(rerunnable(statement), move |ctx| {
-                ctx.query(statement, params)
-            })
-            .await
-        }
-
-        /// Runs a statement that returns exactly one row.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query), and when the row count is not one.
-        pub async fn query_one<T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Row, Error> {
-            self.call(rerunnable(statement), move |ctx| {
-                ctx.query_one(statement, params)
-            })
-            .await
-        }
-
-        /// Runs a statement that returns at most one row.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query), and when more than one row comes back.
-        pub async fn query_opt<T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Option<Row>, Error> {
-            self.call(rerunnable(statement), move |ctx| {
-                ctx.query_opt(statement, params)
-            })
-            .await
-        }
-
-        /// Runs a statement returning one column and collects its values.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query), and when a row has more than one column.
-        pub async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Vec<R>, Error> {
-            self.call(rerunnable(statement), move |ctx| {
-                ctx.query_scalar(statement, params)
-            })
-            .await
-        }
-
-        /// Runs a statement returning exactly one row of one column.
-        ///
-        /// # Errors
-        /// As [`query_one`](Self::query_one).
-        pub async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<R, Error> {
-            self.call(rerunnable(statement), move |ctx| {
-                ctx.query_one_scalar(statement, params)
-            })
-            .await
-        }
-
-        /// Runs a statement returning at most one row of one column.
-        ///
-        /// # Errors
-        /// As [`query_opt`](Self::query_opt).
-        pub async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Option<R>, Error> {
-            self.call(rerunnable(statement), move |ctx| {
-                ctx.query_opt_scalar(statement, params)
-            })
-            .await
-        }
-
-        /// Runs a statement and streams its rows. Read the stream to its end: one dropped
-        /// early makes the pool close the connection.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn query_raw<T, P, I>(
-            &self,
-            statement: &T,
-            params: I,
-        ) -> Result<RowStream<'_>, Error>
-        where
-            T: ?Sized + ToStatement,
-            P: BorrowToSql,
-            I: IntoIterator<Item = P>,
-            I::IntoIter: ExactSizeIterator,
-        {
-            self.call_once(rerunnable(statement), move |ctx| {
-                ctx.query_raw(statement, params)
-            })
-            .await
-        }
-
-        /// Runs a statement with explicitly typed parameters in one round trip (unnamed
-        /// statement).
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn query_typed(
-            &self,
-            query: &str,
-            params: &[(&(dyn ToSql + Sync), Type)],
-        ) -> Result<Vec<Row>, Error> {
-            self.call(true, move |ctx| ctx.query_typed(query, params))
-                .await
-        }
-
-        /// [`query_typed`](Self::query_typed) for exactly one row.
-        ///
-        /// # Errors
-        /// As [`query_one`](Self::query_one).
-        pub async fn query_typed_one(
-            &self,
-            query: &str,
-            params: &[(&(dyn ToSql + Sync), Type)],
-        ) -> Result<Row, Error> {
-            self.call(true, move |ctx| ctx.query_typed_one(query, params))
-                .await
-        }
-
-        /// [`query_typed`](Self::query_typed) for at most one row.
-        ///
-        /// # Errors
-        /// As [`query_opt`](Self::query_opt).
-        pub async fn query_typed_opt(
-            &self,
-            query: &str,
-            params: &[(&(dyn ToSql + Sync), Type)],
-        ) -> Result<Option<Row>, Error> {
-            self.call(true, move |ctx| ctx.query_typed_opt(query, params))
-                .await
-        }
-
-        /// [`query_typed`](Self::query_typed), streaming the rows.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn query_typed_raw<P, I>(
-            &self,
-            query: &str,
-            params: I,
-        ) -> Result<RowStream<'_>, Error>
-        where
-            P: BorrowToSql,
-            I: IntoIterator<Item = (P, Type)>,
-        {
-            self.call_once(true, move |ctx| ctx.query_typed_raw(query, params))
-                .await
-        }
-
-        /// Runs a statement and returns the number of rows it affected.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn execute<T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<u64, Error> {
-            self.call(rerunnable(statement), move |ctx| {
-                ctx.execute(statement, params)
-            })
-            .await
-        }
-
-        /// [`execute`](Self::execute) with explicitly typed parameters, in one round trip.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn execute_typed(
-            &self,
-            query: &str,
-            params: &[(&(dyn ToSql + Sync), Type)],
-        ) -> Result<u64, Error> {
-            self.call(true, move |ctx| ctx.execute_typed(query, params))
-                .await
-        }
-
-        /// [`execute`](Self::execute) with parameters from an iterator.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
-        where
-            T: ?Sized + ToStatement,
-            P: BorrowToSql,
-            I: IntoIterator<Item = P>,
-            I::IntoIter: ExactSizeIterator,
-        {
-            self.call_once(rerunnable(statement), move |ctx| {
-                ctx.execute_raw(statement, params)
-            })
-            .await
-        }
-
-        /// Starts a `COPY ... FROM STDIN`. Call [`CopyInSink::finish`] at the end.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn copy_in<T, U>(&self, statement: &T) -> Result<CopyInSink<'_, U>, Error>
-        where
-            T: ?Sized + ToStatement,
-            U: Buf + 'static + Send,
-        {
-            self.call(rerunnable(statement), move |ctx| ctx.copy_in(statement))
-                .await
-        }
-
-        /// Starts a `COPY ... TO STDOUT`. Read the stream to its end.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn copy_out<T: ?Sized + ToStatement>(
-            &self,
-            statement: &T,
-        ) -> Result<CopyOutStream<'_>, Error> {
-            self.call(rerunnable(statement), move |ctx| ctx.copy_out(statement))
-                .await
-        }
-
-        /// Sends a text of one or more statements with the simple protocol; returns their
-        /// rows as text.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-            self.call(true, move |ctx| ctx.simple_query(query)).await
-        }
-
-        /// [`simple_query`](Self::simple_query), streaming the messages.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn simple_query_raw(&self, query: &str) -> Result<SimpleQueryStream<'_>, Error> {
-            self.call(true, move |ctx| ctx.simple_query_raw(query))
-                .await
-        }
-
-        /// Sends a text of one or more statements with the simple protocol, ignoring rows.
-        ///
-        /// # Errors
-        /// As [`query`](Self::query).
-        pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-            self.call(true, move |ctx| ctx.batch_execute(query)).await
-        }
-    };
-}
-
 /// A connection checked out of the pool. It goes back when dropped, synchronously: to the idle
 /// set if its state is known and clean, otherwise it is closed.
 ///
@@ -1021,7 +714,299 @@ impl PooledClient {
         })
     }
 
-    statement_methods!();
+    /// Prepares a statement (a protocol-level Parse; it does not pin on today's RDS Proxy).
+    ///
+    /// # Errors
+    /// The server's error, a timeout, or [`Error::PinRefused`](crate::Error::PinRefused).
+    pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        self.call(true, move |ctx| ctx.prepare_typed(query, &[]))
+            .await
+    }
+
+    /// The connection's cached prepared statement for `query`, prepared and cached on a
+    /// miss (as the `&str` methods do); a plain [`prepare`](Self::prepare) when the cache
+    /// is off.
+    ///
+    /// # Errors
+    /// As [`prepare`](Self::prepare).
+    pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        self.call(true, move |ctx| ctx.prepare_cached(query)).await
+    }
+
+    /// Prepares a statement with the given parameter types.
+    ///
+    /// # Errors
+    /// As [`prepare`](Self::prepare).
+    pub async fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        self.call(true, move |ctx| ctx.prepare_typed(query, parameter_types))
+            .await
+    }
+
+    /// Runs a statement and returns its rows.
+    ///
+    /// # Errors
+    /// The server's error, a timeout (the connection is then closed), or
+    /// [`Error::PinRefused`](crate::Error::PinRefused).
+    pub async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        self.call(rerunnable(statement), move |ctx| {
+            ctx.query(statement, params)
+        })
+        .await
+    }
+
+    /// Runs a statement that returns exactly one row.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query), and when the row count is not one.
+    pub async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        self.call(rerunnable(statement), move |ctx| {
+            ctx.query_one(statement, params)
+        })
+        .await
+    }
+
+    /// Runs a statement that returns at most one row.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query), and when more than one row comes back.
+    pub async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        self.call(rerunnable(statement), move |ctx| {
+            ctx.query_opt(statement, params)
+        })
+        .await
+    }
+
+    /// Runs a statement returning one column and collects its values.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query), and when a row has more than one column.
+    pub async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<R>, Error> {
+        self.call(rerunnable(statement), move |ctx| {
+            ctx.query_scalar(statement, params)
+        })
+        .await
+    }
+
+    /// Runs a statement returning exactly one row of one column.
+    ///
+    /// # Errors
+    /// As [`query_one`](Self::query_one).
+    pub async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<R, Error> {
+        self.call(rerunnable(statement), move |ctx| {
+            ctx.query_one_scalar(statement, params)
+        })
+        .await
+    }
+
+    /// Runs a statement returning at most one row of one column.
+    ///
+    /// # Errors
+    /// As [`query_opt`](Self::query_opt).
+    pub async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<R>, Error> {
+        self.call(rerunnable(statement), move |ctx| {
+            ctx.query_opt_scalar(statement, params)
+        })
+        .await
+    }
+
+    /// Runs a statement and streams its rows. Read the stream to its end: one dropped
+    /// early makes the pool close the connection.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        self.call_once(rerunnable(statement), move |ctx| {
+            ctx.query_raw(statement, params)
+        })
+        .await
+    }
+
+    /// Runs a statement with explicitly typed parameters in one round trip (unnamed
+    /// statement).
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        self.call(true, move |ctx| ctx.query_typed(query, params))
+            .await
+    }
+
+    /// [`query_typed`](Self::query_typed) for exactly one row.
+    ///
+    /// # Errors
+    /// As [`query_one`](Self::query_one).
+    pub async fn query_typed_one(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Row, Error> {
+        self.call(true, move |ctx| ctx.query_typed_one(query, params))
+            .await
+    }
+
+    /// [`query_typed`](Self::query_typed) for at most one row.
+    ///
+    /// # Errors
+    /// As [`query_opt`](Self::query_opt).
+    pub async fn query_typed_opt(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<Row>, Error> {
+        self.call(true, move |ctx| ctx.query_typed_opt(query, params))
+            .await
+    }
+
+    /// [`query_typed`](Self::query_typed), streaming the rows.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn query_typed_raw<P, I>(
+        &self,
+        query: &str,
+        params: I,
+    ) -> Result<RowStream<'_>, Error>
+    where
+        P: BorrowToSql,
+        I: IntoIterator<Item = (P, Type)>,
+    {
+        self.call_once(true, move |ctx| ctx.query_typed_raw(query, params))
+            .await
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        self.call(rerunnable(statement), move |ctx| {
+            ctx.execute(statement, params)
+        })
+        .await
+    }
+
+    /// [`execute`](Self::execute) with explicitly typed parameters, in one round trip.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Error> {
+        self.call(true, move |ctx| ctx.execute_typed(query, params))
+            .await
+    }
+
+    /// [`execute`](Self::execute) with parameters from an iterator.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        self.call_once(rerunnable(statement), move |ctx| {
+            ctx.execute_raw(statement, params)
+        })
+        .await
+    }
+
+    /// Starts a `COPY ... FROM STDIN`. Call [`CopyInSink::finish`] at the end.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn copy_in<T, U>(&self, statement: &T) -> Result<CopyInSink<'_, U>, Error>
+    where
+        T: ?Sized + ToStatement,
+        U: Buf + 'static + Send,
+    {
+        self.call(rerunnable(statement), move |ctx| ctx.copy_in(statement))
+            .await
+    }
+
+    /// Starts a `COPY ... TO STDOUT`. Read the stream to its end.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn copy_out<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+    ) -> Result<CopyOutStream<'_>, Error> {
+        self.call(rerunnable(statement), move |ctx| ctx.copy_out(statement))
+            .await
+    }
+
+    /// Sends a text of one or more statements with the simple protocol; returns their
+    /// rows as text.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        self.call(true, move |ctx| ctx.simple_query(query)).await
+    }
+
+    /// [`simple_query`](Self::simple_query), streaming the messages.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn simple_query_raw(&self, query: &str) -> Result<SimpleQueryStream<'_>, Error> {
+        self.call(true, move |ctx| ctx.simple_query_raw(query))
+            .await
+    }
+
+    /// Sends a text of one or more statements with the simple protocol, ignoring rows.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+        self.call(true, move |ctx| ctx.batch_execute(query)).await
+    }
 
     /// Checks the connection with a round trip (a protocol Sync), bounded like a statement.
     /// Never retried: it answers for this connection.
@@ -1182,25 +1167,190 @@ impl<'a> Transaction<'a> {
         self.g.ctx(self.inner.client())
     }
 
-    /// Runs one call. Never again on another connection: the transaction's BEGIN was sent.
-    async fn call<'s, R, F, Fut>(&'s self, _rerun: bool, f: F) -> Result<R, Error>
-    where
-        F: Fn(Ctx<'s>) -> Fut,
-        Fut: Future<Output = Result<R, Error>>,
-    {
-        f(self.ctx()?).await
+    /// Like [`PooledClient::prepare`], inside the transaction.
+    pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        self.ctx()?.prepare_typed(query, &[]).await
     }
 
-    /// As [`call`](Self::call).
-    async fn call_once<'s, R, F, Fut>(&'s self, _rerun: bool, f: F) -> Result<R, Error>
-    where
-        F: FnOnce(Ctx<'s>) -> Fut,
-        Fut: Future<Output = Result<R, Error>>,
-    {
-        f(self.ctx()?).await
+    /// Like [`PooledClient::prepare_cached`], inside the transaction.
+    pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        self.ctx()?.prepare_cached(query).await
     }
 
-    statement_methods!();
+    /// Like [`PooledClient::prepare_typed`], inside the transaction.
+    pub async fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        self.ctx()?.prepare_typed(query, parameter_types).await
+    }
+
+    /// Like [`PooledClient::query`], inside the transaction.
+    pub async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        self.ctx()?.query(statement, params).await
+    }
+
+    /// Like [`PooledClient::query_one`], inside the transaction.
+    pub async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        self.ctx()?.query_one(statement, params).await
+    }
+
+    /// Like [`PooledClient::query_opt`], inside the transaction.
+    pub async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        self.ctx()?.query_opt(statement, params).await
+    }
+
+    /// Like [`PooledClient::query_scalar`], inside the transaction.
+    pub async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<R>, Error> {
+        self.ctx()?.query_scalar(statement, params).await
+    }
+
+    /// Like [`PooledClient::query_one_scalar`], inside the transaction.
+    pub async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<R, Error> {
+        self.ctx()?.query_one_scalar(statement, params).await
+    }
+
+    /// Like [`PooledClient::query_opt_scalar`], inside the transaction.
+    pub async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<R>, Error> {
+        self.ctx()?.query_opt_scalar(statement, params).await
+    }
+
+    /// Like [`PooledClient::query_raw`], inside the transaction.
+    pub async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        self.ctx()?.query_raw(statement, params).await
+    }
+
+    /// Like [`PooledClient::query_typed`], inside the transaction.
+    pub async fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        self.ctx()?.query_typed(query, params).await
+    }
+
+    /// Like [`PooledClient::query_typed_one`], inside the transaction.
+    pub async fn query_typed_one(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Row, Error> {
+        self.ctx()?.query_typed_one(query, params).await
+    }
+
+    /// Like [`PooledClient::query_typed_opt`], inside the transaction.
+    pub async fn query_typed_opt(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<Row>, Error> {
+        self.ctx()?.query_typed_opt(query, params).await
+    }
+
+    /// Like [`PooledClient::query_typed_raw`], inside the transaction.
+    pub async fn query_typed_raw<P, I>(
+        &self,
+        query: &str,
+        params: I,
+    ) -> Result<RowStream<'_>, Error>
+    where
+        P: BorrowToSql,
+        I: IntoIterator<Item = (P, Type)>,
+    {
+        self.ctx()?.query_typed_raw(query, params).await
+    }
+
+    /// Like [`PooledClient::execute`], inside the transaction.
+    pub async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        self.ctx()?.execute(statement, params).await
+    }
+
+    /// Like [`PooledClient::execute_typed`], inside the transaction.
+    pub async fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Error> {
+        self.ctx()?.execute_typed(query, params).await
+    }
+
+    /// Like [`PooledClient::execute_raw`], inside the transaction.
+    pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        self.ctx()?.execute_raw(statement, params).await
+    }
+
+    /// Like [`PooledClient::copy_in`], inside the transaction.
+    pub async fn copy_in<T, U>(&self, statement: &T) -> Result<CopyInSink<'_, U>, Error>
+    where
+        T: ?Sized + ToStatement,
+        U: Buf + 'static + Send,
+    {
+        self.ctx()?.copy_in(statement).await
+    }
+
+    /// Like [`PooledClient::copy_out`], inside the transaction.
+    pub async fn copy_out<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+    ) -> Result<CopyOutStream<'_>, Error> {
+        self.ctx()?.copy_out(statement).await
+    }
+
+    /// Like [`PooledClient::simple_query`], inside the transaction.
+    pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        self.ctx()?.simple_query(query).await
+    }
+
+    /// Like [`PooledClient::simple_query_raw`], inside the transaction.
+    pub async fn simple_query_raw(&self, query: &str) -> Result<SimpleQueryStream<'_>, Error> {
+        self.ctx()?.simple_query_raw(query).await
+    }
+
+    /// Like [`PooledClient::batch_execute`], inside the transaction.
+    pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+        self.ctx()?.batch_execute(query).await
+    }
 
     /// Commits the transaction (or releases the savepoint).
     ///
@@ -1547,73 +1697,130 @@ mod private {
     impl Sealed for super::Transaction<'_> {}
 }
 
-macro_rules! generic_client {
-    ($ty:ty) => {
-        impl GenericClient for $ty {
-            async fn prepare(&self, query: &str) -> Result<Statement, Error> {
-                Self::prepare(self, query).await
-            }
-            async fn prepare_typed(
-                &self,
-                query: &str,
-                parameter_types: &[Type],
-            ) -> Result<Statement, Error> {
-                Self::prepare_typed(self, query, parameter_types).await
-            }
-            async fn query<T: ?Sized + ToStatement>(
-                &self,
-                statement: &T,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> Result<Vec<Row>, Error> {
-                Self::query(self, statement, params).await
-            }
-            async fn query_one<T: ?Sized + ToStatement>(
-                &self,
-                statement: &T,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> Result<Row, Error> {
-                Self::query_one(self, statement, params).await
-            }
-            async fn query_opt<T: ?Sized + ToStatement>(
-                &self,
-                statement: &T,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> Result<Option<Row>, Error> {
-                Self::query_opt(self, statement, params).await
-            }
-            async fn query_typed(
-                &self,
-                query: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Vec<Row>, Error> {
-                Self::query_typed(self, query, params).await
-            }
-            async fn execute<T: ?Sized + ToStatement>(
-                &self,
-                statement: &T,
-                params: &[&(dyn ToSql + Sync)],
-            ) -> Result<u64, Error> {
-                Self::execute(self, statement, params).await
-            }
-            async fn execute_typed(
-                &self,
-                query: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<u64, Error> {
-                Self::execute_typed(self, query, params).await
-            }
-            async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-                Self::simple_query(self, query).await
-            }
-            async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-                Self::batch_execute(self, query).await
-            }
-            async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-                Self::transaction(self).await
-            }
-        }
-    };
+impl GenericClient for PooledClient {
+    async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        PooledClient::prepare(self, query).await
+    }
+    async fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        PooledClient::prepare_typed(self, query, parameter_types).await
+    }
+    async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        PooledClient::query(self, statement, params).await
+    }
+    async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        PooledClient::query_one(self, statement, params).await
+    }
+    async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        PooledClient::query_opt(self, statement, params).await
+    }
+    async fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        PooledClient::query_typed(self, query, params).await
+    }
+    async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        PooledClient::execute(self, statement, params).await
+    }
+    async fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Error> {
+        PooledClient::execute_typed(self, query, params).await
+    }
+    async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        PooledClient::simple_query(self, query).await
+    }
+    async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+        PooledClient::batch_execute(self, query).await
+    }
+    async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        PooledClient::transaction(self).await
+    }
 }
 
-generic_client!(PooledClient);
-generic_client!(Transaction<'_>);
+impl GenericClient for Transaction<'_> {
+    async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        Transaction::prepare(self, query).await
+    }
+    async fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        Transaction::prepare_typed(self, query, parameter_types).await
+    }
+    async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        Transaction::query(self, statement, params).await
+    }
+    async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        Transaction::query_one(self, statement, params).await
+    }
+    async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        Transaction::query_opt(self, statement, params).await
+    }
+    async fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        Transaction::query_typed(self, query, params).await
+    }
+    async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        Transaction::execute(self, statement, params).await
+    }
+    async fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Error> {
+        Transaction::execute_typed(self, query, params).await
+    }
+    async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        Transaction::simple_query(self, query).await
+    }
+    async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+        Transaction::batch_execute(self, query).await
+    }
+    async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        Transaction::transaction(self).await
+    }
+}
