@@ -182,14 +182,6 @@ fn explain(s: &str) -> String {
                 in single quotes)"
             .to_string();
     };
-    let shown = |at: usize| at >= url.quotable;
-    let fault = |at: usize, message: String| {
-        if shown(at) {
-            message
-        } else {
-            HIDDEN_FAULT.to_string()
-        }
-    };
     // In the order tokio-postgres parses: user-info, hosts, database, parameters.
     if url.hosts > url.user_info {
         let user_info = &s[url.user_info..url.hosts - 1];
@@ -198,21 +190,50 @@ fn explain(s: &str) -> String {
             return "the user name is not valid utf-8 once percent-decoded".to_string();
         }
     }
+    if let Some(fault) = host_fault(s, &url) {
+        return fault;
+    }
+    let path_end = url.params.map_or(s.len(), |p| p - 1);
+    if url.hosts_end < path_end && percent_decode(&s[url.hosts_end..path_end]).is_none() {
+        return url.fault(
+            url.hosts_end,
+            "the database name is not valid utf-8 once percent-decoded".to_string(),
+        );
+    }
+    param_fault(s, &url).unwrap_or_else(|| "invalid connection string".to_string())
+}
+
+impl UrlParts {
+    /// `message` for a fault found at offset `at`, or a message that quotes nothing when `at`
+    /// may lie in the user-info.
+    fn fault(&self, at: usize, message: String) -> String {
+        if at >= self.quotable {
+            message
+        } else {
+            HIDDEN_FAULT.to_string()
+        }
+    }
+}
+
+/// The first host or port of the URL that does not parse.
+fn host_fault(s: &str, url: &UrlParts) -> Option<String> {
     let mut at = url.hosts;
     for chunk in s[url.hosts..url.hosts_end].split(',') {
         let (host, port) = match chunk.strip_prefix('[') {
             Some(inner) => match inner.split_once(']') {
                 None => {
-                    return fault(
+                    return Some(url.fault(
                         at,
                         format!("`host`: {chunk:?} lacks the closing `]` of its address"),
-                    );
+                    ));
                 }
                 Some((host, "")) => (host, None),
                 Some((host, after)) => match after.strip_prefix(':') {
                     Some(port) => (host, Some(port)),
                     None => {
-                        return fault(at, format!("`host`: {chunk:?} has text after its `]`"));
+                        return Some(
+                            url.fault(at, format!("`host`: {chunk:?} has text after its `]`")),
+                        );
                     }
                 },
             },
@@ -222,32 +243,30 @@ fn explain(s: &str) -> String {
             },
         };
         if percent_decode(host).is_none() {
-            return fault(
+            return Some(url.fault(
                 at,
                 format!("`host`: {host:?} is not valid utf-8 once percent-decoded"),
-            );
+            ));
         }
         if let Some(port) = port
             && !port.is_empty()
             && port.parse::<u16>().is_err()
         {
-            return fault(at, format!("`port`: {port:?} is not a port number"));
+            return Some(url.fault(at, format!("`port`: {port:?} is not a port number")));
         }
         at += chunk.len() + 1;
     }
-    let path_end = url.params.map_or(s.len(), |p| p - 1);
-    if url.hosts_end < path_end && percent_decode(&s[url.hosts_end..path_end]).is_none() {
-        return fault(
-            url.hosts_end,
-            "the database name is not valid utf-8 once percent-decoded".to_string(),
-        );
-    }
+    None
+}
+
+/// The first parameter of the URL that tokio-postgres refuses.
+fn param_fault(s: &str, url: &UrlParts) -> Option<String> {
     let mut at = url.params.unwrap_or(s.len());
     while at < s.len() {
         // As tokio-postgres splits them: the key ends at the next `=`, the value at the next `&`.
         let rest = &s[at..];
         let Some((key, rest)) = rest.split_once('=') else {
-            return fault(at, format!("parameter {rest:?} has no `=value`"));
+            return Some(url.fault(at, format!("parameter {rest:?} has no `=value`")));
         };
         let (value, next) = match rest.split_once('&') {
             Some((value, _)) => (value, at + key.len() + value.len() + 2),
@@ -255,10 +274,10 @@ fn explain(s: &str) -> String {
         };
         if !rewritten(key, value) {
             let (Some(key), Some(value)) = (percent_decode(key), percent_decode(value)) else {
-                return fault(
+                return Some(url.fault(
                     at,
                     "a parameter is not valid utf-8 once percent-decoded".into(),
-                );
+                ));
             };
             let checked = format!(
                 "{key}='{}'",
@@ -267,12 +286,12 @@ fn explain(s: &str) -> String {
             .parse::<tokio_postgres::Config>();
             if let Err(e) = checked {
                 let cause = std::error::Error::source(&e).map_or(e.to_string(), |c| c.to_string());
-                return fault(at, format!("parameter `{key}`: {cause}"));
+                return Some(url.fault(at, format!("parameter `{key}`: {cause}")));
             }
         }
         at = next;
     }
-    "invalid connection string".to_string()
+    None
 }
 
 /// The parameters [`accept_verify_modes`] takes out of a connection string.
@@ -713,28 +732,7 @@ impl Builder {
             root_certs_pem,
         } = self;
         let mut pg = conn.parsed?;
-        if pg.get_hosts().is_empty() {
-            return Err(Error::config("host", "no host given"));
-        }
-        if pg
-            .get_hosts()
-            .iter()
-            .any(|h| matches!(h, Host::Tcp(h) if h.is_empty()))
-        {
-            return Err(Error::config("host", "empty host name"));
-        }
-        if pg
-            .get_hosts()
-            .iter()
-            .any(|h| matches!(h, Host::Tcp(h) if h.contains('@')))
-        {
-            // tokio-postgres ends a URL's user-info at its first `@`: the rest of a password
-            // holding `@` became the host name (which would be looked up and shown in Debug).
-            return Err(Error::config(
-                "host",
-                "a host name holds `@`: percent-encode an `@` in the user name or password",
-            ));
-        }
+        check_hosts(&pg)?;
         if pg.get_user().is_none_or(str::is_empty) {
             return Err(Error::config("user", "no user given"));
         }
@@ -769,42 +767,13 @@ impl Builder {
                 "must be below 24 h: RDS Proxy closes client connections at 24 h",
             ));
         }
-        // With the tls feature, sslmode=require/verify-ca/verify-full gets rustls, verifying.
-        #[cfg(feature = "tls")]
-        let connector = if connector.is_none()
-            && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require)
-        {
-            let roots = match (&root_certs_pem, &conn.root_cert) {
-                (Some(pem), _) => crate::tls::roots_from_pem("root_certificates_pem", pem)?,
-                (None, Some(file)) => {
-                    let pem = std::fs::read(&file.path).map_err(|e| {
-                        let message = if file.quotable {
-                            format!("cannot read {}: {e}", file.path)
-                        } else {
-                            format!("cannot read the file it names: {e}")
-                        };
-                        Error::config("sslrootcert", message)
-                    })?;
-                    crate::tls::roots_from_pem("sslrootcert", &pem)?
-                }
-                (None, None) => crate::tls::public_roots(),
-            };
-            let check_name = conn.verify != Some("verify-ca");
-            let tls = crate::tls::connector(roots, check_name)?;
-            Some(Arc::new(Connector::new(tls, true)) as Arc<dyn Connect>)
-        } else {
-            connector
-        };
-        let connector = connector.unwrap_or_else(|| Arc::new(Connector::new(NoTls, false)));
-        if !connector.tls() && (conn.verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
-            return Err(Error::config(
-                "sslmode",
-                format!(
-                    "sslmode={} needs TLS: enable pinpool's `tls` feature or give the builder a connector with .tls(...)",
-                    conn.verify.unwrap_or("require")
-                ),
-            ));
-        }
+        let connector = choose_connector(
+            conn.verify,
+            &pg,
+            connector,
+            #[cfg(feature = "tls")]
+            (conn.root_cert.as_ref(), root_certs_pem.as_deref()),
+        )?;
         if !connector.tls() {
             // Without a TLS connector, do not send an SSLRequest that can only be refused.
             pg.ssl_mode(SslMode::Disable);
@@ -829,6 +798,80 @@ impl Builder {
         let settings = Settings { pg, ..s };
         Ok(Pool::from_parts(settings, connector, password))
     }
+}
+
+/// The hosts tokio-postgres parsed are usable: at least one, none empty, none holding `@`.
+fn check_hosts(pg: &tokio_postgres::Config) -> Result<(), Error> {
+    if pg.get_hosts().is_empty() {
+        return Err(Error::config("host", "no host given"));
+    }
+    if pg
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, Host::Tcp(h) if h.is_empty()))
+    {
+        return Err(Error::config("host", "empty host name"));
+    }
+    if pg
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, Host::Tcp(h) if h.contains('@')))
+    {
+        // tokio-postgres ends a URL's user-info at its first `@`: the rest of a password
+        // holding `@` became the host name (which would be looked up and shown in Debug).
+        return Err(Error::config(
+            "host",
+            "a host name holds `@`: percent-encode an `@` in the user name or password",
+        ));
+    }
+    Ok(())
+}
+
+/// The connector for these settings: the user's, else (with the `tls` feature) rustls for
+/// `sslmode=require`/`verify-ca`/`verify-full`, verifying, else plaintext; an `sslmode` that
+/// needs TLS without a connector that speaks it is refused.
+fn choose_connector(
+    verify: Option<&'static str>,
+    pg: &tokio_postgres::Config,
+    connector: Option<Arc<dyn Connect>>,
+    #[cfg(feature = "tls")] (root_cert, root_certs_pem): (Option<&RootCertFile>, Option<&[u8]>),
+) -> Result<Arc<dyn Connect>, Error> {
+    // With the tls feature, sslmode=require/verify-ca/verify-full gets rustls, verifying.
+    #[cfg(feature = "tls")]
+    let connector =
+        if connector.is_none() && (verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
+            let roots = match (root_certs_pem, root_cert) {
+                (Some(pem), _) => crate::tls::roots_from_pem("root_certificates_pem", pem)?,
+                (None, Some(file)) => {
+                    let pem = std::fs::read(&file.path).map_err(|e| {
+                        let message = if file.quotable {
+                            format!("cannot read {}: {e}", file.path)
+                        } else {
+                            format!("cannot read the file it names: {e}")
+                        };
+                        Error::config("sslrootcert", message)
+                    })?;
+                    crate::tls::roots_from_pem("sslrootcert", &pem)?
+                }
+                (None, None) => crate::tls::public_roots(),
+            };
+            let check_name = verify != Some("verify-ca");
+            let tls = crate::tls::connector(roots, check_name)?;
+            Some(Arc::new(Connector::new(tls, true)) as Arc<dyn Connect>)
+        } else {
+            connector
+        };
+    let connector = connector.unwrap_or_else(|| Arc::new(Connector::new(NoTls, false)));
+    if !connector.tls() && (verify.is_some() || pg.get_ssl_mode() == SslMode::Require) {
+        return Err(Error::config(
+            "sslmode",
+            format!(
+                "sslmode={} needs TLS: enable pinpool's `tls` feature or give the builder a connector with .tls(...)",
+                verify.unwrap_or("require")
+            ),
+        ));
+    }
+    Ok(connector)
 }
 
 #[cfg(test)]
