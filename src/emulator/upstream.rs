@@ -318,11 +318,6 @@ async fn connect(c: &UpstreamConfig) -> io::Result<Connected> {
     let mut scram: Option<ScramSha256> = None;
     let mut params = Vec::new();
     let (mut pid, mut key) = (0, 0);
-    let password = || {
-        c.password.clone().ok_or_else(|| {
-            io::Error::other("the upstream asks for a password and none is configured")
-        })
-    };
     loop {
         let msg = loop {
             if let Some(m) = backend::Message::parse(&mut buf)? {
@@ -337,71 +332,92 @@ async fn connect(c: &UpstreamConfig) -> io::Result<Connected> {
         };
         out.clear();
         match msg {
-            backend::Message::AuthenticationOk => continue,
-            backend::Message::AuthenticationCleartextPassword => {
-                frontend::password_message(&password()?, &mut out)?;
-            }
-            backend::Message::AuthenticationMd5Password(body) => {
-                let hash = md5_hash(c.user.as_bytes(), &password()?, body.salt());
-                frontend::password_message(hash.as_bytes(), &mut out)?;
-            }
-            backend::Message::AuthenticationSasl(body) => {
-                let mut mechanisms = body.mechanisms();
-                let mut ok = false;
-                while let Some(m) = mechanisms.next()? {
-                    ok |= m == SCRAM_SHA_256;
-                }
-                if !ok {
-                    return Err(io::Error::other(
-                        "the upstream offers no SASL mechanism the emulator knows",
-                    ));
-                }
-                let s = ScramSha256::new(&password()?, ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
-                scram = Some(s);
-            }
-            backend::Message::AuthenticationSaslContinue(body) => {
-                let s = scram
-                    .as_mut()
-                    .ok_or_else(|| io::Error::other("unexpected SASL message"))?;
-                s.update(body.data())?;
-                frontend::sasl_response(s.message(), &mut out)?;
-            }
-            backend::Message::AuthenticationSaslFinal(body) => {
-                let s = scram
-                    .as_mut()
-                    .ok_or_else(|| io::Error::other("unexpected SASL message"))?;
-                s.finish(body.data())?;
-                continue;
-            }
+            backend::Message::ReadyForQuery(_) => return Ok((stream, buf, pid, key, params)),
             backend::Message::ParameterStatus(body) => {
                 params.push((body.name()?.to_string(), body.value()?.to_string()));
-                continue;
             }
             backend::Message::BackendKeyData(body) => {
                 pid = body.process_id();
                 key = body.secret_key();
-                continue;
             }
-            backend::Message::NoticeResponse(_) => continue,
-            backend::Message::ReadyForQuery(_) => return Ok((stream, buf, pid, key, params)),
-            backend::Message::ErrorResponse(body) => {
-                let mut fields = body.fields();
-                let mut text = String::from("upstream refused the login");
-                while let Some(f) = fields.next()? {
-                    if f.type_() == b'M' {
-                        text = format!(
-                            "upstream refused the login: {}",
-                            String::from_utf8_lossy(f.value_bytes())
-                        );
-                    }
-                }
-                return Err(io::Error::new(io::ErrorKind::PermissionDenied, text));
+            backend::Message::NoticeResponse(_) => {}
+            backend::Message::ErrorResponse(body) => return Err(login_refused(&body)),
+            msg => {
+                authenticate(c, msg, &mut scram, &mut out)?;
+                stream.write_all(&out).await?;
             }
-            _ => return Err(io::Error::other("unexpected message during upstream login")),
         }
-        stream.write_all(&out).await?;
     }
+}
+
+/// Answers one authentication request into `out` (nothing to send after `AuthenticationOk`
+/// or the SASL final message).
+fn authenticate(
+    c: &UpstreamConfig,
+    msg: backend::Message,
+    scram: &mut Option<ScramSha256>,
+    out: &mut BytesMut,
+) -> io::Result<()> {
+    let password = || {
+        c.password.clone().ok_or_else(|| {
+            io::Error::other("the upstream asks for a password and none is configured")
+        })
+    };
+    match msg {
+        backend::Message::AuthenticationOk => {}
+        backend::Message::AuthenticationCleartextPassword => {
+            frontend::password_message(&password()?, out)?;
+        }
+        backend::Message::AuthenticationMd5Password(body) => {
+            let hash = md5_hash(c.user.as_bytes(), &password()?, body.salt());
+            frontend::password_message(hash.as_bytes(), out)?;
+        }
+        backend::Message::AuthenticationSasl(body) => {
+            let mut mechanisms = body.mechanisms();
+            let mut ok = false;
+            while let Some(m) = mechanisms.next()? {
+                ok |= m == SCRAM_SHA_256;
+            }
+            if !ok {
+                return Err(io::Error::other(
+                    "the upstream offers no SASL mechanism the emulator knows",
+                ));
+            }
+            let s = ScramSha256::new(&password()?, ChannelBinding::unsupported());
+            frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), out)?;
+            *scram = Some(s);
+        }
+        backend::Message::AuthenticationSaslContinue(body) => {
+            let s = scram
+                .as_mut()
+                .ok_or_else(|| io::Error::other("unexpected SASL message"))?;
+            s.update(body.data())?;
+            frontend::sasl_response(s.message(), out)?;
+        }
+        backend::Message::AuthenticationSaslFinal(body) => {
+            let s = scram
+                .as_mut()
+                .ok_or_else(|| io::Error::other("unexpected SASL message"))?;
+            s.finish(body.data())?;
+        }
+        _ => return Err(io::Error::other("unexpected message during upstream login")),
+    }
+    Ok(())
+}
+
+/// The server's refusal of the login, with its message.
+fn login_refused(body: &backend::ErrorResponseBody) -> io::Error {
+    let mut fields = body.fields();
+    let mut text = String::from("upstream refused the login");
+    while let Ok(Some(f)) = fields.next() {
+        if f.type_() == b'M' {
+            text = format!(
+                "upstream refused the login: {}",
+                String::from_utf8_lossy(f.value_bytes())
+            );
+        }
+    }
+    io::Error::new(io::ErrorKind::PermissionDenied, text)
 }
 
 /// Asks the upstream to cancel the query running on `u` (a CancelRequest on a new socket).
