@@ -2,6 +2,8 @@
 //! and the password provider (called for every new connection).
 
 use std::future::Future;
+
+use async_trait::async_trait;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -14,19 +16,20 @@ use crate::pinning::PinRules;
 use crate::wire::{Observed, Wire};
 
 /// A boxed, sendable future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The connection half of a tokio-postgres connection, type-erased.
 pub(crate) type ConnectionFuture = BoxFuture<'static, Result<(), tokio_postgres::Error>>;
 
 /// Opens an observed connection with some TLS setting; implemented for every tokio-postgres
 /// `MakeTlsConnect`. Every connection it opens carries a [`Wire`] that reads its traffic.
+#[async_trait]
 pub(crate) trait Connect: Send + Sync + 'static {
-    fn connect<'a>(
-        &'a self,
-        config: &'a tokio_postgres::Config,
+    async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
         rules: PinRules,
-    ) -> BoxFuture<'a, Result<Opened, tokio_postgres::Error>>;
+    ) -> Result<Opened, tokio_postgres::Error>;
 
     /// True when this connector can speak TLS.
     fn tls(&self) -> bool;
@@ -50,6 +53,7 @@ impl<T> Connector<T> {
     }
 }
 
+#[async_trait]
 impl<T> Connect for Connector<T>
 where
     T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
@@ -57,39 +61,37 @@ where
     T::TlsConnect: Send,
     <T::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
 {
-    fn connect<'a>(
-        &'a self,
-        config: &'a tokio_postgres::Config,
+    async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
         rules: PinRules,
-    ) -> BoxFuture<'a, Result<Opened, tokio_postgres::Error>> {
-        Box::pin(async move {
-            if self.speaks_tls && config.get_ssl_mode() != SslMode::Disable {
-                // tokio-postgres connects (hosts, ports, timeouts, keepalives,
-                // target_session_attrs); the observer sits on the TLS stream it makes.
-                let last = Arc::new(Mutex::new(None));
-                let tls = ObserveTls {
-                    inner: self.tls.clone(),
-                    rules,
-                    last: last.clone(),
-                };
-                let (client, connection) = config.connect(tls).await?;
-                let wire = crate::sync::lock(&last).take();
-                if let Some(wire) = wire {
-                    return Ok(Opened {
-                        client,
-                        connection: Box::pin(connection),
-                        wire,
-                    });
-                }
-                // sslmode=prefer and the server declined TLS: the session runs on the bare
-                // socket, which the observer does not see. Open it again in plaintext, observed.
-                drop((client, connection));
-                tracing::debug!(
-                    "pinpool: the server declined TLS (sslmode=prefer); reconnecting in plaintext"
-                );
+    ) -> Result<Opened, tokio_postgres::Error> {
+        if self.speaks_tls && config.get_ssl_mode() != SslMode::Disable {
+            // tokio-postgres connects (hosts, ports, timeouts, keepalives,
+            // target_session_attrs); the observer sits on the TLS stream it makes.
+            let last = Arc::new(Mutex::new(None));
+            let tls = ObserveTls {
+                inner: self.tls.clone(),
+                rules,
+                last: last.clone(),
+            };
+            let (client, connection) = config.connect(tls).await?;
+            let wire = crate::sync::lock(&last).take();
+            if let Some(wire) = wire {
+                return Ok(Opened {
+                    client,
+                    connection: Box::pin(connection),
+                    wire,
+                });
             }
-            crate::plain::connect(config, rules).await
-        })
+            // sslmode=prefer and the server declined TLS: the session runs on the bare
+            // socket, which the observer does not see. Open it again in plaintext, observed.
+            drop((client, connection));
+            tracing::debug!(
+                "pinpool: the server declined TLS (sslmode=prefer); reconnecting in plaintext"
+            );
+        }
+        crate::plain::connect(config, rules).await
     }
 
     fn tls(&self) -> bool {
@@ -164,20 +166,25 @@ where
 ///     .build()?;
 /// # Ok(()) }
 /// ```
+///
+/// A type of your own implements it with the `async-trait` crate's attribute, which the
+/// trait is declared with (so it can be used as `dyn PasswordProvider`):
+/// `#[async_trait::async_trait] impl PasswordProvider for Vault { async fn password(&self) -> ... }`.
+#[async_trait]
 pub trait PasswordProvider: Send + Sync + 'static {
     /// The password for the connection about to be opened.
-    fn password(&self) -> BoxFuture<'_, Result<String, BoxError>>;
+    async fn password(&self) -> Result<String, BoxError>;
 }
 
+#[async_trait]
 impl<F, Fut, E> PasswordProvider for F
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<String, E>> + Send + 'static,
     E: Into<BoxError>,
 {
-    fn password(&self) -> BoxFuture<'_, Result<String, BoxError>> {
-        let fut = self();
-        Box::pin(async move { fut.await.map_err(Into::into) })
+    async fn password(&self) -> Result<String, BoxError> {
+        self().await.map_err(Into::into)
     }
 }
 
@@ -234,32 +241,31 @@ impl<P: PasswordProvider> CachedPassword<P> {
     }
 }
 
+#[async_trait]
 impl<P: PasswordProvider> PasswordProvider for CachedPassword<P> {
-    fn password(&self) -> BoxFuture<'_, Result<String, BoxError>> {
-        Box::pin(async move {
-            // Held across the refresh: concurrent connects wait for it instead of each asking.
-            let mut cached = self.cached.lock().await;
-            let now = std::time::SystemTime::now();
-            let age = |at: std::time::SystemTime| now.duration_since(at).unwrap_or_default();
-            if let Some((value, at)) = cached.as_ref()
-                && age(*at) < self.lifetime.saturating_sub(self.refresh_ahead)
-            {
-                return Ok(value.clone());
+    async fn password(&self) -> Result<String, BoxError> {
+        // Held across the refresh: concurrent connects wait for it instead of each asking.
+        let mut cached = self.cached.lock().await;
+        let now = std::time::SystemTime::now();
+        let age = |at: std::time::SystemTime| now.duration_since(at).unwrap_or_default();
+        if let Some((value, at)) = cached.as_ref()
+            && age(*at) < self.lifetime.saturating_sub(self.refresh_ahead)
+        {
+            return Ok(value.clone());
+        }
+        match self.inner.password().await {
+            Ok(value) => {
+                *cached = Some((value.clone(), now));
+                Ok(value)
             }
-            match self.inner.password().await {
-                Ok(value) => {
-                    *cached = Some((value.clone(), now));
-                    Ok(value)
+            Err(e) => match cached.as_ref() {
+                Some((value, at)) if age(*at) < self.lifetime => {
+                    tracing::warn!(error = %e, "pinpool: the password provider failed; the cached value serves until it expires");
+                    Ok(value.clone())
                 }
-                Err(e) => match cached.as_ref() {
-                    Some((value, at)) if age(*at) < self.lifetime => {
-                        tracing::warn!(error = %e, "pinpool: the password provider failed; the cached value serves until it expires");
-                        Ok(value.clone())
-                    }
-                    _ => Err(e),
-                },
-            }
-        })
+                _ => Err(e),
+            },
+        }
     }
 }
 

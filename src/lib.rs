@@ -36,7 +36,8 @@ mod wire;
 
 pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};
 pub use config::{Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};
-pub use connect::{BoxFuture, CachedPassword, PasswordProvider};
+pub(crate) use connect::BoxFuture;
+pub use connect::{CachedPassword, PasswordProvider};
 pub use error::{BoxError, Error, Phase, TimeoutCause};
 pub use invocation::{Invocation, InvocationFuture};
 pub use pool::Pool;

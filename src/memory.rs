@@ -12,7 +12,6 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_postgres::NoTls;
 
-use crate::BoxFuture;
 use crate::connect::{Connect, Opened};
 use crate::pinning::PinRules;
 use crate::pool::Pool;
@@ -30,33 +29,32 @@ pub(crate) struct Memory {
     pub(crate) accepted: AtomicUsize,
 }
 
+#[async_trait::async_trait]
 impl Connect for Memory {
-    fn connect<'a>(
-        &'a self,
-        config: &'a tokio_postgres::Config,
+    async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
         rules: PinRules,
-    ) -> BoxFuture<'a, Result<Opened, tokio_postgres::Error>> {
-        Box::pin(async move {
-            if self.refuse.load(SeqCst) {
-                let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
-                return Err(crate::plain::io_error(refused).await);
-            }
-            let (client_end, server_end) = tokio::io::duplex(64 * 1024);
-            self.accepted.fetch_add(1, SeqCst);
-            tokio::spawn(serve(
-                server_end,
-                self.hang.load(SeqCst),
-                self.silent.load(SeqCst),
-            ));
-            let wire = Wire::new(rules);
-            let (client, connection) = config
-                .connect_raw(Observed::new(client_end, wire.clone()), NoTls)
-                .await?;
-            Ok(Opened {
-                client,
-                connection: Box::pin(connection),
-                wire,
-            })
+    ) -> Result<Opened, tokio_postgres::Error> {
+        if self.refuse.load(SeqCst) {
+            let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+            return Err(crate::plain::io_error(refused).await);
+        }
+        let (client_end, server_end) = tokio::io::duplex(64 * 1024);
+        self.accepted.fetch_add(1, SeqCst);
+        tokio::spawn(serve(
+            server_end,
+            self.hang.load(SeqCst),
+            self.silent.load(SeqCst),
+        ));
+        let wire = Wire::new(rules);
+        let (client, connection) = config
+            .connect_raw(Observed::new(client_end, wire.clone()), NoTls)
+            .await?;
+        Ok(Opened {
+            client,
+            connection: Box::pin(connection),
+            wire,
         })
     }
 
