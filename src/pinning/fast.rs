@@ -30,6 +30,7 @@ const LEADING: [&str; 17] = [
 /// one statement (no `;`), led by a word that is no statement-level rule's, with no comment,
 /// no `temp` anywhere, and no pinning function's name before a `(`. Looking at every byte,
 /// literals included, it can only send more texts to the full scan, never fewer.
+#[inline]
 pub(super) fn plainly_safe(s: &[u8]) -> bool {
     if s.len() > OVERSIZED_BYTES {
         return false;

@@ -59,14 +59,17 @@ pub(super) static CLASS: [u8; 256] = {
     t
 };
 
+#[inline]
 pub(super) fn is_ident_start(b: u8) -> bool {
     CLASS[b as usize] & START != 0
 }
 
+#[inline]
 pub(super) fn is_ident_cont(b: u8) -> bool {
     CLASS[b as usize] & CONT != 0
 }
 
+#[inline]
 pub(super) fn eq(word: &[u8], kw: &str) -> bool {
     word.eq_ignore_ascii_case(kw.as_bytes())
 }
