@@ -317,12 +317,7 @@ impl Run {
         match outcome {
             Ok(result) => {
                 if let Err(e) = &result {
-                    *self
-                        .errors
-                        .lock()
-                        .unwrap()
-                        .entry(e.to_string())
-                        .or_default() += 1;
+                    *self.errors.lock().unwrap().entry(chain(&**e)).or_default() += 1;
                 }
                 if result.is_ok() {
                     self.ok.fetch_add(1, Relaxed);
@@ -357,6 +352,21 @@ impl Run {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error and its sources, as one line ("db error" alone names no cause).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}
 
 async fn workload(
     env: &mut Env,

@@ -734,3 +734,52 @@ async fn a_nat_that_forgets_idle_flows_leaves_the_client_waiting_for_ever() {
         "the client heard of the close through the NAT"
     );
 }
+
+#[tokio::test]
+async fn stopping_the_emulator_closes_the_database_connections_of_forgotten_flows() {
+    let admin = admin().await;
+    let emu = start("em_nat_stop", 2, |c| {
+        c.nat_idle_timeout(Some(Duration::from_millis(200)))
+            .idle_client_timeout(Duration::from_secs(60))
+    })
+    .await;
+    let c = client_named(&emu, "em_nat_stop_client").await;
+    c.batch_execute("SET search_path = public").await.unwrap(); // pins
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(emu.counters().nat_drops, 1);
+    assert!(!common::backends(&admin, "em_nat_stop").await.is_empty());
+    // The client gives up too (a Lambda environment killed at its timeout): its close is lost
+    // in the NAT as well, and the proxy keeps the session.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(emu);
+    let gone = eventually(5, || async {
+        common::backends(&admin, "em_nat_stop").await.is_empty()
+    })
+    .await;
+    assert!(gone, "the emulator's database connections outlived it");
+}
+
+#[tokio::test]
+async fn stopping_the_emulator_closes_its_idle_database_connections() {
+    let admin = admin().await;
+    let emu = start("em_stop_idle", 4, |c| c).await;
+    let clients = [
+        client_named(&emu, "em_stop_idle_a").await,
+        client_named(&emu, "em_stop_idle_b").await,
+    ];
+    // Two transactions at once: two database connections, back in the emulator's pool after.
+    let (a, b) = tokio::join!(
+        clients[0].batch_execute("BEGIN; SELECT pg_sleep(0.2); COMMIT"),
+        clients[1].batch_execute("BEGIN; SELECT pg_sleep(0.2); COMMIT")
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(common::backends(&admin, "em_stop_idle").await.len(), 2);
+    drop(emu);
+    let gone = eventually(5, || async {
+        common::backends(&admin, "em_stop_idle").await.is_empty()
+    })
+    .await;
+    assert!(gone, "idle database connections outlived the emulator");
+}

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -41,15 +41,20 @@ pub(crate) struct Upstream {
     /// Which client's unnamed statement (client id, its Parse sequence) is current here.
     pub(crate) unnamed: Option<(u64, u64)>,
     pub(crate) epoch: u64,
-    pool: Arc<PoolShared>,
+    /// Weak: the pool holds its idle connections, so a strong reference back would keep
+    /// both alive (and the database connections open) after the emulator stopped.
+    pool: Weak<PoolShared>,
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        // Every way an upstream connection ends passes here: the count can never leak.
-        self.pool.open.fetch_sub(1, Relaxed);
-        self.pool.counters.upstream_open.fetch_sub(1, Relaxed);
-        self.pool.registry.lock().unwrap().forget(&self.prepared);
+        // Every way an upstream connection ends passes here: the count can never leak. Once
+        // the pool itself is gone, there is nothing left to count.
+        if let Some(pool) = self.pool.upgrade() {
+            pool.open.fetch_sub(1, Relaxed);
+            pool.counters.upstream_open.fetch_sub(1, Relaxed);
+            pool.registry.lock().unwrap().forget(&self.prepared);
+        }
     }
 }
 
@@ -262,7 +267,7 @@ impl UpstreamPool {
             prepared: HashSet::new(),
             unnamed: None,
             epoch: self.0.epoch.load(Relaxed),
-            pool: claim.into_pool(),
+            pool: Arc::downgrade(&claim.into_pool()),
         }))
     }
 
