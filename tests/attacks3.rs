@@ -8,55 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{admin, eventually, relay, relayed};
-use pinpool::PooledClient;
-use tokio::sync::Notify;
-
-/// Waits until the client's side has seen its connection close.
-async fn until_closed(c: &PooledClient) {
-    assert!(
-        eventually(5, || async { c.is_closed() }).await,
-        "the connection did not close"
-    );
-}
-
-/// A relay to PostgreSQL whose connections `kill_all` cuts (the proxy closing them).
-async fn killing_relay() -> (u16, Arc<Mutex<Vec<Arc<Notify>>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let kills: Arc<Mutex<Vec<Arc<Notify>>>> = Arc::default();
-    let k = kills.clone();
-    let port = relay(move |mut sr, mut cw| {
-        let kills = k.clone();
-        async move {
-            let kill = Arc::new(Notify::new());
-            kills.lock().unwrap().push(kill.clone());
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                tokio::select! {
-                    r = sr.read(&mut buf) => {
-                        let got = match r {
-                            Ok(0) | Err(_) => break,
-                            Ok(got) => got,
-                        };
-                        if cw.write_all(&buf[..got]).await.is_err() {
-                            break;
-                        }
-                    }
-                    () = kill.notified() => break,
-                }
-            }
-            let _ = cw.shutdown().await;
-        }
-    })
-    .await;
-    (port, kills)
-}
-
-fn kill_all(kills: &Mutex<Vec<Arc<Notify>>>) {
-    for k in kills.lock().unwrap().drain(..) {
-        k.notify_one();
-    }
-}
+use common::{admin, cutting_relay, relayed, until_closed};
 
 // ---- 1. A Statement handed out without a byte written ------------------------------------
 //
@@ -71,7 +23,7 @@ fn kill_all(kills: &Mutex<Vec<Arc<Notify>>>) {
 
 #[tokio::test]
 async fn atk3_a_cached_statement_handed_out_before_the_swap_names_nothing_after_it() {
-    let (port, kills) = killing_relay().await;
+    let (port, cuts) = cutting_relay().await;
     let pool = relayed(port, "atk3_cached").max_size(1).build().unwrap();
     let c = pool.get().await.unwrap();
     let v: i32 = c.query_one_scalar("SELECT 41 + 1", &[]).await.unwrap();
@@ -81,7 +33,7 @@ async fn atk3_a_cached_statement_handed_out_before_the_swap_names_nothing_after_
     let c = pool.get().await.unwrap(); // the same connection, nothing sent yet
     let stmt = c.prepare_cached("SELECT 41 + 1").await.unwrap(); // a cache hit: nothing sent
     assert_eq!(pool.status().cache_hits, 1, "{:?}", pool.status());
-    kill_all(&kills);
+    cuts.kill_all();
     until_closed(&c).await;
     // The caller holds a Statement of this connection: a swap would not be invisible, so the
     // closed connection is reported as it is, not retried.

@@ -10,17 +10,14 @@ mod common;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::SeqCst;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{admin, assert_quiet, database_url, eventually, relay, relayed};
+use common::{admin, assert_quiet, cutting_relay, database_url, eventually, relayed, until_closed};
 use futures_util::{SinkExt, StreamExt};
 use pinpool::emulator::{Emulator, EmulatorConfig};
 use pinpool::{CloseReason, Error, Phase, PinPolicy, Pool, PooledClient, TimeoutCause};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
 
 async fn emulator(app: &str, f: impl FnOnce(EmulatorConfig) -> EmulatorConfig) -> Emulator {
     Emulator::start(f(EmulatorConfig::new(database_url())
@@ -37,104 +34,10 @@ fn pool_on(emu: &Emulator) -> Pool {
         .unwrap()
 }
 
-/// Waits until the client's side has seen its connection close: the close happened "a moment
-/// before" the statement, as after a freeze or at a proxy restart.
-async fn until_closed(c: &PooledClient) {
-    assert!(
-        eventually(5, || async { c.is_closed() }).await,
-        "the connection did not close"
-    );
-}
-
 fn closed_error(r: Result<impl std::fmt::Debug, Error>) -> Error {
     let e = r.expect_err("the statement must fail");
     assert!(e.is_closed(), "a closed-connection error, not {e:?}");
     e
-}
-
-/// A relay to PostgreSQL that can cut its connections: every one on `kill_all`, the next
-/// answer of the server after `drop_next_answer` (forwarding the request that asked for it),
-/// or, from connection number `close_after_startup_from` on, right after the startup's
-/// ReadyForQuery.
-#[derive(Default)]
-struct Cuts {
-    accepted: AtomicUsize,
-    kills: Mutex<Vec<Arc<Notify>>>,
-    drop_next_answer: AtomicBool,
-    close_after_startup_from: AtomicUsize,
-}
-
-impl Cuts {
-    fn kill_all(&self) {
-        for k in self.kills.lock().unwrap().drain(..) {
-            k.notify_one();
-        }
-    }
-}
-
-async fn cutting_relay() -> (u16, Arc<Cuts>) {
-    let cuts = Arc::new(Cuts {
-        close_after_startup_from: AtomicUsize::new(usize::MAX),
-        ..Cuts::default()
-    });
-    let c = cuts.clone();
-    let port = relay(move |mut sr, mut cw| {
-        let cuts = c.clone();
-        async move {
-            let n = cuts.accepted.fetch_add(1, SeqCst);
-            let kill = Arc::new(Notify::new());
-            cuts.kills.lock().unwrap().push(kill.clone());
-            let mut buf = vec![0u8; 64 * 1024];
-            if n >= cuts.close_after_startup_from.load(SeqCst) {
-                // Forwards whole messages up to and including the first ReadyForQuery, then
-                // closes: the client is logged in and its connection is gone.
-                let mut pending = Vec::new();
-                loop {
-                    let Ok(got) = sr.read(&mut buf).await else {
-                        return;
-                    };
-                    if got == 0 {
-                        return;
-                    }
-                    pending.extend_from_slice(&buf[..got]);
-                    let mut at = 0;
-                    while pending.len() >= at + 5 {
-                        let len = u32::from_be_bytes(pending[at + 1..at + 5].try_into().unwrap());
-                        let end = at + 1 + len as usize;
-                        if pending.len() < end {
-                            break;
-                        }
-                        if pending[at] == b'Z' {
-                            let _ = cw.write_all(&pending[..end]).await;
-                            let _ = cw.shutdown().await;
-                            return;
-                        }
-                        at = end;
-                    }
-                }
-            }
-            loop {
-                tokio::select! {
-                    r = sr.read(&mut buf) => {
-                        let got = match r {
-                            Ok(0) | Err(_) => break,
-                            Ok(got) => got,
-                        };
-                        if cuts.drop_next_answer.swap(false, SeqCst) {
-                            break;
-                        }
-                        if cw.write_all(&buf[..got]).await.is_err() {
-                            break;
-                        }
-                    }
-                    () = kill.notified() => break,
-                }
-            }
-            let _ = cw.shutdown().await;
-        }
-    })
-    .await;
-    (port, cuts)
 }
 
 // ---- Retried: closed before anything was sent -------------------------------------------

@@ -353,3 +353,103 @@ pub fn relayed(port: u16, app: &str) -> pinpool::Builder {
     }
     pinpool::Pool::builder(config)
 }
+
+/// A relay to PostgreSQL that can cut its connections: every one on `kill_all`, the next
+/// answer of the server after `drop_next_answer` (forwarding the request that asked for it),
+/// or, from connection number `close_after_startup_from` on, right after the startup's
+/// ReadyForQuery.
+#[derive(Default)]
+pub struct Cuts {
+    pub accepted: std::sync::atomic::AtomicUsize,
+    pub kills: std::sync::Mutex<Vec<std::sync::Arc<tokio::sync::Notify>>>,
+    pub drop_next_answer: std::sync::atomic::AtomicBool,
+    pub close_after_startup_from: std::sync::atomic::AtomicUsize,
+}
+
+impl Cuts {
+    pub fn kill_all(&self) {
+        for k in self.kills.lock().unwrap().drain(..) {
+            k.notify_one();
+        }
+    }
+}
+
+pub async fn cutting_relay() -> (u16, std::sync::Arc<Cuts>) {
+    let cuts = std::sync::Arc::new(Cuts {
+        close_after_startup_from: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        ..Cuts::default()
+    });
+    let c = cuts.clone();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = relay(move |mut sr, mut cw| {
+        let cuts = c.clone();
+        async move {
+            let n = cuts
+                .accepted
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let kill = std::sync::Arc::new(tokio::sync::Notify::new());
+            cuts.kills.lock().unwrap().push(kill.clone());
+            let mut buf = vec![0u8; 64 * 1024];
+            if n >= cuts
+                .close_after_startup_from
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                // Forwards whole messages up to and including the first ReadyForQuery, then
+                // closes: the client is logged in and its connection is gone.
+                let mut pending = Vec::new();
+                loop {
+                    let Ok(got) = sr.read(&mut buf).await else {
+                        return;
+                    };
+                    if got == 0 {
+                        return;
+                    }
+                    pending.extend_from_slice(&buf[..got]);
+                    let mut at = 0;
+                    while pending.len() >= at + 5 {
+                        let len = u32::from_be_bytes(pending[at + 1..at + 5].try_into().unwrap());
+                        let end = at + 1 + len as usize;
+                        if pending.len() < end {
+                            break;
+                        }
+                        if pending[at] == b'Z' {
+                            let _ = cw.write_all(&pending[..end]).await;
+                            let _ = cw.shutdown().await;
+                            return;
+                        }
+                        at = end;
+                    }
+                }
+            }
+            loop {
+                tokio::select! {
+                    r = sr.read(&mut buf) => {
+                        let got = match r {
+                            Ok(0) | Err(_) => break,
+                            Ok(got) => got,
+                        };
+                        if cuts.drop_next_answer.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        if cw.write_all(&buf[..got]).await.is_err() {
+                            break;
+                        }
+                    }
+                    () = kill.notified() => break,
+                }
+            }
+            let _ = cw.shutdown().await;
+        }
+    })
+    .await;
+    (port, cuts)
+}
+
+/// Waits until the client's side has seen its connection close: the close happened "a moment
+/// before" the statement, as after a freeze or at a proxy restart.
+pub async fn until_closed(c: &pinpool::PooledClient) {
+    assert!(
+        eventually(5, || async { c.is_closed() }).await,
+        "the connection did not close"
+    );
+}
