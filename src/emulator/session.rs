@@ -370,67 +370,73 @@ impl Session {
             }
             self.write_client().await?;
             self.maybe_release();
-            let idle_client = self.shared.config.idle_client_timeout;
-            // A NAT that forgets idle flows acts before the proxy's own idle timeout.
-            let nat = self
-                .shared
-                .config
-                .nat_idle_timeout
-                .filter(|nat| *nat < idle_client);
-            let idle = nat.unwrap_or(idle_client);
-            let Session {
-                client,
-                cbuf,
-                held,
-                epoch,
-                ..
-            } = self;
-            match held {
-                None => match tokio::time::timeout(idle, client.read_buf(cbuf)).await {
-                    Err(_) if nat.is_some() => return self.nat_forgot(idle).await,
-                    Err(_) => {
-                        self.shared
-                            .counters
-                            .idle_client_closes
-                            .fetch_add(1, Relaxed);
-                        return Ok(());
-                    }
-                    Ok(n) => {
-                        if n? == 0 {
-                            return Ok(());
-                        }
-                    }
-                },
-                Some(h) => {
-                    let quiet = h.quiet();
-                    tokio::select! {
-                        n = client.read_buf(cbuf) => {
-                            if n? == 0 {
-                                return Ok(());
-                            }
-                        }
-                        n = h.up.stream.read_buf(&mut h.up.rbuf) => {
-                            if n? == 0 {
-                                return self.upstream_lost().await;
-                            }
-                            self.on_upstream()?;
-                        }
-                        _ = epoch.changed() => {
-                            if h.up.epoch != *epoch.borrow() {
-                                return self.upstream_lost().await;
-                            }
-                        }
-                        () = tokio::time::sleep(idle), if quiet => {
-                            if nat.is_some() {
-                                return self.nat_forgot(idle).await;
-                            }
-                            self.shared.counters.idle_client_closes.fetch_add(1, Relaxed);
-                            return Ok(());
-                        }
-                    }
-                }
+            if let Flow::Close = self.wait().await? {
+                return Ok(());
             }
         }
+    }
+
+    /// Waits for the client (and the held database connection): more to read, or the end of
+    /// the session (the client left, the database connection was lost, the client was idle
+    /// past the idle client timeout, or a NAT forgot its flow).
+    async fn wait(&mut self) -> io::Result<Flow> {
+        let idle_client = self.shared.config.idle_client_timeout;
+        // A NAT that forgets idle flows acts before the proxy's own idle timeout.
+        let nat = self
+            .shared
+            .config
+            .nat_idle_timeout
+            .filter(|nat| *nat < idle_client);
+        let idle = nat.unwrap_or(idle_client);
+        let Session {
+            client,
+            cbuf,
+            held,
+            epoch,
+            ..
+        } = self;
+        let idle_past = match held {
+            None => match tokio::time::timeout(idle, client.read_buf(cbuf)).await {
+                Err(_) => true,
+                Ok(n) => return Ok(if n? == 0 { Flow::Close } else { Flow::Continue }),
+            },
+            Some(h) => {
+                let quiet = h.quiet();
+                tokio::select! {
+                    n = client.read_buf(cbuf) => {
+                        return Ok(if n? == 0 { Flow::Close } else { Flow::Continue });
+                    }
+                    n = h.up.stream.read_buf(&mut h.up.rbuf) => {
+                        if n? == 0 {
+                            self.upstream_lost().await?;
+                            return Ok(Flow::Close);
+                        }
+                        self.on_upstream()?;
+                        false
+                    }
+                    _ = epoch.changed() => {
+                        if h.up.epoch != *epoch.borrow() {
+                            self.upstream_lost().await?;
+                            return Ok(Flow::Close);
+                        }
+                        false
+                    }
+                    () = tokio::time::sleep(idle), if quiet => true,
+                }
+            }
+        };
+        if !idle_past {
+            return Ok(Flow::Continue);
+        }
+        if nat.is_some() {
+            self.nat_forgot(idle).await?;
+        } else {
+            self.shared
+                .counters
+                .idle_client_closes
+                .fetch_add(1, Relaxed);
+        }
+        Ok(Flow::Close)
     }
 
     /// A NAT between client and proxy forgot this flow after `idle` without a packet. The
