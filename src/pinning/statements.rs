@@ -327,7 +327,7 @@ fn block_keyword(w: &[u8]) -> Option<Reason> {
     }
 }
 
-fn scan_at<'a>(text: &'a str, nested: bool, mut report: impl FnMut(StmtInfo)) {
+fn scan_at(text: &str, nested: bool, mut report: impl FnMut(StmtInfo)) {
     let mut lx = Lexer {
         s: text.as_bytes(),
         text,
@@ -337,12 +337,34 @@ fn scan_at<'a>(text: &'a str, nested: bool, mut report: impl FnMut(StmtInfo)) {
     let mut prev = Tok::None;
     let mut prev2 = Tok::None;
     let mut end = 0;
-    let emit = |st: &mut Stmt<'a>, end: usize, report: &mut dyn FnMut(StmtInfo)| {
-        st.finish_set_config();
-        if let Some(start) = st.start {
-            let (lead, txn) = st.leading();
-            let mut reasons = st.reasons.union(lead);
-            if st.update && st.pg_settings {
+    while let Some((at, tok)) = lx.next() {
+        if tok == Tok::Semi {
+            st.emit(end, &mut report);
+            prev = Tok::None;
+            prev2 = Tok::None;
+            continue;
+        }
+        if st.start.is_none() {
+            st.start = Some(at);
+        }
+        end = lx.i;
+        st.collect_word(tok);
+        st.set_config_argument(tok);
+        st.token(tok, prev, prev2, nested);
+        prev2 = prev;
+        prev = tok;
+    }
+    st.emit(end, &mut report);
+}
+
+impl<'a> Stmt<'a> {
+    /// Reports the statement read so far (ending at `end`), if any, and starts the next.
+    fn emit(&mut self, end: usize, report: &mut impl FnMut(StmtInfo)) {
+        self.finish_set_config();
+        if let Some(start) = self.start {
+            let (lead, txn) = self.leading();
+            let mut reasons = self.reasons.union(lead);
+            if self.update && self.pg_settings {
                 reasons.insert(Reason::SetConfig);
             }
             report(StmtInfo {
@@ -352,96 +374,95 @@ fn scan_at<'a>(text: &'a str, nested: bool, mut report: impl FnMut(StmtInfo)) {
                 txn,
             });
         }
-        *st = Stmt::new();
-    };
-    while let Some((at, tok)) = lx.next() {
-        if tok == Tok::Semi {
-            emit(&mut st, end, &mut report);
-            prev = Tok::None;
-            prev2 = Tok::None;
-            continue;
+        *self = Stmt::new();
+    }
+
+    /// The leading words, while they are being collected.
+    fn collect_word(&mut self, tok: Tok<'a>) {
+        if !self.collecting {
+            return;
         }
-        if st.start.is_none() {
-            st.start = Some(at);
-        }
-        end = lx.i;
-        if st.collecting {
-            match tok {
-                Tok::LParen if st.nwords == 0 => {}
-                Tok::Word(w) if st.nwords < WORDS => {
-                    st.words[st.nwords] = w;
-                    st.nwords += 1;
-                }
-                _ => {
-                    st.collecting = false;
-                    st.after_words = Some(tok);
-                }
+        match tok {
+            Tok::LParen if self.nwords == 0 => {}
+            Tok::Word(w) if self.nwords < WORDS => {
+                self.words[self.nwords] = w;
+                self.nwords += 1;
+            }
+            _ => {
+                self.collecting = false;
+                self.after_words = Some(tok);
             }
         }
-        // Arguments of a set_config( call being read.
-        if let Some(call) = st.set_config.as_mut() {
-            if st.depth == call.depth && tok == Tok::Comma {
-                call.commas += 1;
-            } else if st.depth == call.depth && tok == Tok::RParen {
-                st.finish_set_config();
-            } else if call.commas == 2 {
-                call.third_tokens += 1;
-                if call.third_tokens == 1 {
-                    call.third_true = match tok {
-                        Tok::Word(w) => eq(w, "true"),
-                        Tok::Str(v) => ["t", "true", "on", "yes", "1"].iter().any(|k| eq(v, k)),
-                        _ => false,
-                    };
-                }
+    }
+
+    /// The arguments of a `set_config(` call being read.
+    fn set_config_argument(&mut self, tok: Tok<'a>) {
+        let Some(call) = self.set_config.as_mut() else {
+            return;
+        };
+        if self.depth == call.depth && tok == Tok::Comma {
+            call.commas += 1;
+        } else if self.depth == call.depth && tok == Tok::RParen {
+            self.finish_set_config();
+        } else if call.commas == 2 {
+            call.third_tokens += 1;
+            if call.third_tokens == 1 {
+                call.third_true = match tok {
+                    Tok::Word(w) => eq(w, "true"),
+                    Tok::Str(v) => ["t", "true", "on", "yes", "1"].iter().any(|k| eq(v, k)),
+                    _ => false,
+                };
             }
         }
+    }
+
+    /// What one token (after `prev2`, `prev`) says: a pinning function called, a temporary
+    /// object, `pg_settings` updated, a `DO` body (read one level deep: `nested` inside it).
+    fn token(&mut self, tok: Tok<'a>, prev: Tok<'a>, prev2: Tok<'a>, nested: bool) {
         match tok {
             Tok::LParen => {
                 if let Some(reason) = pinning_function(prev).filter(|_| !defines_name(prev2)) {
                     if reason == Reason::SetConfig {
-                        st.finish_set_config();
-                        st.set_config = Some(SetConfigCall {
-                            depth: st.depth + 1,
+                        self.finish_set_config();
+                        self.set_config = Some(SetConfigCall {
+                            depth: self.depth + 1,
                             commas: 0,
                             third_tokens: 0,
                             third_true: false,
                         });
                     } else {
-                        st.reasons.insert(reason);
+                        self.reasons.insert(reason);
                     }
                 }
-                st.depth += 1;
+                self.depth += 1;
             }
-            Tok::RParen => st.depth = st.depth.saturating_sub(1),
+            Tok::RParen => self.depth = self.depth.saturating_sub(1),
             Tok::Word(w) if matches!(w.len(), 4 | 9) && (eq(w, "temp") || eq(w, "temporary")) => {
                 let after = |p: Tok<'_>, words: &[&str]| matches!(p, Tok::Word(p) if words.iter().any(|k| eq(p, k)));
                 // CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP, INTO [GLOBAL|LOCAL] TEMP, anywhere
                 // (EXPLAIN ANALYZE CREATE TEMP TABLE ...). Not INSERT/MERGE INTO a table "temp".
                 let into = after(prev, &["into"]) && !after(prev2, &["insert", "merge"]);
                 if into || after(prev, &["create", "replace", "global", "local"]) {
-                    st.reasons.insert(Reason::TempObject);
+                    self.reasons.insert(Reason::TempObject);
                 }
             }
-            Tok::Dot if is_temp_schema(prev) => st.reasons.insert(Reason::TempObject),
-            Tok::Word(w) if w.len() == 6 && eq(w, "update") => st.update = true,
+            Tok::Dot if is_temp_schema(prev) => self.reasons.insert(Reason::TempObject),
+            Tok::Word(w) if w.len() == 6 && eq(w, "update") => self.update = true,
             Tok::Word(_) | Tok::Quoted(_) | Tok::UQuoted(..) if is_name(tok, "pg_settings") => {
-                st.pg_settings = true;
+                self.pg_settings = true;
             }
-            Tok::Dollar(body) if !nested && eq(st.word(0), "do") => {
-                st.reasons = st.reasons.union(do_body_reasons(body, false));
+            Tok::Dollar(body) if !nested && eq(self.word(0), "do") => {
+                self.reasons = self.reasons.union(do_body_reasons(body, false));
             }
-            Tok::Str(body) if !nested && eq(st.word(0), "do") => {
-                st.reasons = st.reasons.union(do_body_reasons(body, true));
+            Tok::Str(body) if !nested && eq(self.word(0), "do") => {
+                self.reasons = self.reasons.union(do_body_reasons(body, true));
             }
             Tok::Word(w) if nested && block_keyword(w).is_some() => {
                 if let Some(r) = block_keyword(w) {
-                    st.reasons.insert(r);
+                    self.reasons.insert(r);
                 }
             }
             _ => {}
         }
-        prev2 = prev;
-        prev = tok;
     }
-    emit(&mut st, end, &mut report);
 }
