@@ -1,8 +1,8 @@
 //! The pool's core without PostgreSQL (tests only): a [`Connect`] whose connections end at a
 //! small in-memory server, enough of the protocol for the pool's own traffic (startup, Sync,
 //! simple queries), with faults on demand. Checkout, return, waiters, cancellation and the
-//! pool's invariants are tested here fast and deterministically (tokio's paused clock); what
-//! needs a real server stays in `tests/` against PostgreSQL.
+//! pool's invariants are tested here fast, the timing ones on tokio's paused clock; what needs
+//! a real server stays in `tests/` against PostgreSQL.
 
 use std::io;
 use std::sync::Arc;

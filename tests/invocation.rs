@@ -292,7 +292,7 @@ mod through_the_emulator {
         // Connection A idles past the NAT's timeout, B does not: the checks at the start of
         // the invocation run side by side, so A's silence costs B nothing.
         let emu = emulator("inv_one_dead", |c| {
-            c.nat_idle_timeout(Some(Duration::from_millis(600)))
+            c.nat_idle_timeout(Some(Duration::from_millis(1200)))
         })
         .await;
         let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
@@ -300,7 +300,7 @@ mod through_the_emulator {
             .validate_idle_after(Some(Duration::from_millis(50)))
             // Shorter than the NAT's timeout: a check one after the other would find B
             // forgotten too once A's check had timed out.
-            .validate_timeout(Duration::from_millis(300))
+            .validate_timeout(Duration::from_millis(500))
             .build()
             .unwrap();
         {
@@ -311,7 +311,7 @@ mod through_the_emulator {
             drop(a);
             drop(b); // returned last: handed out first
         }
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
         // B again, outside an invocation (whose freeze check would touch A too).
         pool.get()
             .await
@@ -319,8 +319,8 @@ mod through_the_emulator {
             .batch_execute("SELECT 1")
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        // A has been idle 800 ms (forgotten), B 400 ms (alive).
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        // A has been idle 1,600 ms (forgotten), B 800 ms (alive, with 400 ms to spare).
         let v = pool
             .invocation(in_ms(3000), async {
                 pool.get()

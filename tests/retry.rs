@@ -369,8 +369,9 @@ async fn the_retry_stops_at_the_deadline() {
         "{err:?}"
     );
     let cutoff = Duration::from_millis(1500) - pool.deadline_margin();
+    // Generous for a loaded machine; a retry that ignored the deadline would hang far longer.
     assert!(
-        t.elapsed() < cutoff + Duration::from_millis(250),
+        t.elapsed() < cutoff + Duration::from_secs(1),
         "{:?}",
         t.elapsed()
     );
