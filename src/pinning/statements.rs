@@ -378,6 +378,7 @@ impl<'a> Stmt<'a> {
     }
 
     /// The leading words, while they are being collected.
+    #[inline(always)]
     fn collect_word(&mut self, tok: Tok<'a>) {
         if !self.collecting {
             return;
@@ -396,6 +397,7 @@ impl<'a> Stmt<'a> {
     }
 
     /// The arguments of a `set_config(` call being read.
+    #[inline(always)]
     fn set_config_argument(&mut self, tok: Tok<'a>) {
         let Some(call) = self.set_config.as_mut() else {
             return;
@@ -418,6 +420,7 @@ impl<'a> Stmt<'a> {
 
     /// What one token (after `prev2`, `prev`) says: a pinning function called, a temporary
     /// object, `pg_settings` updated, a `DO` body (read one level deep: `nested` inside it).
+    #[inline(always)]
     fn token(&mut self, tok: Tok<'a>, prev: Tok<'a>, prev2: Tok<'a>, nested: bool) {
         match tok {
             Tok::LParen => {
