@@ -416,11 +416,28 @@ impl PoolInner {
     /// the new in-use count.
     fn pop_usable(&self, check_age: bool) -> Option<(Conn, usize)> {
         let now = check_age.then(SystemTime::now);
+        self.take_usable(now, |_| true, |_| self.in_use.fetch_add(1, Release) + 1)
+    }
+
+    /// The most recently used idle connection that `pick` accepts and that is still usable
+    /// (its age checked at `now`, if given); stale ones found on the way are closed. `taken`
+    /// runs under the idle set's lock, with the connection out of it, to move its count (see
+    /// [`Pool::status`]); its answer comes back with the connection.
+    fn take_usable<R>(
+        &self,
+        now: Option<SystemTime>,
+        pick: impl Fn(&Conn) -> bool,
+        taken: impl FnOnce(&VecDeque<Conn>) -> R,
+    ) -> Option<(Conn, R)> {
         loop {
             let mut idle = self.idle();
-            let conn = idle.pop_back()?;
+            let at = idle.iter().rposition(&pick)?;
+            let conn = idle.remove(at)?;
             match conn.stale(&self.settings, now) {
-                None => return Some((conn, self.in_use.fetch_add(1, Release) + 1)),
+                None => {
+                    let r = taken(&idle);
+                    return Some((conn, r));
+                }
                 Some(reason) => {
                     drop(idle);
                     self.discard(conn, reason);
@@ -497,30 +514,18 @@ impl PoolInner {
         if self.closed.load(Relaxed) {
             return Err(Error::Closed);
         }
-        let now = SystemTime::now();
-        let idle = loop {
-            let mut idle = self.idle();
-            // The most recently used one that `get()` would hand out without a round trip: one
-            // with raw access unsettled may still have a request queued (a raw BEGIN, say) that
-            // would run ahead of the retried statement. It stays for a `get()` to settle.
-            let Some(at) = idle.iter().rposition(|c| !c.state.raw_used()) else {
-                break None;
-            };
-            let Some(conn) = idle.remove(at) else {
-                break None;
-            };
-            match conn.stale(&self.settings, Some(now)) {
-                None => {
-                    // `old` gives up its place: the idle connection had one of its own.
-                    self.size.fetch_sub(1, Relaxed);
-                    break Some((conn, idle.len()));
-                }
-                Some(reason) => {
-                    drop(idle);
-                    self.discard(conn, reason);
-                }
-            }
-        };
+        // The most recently used one that `get()` would hand out without a round trip: one
+        // with raw access unsettled may still have a request queued (a raw BEGIN, say) that
+        // would run ahead of the retried statement. It stays for a `get()` to settle.
+        let idle = self.take_usable(
+            Some(SystemTime::now()),
+            |c| !c.state.raw_used(),
+            |idle| {
+                // `old` gives up its place: the idle connection had one of its own.
+                self.size.fetch_sub(1, Relaxed);
+                idle.len()
+            },
+        );
         let conn = match idle {
             Some((conn, idle)) => {
                 metrics::gauges(self.in_use.load(Relaxed), idle);
