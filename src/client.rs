@@ -139,8 +139,8 @@ impl<'a> Guarded<'a> {
 /// from an error's text:
 ///
 /// - the connection is closed: the call's error is a closed-connection error
-///   ([`is_closed_error`]) and its connection task has ended (`closed`,
-///   [`ConnState::ended`]), so nothing more will be written on it and its byte count is
+///   ([`is_closed_error`], the caller's check) and its connection task has ended
+///   ([`ConnState::ended`]), so nothing more will be written on it and its byte count is
 ///   final;
 /// - no byte was written on it since the checkout handed it out
 ///   ([`ConnState::unwritten_since_checkout`]: the observer's count of the bytes the stream
@@ -152,18 +152,18 @@ impl<'a> Guarded<'a> {
 /// - it carries no session state the caller may rely on: nothing seen on it may have pinned
 ///   it (under `PinPolicy::Keep`, and within an invocation under `KeepForInvocation`, a
 ///   `SET` comes back in the same session; a fresh connection would silently lack it);
-/// - no raw client was handed out in this checkout (`raw_used`), and no prepared
+/// - no raw client was handed out in this checkout ([`ConnState::raw_used`]), and no prepared
 ///   [`Statement`] ([`ConnState::statement_lent`]: a `prepare_cached` hit writes nothing):
 ///   the caller would hold the old connection's.
 ///
 /// A statement that may have reached the server is never run twice: its effects (an INSERT
 /// that committed before the answer was lost) may stand.
-fn retry_allowed(closed: bool, state: &ConnState, raw_used: bool) -> bool {
-    closed
+fn retry_allowed(state: &ConnState) -> bool {
+    state.ended()
         && state.unwritten_since_checkout()
         && !state.statement_lent()
         && state.pinned().is_empty()
-        && !raw_used
+        && !state.raw_used()
 }
 
 /// True for an error that says the connection is closed (not the server's error, not a
@@ -686,7 +686,7 @@ impl PooledClient {
         std::ptr::eq(ctx.g.state, &conn.state)
             && error.is_none_or(is_closed_error)
             && conn.client.is_closed()
-            && retry_allowed(conn.state.ended(), &conn.state, conn.state.raw_used())
+            && retry_allowed(&conn.state)
     }
 
     /// The checked-out connection's replacement, made by whichever call gets here first (the
@@ -1591,8 +1591,8 @@ impl<'a> TransactionBuilder<'a> {
 }
 
 /// Begins a transaction on a connection's client. On failure, also says whether [`retry_allowed`] holds for
-/// it (decided here, where the connection is still at hand; the raw flag is read before the
-/// BEGIN, and nothing else can set it while the builder holds the client).
+/// it (decided here, where the connection is still at hand; nothing can hand out raw access
+/// while the builder holds the client).
 async fn begin<'c>(
     client: &'c mut Client,
     state: &'c ConnState,
@@ -1601,7 +1601,6 @@ async fn begin<'c>(
     (isolation_level, read_only, deferrable): (Option<IsolationLevel>, Option<bool>, Option<bool>),
     bound: Option<Bound>,
 ) -> Result<Transaction<'c>, (Error, bool)> {
-    let raw_used = state.raw_used();
     let g = Guarded {
         state,
         pool,
@@ -1628,7 +1627,7 @@ async fn begin<'c>(
             drop(mark);
             // Closed is read from the connection's task, not its client: on success the
             // transaction keeps the client borrowed.
-            let retry = retry_allowed(state.ended(), state, raw_used);
+            let retry = retry_allowed(state);
             Err((e, retry))
         }
     }
