@@ -96,20 +96,23 @@ impl<'a> Watch<'a> {
         if !self.passed() {
             return None;
         }
-        self.state.kill();
-        self.bound.map(|b| b.timed_out(Phase::Query))
+        self.timed_out()
     }
 
     /// After the inner stream or sink was pending: polls the timer; once it fired, closes the
     /// connection and returns the timeout error.
-    fn expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Error> {
-        let this = self.project();
-        let sleep = this.sleep.as_pin_mut()?;
+    fn expired(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Option<Error> {
+        let sleep = self.as_mut().project().sleep.as_pin_mut()?;
         if sleep.poll(cx).is_pending() {
             return None;
         }
-        this.state.kill();
-        this.bound.map(|b| b.timed_out(Phase::Query))
+        self.timed_out()
+    }
+
+    /// The bound passed: the connection closes at once, and the statement's timeout error.
+    fn timed_out(&self) -> Option<Error> {
+        self.state.kill();
+        self.bound.map(|b| b.timed_out(Phase::Query))
     }
 
     /// Polls the timer without acting on it: ready once it fired (with no bound, never).
