@@ -33,7 +33,8 @@ struct Options {
     /// Virtual users (a closed model, like k6): they start together, wait for each answer, then think
     #[arg(long, default_value_t = 60)]
     vus: usize,
-    /// Each virtual user's pause after an answer
+    /// Each virtual user's pause after an answer, on average (drawn evenly from half to one and
+    /// a half times it: users that start together drift apart, as real ones do)
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     think: Duration,
     /// An open model instead of virtual users: invocations per second, at a steady rate
@@ -623,7 +624,9 @@ fn start_load(run: &Arc<Run>, scenario: Scenario) -> Vec<tokio::task::JoinHandle
             }
         }));
     } else {
-        // Virtual users that start together, wait for their answer, then think.
+        // Virtual users that start together, wait for their answer, then think. With a fixed
+        // think time they would stay in step, every environment busy at every step, and no
+        // environment would ever sit idle long enough for a NAT to forget it.
         for vu in 0..opts.vus {
             let run = run.clone();
             let think = opts.think;
@@ -633,7 +636,8 @@ fn start_load(run: &Arc<Run>, scenario: Scenario) -> Vec<tokio::task::JoinHandle
                     let pin = run.rng.lock().unwrap().random_bool(pin_share);
                     run.invoke((vu as i64) * 1000 + n % 1000, pin).await;
                     n += 1;
-                    tokio::time::sleep(think).await;
+                    let factor = run.rng.lock().unwrap().random_range(0.5..1.5);
+                    tokio::time::sleep(think.mul_f64(factor)).await;
                 }
             }));
         }
