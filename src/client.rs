@@ -201,61 +201,29 @@ struct Ctx<'a> {
     bound: Option<Bound>,
 }
 
-/// Checks and runs a statement argument with `$run` (`run` or `open`), binding `$s` to the
-/// prepared tokio-postgres statement (from the connection's cache for SQL text) or, with the
-/// cache off, to the SQL text. A cached statement the server calls stale (changed by DDL) is
-/// dropped from the cache and, outside a transaction, prepared and run once more; `once`
-/// skips that retry, for calls whose parameters can be used only once.
-macro_rules! dispatch {
-    ($ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
-        let ctx = $ctx;
-        let bound = ctx.bound;
-        match $stmt.__statement() {
-            StatementRef::Text(sql) => match ctx.cached(sql, bound).await? {
-                Some(p) => {
-                    ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
-                    let first = {
-                        let $s = &p.inner;
-                        dispatch!(@$run ctx, bound, $call)
-                    };
-                    match first {
-                        Err(e) if ctx.drop_stale(sql, &e) => {
-                            let p = ctx.cached(sql, bound).await?.ok_or(e)?;
-                            let $s = &p.inner;
-                            dispatch!(@$run ctx, bound, $call)
-                        }
-                        r => r,
-                    }
-                }
-                None => dispatch!(@text ctx, bound, sql, $run, |$s| $call),
-            },
-            StatementRef::Prepared(p) => dispatch!(@prepared ctx, bound, p, $run, |$s| $call),
+/// What tokio-postgres is given for a statement argument: its `ToStatement`, and `Debug`,
+/// which its scalar methods ask for.
+trait PgStatement: tokio_postgres::ToStatement + std::fmt::Debug + Sync {}
+
+impl<T: ?Sized + tokio_postgres::ToStatement + std::fmt::Debug + Sync> PgStatement for T {}
+
+/// A statement argument, checked and ready to run: a prepared statement (for SQL text the
+/// connection's own, from its cache), or the SQL text itself when the cache is off.
+enum Target {
+    Prepared(tokio_postgres::Statement),
+    /// Owned: a `str` cannot stand behind a `dyn`. Copied only when the cache is off, where
+    /// each call prepares its statement with a round trip anyway.
+    Text(String),
+}
+
+impl Target {
+    /// As tokio-postgres takes it.
+    fn pg(&self) -> &dyn PgStatement {
+        match self {
+            Target::Prepared(s) => s,
+            Target::Text(sql) => sql,
         }
-    }};
-    (once $ctx:expr, $stmt:expr, $run:ident, |$s:ident| $call:expr) => {{
-        let ctx = $ctx;
-        let bound = ctx.bound;
-        match $stmt.__statement() {
-            StatementRef::Text(sql) => match ctx.cached(sql, bound).await? {
-                Some(p) => dispatch!(@prepared ctx, bound, (&p), $run, |$s| $call),
-                None => dispatch!(@text ctx, bound, sql, $run, |$s| $call),
-            },
-            StatementRef::Prepared(p) => dispatch!(@prepared ctx, bound, p, $run, |$s| $call),
-        }
-    }};
-    (@text $ctx:ident, $bound:ident, $sql:ident, $run:ident, |$s:ident| $call:expr) => {{
-        $ctx.g.check($sql, None, Protocol::Parse)?;
-        let $s = $sql;
-        dispatch!(@$run $ctx, $bound, $call)
-    }};
-    (@prepared $ctx:ident, $bound:ident, $p:expr, $run:ident, |$s:ident| $call:expr) => {{
-        let p: &Statement = $p;
-        $ctx.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
-        let $s = &p.inner;
-        dispatch!(@$run $ctx, $bound, $call)
-    }};
-    (@run $ctx:ident, $bound:ident, $call:expr) => { $ctx.g.run($bound, $call).await };
-    (@open $ctx:ident, $bound:ident, $call:expr) => { $ctx.g.open($bound, $call).await };
+    }
 }
 
 /// True for the server's word that a prepared statement no longer fits (DDL changed its
@@ -272,6 +240,79 @@ fn is_stale(e: &Error) -> bool {
 }
 
 impl<'a> Ctx<'a> {
+    /// Runs a statement under this call's bound. On timeout the socket closes at once.
+    async fn run<T>(
+        self,
+        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Error> {
+        self.g.run(self.bound, fut).await
+    }
+
+    /// Starts a stream or copy under this call's bound.
+    async fn open<S>(
+        self,
+        fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
+    ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
+        self.g.open(self.bound, fut).await
+    }
+
+    /// Checks a statement argument for what it may pin and readies it; SQL text is prepared
+    /// and cached on a cache miss. With the target comes the SQL text when the target is
+    /// from the cache.
+    async fn ready<T: ?Sized + ToStatement>(
+        self,
+        statement: &T,
+    ) -> Result<(Target, Option<&str>), Error> {
+        match statement.__statement() {
+            StatementRef::Text(sql) => match self.cached(sql, self.bound).await? {
+                Some(stmt) => {
+                    self.g
+                        .check(&stmt.sql, Some(stmt.class), Protocol::Execute)?;
+                    Ok((Target::Prepared(stmt.inner), Some(sql)))
+                }
+                None => {
+                    self.g.check(sql, None, Protocol::Parse)?;
+                    Ok((Target::Text(sql.to_owned()), None))
+                }
+            },
+            StatementRef::Prepared(p) => {
+                self.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
+                Ok((Target::Prepared(p.inner.clone()), None))
+            }
+        }
+    }
+
+    /// Runs `call` on `statement`, checked and readied ([`Ctx::ready`]). A cached statement
+    /// the server calls stale (DDL changed its result type) is dropped from the cache and,
+    /// outside a transaction, prepared and run once more.
+    async fn with_statement<T: ?Sized + ToStatement, R, F>(
+        self,
+        statement: &T,
+        call: impl Fn(Target) -> F,
+    ) -> Result<R, Error>
+    where
+        F: Future<Output = Result<R, Error>>,
+    {
+        let (target, cached) = self.ready(statement).await?;
+        match (call(target).await, cached) {
+            (Err(e), Some(sql)) if self.drop_stale(sql, &e) => {
+                let stmt = self.cached(sql, self.bound).await?.ok_or(e)?;
+                call(Target::Prepared(stmt.inner)).await
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// [`Ctx::with_statement`] without running it again, for calls whose parameters can be
+    /// used only once.
+    async fn with_statement_once<T: ?Sized + ToStatement, R>(
+        self,
+        statement: &T,
+        call: impl AsyncFnOnce(Target) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        call(self.ready(statement).await?.0).await
+    }
+
     /// The connection's prepared statement for `sql`, preparing and caching it on a miss;
     /// `None` when the cache is off.
     async fn cached(self, sql: &str, bound: Option<Bound>) -> Result<Option<Statement>, Error> {
@@ -362,7 +403,10 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error> {
-        dispatch!(self, statement, run, |s| self.client.query(s, params))
+        self.with_statement(statement, move |s| async move {
+            self.run(self.client.query(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn query_one<T: ?Sized + ToStatement>(
@@ -370,7 +414,10 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, Error> {
-        dispatch!(self, statement, run, |s| self.client.query_one(s, params))
+        self.with_statement(statement, move |s| async move {
+            self.run(self.client.query_one(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn query_opt<T: ?Sized + ToStatement>(
@@ -378,7 +425,10 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, Error> {
-        dispatch!(self, statement, run, |s| self.client.query_opt(s, params))
+        self.with_statement(statement, move |s| async move {
+            self.run(self.client.query_opt(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
@@ -386,9 +436,10 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<R>, Error> {
-        dispatch!(self, statement, run, |s| self
-            .client
-            .query_scalar(s, params))
+        self.with_statement(statement, move |s| async move {
+            self.run(self.client.query_scalar(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
@@ -396,9 +447,10 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<R, Error> {
-        dispatch!(self, statement, run, |s| self
-            .client
-            .query_one_scalar(s, params))
+        self.with_statement(statement, move |s| async move {
+            self.run(self.client.query_one_scalar(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
@@ -406,9 +458,10 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<R>, Error> {
-        dispatch!(self, statement, run, |s| self
-            .client
-            .query_opt_scalar(s, params))
+        self.with_statement(statement, move |s| async move {
+            self.run(self.client.query_opt_scalar(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn query_raw<T, P, I>(self, statement: &T, params: I) -> Result<RowStream<'a>, Error>
@@ -418,8 +471,11 @@ impl<'a> Ctx<'a> {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        let (s, bound, f) =
-            dispatch!(once self, statement, open, |s| self.client.query_raw(s, params))?;
+        let (s, bound, f) = self
+            .with_statement_once(statement, async |s| {
+                self.open(self.client.query_raw(s.pg(), params)).await
+            })
+            .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
 
@@ -429,9 +485,7 @@ impl<'a> Ctx<'a> {
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, Error> {
         self.g.check(query, None, Protocol::Parse)?;
-        self.g
-            .run(self.bound, self.client.query_typed(query, params))
-            .await
+        self.run(self.client.query_typed(query, params)).await
     }
 
     async fn query_typed_one(
@@ -440,9 +494,7 @@ impl<'a> Ctx<'a> {
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Row, Error> {
         self.g.check(query, None, Protocol::Parse)?;
-        self.g
-            .run(self.bound, self.client.query_typed_one(query, params))
-            .await
+        self.run(self.client.query_typed_one(query, params)).await
     }
 
     async fn query_typed_opt(
@@ -451,9 +503,7 @@ impl<'a> Ctx<'a> {
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Option<Row>, Error> {
         self.g.check(query, None, Protocol::Parse)?;
-        self.g
-            .run(self.bound, self.client.query_typed_opt(query, params))
-            .await
+        self.run(self.client.query_typed_opt(query, params)).await
     }
 
     async fn query_typed_raw<P, I>(self, query: &str, params: I) -> Result<RowStream<'a>, Error>
@@ -463,8 +513,7 @@ impl<'a> Ctx<'a> {
     {
         self.g.check(query, None, Protocol::Parse)?;
         let (s, bound, f) = self
-            .g
-            .open(self.bound, self.client.query_typed_raw(query, params))
+            .open(self.client.query_typed_raw(query, params))
             .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
@@ -474,7 +523,10 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, Error> {
-        dispatch!(self, statement, run, |s| self.client.execute(s, params))
+        self.with_statement(statement, move |s| async move {
+            self.run(self.client.execute(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn execute_typed(
@@ -483,9 +535,7 @@ impl<'a> Ctx<'a> {
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64, Error> {
         self.g.check(query, None, Protocol::Parse)?;
-        self.g
-            .run(self.bound, self.client.execute_typed(query, params))
-            .await
+        self.run(self.client.execute_typed(query, params)).await
     }
 
     async fn execute_raw<T, P, I>(self, statement: &T, params: I) -> Result<u64, Error>
@@ -495,7 +545,10 @@ impl<'a> Ctx<'a> {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        dispatch!(once self, statement, run, |s| self.client.execute_raw(s, params))
+        self.with_statement_once(statement, async |s| {
+            self.run(self.client.execute_raw(s.pg(), params)).await
+        })
+        .await
     }
 
     async fn copy_in<T, U>(self, statement: &T) -> Result<CopyInSink<'a, U>, Error>
@@ -503,7 +556,11 @@ impl<'a> Ctx<'a> {
         T: ?Sized + ToStatement,
         U: Buf + 'static + Send,
     {
-        let (s, bound, f) = dispatch!(once self, statement, open, |s| self.client.copy_in(s))?;
+        let (s, bound, f) = self
+            .with_statement_once(statement, async |s| {
+                self.open(self.client.copy_in(s.pg())).await
+            })
+            .await?;
         Ok(CopyInSink::new(s, bound, self.g.state, f))
     }
 
@@ -511,31 +568,28 @@ impl<'a> Ctx<'a> {
         self,
         statement: &T,
     ) -> Result<CopyOutStream<'a>, Error> {
-        let (s, bound, f) = dispatch!(once self, statement, open, |s| self.client.copy_out(s))?;
+        let (s, bound, f) = self
+            .with_statement_once(statement, async |s| {
+                self.open(self.client.copy_out(s.pg())).await
+            })
+            .await?;
         Ok(CopyOutStream::new(s, bound, self.g.state, f))
     }
 
     async fn simple_query(self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
         self.g.check(query, None, Protocol::Simple)?;
-        self.g
-            .run(self.bound, self.client.simple_query(query))
-            .await
+        self.run(self.client.simple_query(query)).await
     }
 
     async fn simple_query_raw(self, query: &str) -> Result<SimpleQueryStream<'a>, Error> {
         self.g.check(query, None, Protocol::Simple)?;
-        let (s, bound, f) = self
-            .g
-            .open(self.bound, self.client.simple_query_raw(query))
-            .await?;
+        let (s, bound, f) = self.open(self.client.simple_query_raw(query)).await?;
         Ok(SimpleQueryStream::new(s, bound, self.g.state, f))
     }
 
     async fn batch_execute(self, query: &str) -> Result<(), Error> {
         self.g.check(query, None, Protocol::Simple)?;
-        self.g
-            .run(self.bound, self.client.batch_execute(query))
-            .await
+        self.run(self.client.batch_execute(query)).await
     }
 }
 
@@ -1431,8 +1485,11 @@ impl<'a> Transaction<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Portal, Error> {
-        let inner = &self.inner;
-        dispatch!(self.ctx()?, statement, run, |s| inner.bind(s, params))
+        let ctx = self.ctx()?;
+        ctx.with_statement(statement, move |s| async move {
+            ctx.run(self.inner.bind(s.pg(), params)).await
+        })
+        .await
     }
 
     /// [`bind`](Self::bind) with parameters from an iterator.
@@ -1446,8 +1503,11 @@ impl<'a> Transaction<'a> {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        let inner = &self.inner;
-        dispatch!(once self.ctx()?, statement, run, |s| inner.bind_raw(s, params))
+        let ctx = self.ctx()?;
+        ctx.with_statement_once(statement, async |s| {
+            ctx.run(self.inner.bind_raw(s.pg(), params)).await
+        })
+        .await
     }
 
     /// Reads up to `max_rows` rows from a portal (0: all).
