@@ -8,6 +8,8 @@
 //! ```
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser, error::ErrorKind};
@@ -25,7 +27,7 @@ use serde_json::{Map, Value, json};
     after_help = "--only runs one pool and shape alone, for a profiler (valgrind --tool=callgrind \
 counts instructions repeatably on a noisy machine):
   --only <pinpool|deadpool|bb8> <c1|c16|c64|c16_held|c64_held>
-      16,000 checkouts of that shape
+      1,000 checkouts per task of that shape (16,000 for c1)
   --only <pinpool|raw> <prepared|stream>
       2,000 prepared SELECTs, or 20 streams of 10,000 rows"
 )]
@@ -36,8 +38,9 @@ struct Args {
 }
 
 const ROUNDS: usize = 30;
-/// Checkouts per configuration and round, split across the tasks.
-const CHECKOUTS: usize = 16_000;
+/// Checkouts per task and round: enough for every task to run out of tokio's cooperative budget
+/// (128 units) several times, so fairness measures the pool's turns, not the first ones.
+const PER_TASK: usize = 1_000;
 const QUERIES: usize = 300;
 /// 10,000-row streams read per pool and round.
 const STREAMS: usize = 4;
@@ -53,6 +56,13 @@ struct Shape {
     tasks: usize,
     size: usize,
     held: bool,
+}
+
+impl Shape {
+    /// Checkouts per round: `PER_TASK` for each task, and 16,000 for a single task.
+    fn checkouts(self) -> usize {
+        (self.tasks * PER_TASK).max(16_000)
+    }
 }
 
 const SHAPES: [Shape; 5] = [
@@ -111,9 +121,13 @@ impl AnyPool {
                         recycling_method: deadpool_postgres::RecyclingMethod::Fast,
                     },
                 );
+                // Waits bounded as pinpool's are (its `acquire_timeout`, 5 s) and bb8's
+                // (`connection_timeout`, 30 s): deadpool waits forever unless told otherwise.
                 AnyPool::Deadpool(
                     deadpool_postgres::Pool::builder(manager)
                         .max_size(size)
+                        .wait_timeout(Some(Duration::from_secs(5)))
+                        .runtime(deadpool_postgres::Runtime::Tokio1)
                         .build()
                         .unwrap(),
                 )
@@ -180,30 +194,54 @@ impl AnyPool {
     }
 }
 
-/// Runs one shape; returns the elapsed time and the fairness (first task's finish time /
-/// last task's).
+/// One task's progress, on a cache line of its own (neighbours on two workers would slow each
+/// other down).
+#[repr(align(128))]
+#[derive(Default)]
+struct Progress(AtomicUsize);
+
+/// Runs one shape; returns the elapsed time and the fairness: Jain's index of the checkouts
+/// each task had done when the first task finished (1.0: every task had the same share; 1/n:
+/// one task had them all).
 async fn checkout_run(pool: &AnyPool, shape: Shape) -> (Duration, f64) {
-    let per_task = CHECKOUTS / shape.tasks;
-    let start = Instant::now();
+    let progress: Arc<[Progress]> = (0..shape.tasks).map(|_| Progress::default()).collect();
+    let at_first_finish = Arc::new(OnceLock::new());
+    // Every task starts at the gate: spawned one by one, the first would otherwise run alone
+    // while the others are still being spawned, and the measure would be of spawning.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let tasks: Vec<_> = (0..shape.tasks)
-        .map(|_| {
-            let pool = pool.clone();
+        .map(|me| {
+            let (pool, gate) = (pool.clone(), gate.clone());
+            let (progress, at_first_finish) = (progress.clone(), at_first_finish.clone());
             tokio::spawn(async move {
-                for _ in 0..per_task {
+                gate.acquire().await.unwrap().forget();
+                for done in 1..=shape.checkouts() / shape.tasks {
                     pool.checkout(shape.held).await;
+                    progress[me].0.store(done, Relaxed);
                 }
-                start.elapsed()
+                at_first_finish.get_or_init(|| {
+                    progress
+                        .iter()
+                        .map(|p| p.0.load(Relaxed) as f64)
+                        .collect::<Vec<_>>()
+                });
             })
         })
         .collect();
-    let mut finishes = Vec::new();
+    let start = Instant::now();
+    gate.add_permits(shape.tasks);
     for t in tasks {
-        finishes.push(t.await.unwrap());
+        t.await.unwrap();
     }
     let total = start.elapsed();
-    let first = finishes.iter().min().unwrap().as_secs_f64();
-    let last = finishes.iter().max().unwrap().as_secs_f64();
-    (total, first / last)
+    (total, jain(at_first_finish.get().expect("a task finished")))
+}
+
+/// Jain's fairness index of `shares`: (sum x)^2 / (n * sum x^2).
+fn jain(shares: &[f64]) -> f64 {
+    let sum: f64 = shares.iter().sum();
+    let squares: f64 = shares.iter().map(|x| x * x).sum();
+    sum * sum / (shares.len() as f64 * squares)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -311,7 +349,7 @@ async fn checkouts_alone(kind: &str, shape: &str) {
     println!(
         "{kind} {}: {:.0} ns per checkout, fairness {f:.2}",
         shape.name,
-        d.as_secs_f64() / CHECKOUTS as f64 * 1e9
+        d.as_secs_f64() / shape.checkouts() as f64 * 1e9
     );
 }
 
@@ -328,7 +366,7 @@ async fn everything() {
     // 1. Checkout and return.
     let mut vs_deadpool = Map::new();
     let mut vs_bb8 = Map::new();
-    // Per pool, per shape: the first task's finish time over the last's (1 is fair).
+    // Per pool, per shape: Jain's index of the tasks' shares at the first finish (1 is fair).
     let mut fairness = [Map::new(), Map::new(), Map::new()];
     println!(
         "{:<10} {:>14} {:>14} {:>14} {:>10} {:>10} {:>9} {:>9} {:>9}",
@@ -369,7 +407,7 @@ async fn everything() {
                 times[i] += t[i] / ROUNDS as f64;
             }
         }
-        let per = |s: f64| s / CHECKOUTS as f64 * 1e9;
+        let per = |s: f64| s / shape.checkouts() as f64 * 1e9;
         let (d, b) = (median(rd), median(rb));
         let f = fair.map(median);
         println!(
