@@ -33,10 +33,14 @@ struct Options {
     /// Virtual users (a closed model, like k6): they start together, wait for each answer, then think
     #[arg(long, default_value_t = 60)]
     vus: usize,
-    /// Each virtual user's pause after an answer, on average (drawn evenly from half to one and
-    /// a half times it: users that start together drift apart, as real ones do)
+    /// Each virtual user's pause after an answer
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     think: Duration,
+    /// Draws each think time evenly from within this share of --think either side (0.5: from
+    /// half to one and a half times it), so users that start together drift apart; at 0 they
+    /// stay in step, as k6's fixed sleep keeps them
+    #[arg(long, default_value_t = 0.0, value_parser = jitter)]
+    think_jitter: f64,
     /// An open model instead of virtual users: invocations per second, at a steady rate
     #[arg(long)]
     rate: Option<f64>,
@@ -624,25 +628,40 @@ fn start_load(run: &Arc<Run>, scenario: Scenario) -> Vec<tokio::task::JoinHandle
             }
         }));
     } else {
-        // Virtual users that start together, wait for their answer, then think. With a fixed
-        // think time they would stay in step, every environment busy at every step, and no
-        // environment would ever sit idle long enough for a NAT to forget it.
+        // Virtual users that start together, wait for their answer, then think.
         for vu in 0..opts.vus {
             let run = run.clone();
-            let think = opts.think;
+            let (think, jitter) = (opts.think, opts.think_jitter);
             load.push(tokio::spawn(async move {
                 let mut n = 0i64;
                 while tokio::time::Instant::now() < end {
                     let pin = run.rng.lock().unwrap().random_bool(pin_share);
                     run.invoke((vu as i64) * 1000 + n % 1000, pin).await;
                     n += 1;
-                    let factor = run.rng.lock().unwrap().random_range(0.5..1.5);
+                    let factor = if jitter > 0.0 {
+                        run.rng
+                            .lock()
+                            .unwrap()
+                            .random_range(1.0 - jitter..1.0 + jitter)
+                    } else {
+                        1.0
+                    };
                     tokio::time::sleep(think.mul_f64(factor)).await;
                 }
             }));
         }
     }
     load
+}
+
+/// `--think-jitter`: a share from 0 up to, not including, 1.
+fn jitter(s: &str) -> Result<f64, String> {
+    let j: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..1.0).contains(&j) {
+        Ok(j)
+    } else {
+        Err(format!("{j} is not from 0 up to 1"))
+    }
 }
 
 fn database_url(opts: &Options) -> String {

@@ -21,6 +21,10 @@ fn soak(extra: &[&str]) -> serde_json::Value {
             "16",
             "--think",
             "500ms",
+            // Users in step keep every environment busy at every step: none would sit idle
+            // long enough for the nat scenario's NAT to forget it.
+            "--think-jitter",
+            "0.5",
             "--upstream-connections",
             "12",
             "--lambda-timeout",
