@@ -241,19 +241,21 @@ fn is_stale(e: &Error) -> bool {
 
 impl<'a> Ctx<'a> {
     /// Runs a statement under this call's bound. On timeout the socket closes at once.
-    async fn run<T>(
+    /// (Not an `async fn`: another layer of future would copy the statement's future once
+    /// more, about 2,000 instructions a call.)
+    fn run<T>(
         self,
         fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
-    ) -> Result<T, Error> {
-        self.g.run(self.bound, fut).await
+    ) -> impl Future<Output = Result<T, Error>> {
+        self.g.run(self.bound, fut)
     }
 
     /// Starts a stream or copy under this call's bound.
-    async fn open<S>(
+    fn open<S>(
         self,
         fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
-    ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
-        self.g.open(self.bound, fut).await
+    ) -> impl Future<Output = Result<(S, Option<Bound>, InFlight<'a>), Error>> {
+        self.g.open(self.bound, fut)
     }
 
     /// Checks a statement argument for what it may pin and readies it; SQL text is prepared
@@ -331,7 +333,9 @@ impl<'a> Ctx<'a> {
             return Ok(None);
         }
         counters.cache_miss();
-        let stmt = self.prepare_in(sql, &[], bound).await?;
+        // Boxed: a miss is rare and costs a round trip, and its state inline would make every
+        // statement's future larger, copied at each layer on every call.
+        let stmt = Box::pin(self.prepare_in(sql, &[], bound)).await?;
         let evicted = self.g.state.cache().insert(
             stmt.clone(),
             settings.statement_cache_capacity,
