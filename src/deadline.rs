@@ -92,40 +92,17 @@ pub(crate) struct PollBound {
     at: Instant,
 }
 
-/// `clock` as of the last timer tick, in nanoseconds.
 #[cfg(target_os = "linux")]
 #[inline]
-fn coarse_ns(clock: libc::clockid_t) -> u64 {
+fn coarse_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; the coarse clocks exist on every Linux
-    // since 2.6.32 and the call cannot fail with a valid pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE exists on every
+    // Linux since 2.6.32 and the call cannot fail with a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-#[cfg(target_os = "linux")]
-#[inline]
-fn coarse_now_ns() -> u64 {
-    coarse_ns(libc::CLOCK_MONOTONIC_COARSE)
-}
-
-/// The wall clock, cheaply: on Linux `CLOCK_REALTIME_COARSE`, behind `SystemTime::now` by less
-/// than a tick (1 to 10 ms) at a fifth of its cost; elsewhere `SystemTime::now`. For what every
-/// checkout and return records (a connection's last use, its age against `max_lifetime` and
-/// `idle_timeout`): those are compared against seconds, and a tick late is on time.
-#[inline]
-pub(crate) fn coarse_wall_now() -> SystemTime {
-    #[cfg(target_os = "linux")]
-    {
-        SystemTime::UNIX_EPOCH + Duration::from_nanos(coarse_ns(libc::CLOCK_REALTIME_COARSE))
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        SystemTime::now()
-    }
 }
 
 impl PollBound {
@@ -197,16 +174,6 @@ mod tests {
         let gone = Bound::new(Some(Duration::from_secs(5)), Some(Instant::now())).unwrap();
         assert!(gone.passed());
         assert!(!b.passed());
-    }
-
-    #[test]
-    fn the_coarse_wall_clock_is_the_wall_clock_a_tick_behind() {
-        let before = SystemTime::now();
-        let coarse = coarse_wall_now();
-        let after = SystemTime::now();
-        assert!(coarse <= after, "never ahead: {coarse:?} > {after:?}");
-        let behind = before.duration_since(coarse).unwrap_or_default();
-        assert!(behind < Duration::from_millis(100), "{behind:?} behind");
     }
 
     #[tokio::test]

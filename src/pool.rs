@@ -26,7 +26,7 @@ use crate::client::PooledClient;
 use crate::config::{Builder, ConnectionConfig, Settings};
 use crate::conn::{Conn, ConnState, Fate, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
-use crate::deadline::{Bound, coarse_wall_now, cutoff, until, within};
+use crate::deadline::{Bound, cutoff, until, within};
 use crate::error::{Error, Phase};
 use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
@@ -415,7 +415,7 @@ impl PoolInner {
     /// Counts it in use under the idle set's lock (see [`Pool::status`]); returns it with
     /// the new in-use count.
     fn pop_usable(&self, check_age: bool) -> Option<(Conn, usize)> {
-        let now = check_age.then(coarse_wall_now);
+        let now = check_age.then(SystemTime::now);
         self.take_usable(now, |_| true, |_| self.in_use.fetch_add(1, Release) + 1)
     }
 
@@ -579,7 +579,7 @@ impl PoolInner {
             inv.give_back(conn.state.id);
         }
         self.report_pins(&conn.state);
-        let now = coarse_wall_now();
+        let now = SystemTime::now();
         let fate = if self.closed.load(Relaxed) {
             Fate::Close(CloseReason::PoolClosed)
         } else {
