@@ -400,6 +400,29 @@ async fn idle_and_old_connections_are_replaced() {
 }
 
 #[tokio::test]
+async fn a_lifetime_shorter_than_a_clock_tick_is_never_overrun() {
+    // The return reads a coarse clock, up to a tick (1 to 10 ms) behind: it must still close
+    // every connection that outlived max_lifetime, never hand it out again.
+    let pool = builder("pl_tick_lifetime")
+        .max_size(1)
+        .max_lifetime(Some(Duration::from_millis(1)))
+        .build()
+        .unwrap();
+    let mut kept = 0;
+    for _ in 0..40 {
+        let c = pool.get().await.unwrap();
+        let got = SystemTime::now();
+        while SystemTime::now() < got + Duration::from_micros(1500) {
+            std::hint::spin_loop();
+        }
+        drop(c);
+        kept += pool.status().idle;
+    }
+    assert_eq!(kept, 0, "connections past max_lifetime went back idle");
+    assert_eq!(pool.status().closed.get(CloseReason::MaxLifetime), 40);
+}
+
+#[tokio::test]
 async fn warm_up_opens_min_idle_and_close_refuses_new_gets() {
     let pool = builder("pl_warm").max_size(3).min_idle(2).build().unwrap();
     assert_eq!(pool.status().size, 0, "build() opens nothing");
