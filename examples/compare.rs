@@ -26,7 +26,7 @@ use serde_json::{Map, Value, json};
     name = "compare",
     after_help = "--only runs one pool and shape alone, for a profiler (valgrind --tool=callgrind \
 counts instructions repeatably on a noisy machine):
-  --only <pinpool|deadpool|bb8> <c1|c16|c64|c16_held|c64_held>
+  --only <pinpool|deadpool|deadpool_bounded|bb8> <c1|c16|c64|c16_held|c64_held>
       1,000 checkouts per task of that shape (16,000 for c1)
   --only <pinpool|raw> <prepared|stream>
       2,000 prepared SELECTs, or 20 streams of 10,000 rows"
@@ -113,7 +113,7 @@ impl AnyPool {
             "pinpool" => {
                 AnyPool::Pinpool(pinpool::Pool::builder(pg).max_size(size).build().unwrap())
             }
-            "deadpool" => {
+            "deadpool" | "deadpool_bounded" => {
                 let manager = deadpool_postgres::Manager::from_config(
                     pg,
                     tokio_postgres::NoTls,
@@ -121,16 +121,15 @@ impl AnyPool {
                         recycling_method: deadpool_postgres::RecyclingMethod::Fast,
                     },
                 );
-                // Waits bounded as pinpool's are (its `acquire_timeout`, 5 s) and bb8's
-                // (`connection_timeout`, 30 s): deadpool waits forever unless told otherwise.
-                AnyPool::Deadpool(
-                    deadpool_postgres::Pool::builder(manager)
-                        .max_size(size)
+                let builder = deadpool_postgres::Pool::builder(manager).max_size(size);
+                let builder = if kind == "deadpool_bounded" {
+                    builder
                         .wait_timeout(Some(Duration::from_secs(5)))
                         .runtime(deadpool_postgres::Runtime::Tokio1)
-                        .build()
-                        .unwrap(),
-                )
+                } else {
+                    builder
+                };
+                AnyPool::Deadpool(builder.build().unwrap())
             }
             _ => {
                 let manager =
@@ -288,14 +287,16 @@ async fn main() {
         };
         match (kind.as_str(), shape.as_str()) {
             ("pinpool" | "raw", "prepared" | "stream") => statements_alone(kind, shape).await,
-            ("pinpool" | "deadpool" | "bb8", _) if SHAPES.iter().any(|s| s.name == shape) => {
+            ("pinpool" | "deadpool" | "deadpool_bounded" | "bb8", _)
+                if SHAPES.iter().any(|s| s.name == shape) =>
+            {
                 checkouts_alone(kind, shape).await
             }
             _ => Args::command()
                 .error(
                     ErrorKind::InvalidValue,
                     format!(
-                        "--only {kind} {shape}: use <pinpool|deadpool|bb8> \
+                        "--only {kind} {shape}: use <pinpool|deadpool|deadpool_bounded|bb8> \
                          <c1|c16|c64|c16_held|c64_held> or <pinpool|raw> <prepared|stream>"
                     ),
                 )
@@ -363,71 +364,82 @@ fn round(x: f64, places: i32) -> f64 {
 async fn everything() {
     let started = Instant::now();
 
-    // 1. Checkout and return.
-    let mut vs_deadpool = Map::new();
-    let mut vs_bb8 = Map::new();
+    // 1. Checkout and return: pinpool, then its peers. deadpool runs twice: as it comes (its
+    // waits unbounded) and with a 5 s wait timeout, the guarantee pinpool (`acquire_timeout`,
+    // 5 s) and bb8 (`connection_timeout`, 30 s) always give.
+    const POOLS: [&str; 4] = ["pinpool", "deadpool", "deadpool_bounded", "bb8"];
+    let mut vs = [Map::new(), Map::new(), Map::new()];
     // Per pool, per shape: Jain's index of the tasks' shares at the first finish (1 is fair).
-    let mut fairness = [Map::new(), Map::new(), Map::new()];
+    let mut fairness = [Map::new(), Map::new(), Map::new(), Map::new()];
     println!(
-        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "checkout",
         "pinpool",
         "deadpool",
+        "dead_5s",
         "bb8",
         "vs_dead",
+        "vs_5s",
         "vs_bb8",
         "fair_pin",
         "fair_dead",
         "fair_bb8"
     );
     for shape in SHAPES {
-        let pools = [
-            AnyPool::build("pinpool", shape.size).await,
-            AnyPool::build("deadpool", shape.size).await,
-            AnyPool::build("bb8", shape.size).await,
-        ];
-        let (mut rd, mut rb, mut fair, mut times) = (
-            Vec::new(),
-            Vec::new(),
+        let mut pools = Vec::new();
+        for kind in POOLS {
+            pools.push(AnyPool::build(kind, shape.size).await);
+        }
+        let (mut ratios, mut fair, mut times) = (
             [vec![], vec![], vec![]],
-            [0.0f64; 3],
+            [vec![], vec![], vec![], vec![]],
+            [0.0f64; 4],
         );
         for round in 0..ROUNDS {
             // Alternate the order so drift does not favour one pool.
-            let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
-            let mut t = [0.0f64; 3];
+            let order: [usize; 4] = if round % 2 == 0 {
+                [0, 1, 2, 3]
+            } else {
+                [3, 2, 1, 0]
+            };
+            let mut t = [0.0f64; 4];
             for i in order {
                 let (d, f) = checkout_run(&pools[i], shape).await;
                 t[i] = d.as_secs_f64();
                 fair[i].push(f);
             }
-            rd.push(t[0] / t[1]);
-            rb.push(t[0] / t[2]);
-            for i in 0..3 {
+            for (peer, r) in ratios.iter_mut().enumerate() {
+                r.push(t[0] / t[peer + 1]);
+            }
+            for i in 0..4 {
                 times[i] += t[i] / ROUNDS as f64;
             }
         }
         let per = |s: f64| s / shape.checkouts() as f64 * 1e9;
-        let (d, b) = (median(rd), median(rb));
+        let r = ratios.map(median);
         let f = fair.map(median);
         println!(
-            "{:<10} {:>11.0} ns {:>11.0} ns {:>11.0} ns {:>10.2} {:>10.2} {:>9.2} {:>9.2} {:>9.2}",
+            "{:<10} {:>7.0} ns {:>7.0} ns {:>7.0} ns {:>7.0} ns {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
             shape.name,
             per(times[0]),
             per(times[1]),
             per(times[2]),
-            d,
-            b,
+            per(times[3]),
+            r[0],
+            r[1],
+            r[2],
             f[0],
             f[1],
-            f[2]
+            f[3]
         );
-        vs_deadpool.insert(shape.name.into(), json!(round(d, 3)));
-        vs_bb8.insert(shape.name.into(), json!(round(b, 3)));
+        for (map, r) in vs.iter_mut().zip(r) {
+            map.insert(shape.name.into(), json!(round(r, 3)));
+        }
         for (map, f) in fairness.iter_mut().zip(f) {
             map.insert(shape.name.into(), json!(round(f, 3)));
         }
     }
+    let [vs_deadpool, vs_deadpool_bounded, vs_bb8] = vs;
 
     // 2. Statements: pinpool against a raw tokio-postgres client.
     let (raw, _pool, pooled) = raw_and_pooled().await;
@@ -541,11 +553,13 @@ async fn everything() {
     eprintln!("compare: {:.0} s", started.elapsed().as_secs_f64());
     let json: Value = json!({
         "checkout_vs_deadpool": vs_deadpool,
+        "checkout_vs_deadpool_bounded": vs_deadpool_bounded,
         "checkout_vs_bb8": vs_bb8,
         "fairness": {
             "pinpool": fairness[0],
             "deadpool": fairness[1],
-            "bb8": fairness[2],
+            "deadpool_bounded": fairness[2],
+            "bb8": fairness[3],
         },
         "query_str_vs_raw": round(q, 3),
         "prepared_vs_raw": round(p, 3),
