@@ -242,7 +242,7 @@ fn is_stale(e: &Error) -> bool {
 impl<'a> Ctx<'a> {
     /// Runs a statement under this call's bound. On timeout the socket closes at once.
     /// (Not an `async fn`: another layer of future would copy the statement's future once
-    /// more, about 2,000 instructions a call.)
+    /// more, about 1,300 instructions a call.)
     fn run<T>(
         self,
         fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
