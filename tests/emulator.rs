@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin, database_url, eventually};
+use common::{admin, backends, database_url, eventually, kill_backends};
 use pinpool::emulator::{Emulator, EmulatorConfig};
 use pinpool::pinning::{PinRules, Reason};
 use tokio_postgres::error::SqlState;
@@ -782,4 +782,30 @@ async fn stopping_the_emulator_closes_its_idle_database_connections() {
     })
     .await;
     assert!(gone, "idle database connections outlived the emulator");
+}
+
+#[tokio::test]
+async fn a_database_connection_that_dies_while_idle_is_neither_counted_nor_lent() {
+    // The database ends a connection idle in the emulator's pool (a failover, an idle timeout
+    // on the server): the emulator must notice before it lends it or counts it as open.
+    const APP: &str = "em_idle_dies";
+    let emu = start(APP, 2, |c| c).await;
+    let c = client(&emu).await;
+    let v: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 1);
+    settle(&emu).await;
+    assert_eq!(emu.counters().upstream_open, 1, "{:?}", emu.counters());
+    let admin = admin().await;
+    assert_eq!(kill_backends(&admin, APP).await, 1);
+    let gone = eventually(5, || async { backends(&admin, APP).await.is_empty() }).await;
+    assert!(gone, "the backend was terminated");
+    let counted = eventually(5, || async { emu.counters().upstream_open == 0 }).await;
+    assert!(
+        counted,
+        "a dead idle connection is still counted: {:?}",
+        emu.counters()
+    );
+    // The same client's next transaction gets a live connection.
+    let v: i32 = c.query_one("SELECT 2", &[]).await.unwrap().get(0);
+    assert_eq!(v, 2);
 }

@@ -279,7 +279,8 @@ pub struct EmulatorCounters {
     pub clients: u64,
     /// Client connections accepted since start.
     pub clients_total: u64,
-    /// Database connections open now.
+    /// Database connections open now (an idle one the database closed is let go when the
+    /// counters are read or a connection is borrowed).
     pub upstream_open: u64,
     /// Database connections lent to a client now (in a transaction or pinned).
     pub upstream_in_use: u64,
@@ -417,8 +418,11 @@ impl Emulator {
         format!("postgres://{user}@{}/{database}", self.addr)
     }
 
-    /// The counters now.
+    /// The counters now. Idle database connections the database closed are let go first, so
+    /// `upstream_open` counts live ones.
     pub fn counters(&self) -> EmulatorCounters {
+        // Only live connections count as open: idle ones the database closed are let go first.
+        self.shared.pool.prune_idle();
         let c = &self.shared.counters;
         EmulatorCounters {
             clients: c.clients.load(Relaxed),

@@ -46,6 +46,18 @@ pub(crate) struct Upstream {
     pool: Weak<PoolShared>,
 }
 
+impl Upstream {
+    /// True when the database has closed this idle connection (a failover, a terminated
+    /// backend, a server-side timeout) or sent something nobody asked for, as it does with a
+    /// FATAL before it closes: a peek that does not wait sees the end of the stream or bytes.
+    fn died_while_idle(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        !self.rbuf.is_empty() || self.stream.poll_peek(&mut cx, &mut buf).is_ready()
+    }
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         // Every way an upstream connection ends passes here: the count can never leak. Once
@@ -191,8 +203,9 @@ impl UpstreamPool {
         let claimed = {
             let mut st = self.0.state.lock().unwrap();
             let epoch = self.0.epoch.load(Relaxed);
+            // A connection the database closed while it was idle is let go, not lent.
             while let Some(u) = st.idle.pop() {
-                if u.epoch == epoch {
+                if u.epoch == epoch && !u.died_while_idle() {
                     return Ok(self.lent(u));
                 }
             }
@@ -293,6 +306,20 @@ impl UpstreamPool {
     pub(crate) fn discard(&self, u: Upstream) {
         self.0.counters.upstream_in_use.fetch_sub(1, Relaxed);
         drop(u);
+    }
+
+    /// Lets go of the idle connections the database closed, so they are not counted as open.
+    pub(crate) fn prune_idle(&self) {
+        let dead: Vec<Upstream> = {
+            let mut st = self.0.state.lock().unwrap();
+            let (dead, live) = std::mem::take(&mut st.idle)
+                .into_iter()
+                .partition(Upstream::died_while_idle);
+            st.idle = live;
+            dead
+        };
+        // Dropped outside the state's lock: each one's drop takes the registry's.
+        drop(dead);
     }
 
     /// The fault: close every database connection at once.
