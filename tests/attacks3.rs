@@ -182,8 +182,6 @@ mod tls_flaky {
 #[tokio::test]
 async fn atk3_a_statement_sent_under_tls_that_then_failed_is_run_twice() {
     use pinpool::emulator::{Emulator, EmulatorConfig};
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
 
     let admin = admin().await;
     admin
@@ -200,17 +198,7 @@ async fn atk3_a_statement_sent_under_tls_that_then_failed_is_run_twice() {
     )
     .await
     .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = common::trusting(&ca);
     let sockets: Arc<Mutex<Vec<Arc<AtomicU8>>>> = Arc::default();
     let tls = tls_flaky::FlakyTls {
         inner: tokio_postgres_rustls::MakeRustlsConnect::new(config),

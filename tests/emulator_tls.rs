@@ -3,25 +3,10 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use pinpool::emulator::{Emulator, EmulatorConfig};
 
 fn connector(ca_pem: &str) -> tokio_postgres_rustls::MakeRustlsConnect {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+    tokio_postgres_rustls::MakeRustlsConnect::new(common::trusting(ca_pem))
 }
 
 #[tokio::test]

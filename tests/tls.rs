@@ -136,18 +136,7 @@ async fn a_server_declining_tls_under_prefer_is_still_observed() {
     )
     .await
     .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = common::trusting(&ca);
     let pool = Pool::builder(format!(
         "postgres://postgres@localhost:{}/postgres?sslmode=prefer",
         emu.addr().port()

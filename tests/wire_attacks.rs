@@ -153,7 +153,7 @@ async fn a_passed_over_tls_host_leaves_its_wire_on_the_plaintext_session() {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
 
     // Host 1: speaks TLS, logs anyone in, and answers SHOW transaction_read_only with "on".
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
@@ -233,15 +233,7 @@ async fn a_passed_over_tls_host_leaves_its_wire_on_the_plaintext_session() {
         }
     });
 
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = common::trusting(&ca);
     let app = "attack_multihost";
     for hosts in [
         format!("localhost:{relay_port}"),

@@ -258,6 +258,22 @@ pub fn test_pki(names: &[&str]) -> (String, String, String) {
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
+/// A rustls client configuration that trusts only the CA in `ca_pem` (ring provider).
+#[cfg(feature = "tls")]
+pub fn trusting(ca_pem: &str) -> rustls::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// True when `c`'s session is inside a transaction block: `SAVEPOINT` is refused outside one
 /// (SQLSTATE 25P01). Asks the server, whatever pinpool believes.
 pub async fn in_transaction_block(c: &pinpool::PooledClient) -> bool {
