@@ -27,6 +27,15 @@ async fn emulator(app: &str, f: impl FnOnce(EmulatorConfig) -> EmulatorConfig) -
     .unwrap()
 }
 
+/// Stops `emu` (every client socket closes), waits until `c` has seen its connection close,
+/// and starts the emulator again on the same port, as a proxy restart does.
+async fn restarted(emu: Emulator, app: &str, c: &PooledClient) -> Emulator {
+    let addr = emu.addr();
+    drop(emu);
+    until_closed(c).await;
+    emulator(app, |e| e.listen(addr)).await
+}
+
 fn pool_on(emu: &Emulator) -> Pool {
     Pool::builder(emu.url("postgres", "postgres"))
         .max_size(1)
@@ -76,12 +85,9 @@ async fn a_restarted_proxy_is_retried_on_a_fresh_connection() {
         .await
         .unwrap();
     let emu = emulator("rt_restart", |c| c).await;
-    let addr = emu.addr();
     let pool = pool_on(&emu);
     let c = pool.get().await.unwrap();
-    drop(emu); // every client socket closes
-    until_closed(&c).await;
-    let emu = emulator("rt_restart", |c| c.listen(addr)).await;
+    let emu = restarted(emu, "rt_restart", &c).await;
     let n = c
         .execute("INSERT INTO rt_restart_t VALUES (1)", &[])
         .await
@@ -111,12 +117,9 @@ async fn a_transaction_begun_on_a_closed_connection_begins_on_a_fresh_one() {
         .await
         .unwrap();
     let emu = emulator("rt_txn", |c| c).await;
-    let addr = emu.addr();
     let pool = pool_on(&emu);
     let mut c = pool.get().await.unwrap();
-    drop(emu);
-    until_closed(&c).await;
-    let _emu = emulator("rt_txn", |c| c.listen(addr)).await;
+    let _emu = restarted(emu, "rt_txn", &c).await;
     let tx = c
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::Serializable)
@@ -150,12 +153,9 @@ async fn a_transaction_begun_on_a_closed_connection_begins_on_a_fresh_one() {
 #[tokio::test]
 async fn two_calls_at_once_on_a_closed_connection_share_one_fresh_connection() {
     let emu = emulator("rt_join", |c| c).await;
-    let addr = emu.addr();
     let pool = pool_on(&emu);
     let c = pool.get().await.unwrap();
-    drop(emu);
-    until_closed(&c).await;
-    let emu = emulator("rt_join", |c| c.listen(addr)).await;
+    let emu = restarted(emu, "rt_join", &c).await;
     let (a, b) = tokio::join!(
         c.query_one_scalar::<i32, _>("SELECT 1", &[]),
         c.query_one_scalar::<i32, _>("SELECT 2", &[]),
@@ -336,7 +336,6 @@ async fn the_retry_takes_no_idle_connection_a_raw_request_may_still_be_queued_on
 #[tokio::test]
 async fn the_retry_stops_at_the_deadline() {
     let emu = emulator("rt_deadline", |c| c).await;
-    let addr = emu.addr();
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .max_size(1)
         .connect_timeout(Duration::from_secs(30))
@@ -346,10 +345,8 @@ async fn the_retry_stops_at_the_deadline() {
     let deadline = SystemTime::now() + Duration::from_millis(1500);
     let t = Instant::now();
     let c = pool.get_by(deadline).await.unwrap();
-    drop(emu);
-    until_closed(&c).await;
     // The proxy is back but answers nothing: the fresh connection's login never completes.
-    let emu = emulator("rt_deadline", |c| c.listen(addr)).await;
+    let emu = restarted(emu, "rt_deadline", &c).await;
     emu.set_silent(true);
     let err = c
         .query_one_scalar::<i32, _>("SELECT 1", &[])
@@ -390,14 +387,11 @@ async fn the_retry_stops_at_the_deadline() {
 #[tokio::test]
 async fn a_statement_after_another_on_the_same_checkout_is_not_retried() {
     let emu = emulator("rt_second", |c| c).await;
-    let addr = emu.addr();
     let pool = pool_on(&emu);
     let c = pool.get().await.unwrap();
     let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
     assert_eq!(one, 1);
-    drop(emu);
-    until_closed(&c).await;
-    let _emu = emulator("rt_second", |c| c.listen(addr)).await;
+    let _emu = restarted(emu, "rt_second", &c).await;
     closed_error(c.query_one_scalar::<i32, _>("SELECT 1", &[]).await);
     assert_eq!(pool.status().retries, 0);
     drop(c);
@@ -521,7 +515,6 @@ async fn a_statement_prepared_in_an_earlier_checkout_is_not_retried() {
 #[tokio::test]
 async fn a_connection_with_session_state_is_not_swapped_for_one_without() {
     let emu = emulator("rt_session", |c| c).await;
-    let addr = emu.addr();
     // `Keep` puts a possibly pinned connection back with its session state.
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .max_size(1)
@@ -532,9 +525,7 @@ async fn a_connection_with_session_state_is_not_swapped_for_one_without() {
     c.batch_execute("SET work_mem = '7MB'").await.unwrap();
     drop(c);
     let c = pool.get().await.unwrap(); // that session, nothing sent yet
-    drop(emu);
-    until_closed(&c).await;
-    let _emu = emulator("rt_session", |c| c.listen(addr)).await;
+    let _emu = restarted(emu, "rt_session", &c).await;
     // On a fresh connection this would answer the default, as if the SET had never run.
     closed_error(c.query_one_scalar::<String, _>("SHOW work_mem", &[]).await);
     assert_eq!(pool.status().retries, 0);
