@@ -6,21 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin, backends, database_url, eventually, kill_backends};
+use common::{admin, backends, database_url, emulator as start, eventually, kill_backends};
 use pinpool::emulator::{Emulator, EmulatorConfig};
 use pinpool::pinning::{PinRules, Reason};
 use tokio_postgres::error::SqlState;
-
-async fn start(
-    app: &str,
-    max: usize,
-    f: impl FnOnce(EmulatorConfig) -> EmulatorConfig,
-) -> Emulator {
-    let config = EmulatorConfig::new(database_url())
-        .max_connections(max)
-        .application_name(app);
-    Emulator::start(f(config)).await.expect("emulator starts")
-}
 
 async fn client(emu: &Emulator) -> tokio_postgres::Client {
     let (c, conn) =

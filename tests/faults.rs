@@ -6,17 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{admin, assert_quiet, database_url};
-use pinpool::emulator::{Emulator, EmulatorConfig};
+use common::{admin, assert_quiet, emulator};
 use pinpool::{Error, Phase, Pool};
-
-async fn emulator(app: &str, f: impl FnOnce(EmulatorConfig) -> EmulatorConfig) -> Emulator {
-    Emulator::start(f(EmulatorConfig::new(database_url())
-        .max_connections(2)
-        .application_name(app)))
-    .await
-    .unwrap()
-}
 
 async fn select_one(pool: &Pool) -> Result<i32, Error> {
     pool.get().await?.query_one_scalar("SELECT 1", &[]).await
@@ -24,7 +15,7 @@ async fn select_one(pool: &Pool) -> Result<i32, Error> {
 
 #[tokio::test]
 async fn fault_emulator_killed_and_restarted() {
-    let emu = emulator("f_restart", |c| c).await;
+    let emu = emulator("f_restart", 2, |c| c).await;
     let addr = emu.addr();
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .build()
@@ -33,14 +24,7 @@ async fn fault_emulator_killed_and_restarted() {
     drop(emu); // every client socket closes
     let down = select_one(&pool).await;
     assert!(down.is_err(), "nothing listens");
-    let emu = Emulator::start(
-        EmulatorConfig::new(database_url())
-            .listen(addr)
-            .max_connections(2)
-            .application_name("f_restart"),
-    )
-    .await
-    .unwrap();
+    let emu = emulator("f_restart", 2, |c| c.listen(addr)).await;
     let back = pool
         .invocation(
             SystemTime::now() + Duration::from_secs(5),
@@ -58,7 +42,7 @@ async fn fault_emulator_killed_and_restarted() {
 
 #[tokio::test]
 async fn fault_silent_proxy_at_connect() {
-    let emu = emulator("f_silent_connect", |c| c).await;
+    let emu = emulator("f_silent_connect", 2, |c| c).await;
     emu.set_silent(true);
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .connect_timeout(Duration::from_millis(400))
@@ -89,7 +73,7 @@ async fn fault_silent_proxy_at_connect() {
 
 #[tokio::test]
 async fn fault_silent_proxy_mid_statement() {
-    let emu = emulator("f_silent_query", |c| c).await;
+    let emu = emulator("f_silent_query", 2, |c| c).await;
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .query_timeout(Some(Duration::from_millis(400)))
         .build()
@@ -118,7 +102,7 @@ async fn fault_silent_proxy_mid_statement() {
 
 #[tokio::test]
 async fn fault_proxy_borrow_timeout_is_a_typed_error() {
-    let emu = emulator("f_borrow", |c| {
+    let emu = emulator("f_borrow", 2, |c| {
         c.max_connections(1)
             .borrow_timeout(Duration::from_millis(300))
     })
@@ -174,7 +158,7 @@ async fn fault_handler_panics_while_holding_a_connection() {
 
 #[tokio::test]
 async fn fault_proxy_drops_every_database_connection_under_load() {
-    let emu = emulator("f_dropall", |c| c).await;
+    let emu = emulator("f_dropall", 2, |c| c).await;
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .max_size(4)
         .query_timeout(Some(Duration::from_secs(2)))

@@ -152,20 +152,12 @@ async fn the_pool_closes_connections_found_stale_after_a_freeze() {
 #[cfg(feature = "emulator")]
 mod through_the_emulator {
     use super::*;
-    use pinpool::emulator::{Emulator, EmulatorConfig};
+    use common::emulator;
     use pinpool::{PinPolicy, PooledClient};
-
-    async fn emulator(app: &str, f: impl FnOnce(EmulatorConfig) -> EmulatorConfig) -> Emulator {
-        Emulator::start(f(EmulatorConfig::new(common::database_url())
-            .max_connections(4)
-            .application_name(app)))
-        .await
-        .unwrap()
-    }
 
     #[tokio::test]
     async fn pinned_connections_are_kept_for_the_invocation_and_closed_at_its_end() {
-        let emu = emulator("inv_keep", |c| c).await;
+        let emu = emulator("inv_keep", 4, |c| c).await;
         let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
             .pin_policy(PinPolicy::KeepForInvocation)
             .build()
@@ -214,7 +206,7 @@ mod through_the_emulator {
 
     #[tokio::test]
     async fn a_connection_the_proxy_closed_for_idleness_is_replaced() {
-        let emu = emulator("inv_idle", |c| {
+        let emu = emulator("inv_idle", 4, |c| {
             c.idle_client_timeout(Duration::from_millis(300))
         })
         .await;
@@ -231,7 +223,7 @@ mod through_the_emulator {
 
     #[tokio::test]
     async fn a_silent_half_open_connection_fails_before_the_deadline() {
-        let emu = emulator("inv_silent", |c| c).await;
+        let emu = emulator("inv_silent", 4, |c| c).await;
         let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
             .validate_idle_after(Some(Duration::from_millis(50)))
             .build()
@@ -263,7 +255,7 @@ mod through_the_emulator {
         // The incident's second suspect: frozen longer than the NAT's idle timeout, the
         // socket is open and dead. The check must leave time to connect afresh, even with a
         // validate_timeout longer than the invocation.
-        let emu = emulator("inv_nat", |c| {
+        let emu = emulator("inv_nat", 4, |c| {
             c.nat_idle_timeout(Some(Duration::from_millis(300)))
         })
         .await;
@@ -291,7 +283,7 @@ mod through_the_emulator {
     async fn one_dead_idle_connection_does_not_cost_the_healthy_ones_their_check() {
         // Connection A idles past the NAT's timeout, B does not: the checks at the start of
         // the invocation run side by side, so A's silence costs B nothing.
-        let emu = emulator("inv_one_dead", |c| {
+        let emu = emulator("inv_one_dead", 4, |c| {
             c.nat_idle_timeout(Some(Duration::from_millis(1200)))
         })
         .await;
@@ -342,7 +334,7 @@ mod through_the_emulator {
 
     #[tokio::test]
     async fn an_invocation_dropped_during_the_freeze_check_closes_what_it_was_checking() {
-        let emu = emulator("inv_drop_check", |c| c).await;
+        let emu = emulator("inv_drop_check", 4, |c| c).await;
         let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
             .validate_idle_after(Some(Duration::from_millis(50)))
             .validate_timeout(Duration::from_secs(10))

@@ -14,18 +14,10 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{admin, assert_quiet, cutting_relay, database_url, eventually, relayed, until_closed};
+use common::{admin, assert_quiet, cutting_relay, emulator, eventually, relayed, until_closed};
 use futures_util::{SinkExt, StreamExt};
-use pinpool::emulator::{Emulator, EmulatorConfig};
+use pinpool::emulator::Emulator;
 use pinpool::{CloseReason, Error, Phase, PinPolicy, Pool, PooledClient, TimeoutCause};
-
-async fn emulator(app: &str, f: impl FnOnce(EmulatorConfig) -> EmulatorConfig) -> Emulator {
-    Emulator::start(f(EmulatorConfig::new(database_url())
-        .max_connections(2)
-        .application_name(app)))
-    .await
-    .unwrap()
-}
 
 /// Stops `emu` (every client socket closes), waits until `c` has seen its connection close,
 /// and starts the emulator again on the same port, as a proxy restart does.
@@ -33,7 +25,7 @@ async fn restarted(emu: Emulator, app: &str, c: &PooledClient) -> Emulator {
     let addr = emu.addr();
     drop(emu);
     until_closed(c).await;
-    emulator(app, |e| e.listen(addr)).await
+    emulator(app, 2, |e| e.listen(addr)).await
 }
 
 fn pool_on(emu: &Emulator) -> Pool {
@@ -55,7 +47,7 @@ fn closed_error(r: Result<impl std::fmt::Debug, Error>) -> Error {
 fn a_connection_the_proxy_closed_for_idleness_is_retried_on_a_fresh_one() {
     let recorder = common::TestRecorder::default();
     common::run_recorded(&recorder, async {
-        let emu = emulator("rt_idle", |c| {
+        let emu = emulator("rt_idle", 2, |c| {
             c.idle_client_timeout(Duration::from_millis(300))
         })
         .await;
@@ -84,7 +76,7 @@ async fn a_restarted_proxy_is_retried_on_a_fresh_connection() {
         .batch_execute("DROP TABLE IF EXISTS rt_restart_t; CREATE TABLE rt_restart_t (id int)")
         .await
         .unwrap();
-    let emu = emulator("rt_restart", |c| c).await;
+    let emu = emulator("rt_restart", 2, |c| c).await;
     let pool = pool_on(&emu);
     let c = pool.get().await.unwrap();
     let emu = restarted(emu, "rt_restart", &c).await;
@@ -116,7 +108,7 @@ async fn a_transaction_begun_on_a_closed_connection_begins_on_a_fresh_one() {
         .batch_execute("DROP TABLE IF EXISTS rt_txn_t; CREATE TABLE rt_txn_t (id int)")
         .await
         .unwrap();
-    let emu = emulator("rt_txn", |c| c).await;
+    let emu = emulator("rt_txn", 2, |c| c).await;
     let pool = pool_on(&emu);
     let mut c = pool.get().await.unwrap();
     let _emu = restarted(emu, "rt_txn", &c).await;
@@ -152,7 +144,7 @@ async fn a_transaction_begun_on_a_closed_connection_begins_on_a_fresh_one() {
 
 #[tokio::test]
 async fn two_calls_at_once_on_a_closed_connection_share_one_fresh_connection() {
-    let emu = emulator("rt_join", |c| c).await;
+    let emu = emulator("rt_join", 2, |c| c).await;
     let pool = pool_on(&emu);
     let c = pool.get().await.unwrap();
     let emu = restarted(emu, "rt_join", &c).await;
@@ -335,7 +327,7 @@ async fn the_retry_takes_no_idle_connection_a_raw_request_may_still_be_queued_on
 
 #[tokio::test]
 async fn the_retry_stops_at_the_deadline() {
-    let emu = emulator("rt_deadline", |c| c).await;
+    let emu = emulator("rt_deadline", 2, |c| c).await;
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .max_size(1)
         .connect_timeout(Duration::from_secs(30))
@@ -386,7 +378,7 @@ async fn the_retry_stops_at_the_deadline() {
 
 #[tokio::test]
 async fn a_statement_after_another_on_the_same_checkout_is_not_retried() {
-    let emu = emulator("rt_second", |c| c).await;
+    let emu = emulator("rt_second", 2, |c| c).await;
     let pool = pool_on(&emu);
     let c = pool.get().await.unwrap();
     let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
@@ -514,7 +506,7 @@ async fn a_statement_prepared_in_an_earlier_checkout_is_not_retried() {
 
 #[tokio::test]
 async fn a_connection_with_session_state_is_not_swapped_for_one_without() {
-    let emu = emulator("rt_session", |c| c).await;
+    let emu = emulator("rt_session", 2, |c| c).await;
     // `Keep` puts a possibly pinned connection back with its session state.
     let pool = Pool::builder(emu.url("postgres", "postgres"))
         .max_size(1)

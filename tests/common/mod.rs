@@ -242,6 +242,23 @@ impl Recorder for TestRecorder {
     }
 }
 
+/// The RDS Proxy emulator in front of the test database, with `max` database connections,
+/// logging in upstream as `app` (so a test sees and kills only its own backends); `f` sets
+/// anything else.
+#[cfg(feature = "emulator")]
+pub async fn emulator(
+    app: &str,
+    max: usize,
+    f: impl FnOnce(pinpool::emulator::EmulatorConfig) -> pinpool::emulator::EmulatorConfig,
+) -> pinpool::emulator::Emulator {
+    let config = pinpool::emulator::EmulatorConfig::new(database_url())
+        .max_connections(max)
+        .application_name(app);
+    pinpool::emulator::Emulator::start(f(config))
+        .await
+        .expect("emulator starts")
+}
+
 /// A CA and a server certificate for `names`, as PEM: (ca, cert, key).
 #[cfg(feature = "tls")]
 pub fn test_pki(names: &[&str]) -> (String, String, String) {
