@@ -21,16 +21,7 @@ async fn backend_state(app: &str) -> Vec<String> {
     let admin = admin().await;
     let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
-        let states: Vec<String> = admin
-            .query(
-                "SELECT state FROM pg_stat_activity WHERE application_name = $1",
-                &[&app],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
-            .collect();
+        let states = common::backend_states(&admin, app).await;
         if std::time::Instant::now() > end
             || !states.iter().any(|s| s.starts_with("idle in transaction"))
         {

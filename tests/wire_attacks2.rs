@@ -22,17 +22,7 @@ async fn fresh_table(name: &str) {
 
 /// The server's own word on the sessions tagged `app` (pg_stat_activity.state).
 async fn backend_states(app: &str) -> Vec<String> {
-    admin()
-        .await
-        .query(
-            "SELECT state FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
-        .collect()
+    common::backend_states(&admin().await, app).await
 }
 
 /// Classifies `sql` on another thread; `None` when it has not finished within `limit`.

@@ -47,6 +47,20 @@ pub async fn backends(admin: &tokio_postgres::Client, app: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The server's own word on the sessions tagged `app`: each one's `pg_stat_activity.state`.
+pub async fn backend_states(admin: &tokio_postgres::Client, app: &str) -> Vec<String> {
+    admin
+        .query(
+            "SELECT state FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+        .collect()
+}
+
 /// Terminates the backends tagged `app` (only this test's own connections).
 pub async fn kill_backends(admin: &tokio_postgres::Client, app: &str) -> u64 {
     admin
