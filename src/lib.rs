@@ -25,13 +25,13 @@ pub mod metrics;
 pub mod pinning;
 mod plain;
 mod pool;
+mod slots;
 mod statement;
 mod status;
 mod stream;
 mod sync;
 #[cfg(feature = "tls")]
 mod tls;
-mod waits;
 mod wire;
 
 pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};

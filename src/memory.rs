@@ -360,5 +360,136 @@ mod tests {
         assert_at_rest(&pool);
     }
 
+    #[tokio::test]
+    async fn a_returned_connection_goes_to_the_waiter_not_to_a_later_caller() {
+        let (pool, _) = pool(builder().max_size(1));
+        let held = pool.get().await.unwrap();
+        let mut waiter = std::pin::pin!(pool.get());
+        assert!(poll_once(waiter.as_mut()).await.is_pending());
+        drop(held);
+        // Handed over at the return, still in use: a caller coming now waits behind it.
+        assert_eq!(pool.status().in_use, 1);
+        let mut later = std::pin::pin!(pool.get());
+        assert!(poll_once(later.as_mut()).await.is_pending());
+        let Poll::Ready(got) = poll_once(waiter.as_mut()).await else {
+            panic!("the waiter was handed the connection");
+        };
+        drop(got.unwrap());
+        let Poll::Ready(got) = poll_once(later.as_mut()).await else {
+            panic!("then the later caller");
+        };
+        drop(got.unwrap());
+        assert_eq!(pool.status().opened, 1);
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_after_it_was_handed_a_connection_passes_it_on() {
+        let (pool, _) = pool(builder().max_size(1));
+        let held = pool.get().await.unwrap();
+        let mut first = Box::pin(pool.get());
+        let mut second = std::pin::pin!(pool.get());
+        assert!(poll_once(first.as_mut()).await.is_pending());
+        assert!(poll_once(second.as_mut()).await.is_pending());
+        drop(held);
+        drop(first);
+        let Poll::Ready(got) = poll_once(second.as_mut()).await else {
+            panic!("the second waiter has it");
+        };
+        drop(got.unwrap());
+        assert_at_rest(&pool);
+        // Handed over and dropped with nobody behind: it is idle.
+        let held = pool.get().await.unwrap();
+        let mut only = Box::pin(pool.get());
+        assert!(poll_once(only.as_mut()).await.is_pending());
+        drop(held);
+        drop(only);
+        assert_at_rest(&pool);
+        assert_eq!((pool.status().idle, pool.status().opened), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn close_ends_the_waits() {
+        let (pool, _) = pool(builder().max_size(1));
+        let held = pool.get().await.unwrap();
+        let mut waiter = std::pin::pin!(pool.get());
+        assert!(poll_once(waiter.as_mut()).await.is_pending());
+        pool.close();
+        let Poll::Ready(got) = poll_once(waiter.as_mut()).await else {
+            panic!("close ended the wait");
+        };
+        assert!(matches!(got, Err(Error::Closed)), "{got:?}");
+        drop(held);
+        let s = pool.status();
+        assert_eq!((s.size, s.idle, s.in_use, s.waiters), (0, 0, 0, 0), "{s:?}");
+    }
+
+    /// Waiters polled by hand, dropped and served in random order: the counts stay right, and
+    /// nobody is left waiting while a slot is free (no handoff is lost).
+    #[tokio::test]
+    async fn random_waiters_and_returns_lose_no_slot() {
+        let seed = std::env::var("PINPOOL_MEMORY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(11);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let max = 3;
+        let (pool, _) = pool(builder().max_size(max));
+        type Get<'a> =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<PooledClient, Error>> + 'a>>;
+        let mut waiting: Vec<Get<'_>> = Vec::new();
+        let mut held: Vec<PooledClient> = Vec::new();
+        for step in 0..3_000 {
+            // Several at a time, so a waiter can be handed a connection and dropped before it
+            // polls again.
+            for _ in 0..rng.random_range(1..4) {
+                match rng.random_range(0..5) {
+                    0 | 1 => waiting.push(Box::pin(pool.get())),
+                    2 if !held.is_empty() => {
+                        drop(held.swap_remove(rng.random_range(0..held.len())));
+                    }
+                    3 if !waiting.is_empty() => {
+                        drop(waiting.swap_remove(rng.random_range(0..waiting.len())));
+                    }
+                    _ => {}
+                }
+            }
+            // Everyone polls, in order, until each one still pending waits for a slot (a
+            // connect takes the in-memory server a few turns).
+            for _ in 0..100 {
+                let mut still = Vec::new();
+                for mut w in waiting.drain(..) {
+                    match poll_once(w.as_mut()).await {
+                        Poll::Ready(got) => held.push(got.unwrap()),
+                        Poll::Pending => still.push(w),
+                    }
+                }
+                waiting = still;
+                if pool.status().waiters == waiting.len() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let s = pool.status();
+            let at = format!("seed {seed}, step {step}: {s:?}");
+            assert!(s.idle + s.in_use <= s.size && s.size <= max, "{at}");
+            assert_eq!(s.in_use, held.len(), "{at}");
+            assert_eq!(s.waiters, waiting.len(), "{at}");
+            if !waiting.is_empty() {
+                assert_eq!(held.len(), max, "a waiter waits while a slot is free: {at}");
+            }
+        }
+        waiting.clear();
+        held.clear();
+        assert_at_rest(&pool);
+    }
+
+    /// Polls once.
+    async fn poll_once<F: std::future::Future + ?Sized>(
+        mut f: std::pin::Pin<&mut F>,
+    ) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
+    }
+
     use std::task::Poll;
 }

@@ -1,8 +1,9 @@
-//! The pool: a fair (FIFO) semaphore of `max_size` slots and a stack of idle connections.
+//! The pool: `max_size` slots, a stack of idle connections and a FIFO queue of waiters, all
+//! under one lock (`slots.rs`).
 //!
 //! Invariants:
-//! - every checked-out connection and every connection being opened holds one semaphore
-//!   permit; idle connections hold none;
+//! - every checked-out connection and every connection being opened holds one slot; idle
+//!   connections hold none;
 //! - `size` counts connections open or being opened, so `size <= max_size`;
 //! - a connection returns to the idle set only with a known, clean protocol state, as its
 //!   protocol stream shows it (`Health::verdict`): at rest and idle, or with nothing ahead of
@@ -12,14 +13,13 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::Location;
+use std::sync::Arc;
 use std::sync::atomic::{
     AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
-use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::client::PooledClient;
@@ -31,8 +31,8 @@ use crate::error::{Error, Phase};
 use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
 use crate::pinning::Reasons;
+use crate::slots::{Locked, Permit, Slots, Waited};
 use crate::status::{CloseReason, Counters, Gauges, Status};
-use crate::waits::{Waits, acquire_until};
 
 /// An async pool of PostgreSQL connections for Lambda handlers behind RDS Proxy. Cloning it
 /// is cheap and shares the pool.
@@ -45,43 +45,12 @@ pub(crate) struct PoolInner {
     pub(crate) settings: Settings,
     connector: Arc<dyn Connect>,
     password: Option<SharedPasswordProvider>,
-    slots: Semaphore,
-    /// The bounds of callers waiting for a slot, watched by one timer.
-    waits: Arc<Waits>,
-    idle: Mutex<VecDeque<Conn>>,
+    /// The slots, the idle set and the waiters, under one lock; also the in-use count.
+    slots: Arc<Slots>,
     size: AtomicUsize,
-    /// The idle set's length, readable without the lock (for gauges).
-    idle_count: AtomicUsize,
-    in_use: AtomicUsize,
     closed: AtomicBool,
     next_id: AtomicU64,
     pub(crate) counters: Counters,
-}
-
-/// The locked idle set. Every change goes through it, so `idle_count` is always its length
-/// once the lock is released.
-struct IdleGuard<'a> {
-    deque: MutexGuard<'a, VecDeque<Conn>>,
-    count: &'a AtomicUsize,
-}
-
-impl std::ops::Deref for IdleGuard<'_> {
-    type Target = VecDeque<Conn>;
-    fn deref(&self) -> &VecDeque<Conn> {
-        &self.deque
-    }
-}
-
-impl std::ops::DerefMut for IdleGuard<'_> {
-    fn deref_mut(&mut self) -> &mut VecDeque<Conn> {
-        &mut self.deque
-    }
-}
-
-impl Drop for IdleGuard<'_> {
-    fn drop(&mut self) {
-        self.count.store(self.deque.len(), Relaxed);
-    }
 }
 
 /// Undoes a count on drop unless disarmed: keeps `size` right when a `get()`
@@ -124,15 +93,11 @@ impl Pool {
     ) -> Pool {
         Pool {
             inner: Arc::new(PoolInner {
-                slots: Semaphore::new(settings.max_size),
-                waits: Arc::default(),
+                slots: Slots::new(settings.max_size),
                 settings,
                 connector,
                 password,
-                idle: Mutex::new(VecDeque::new()),
                 size: AtomicUsize::new(0),
-                idle_count: AtomicUsize::new(0),
-                in_use: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 counters: Counters::default(),
@@ -258,54 +223,35 @@ impl Pool {
         }
         // A pinned connection this invocation kept already holds its slot.
         if let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
-            let in_use = inner.in_use.fetch_add(1, Release) + 1;
-            metrics::gauges(in_use, inner.idle_count.load(Relaxed));
+            let in_use = inner.slots.in_use.fetch_add(1, Release) + 1;
+            metrics::gauges(in_use, inner.slots.idle_count());
             return Ok(PooledClient::new(conn, self.inner.clone(), cut, inv));
         }
-        // The fast path waits for nothing: a free slot is taken at once and waited 0 ms (the
-        // idle connection it finds has its age checked with one clock read).
-        let (permit, waited) = match inner.slots.try_acquire() {
-            Ok(p) => (p, Duration::ZERO),
-            Err(TryAcquireError::Closed) => return Err(Error::Closed),
-            Err(TryAcquireError::NoPermits) => {
+        // The fast path waits for nothing: a free slot and the idle connection it finds (its
+        // age checked with one clock read) under one lock, waited 0 ms.
+        let (conn, in_use, waited) = match inner.try_checkout()? {
+            Take::Idle(conn, in_use) => (conn, in_use, Duration::ZERO),
+            Take::Open(permit) => {
+                let (conn, in_use) = inner.fill(permit, cut, false).await?;
+                (conn, in_use, Duration::ZERO)
+            }
+            Take::Wait => {
                 let start = Instant::now();
                 let bound = Bound::starting(start, Some(inner.settings.acquire_timeout), cut);
-                let acquired = match bound {
-                    Some(b) => acquire_until(&inner.waits, &inner.slots, b.at)
-                        .await
-                        .map_err(|()| b.timed_out(Phase::Acquire))?,
-                    None => inner.slots.acquire().await,
+                let (conn, in_use) = match inner.slots.wait(bound).await {
+                    // Handed over as it came back (its lifetime checked then), still counted
+                    // in use.
+                    Waited::Conn(conn) => (conn, inner.slots.in_use.load(Relaxed)),
+                    Waited::Slot(permit) => inner.fill(permit, cut, true).await?,
+                    Waited::TimedOut(b) => return Err(b.timed_out(Phase::Acquire)),
+                    Waited::Closed => return Err(Error::Closed),
                 };
-                // The semaphore is closed only with the pool.
-                (acquired.map_err(|_| Error::Closed)?, start.elapsed())
+                (conn, in_use, start.elapsed())
             }
         };
-        // After a wait, every connection was in use a moment ago: the one waiting in the idle
-        // set was just returned (its lifetime checked then), so its age needs no clock read.
-        let (conn, in_use) = match inner.pop_usable(waited.is_zero()) {
-            Some(popped) => popped,
-            None => {
-                // Boxed: opening is rare, and its state would make every `get()` future large.
-                let conn = Box::pin(inner.connect(cut)).await?;
-                (conn, inner.in_use.fetch_add(1, Release) + 1)
-            }
-        };
-        Ok(self.hand_out(conn, permit, cut, waited, in_use, inv))
-    }
-
-    fn hand_out(
-        &self,
-        conn: Conn,
-        permit: SemaphorePermit<'_>,
-        cut: Option<Instant>,
-        waited: Duration,
-        in_use: usize,
-        inv: Option<Invocation>,
-    ) -> PooledClient {
-        // From here the PooledClient owns the slot; its drop adds the permit back.
-        permit.forget();
-        metrics::checked_out(waited, in_use, self.inner.idle_count.load(Relaxed));
-        PooledClient::new(conn, self.inner.clone(), cut, inv)
+        // From here the PooledClient owns the slot; its return frees it.
+        metrics::checked_out(waited, in_use, inner.slots.idle_count());
+        Ok(PooledClient::new(conn, self.inner.clone(), cut, inv))
     }
 
     /// Opens connections until `min_idle` are idle (never more than `max_size` in all).
@@ -351,17 +297,17 @@ impl Pool {
         // One consistent picture: connections move between idle and in use under the idle
         // set's lock; `size` grows before a new connection counts as in use and shrinks after
         // a closed one stopped counting. So `idle + in_use <= size` always holds here.
-        let (idle, in_use, size) = {
+        let (idle, in_use, size, waiters) = {
             let idle = inner.idle();
-            let in_use = inner.in_use.load(Acquire);
-            (idle.len(), in_use, inner.size.load(Acquire))
+            let in_use = inner.slots.in_use.load(Acquire);
+            (idle.len(), in_use, inner.size.load(Acquire), idle.waiters())
         };
         inner.counters.status(Gauges {
             max_size: inner.settings.max_size,
             size,
             idle,
             in_use,
-            waiters: inner.waits.len(),
+            waiters,
         })
     }
 
@@ -370,8 +316,7 @@ impl Pool {
     pub fn close(&self) {
         let inner = &*self.inner;
         inner.closed.store(true, Relaxed);
-        inner.slots.close();
-        let drained: Vec<Conn> = inner.idle().drain(..).collect();
+        let drained = inner.slots.close();
         inner.discard_all(drained, CloseReason::PoolClosed);
     }
 
@@ -402,13 +347,77 @@ impl fmt::Debug for Pool {
     }
 }
 
+/// What a checkout finds at once.
+enum Take<'a> {
+    /// A slot and an idle connection, with the new in-use count.
+    Idle(Conn, usize),
+    /// A slot and no idle connection: one is opened in it.
+    Open(Permit<'a>),
+    /// No free slot.
+    Wait,
+}
+
 impl PoolInner {
-    /// The idle set, locked; `idle_count` follows it when the guard drops.
-    fn idle(&self) -> IdleGuard<'_> {
-        IdleGuard {
-            deque: crate::sync::lock(&self.idle),
-            count: &self.idle_count,
+    /// The idle set and the slots, locked.
+    fn idle(&self) -> Locked<'_> {
+        self.slots.lock()
+    }
+
+    /// Under one lock, a free slot and the most recently used idle connection (counted in use
+    /// there). Its age is checked after the lock is released, with one clock read, and only
+    /// when there was one to take; a stale one is closed and the next is taken.
+    fn try_checkout(&self) -> Result<Take<'_>, Error> {
+        let mut idle = self.idle();
+        if idle.is_closed() {
+            return Err(Error::Closed);
         }
+        let Some(permit) = idle.take_free() else {
+            return Ok(Take::Wait);
+        };
+        let mut now = None;
+        loop {
+            let Some(conn) = idle.pop_back() else {
+                drop(idle);
+                return Ok(Take::Open(permit));
+            };
+            let in_use = self.slots.in_use.fetch_add(1, Release) + 1;
+            drop(idle);
+            match conn.stale(
+                &self.settings,
+                Some(*now.get_or_insert_with(SystemTime::now)),
+            ) {
+                None => {
+                    // The checkout holds the slot from here.
+                    permit.forget();
+                    return Ok(Take::Idle(conn, in_use));
+                }
+                Some(reason) => {
+                    self.slots.in_use.fetch_sub(1, Release);
+                    self.discard(conn, reason);
+                    idle = self.idle();
+                }
+            }
+        }
+    }
+
+    /// A connection for a checkout that holds `permit`: an idle one (if `look` says one may
+    /// be there), else a new one. Dropped or failed, the slot is freed.
+    async fn fill(
+        &self,
+        permit: Permit<'_>,
+        cut: Option<Instant>,
+        look: bool,
+    ) -> Result<(Conn, usize), Error> {
+        let filled = match look.then(|| self.pop_usable(true)).flatten() {
+            Some(popped) => popped,
+            None => {
+                // Boxed: opening is rare, and its state would make every `get()` future large.
+                let conn = Box::pin(self.connect(cut)).await?;
+                (conn, self.slots.in_use.fetch_add(1, Release) + 1)
+            }
+        };
+        permit.forget();
+        Ok(filled)
     }
 
     /// The most recently used idle connection that is still usable; stale ones are closed.
@@ -416,7 +425,11 @@ impl PoolInner {
     /// the new in-use count.
     fn pop_usable(&self, check_age: bool) -> Option<(Conn, usize)> {
         let now = check_age.then(SystemTime::now);
-        self.take_usable(now, |_| true, |_| self.in_use.fetch_add(1, Release) + 1)
+        self.take_usable(
+            now,
+            |_| true,
+            |_| self.slots.in_use.fetch_add(1, Release) + 1,
+        )
     }
 
     /// The most recently used idle connection that `pick` accepts and that is still usable
@@ -528,7 +541,7 @@ impl PoolInner {
         );
         let conn = match idle {
             Some((conn, idle)) => {
-                metrics::gauges(self.in_use.load(Relaxed), idle);
+                metrics::gauges(self.slots.in_use.load(Relaxed), idle);
                 conn
             }
             None => self.open(cut).await?,
@@ -589,7 +602,7 @@ impl PoolInner {
             (Fate::KeepForInvocation, Some(inv)) => match inv.stash(conn) {
                 None => {
                     // Kept for the invocation, with its slot.
-                    let in_use = self.in_use.fetch_sub(1, Release) - 1;
+                    let in_use = self.slots.in_use.fetch_sub(1, Release) - 1;
                     metrics::gauges(in_use, self.idle().len());
                     return;
                 }
@@ -603,57 +616,54 @@ impl PoolInner {
             (Fate::Close(reason), _) => Some(reason),
             (Fate::Idle, _) => None,
         };
-        // It leaves the in-use count under the idle set's lock, before it is closed or joins
-        // the idle set, so `status()` never counts it twice.
-        let (idle, in_use) = match verdict {
-            Some(reason) => {
-                let in_use = {
-                    let _idle = self.idle();
-                    self.in_use.fetch_sub(1, Release) - 1
-                };
-                self.discard(conn, reason);
-                (self.idle_count.load(Relaxed), in_use)
-            }
+        // A clean one goes to the first waiter, or joins the idle set, in one step.
+        let returned = match verdict {
             None => {
                 conn.last_used = now;
-                let mut idle = self.idle();
-                let in_use = self.in_use.fetch_sub(1, Release) - 1;
-                idle.push_back(conn);
-                (idle.len(), in_use)
+                self.slots
+                    .give_back(conn)
+                    .map_err(|conn| (conn, CloseReason::PoolClosed))
             }
+            Some(reason) => Err((conn, reason)),
         };
-        // Only after the connection is idle, so the next waiter finds it.
-        self.slots.add_permits(1);
+        let (in_use, idle) = returned.unwrap_or_else(|(conn, reason)| {
+            // It leaves the in-use count under the idle set's lock, before it is closed, so
+            // `status()` never counts it twice; its slot is freed once it is closed and
+            // uncounted, so a waiter that opens a connection in it stays within `max_size`.
+            let in_use = {
+                let _idle = self.idle();
+                self.slots.in_use.fetch_sub(1, Release) - 1
+            };
+            self.discard(conn, reason);
+            self.slots.release();
+            (in_use, self.slots.idle_count())
+        });
         metrics::gauges(in_use, idle);
     }
 
     /// Closes a connection that held a slot outside the idle set (kept for an invocation).
     pub(crate) fn release_slot_of(&self, conn: Conn, reason: CloseReason) {
         self.discard(conn, reason);
-        self.slots.add_permits(1);
+        self.slots.release();
     }
 
     /// Takes the idle connections `pick` selects out of the idle set, each with a slot, so
     /// they can be checked without other callers opening more connections meanwhile.
-    pub(crate) fn take_idle(
-        &self,
-        pick: impl Fn(&Conn) -> bool,
-    ) -> Vec<(Conn, SemaphorePermit<'_>)> {
+    pub(crate) fn take_idle(&self, pick: impl Fn(&Conn) -> bool) -> Vec<(Conn, Permit<'_>)> {
         let mut taken = Vec::new();
         let mut idle = self.idle();
-        let mut i = 0;
-        while i < idle.len() {
-            if pick(&idle[i]) {
-                let Ok(permit) = self.slots.try_acquire() else {
-                    break;
-                };
-                if let Some(conn) = idle.remove(i) {
-                    taken.push((conn, permit));
-                }
+        let mut left = VecDeque::with_capacity(idle.len());
+        // In order; once no slot is free, the rest stay.
+        while let Some(conn) = idle.pop_front() {
+            if pick(&conn)
+                && let Some(permit) = idle.take_free()
+            {
+                taken.push((conn, permit));
             } else {
-                i += 1;
+                left.push_back(conn);
             }
         }
+        *idle = left;
         taken
     }
 
@@ -661,7 +671,7 @@ impl PoolInner {
     /// back to the idle set, the others are closed as `reason`.
     pub(crate) async fn check_all(
         &self,
-        conns: Vec<(Conn, SemaphorePermit<'_>)>,
+        conns: Vec<(Conn, Permit<'_>)>,
         bound: Option<Bound>,
         reason: CloseReason,
     ) {
@@ -669,7 +679,7 @@ impl PoolInner {
         // and counted, the one being checked too: its round trip's state is unknown.
         struct Unchecked<'a> {
             pool: &'a PoolInner,
-            conns: VecDeque<(Conn, SemaphorePermit<'a>)>,
+            conns: VecDeque<(Conn, Permit<'a>)>,
             reason: CloseReason,
         }
         impl Drop for Unchecked<'_> {
@@ -743,9 +753,16 @@ impl PoolInner {
     /// its count and frees its slot.
     pub(crate) async fn fill_to_min_idle(&self, cut: Option<Instant>) -> Result<usize, Error> {
         let mut opened = 0;
-        while self.idle().len() < self.settings.min_idle {
-            let Ok(permit) = self.slots.try_acquire() else {
-                break;
+        loop {
+            let permit = {
+                let mut idle = self.idle();
+                if idle.len() >= self.settings.min_idle {
+                    break;
+                }
+                let Some(permit) = idle.take_free() else {
+                    break;
+                };
+                permit
             };
             let conn = self.connect(cut).await?;
             self.idle().push_back(conn);

@@ -1,0 +1,659 @@
+//! The pool's capacity under one lock: the free slots, the idle connections, and the callers
+//! waiting for a slot, each with its bound.
+//!
+//! A slot is the right to hold a connection outside the idle set; `max_size` exist. Every
+//! checked-out connection, every connection being opened or checked, and every pinned
+//! connection kept for an invocation holds one. A returned connection goes straight to the
+//! first waiter with its slot (a direct handoff: it stays counted in use, and the waiter takes
+//! it from its grant without looking in the idle set); only when nobody waits does it join the
+//! idle set and its slot become free. A slot freed without a connection (one was closed) goes
+//! to the first waiter the same way. Nobody overtakes a waiter: a slot is free only while
+//! nobody waits.
+//!
+//! Every wait is bounded (by `acquire_timeout` and the deadline), without a timer per wait: a
+//! tokio timer costs a timer-wheel insertion and removal, about as much as the rest of a queued
+//! checkout. A waiter's bound is kept in its queue entry, and one watchdog task per pool sleeps
+//! until the earliest bound and wakes the waiters whose bound has passed; they see it and give
+//! up. The watchdog starts with the first waiter and ends when it wakes to find nobody waiting;
+//! it does nothing else (a frozen Lambda environment leaves it asleep), and it holds the pool
+//! only while it looks at the queue.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::Release};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::conn::Conn;
+use crate::deadline::Bound;
+
+/// The slots, idle connections and waiters of one pool.
+pub(crate) struct Slots {
+    core: Mutex<Core>,
+    /// The idle set's length, readable without the lock (for gauges).
+    idle_count: AtomicUsize,
+    /// Connections checked out (or being opened for a checkout, once opened), counted under
+    /// the lock wherever a connection moves between idle and in use.
+    pub(crate) in_use: AtomicUsize,
+    /// Wakes the watchdog when a waiter's bound comes before the one it sleeps for.
+    rearm: Arc<Notify>,
+}
+
+/// What the lock guards.
+pub(crate) struct Core {
+    idle: VecDeque<Conn>,
+    /// Slots nobody holds. Nonzero only while nobody waits.
+    free: usize,
+    closed: bool,
+    /// Callers waiting for a slot, oldest first (tickets ascending).
+    queue: VecDeque<Waiter>,
+    /// What was handed to waiters that have not taken it yet, by ticket.
+    granted: Vec<(u64, Grant)>,
+    next_ticket: u64,
+    /// A watchdog task is running.
+    watching: bool,
+    /// The bound the watchdog sleeps until.
+    armed_for: Option<Instant>,
+}
+
+struct Waiter {
+    ticket: u64,
+    at: Option<Instant>,
+    waker: Waker,
+    /// Woken for its bound: nothing is handed to it, and the watchdog leaves it alone.
+    expired: bool,
+}
+
+/// What a waiter is handed: a slot with a connection just returned (still counted in use), or
+/// a slot alone (to take an idle connection or open one in).
+enum Grant {
+    Conn(Conn),
+    Slot,
+}
+
+/// How a wait ended.
+pub(crate) enum Waited<'a> {
+    /// A connection just returned, clean, counted in use: the caller's from now on.
+    Conn(Conn),
+    /// A slot, to take an idle connection or open one in.
+    Slot(Permit<'a>),
+    /// The bound passed first.
+    TimedOut(Bound),
+    Closed,
+}
+
+/// A slot held outside a checkout (for a connect, or a check of idle connections); freed on
+/// drop unless [`forget`](Permit::forget)ten. Never dropped while the lock is held: freeing
+/// takes it.
+pub(crate) struct Permit<'a> {
+    slots: &'a Slots,
+    armed: bool,
+}
+
+impl Permit<'_> {
+    /// The slot passes to a checkout, whose return frees it.
+    pub(crate) fn forget(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.slots.release();
+        }
+    }
+}
+
+/// The locked core. Every change to the idle set goes through it, so `idle_count` is always
+/// its length once the lock is released.
+pub(crate) struct Locked<'a> {
+    core: MutexGuard<'a, Core>,
+    slots: &'a Slots,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = VecDeque<Conn>;
+    fn deref(&self) -> &VecDeque<Conn> {
+        &self.core.idle
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut VecDeque<Conn> {
+        &mut self.core.idle
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.slots.idle_count.store(self.core.idle.len(), Relaxed);
+    }
+}
+
+impl<'a> Locked<'a> {
+    /// Takes a free slot, if one is free (then nobody waits); none once closed.
+    pub(crate) fn take_free(&mut self) -> Option<Permit<'a>> {
+        let core = &mut *self.core;
+        if core.closed || core.free == 0 {
+            return None;
+        }
+        core.free -= 1;
+        Some(Permit {
+            slots: self.slots,
+            armed: true,
+        })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.core.closed
+    }
+
+    /// Callers waiting for a slot now.
+    pub(crate) fn waiters(&self) -> usize {
+        self.core.queue.len()
+    }
+}
+
+impl Core {
+    /// Hands `grant` to the first waiter whose bound has not been seen to pass, and returns
+    /// its waker (to wake once the lock is released). With nobody waiting, the slot is free
+    /// again and a connection joins the idle set (leaving the in-use count).
+    fn hand_over(&mut self, grant: Grant, in_use: &AtomicUsize) -> Option<Waker> {
+        if let Some(i) = self.queue.iter().position(|w| !w.expired)
+            && let Some(w) = self.queue.remove(i)
+        {
+            self.granted.push((w.ticket, grant));
+            return Some(w.waker);
+        }
+        if let Grant::Conn(conn) = grant {
+            in_use.fetch_sub(1, Release);
+            self.idle.push_back(conn);
+        }
+        self.free += 1;
+        None
+    }
+
+    fn take_grant(&mut self, ticket: u64) -> Option<Grant> {
+        let i = self.granted.iter().position(|(t, _)| *t == ticket)?;
+        Some(self.granted.swap_remove(i).1)
+    }
+
+    fn queued(&self, ticket: u64) -> Option<usize> {
+        self.queue.binary_search_by_key(&ticket, |w| w.ticket).ok()
+    }
+}
+
+impl Slots {
+    pub(crate) fn new(max_size: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            core: Mutex::new(Core {
+                idle: VecDeque::new(),
+                free: max_size,
+                closed: false,
+                queue: VecDeque::new(),
+                granted: Vec::new(),
+                next_ticket: 0,
+                watching: false,
+                armed_for: None,
+            }),
+            idle_count: AtomicUsize::new(0),
+            in_use: AtomicUsize::new(0),
+            rearm: Arc::default(),
+        })
+    }
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent data.
+        crate::sync::lock(&self.core)
+    }
+
+    /// The idle set and the slots, locked.
+    pub(crate) fn lock(&self) -> Locked<'_> {
+        Locked {
+            core: self.core(),
+            slots: self,
+        }
+    }
+
+    /// The idle set's length as of the last release of the lock.
+    pub(crate) fn idle_count(&self) -> usize {
+        self.idle_count.load(Relaxed)
+    }
+
+    /// A checked-out connection comes back clean: to the first waiter, or to the idle set
+    /// (then it leaves the in-use count and its slot is free). Returns the in-use count and
+    /// the idle set's length; `Err` gives it back when the pool was closed meanwhile (the
+    /// caller closes it and frees its slot).
+    pub(crate) fn give_back(&self, conn: Conn) -> Result<(usize, usize), Conn> {
+        let mut core = self.core();
+        if core.closed {
+            return Err(conn);
+        }
+        let waker = core.hand_over(Grant::Conn(conn), &self.in_use);
+        let counts = (self.in_use.load(Relaxed), core.idle.len());
+        self.idle_count.store(counts.1, Relaxed);
+        drop(core);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(counts)
+    }
+
+    /// Frees a slot whose connection is gone (closed, or never opened): to the first waiter,
+    /// or free.
+    pub(crate) fn release(&self) {
+        let waker = self.core().hand_over(Grant::Slot, &self.in_use);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Refuses every later slot and ends every wait (each ends `Closed`); returns the idle
+    /// connections, for the caller to close.
+    pub(crate) fn close(&self) -> Vec<Conn> {
+        let (wakers, idle): (Vec<Waker>, Vec<Conn>) = {
+            let mut locked = self.lock();
+            locked.core.closed = true;
+            let wakers = locked.core.queue.drain(..).map(|w| w.waker).collect();
+            (wakers, locked.drain(..).collect())
+        };
+        for w in wakers {
+            w.wake();
+        }
+        idle
+    }
+
+    /// Waits for a slot until `bound` (forever when `None`): served in order, each waiter
+    /// after the ones that came before it. Cancel safe: dropped, it leaves the queue, and what was
+    /// handed to it and not taken goes to the next waiter.
+    pub(crate) fn wait(self: &Arc<Self>, bound: Option<Bound>) -> Wait<'_> {
+        Wait {
+            slots: self,
+            bound,
+            state: WaitState::New,
+        }
+    }
+
+    /// The permit of a slot just taken for the caller.
+    fn held(&self) -> Permit<'_> {
+        Permit {
+            slots: self,
+            armed: true,
+        }
+    }
+
+    /// Queues a waiter; starts or rearms the watchdog as its bound needs.
+    fn enqueue(
+        self: &Arc<Self>,
+        mut core: MutexGuard<'_, Core>,
+        at: Option<Instant>,
+        waker: &Waker,
+    ) -> u64 {
+        let ticket = core.next_ticket;
+        core.next_ticket += 1;
+        core.queue.push_back(Waiter {
+            ticket,
+            at,
+            waker: waker.clone(),
+            expired: false,
+        });
+        let Some(at) = at else {
+            return ticket;
+        };
+        if !core.watching {
+            core.watching = true;
+            core.armed_for = Some(at);
+            drop(core);
+            tokio::spawn(watchdog(Arc::downgrade(self), self.rearm.clone()));
+        } else if core.armed_for.is_none_or(|armed| at < armed) {
+            core.armed_for = Some(at);
+            drop(core);
+            self.rearm.notify_one();
+        }
+        ticket
+    }
+}
+
+enum WaitState {
+    New,
+    Queued(u64),
+    Done,
+}
+
+/// A wait for a slot ([`Slots::wait`]).
+pub(crate) struct Wait<'a> {
+    slots: &'a Arc<Slots>,
+    bound: Option<Bound>,
+    state: WaitState,
+}
+
+impl<'a> Future for Wait<'a> {
+    type Output = Waited<'a>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Waited<'a>> {
+        let this = self.get_mut();
+        let mut core = this.slots.core();
+        let ticket = match this.state {
+            WaitState::Done => panic!("a slot wait polled after it ended"),
+            WaitState::New => {
+                // A slot freed since the caller last looked (nobody waits, or it would not
+                // be free).
+                if core.closed {
+                    this.state = WaitState::Done;
+                    return Poll::Ready(Waited::Closed);
+                }
+                if core.free > 0 {
+                    core.free -= 1;
+                    this.state = WaitState::Done;
+                    return Poll::Ready(Waited::Slot(this.slots.held()));
+                }
+                let at = this.bound.map(|b| b.at);
+                let ticket = this.slots.enqueue(core, at, cx.waker());
+                this.state = WaitState::Queued(ticket);
+                return Poll::Pending;
+            }
+            WaitState::Queued(ticket) => ticket,
+        };
+        if let Some(grant) = core.take_grant(ticket) {
+            this.state = WaitState::Done;
+            return Poll::Ready(match grant {
+                Grant::Conn(conn) => Waited::Conn(conn),
+                Grant::Slot => Waited::Slot(this.slots.held()),
+            });
+        }
+        // Neither handed anything nor queued: `close` took it out.
+        let Some(i) = core.queued(ticket) else {
+            this.state = WaitState::Done;
+            return Poll::Ready(Waited::Closed);
+        };
+        // The bound was computed right before the first poll: only a wakeup reads the clock.
+        let w = &mut core.queue[i];
+        if let Some(b) = this.bound
+            && (w.expired || Instant::now() >= b.at)
+        {
+            core.queue.remove(i);
+            this.state = WaitState::Done;
+            return Poll::Ready(Waited::TimedOut(b));
+        }
+        if !w.waker.will_wake(cx.waker()) {
+            w.waker = cx.waker().clone();
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        let WaitState::Queued(ticket) = self.state else {
+            return;
+        };
+        let mut core = self.slots.core();
+        let waker = match core.take_grant(ticket) {
+            // Handed over and never taken: it goes on to the next waiter.
+            Some(grant) => core.hand_over(grant, &self.slots.in_use),
+            None => {
+                if let Some(i) = core.queued(ticket) {
+                    core.queue.remove(i);
+                }
+                None
+            }
+        };
+        self.slots.idle_count.store(core.idle.len(), Relaxed);
+        drop(core);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// Wakes waiters whose bound has passed; ends when it wakes and no waiter is left to watch,
+/// or when the pool is gone.
+async fn watchdog(slots: Weak<Slots>, rearm: Arc<Notify>) {
+    // If the runtime shuts down under it (a pool used from several runtimes, as tests do),
+    // the next waiter must start a new one.
+    let mut on_drop = Watching {
+        slots: slots.clone(),
+        armed: true,
+    };
+    loop {
+        let Some(held) = slots.upgrade() else {
+            on_drop.armed = false;
+            return;
+        };
+        let mut expired = Vec::new();
+        let next = {
+            let mut core = held.core();
+            let now = Instant::now();
+            let mut earliest: Option<Instant> = None;
+            for w in core.queue.iter_mut().filter(|w| !w.expired) {
+                let Some(at) = w.at else { continue };
+                if at <= now {
+                    w.expired = true;
+                    expired.push(w.waker.clone());
+                } else if earliest.is_none_or(|t| at < t) {
+                    earliest = Some(at);
+                }
+            }
+            core.armed_for = earliest;
+            if earliest.is_none() {
+                core.watching = false;
+                on_drop.armed = false;
+            }
+            earliest
+        };
+        drop(held);
+        for w in expired {
+            w.wake();
+        }
+        let Some(next) = next else {
+            return;
+        };
+        let rearmed = rearm.notified();
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = rearmed => {}
+        }
+    }
+}
+
+/// Marks the watchdog gone when its task is dropped before it ended by itself.
+struct Watching {
+    slots: Weak<Slots>,
+    armed: bool,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if self.armed
+            && let Some(slots) = self.slots.upgrade()
+        {
+            slots.core().watching = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn within(d: Duration) -> Option<Bound> {
+        Bound::new(Some(d), None)
+    }
+
+    fn watching(slots: &Slots) -> bool {
+        slots.core().watching
+    }
+
+    fn at_rest(slots: &Slots) -> bool {
+        let core = slots.core();
+        core.queue.is_empty() && core.granted.is_empty()
+    }
+
+    /// Polls once; `None` when pending.
+    async fn poll_once<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut *f).poll(cx) {
+                Poll::Ready(v) => Some(v),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_at_its_bound_and_leaves_nothing_behind() {
+        let slots = Slots::new(0);
+        let start = Instant::now();
+        let late = slots.wait(within(Duration::from_millis(300)));
+        let early = slots.wait(within(Duration::from_millis(50)));
+        let (late, early) = tokio::join!(late, early);
+        assert!(matches!(late, Waited::TimedOut(_)) && matches!(early, Waited::TimedOut(_)));
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(at_rest(&slots));
+        assert_eq!(slots.core().free, 0);
+    }
+
+    #[tokio::test]
+    async fn an_earlier_bound_rearms_the_watchdog() {
+        let slots = Slots::new(0);
+        let start = Instant::now();
+        // The watchdog sleeps for the 10 s bound when the 50 ms one arrives.
+        let mut long = slots.wait(within(Duration::from_secs(10)));
+        assert!(poll_once(&mut long).await.is_none());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = slots.wait(within(Duration::from_millis(50))).await;
+        assert!(matches!(r, Waited::TimedOut(_)));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "rearmed, not 10 s"
+        );
+        drop(long);
+        assert!(at_rest(&slots));
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_first_waiter_and_a_dropped_grant_to_the_next() {
+        let slots = Slots::new(0);
+        let at = within(Duration::from_secs(10));
+        let mut first = slots.wait(at);
+        let mut second = slots.wait(at);
+        let mut third = slots.wait(at);
+        for w in [&mut first, &mut second, &mut third] {
+            assert!(poll_once(w).await.is_none());
+        }
+        slots.release();
+        // Handed to the first; a caller arriving now finds nothing free.
+        let taken = slots.lock().take_free();
+        assert!(taken.is_none());
+        assert_eq!(slots.lock().waiters(), 2);
+        // The first is dropped before it took it: the second has it, the third still waits.
+        drop(first);
+        let got = poll_once(&mut second).await;
+        assert!(matches!(got, Some(Waited::Slot(_))));
+        assert!(poll_once(&mut third).await.is_none());
+        // The second's permit, dropped, passes to the third.
+        drop(got);
+        assert!(matches!(poll_once(&mut third).await, Some(Waited::Slot(_))));
+        assert!(at_rest(&slots));
+        // The third's permit, dropped with nobody waiting, is free.
+        assert_eq!(slots.core().free, 1);
+        let taken = slots.lock().take_free();
+        assert!(taken.is_some());
+        drop(taken);
+        assert_eq!(slots.core().free, 1, "a dropped permit frees its slot");
+    }
+
+    #[tokio::test]
+    async fn close_ends_every_wait() {
+        let slots = Slots::new(0);
+        let mut unbounded = slots.wait(None);
+        let mut bounded = slots.wait(within(Duration::from_secs(10)));
+        assert!(poll_once(&mut unbounded).await.is_none());
+        assert!(poll_once(&mut bounded).await.is_none());
+        assert!(slots.close().is_empty());
+        assert!(matches!(unbounded.await, Waited::Closed));
+        assert!(matches!(bounded.await, Waited::Closed));
+        assert!(matches!(slots.wait(None).await, Waited::Closed));
+        slots.release();
+        let taken = slots.lock().take_free();
+        assert!(taken.is_none(), "closed: no slot is taken");
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_ends_once_nobody_waits() {
+        let slots = Slots::new(0);
+        let at = within(Duration::from_millis(300));
+        let got = tokio::join!(slots.wait(at), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            slots.release();
+        })
+        .0;
+        assert!(matches!(got, Waited::Slot(_)));
+        assert!(watching(&slots), "it sleeps until the bound");
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while watching(&slots) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the watchdog ended after the bound");
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_does_not_keep_the_pool() {
+        let slots = Slots::new(0);
+        let mut w = slots.wait(within(Duration::from_secs(60)));
+        assert!(poll_once(&mut w).await.is_none());
+        drop(w);
+        let weak = Arc::downgrade(&slots);
+        drop(slots);
+        assert!(
+            weak.upgrade().is_none(),
+            "a sleeping watchdog holds only a weak reference"
+        );
+    }
+
+    #[test]
+    fn a_runtime_that_shuts_down_takes_its_watchdog_but_not_the_next_ones() {
+        let slots = Slots::new(0);
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        first.block_on(async {
+            // Queued, watchdog started; then the runtime goes away with both.
+            let w = tokio::spawn({
+                let slots = slots.clone();
+                async move {
+                    let at = within(Duration::from_secs(60));
+                    !matches!(slots.wait(at).await, Waited::TimedOut(_))
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!w.is_finished());
+        });
+        drop(first);
+        assert!(!watching(&slots));
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let timed_out = second.block_on(async {
+            let at = within(Duration::from_millis(50));
+            tokio::time::timeout(Duration::from_secs(5), slots.wait(at)).await
+        });
+        assert!(
+            matches!(timed_out, Ok(Waited::TimedOut(_))),
+            "the bound held in the second runtime"
+        );
+    }
+}
