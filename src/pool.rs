@@ -31,7 +31,7 @@ use crate::error::{Error, Phase};
 use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
 use crate::pinning::Reasons;
-use crate::slots::{Locked, Permit, Slots, Waited};
+use crate::slots::{Acquired, Locked, Permit, Slots};
 use crate::status::{CloseReason, Counters, Gauges, Status};
 
 /// An async pool of PostgreSQL connections for Lambda handlers behind RDS Proxy. Cloning it
@@ -227,27 +227,39 @@ impl Pool {
             metrics::gauges(in_use, inner.slots.idle_count());
             return Ok(PooledClient::new(conn, self.inner.clone(), cut, inv));
         }
-        // The fast path waits for nothing: a free slot and the idle connection it finds (its
-        // age checked with one clock read) under one lock, waited 0 ms.
-        let (conn, in_use, waited) = match inner.try_checkout()? {
-            Take::Idle(conn, in_use) => (conn, in_use, Duration::ZERO),
-            Take::Open(permit) => {
+        // One lock finds a free slot and an idle connection, or queues the caller with its
+        // bound (the only clock read of a checkout that finds a connection idle is its age).
+        let acquire = inner
+            .slots
+            .acquire(Some(inner.settings.acquire_timeout), cut);
+        let (conn, in_use, waited) = match acquire.await {
+            Acquired::Idle(conn, in_use, permit) => {
+                match conn.stale(&inner.settings, Some(SystemTime::now())) {
+                    None => {
+                        // The checkout holds the slot from here.
+                        permit.forget();
+                        (conn, in_use, Duration::ZERO)
+                    }
+                    Some(reason) => {
+                        inner.slots.in_use.fetch_sub(1, Release);
+                        inner.discard(conn, reason);
+                        let (conn, in_use) = inner.fill(permit, cut, true).await?;
+                        (conn, in_use, Duration::ZERO)
+                    }
+                }
+            }
+            Acquired::Empty(permit) => {
                 let (conn, in_use) = inner.fill(permit, cut, false).await?;
                 (conn, in_use, Duration::ZERO)
             }
-            Take::Wait => {
-                let start = Instant::now();
-                let bound = Bound::starting(start, Some(inner.settings.acquire_timeout), cut);
-                let (conn, in_use) = match inner.slots.wait(bound).await {
-                    // Handed over as it came back (its lifetime checked then), still counted
-                    // in use.
-                    Waited::Conn(conn) => (conn, inner.slots.in_use.load(Relaxed)),
-                    Waited::Slot(permit) => inner.fill(permit, cut, true).await?,
-                    Waited::TimedOut(b) => return Err(b.timed_out(Phase::Acquire)),
-                    Waited::Closed => return Err(Error::Closed),
-                };
-                (conn, in_use, start.elapsed())
+            // Handed over as it came back (its lifetime checked then), still counted in use.
+            Acquired::HandedOver(conn, waited) => (conn, inner.slots.in_use.load(Relaxed), waited),
+            Acquired::Slot(permit, waited) => {
+                let (conn, in_use) = inner.fill(permit, cut, true).await?;
+                (conn, in_use, waited)
             }
+            Acquired::TimedOut(b) => return Err(b.timed_out(Phase::Acquire)),
+            Acquired::Closed => return Err(Error::Closed),
         };
         // From here the PooledClient owns the slot; its return frees it.
         metrics::checked_out(waited, in_use, inner.slots.idle_count());
@@ -347,57 +359,10 @@ impl fmt::Debug for Pool {
     }
 }
 
-/// What a checkout finds at once.
-enum Take<'a> {
-    /// A slot and an idle connection, with the new in-use count.
-    Idle(Conn, usize),
-    /// A slot and no idle connection: one is opened in it.
-    Open(Permit<'a>),
-    /// No free slot.
-    Wait,
-}
-
 impl PoolInner {
     /// The idle set and the slots, locked.
     fn idle(&self) -> Locked<'_> {
         self.slots.lock()
-    }
-
-    /// Under one lock, a free slot and the most recently used idle connection (counted in use
-    /// there). Its age is checked after the lock is released, with one clock read, and only
-    /// when there was one to take; a stale one is closed and the next is taken.
-    fn try_checkout(&self) -> Result<Take<'_>, Error> {
-        let mut idle = self.idle();
-        if idle.is_closed() {
-            return Err(Error::Closed);
-        }
-        let Some(permit) = idle.take_free() else {
-            return Ok(Take::Wait);
-        };
-        let mut now = None;
-        loop {
-            let Some(conn) = idle.pop_back() else {
-                drop(idle);
-                return Ok(Take::Open(permit));
-            };
-            let in_use = self.slots.in_use.fetch_add(1, Release) + 1;
-            drop(idle);
-            match conn.stale(
-                &self.settings,
-                Some(*now.get_or_insert_with(SystemTime::now)),
-            ) {
-                None => {
-                    // The checkout holds the slot from here.
-                    permit.forget();
-                    return Ok(Take::Idle(conn, in_use));
-                }
-                Some(reason) => {
-                    self.slots.in_use.fetch_sub(1, Release);
-                    self.discard(conn, reason);
-                    idle = self.idle();
-                }
-            }
-        }
     }
 
     /// A connection for a checkout that holds `permit`: an idle one (if `look` says one may

@@ -24,6 +24,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -39,6 +40,9 @@ pub(crate) struct Slots {
     /// Connections checked out (or being opened for a checkout, once opened), counted under
     /// the lock wherever a connection moves between idle and in use.
     pub(crate) in_use: AtomicUsize,
+    /// `Core::free` as of the last change, readable without the lock: a checkout that will
+    /// likely wait reads the clock for its bound before it takes the lock, not under it.
+    free_hint: AtomicUsize,
     /// Wakes the watchdog when a waiter's bound comes before the one it sleeps for.
     rearm: Arc<Notify>,
 }
@@ -75,12 +79,17 @@ enum Grant {
     Slot,
 }
 
-/// How a wait ended.
-pub(crate) enum Waited<'a> {
-    /// A connection just returned, clean, counted in use: the caller's from now on.
-    Conn(Conn),
-    /// A slot, to take an idle connection or open one in.
-    Slot(Permit<'a>),
+/// What a checkout got.
+pub(crate) enum Acquired<'a> {
+    /// At once: a free slot and the most recently used idle connection, counted in use (with
+    /// the new count); the slot is the caller's once it accepts the connection's age.
+    Idle(Conn, usize, Permit<'a>),
+    /// At once: a free slot, and no idle connection.
+    Empty(Permit<'a>),
+    /// After a wait of this long: a connection just returned, clean, counted in use.
+    HandedOver(Conn, Duration),
+    /// After a wait of this long: a slot, to take an idle connection or open one in.
+    Slot(Permit<'a>, Duration),
     /// The bound passed first.
     TimedOut(Bound),
     Closed,
@@ -143,14 +152,11 @@ impl<'a> Locked<'a> {
             return None;
         }
         core.free -= 1;
+        self.slots.free_hint.store(core.free, Relaxed);
         Some(Permit {
             slots: self.slots,
             armed: true,
         })
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.core.closed
     }
 
     /// Callers waiting for a slot now.
@@ -163,7 +169,7 @@ impl Core {
     /// Hands `grant` to the first waiter whose bound has not been seen to pass, and returns
     /// its waker (to wake once the lock is released). With nobody waiting, the slot is free
     /// again and a connection joins the idle set (leaving the in-use count).
-    fn hand_over(&mut self, grant: Grant, in_use: &AtomicUsize) -> Option<Waker> {
+    fn hand_over(&mut self, grant: Grant, slots: &Slots) -> Option<Waker> {
         if let Some(i) = self.queue.iter().position(|w| !w.expired)
             && let Some(w) = self.queue.remove(i)
         {
@@ -171,10 +177,11 @@ impl Core {
             return Some(w.waker);
         }
         if let Grant::Conn(conn) = grant {
-            in_use.fetch_sub(1, Release);
+            slots.in_use.fetch_sub(1, Release);
             self.idle.push_back(conn);
         }
         self.free += 1;
+        slots.free_hint.store(self.free, Relaxed);
         None
     }
 
@@ -203,6 +210,7 @@ impl Slots {
             }),
             idle_count: AtomicUsize::new(0),
             in_use: AtomicUsize::new(0),
+            free_hint: AtomicUsize::new(max_size),
             rearm: Arc::default(),
         })
     }
@@ -234,7 +242,7 @@ impl Slots {
         if core.closed {
             return Err(conn);
         }
-        let waker = core.hand_over(Grant::Conn(conn), &self.in_use);
+        let waker = core.hand_over(Grant::Conn(conn), self);
         let counts = (self.in_use.load(Relaxed), core.idle.len());
         self.idle_count.store(counts.1, Relaxed);
         drop(core);
@@ -247,7 +255,7 @@ impl Slots {
     /// Frees a slot whose connection is gone (closed, or never opened): to the first waiter,
     /// or free.
     pub(crate) fn release(&self) {
-        let waker = self.core().hand_over(Grant::Slot, &self.in_use);
+        let waker = self.core().hand_over(Grant::Slot, self);
         if let Some(w) = waker {
             w.wake();
         }
@@ -268,13 +276,22 @@ impl Slots {
         idle
     }
 
-    /// Waits for a slot until `bound` (forever when `None`): served in order, each waiter
-    /// after the ones that came before it. Cancel safe: dropped, it leaves the queue, and what was
-    /// handed to it and not taken goes to the next waiter.
-    pub(crate) fn wait(self: &Arc<Self>, bound: Option<Bound>) -> Wait<'_> {
-        Wait {
+    /// A slot: at once if one is free (with the most recently used idle connection, if any;
+    /// one lock, no clock read), else after a wait bounded by `timeout` and `cut` (forever
+    /// when both are `None`), served in order, each waiter after the ones that came before
+    /// it. Cancel safe: dropped, it leaves the queue, and what was handed to it and not taken
+    /// goes to the next waiter.
+    pub(crate) fn acquire(
+        self: &Arc<Self>,
+        timeout: Option<Duration>,
+        cut: Option<Instant>,
+    ) -> Acquire<'_> {
+        Acquire {
             slots: self,
-            bound,
+            timeout,
+            cut,
+            since: None,
+            bound: None,
             state: WaitState::New,
         }
     }
@@ -325,33 +342,55 @@ enum WaitState {
     Done,
 }
 
-/// A wait for a slot ([`Slots::wait`]).
-pub(crate) struct Wait<'a> {
+/// A checkout's wait for a slot ([`Slots::acquire`]).
+pub(crate) struct Acquire<'a> {
     slots: &'a Arc<Slots>,
+    timeout: Option<Duration>,
+    cut: Option<Instant>,
+    /// When it started to wait, and until when, from one clock read as it queued (the
+    /// checkouts that find a free slot read no clock here).
+    since: Option<Instant>,
     bound: Option<Bound>,
     state: WaitState,
 }
 
-impl<'a> Future for Wait<'a> {
-    type Output = Waited<'a>;
+impl<'a> Future for Acquire<'a> {
+    type Output = Acquired<'a>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Waited<'a>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Acquired<'a>> {
         let this = self.get_mut();
+        // Likely to wait: the clock is read before the lock is taken.
+        let early = matches!(this.state, WaitState::New)
+            && this.slots.free_hint.load(Relaxed) == 0
+            && (this.timeout.is_some() || this.cut.is_some());
+        let early = early.then(Instant::now);
         let mut core = this.slots.core();
         let ticket = match this.state {
             WaitState::Done => panic!("a slot wait polled after it ended"),
             WaitState::New => {
-                // A slot freed since the caller last looked (nobody waits, or it would not
-                // be free).
                 if core.closed {
                     this.state = WaitState::Done;
-                    return Poll::Ready(Waited::Closed);
+                    return Poll::Ready(Acquired::Closed);
                 }
+                // Free only while nobody waits: nobody is overtaken.
                 if core.free > 0 {
                     core.free -= 1;
+                    this.slots.free_hint.store(core.free, Relaxed);
                     this.state = WaitState::Done;
-                    return Poll::Ready(Waited::Slot(this.slots.held()));
+                    let permit = this.slots.held();
+                    let idle = core.idle.pop_back();
+                    this.slots.idle_count.store(core.idle.len(), Relaxed);
+                    return Poll::Ready(match idle {
+                        Some(conn) => {
+                            let in_use = this.slots.in_use.fetch_add(1, Release) + 1;
+                            Acquired::Idle(conn, in_use, permit)
+                        }
+                        None => Acquired::Empty(permit),
+                    });
                 }
+                let now = early.unwrap_or_else(Instant::now);
+                this.since = Some(now);
+                this.bound = Bound::starting(now, this.timeout, this.cut);
                 let at = this.bound.map(|b| b.at);
                 let ticket = this.slots.enqueue(core, at, cx.waker());
                 this.state = WaitState::Queued(ticket);
@@ -361,24 +400,26 @@ impl<'a> Future for Wait<'a> {
         };
         if let Some(grant) = core.take_grant(ticket) {
             this.state = WaitState::Done;
+            drop(core);
+            let waited = this.since.map(|t| t.elapsed()).unwrap_or_default();
             return Poll::Ready(match grant {
-                Grant::Conn(conn) => Waited::Conn(conn),
-                Grant::Slot => Waited::Slot(this.slots.held()),
+                Grant::Conn(conn) => Acquired::HandedOver(conn, waited),
+                Grant::Slot => Acquired::Slot(this.slots.held(), waited),
             });
         }
         // Neither handed anything nor queued: `close` took it out.
         let Some(i) = core.queued(ticket) else {
             this.state = WaitState::Done;
-            return Poll::Ready(Waited::Closed);
+            return Poll::Ready(Acquired::Closed);
         };
-        // The bound was computed right before the first poll: only a wakeup reads the clock.
+        // The bound was computed as it queued: only a wakeup reads the clock again.
         let w = &mut core.queue[i];
         if let Some(b) = this.bound
             && (w.expired || Instant::now() >= b.at)
         {
             core.queue.remove(i);
             this.state = WaitState::Done;
-            return Poll::Ready(Waited::TimedOut(b));
+            return Poll::Ready(Acquired::TimedOut(b));
         }
         if !w.waker.will_wake(cx.waker()) {
             w.waker = cx.waker().clone();
@@ -387,7 +428,7 @@ impl<'a> Future for Wait<'a> {
     }
 }
 
-impl Drop for Wait<'_> {
+impl Drop for Acquire<'_> {
     fn drop(&mut self) {
         let WaitState::Queued(ticket) = self.state else {
             return;
@@ -395,7 +436,7 @@ impl Drop for Wait<'_> {
         let mut core = self.slots.core();
         let waker = match core.take_grant(ticket) {
             // Handed over and never taken: it goes on to the next waiter.
-            Some(grant) => core.hand_over(grant, &self.slots.in_use),
+            Some(grant) => core.hand_over(grant, self.slots),
             None => {
                 if let Some(i) = core.queued(ticket) {
                     core.queue.remove(i);
@@ -480,13 +521,8 @@ impl Drop for Watching {
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
-    use std::time::Duration;
 
     use super::*;
-
-    fn within(d: Duration) -> Option<Bound> {
-        Bound::new(Some(d), None)
-    }
 
     fn watching(slots: &Slots) -> bool {
         slots.core().watching
@@ -512,10 +548,10 @@ mod tests {
     async fn a_wait_ends_at_its_bound_and_leaves_nothing_behind() {
         let slots = Slots::new(0);
         let start = Instant::now();
-        let late = slots.wait(within(Duration::from_millis(300)));
-        let early = slots.wait(within(Duration::from_millis(50)));
+        let late = slots.acquire(Some(Duration::from_millis(300)), None);
+        let early = slots.acquire(Some(Duration::from_millis(50)), None);
         let (late, early) = tokio::join!(late, early);
-        assert!(matches!(late, Waited::TimedOut(_)) && matches!(early, Waited::TimedOut(_)));
+        assert!(matches!(late, Acquired::TimedOut(_)) && matches!(early, Acquired::TimedOut(_)));
         assert!(start.elapsed() >= Duration::from_millis(300));
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(at_rest(&slots));
@@ -527,11 +563,11 @@ mod tests {
         let slots = Slots::new(0);
         let start = Instant::now();
         // The watchdog sleeps for the 10 s bound when the 50 ms one arrives.
-        let mut long = slots.wait(within(Duration::from_secs(10)));
+        let mut long = slots.acquire(Some(Duration::from_secs(10)), None);
         assert!(poll_once(&mut long).await.is_none());
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let r = slots.wait(within(Duration::from_millis(50))).await;
-        assert!(matches!(r, Waited::TimedOut(_)));
+        let r = slots.acquire(Some(Duration::from_millis(50)), None).await;
+        assert!(matches!(r, Acquired::TimedOut(_)));
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "rearmed, not 10 s"
@@ -543,10 +579,10 @@ mod tests {
     #[tokio::test]
     async fn a_freed_slot_goes_to_the_first_waiter_and_a_dropped_grant_to_the_next() {
         let slots = Slots::new(0);
-        let at = within(Duration::from_secs(10));
-        let mut first = slots.wait(at);
-        let mut second = slots.wait(at);
-        let mut third = slots.wait(at);
+        let at = Some(Duration::from_secs(10));
+        let mut first = slots.acquire(at, None);
+        let mut second = slots.acquire(at, None);
+        let mut third = slots.acquire(at, None);
         for w in [&mut first, &mut second, &mut third] {
             assert!(poll_once(w).await.is_none());
         }
@@ -558,11 +594,14 @@ mod tests {
         // The first is dropped before it took it: the second has it, the third still waits.
         drop(first);
         let got = poll_once(&mut second).await;
-        assert!(matches!(got, Some(Waited::Slot(_))));
+        assert!(matches!(got, Some(Acquired::Slot(..))));
         assert!(poll_once(&mut third).await.is_none());
         // The second's permit, dropped, passes to the third.
         drop(got);
-        assert!(matches!(poll_once(&mut third).await, Some(Waited::Slot(_))));
+        assert!(matches!(
+            poll_once(&mut third).await,
+            Some(Acquired::Slot(..))
+        ));
         assert!(at_rest(&slots));
         // The third's permit, dropped with nobody waiting, is free.
         assert_eq!(slots.core().free, 1);
@@ -575,14 +614,14 @@ mod tests {
     #[tokio::test]
     async fn close_ends_every_wait() {
         let slots = Slots::new(0);
-        let mut unbounded = slots.wait(None);
-        let mut bounded = slots.wait(within(Duration::from_secs(10)));
+        let mut unbounded = slots.acquire(None, None);
+        let mut bounded = slots.acquire(Some(Duration::from_secs(10)), None);
         assert!(poll_once(&mut unbounded).await.is_none());
         assert!(poll_once(&mut bounded).await.is_none());
         assert!(slots.close().is_empty());
-        assert!(matches!(unbounded.await, Waited::Closed));
-        assert!(matches!(bounded.await, Waited::Closed));
-        assert!(matches!(slots.wait(None).await, Waited::Closed));
+        assert!(matches!(unbounded.await, Acquired::Closed));
+        assert!(matches!(bounded.await, Acquired::Closed));
+        assert!(matches!(slots.acquire(None, None).await, Acquired::Closed));
         slots.release();
         let taken = slots.lock().take_free();
         assert!(taken.is_none(), "closed: no slot is taken");
@@ -591,13 +630,13 @@ mod tests {
     #[tokio::test]
     async fn the_watchdog_ends_once_nobody_waits() {
         let slots = Slots::new(0);
-        let at = within(Duration::from_millis(300));
-        let got = tokio::join!(slots.wait(at), async {
+        let at = Some(Duration::from_millis(300));
+        let got = tokio::join!(slots.acquire(at, None), async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             slots.release();
         })
         .0;
-        assert!(matches!(got, Waited::Slot(_)));
+        assert!(matches!(got, Acquired::Slot(..)));
         assert!(watching(&slots), "it sleeps until the bound");
         let ended = tokio::time::timeout(Duration::from_secs(5), async {
             while watching(&slots) {
@@ -611,7 +650,7 @@ mod tests {
     #[tokio::test]
     async fn the_watchdog_does_not_keep_the_pool() {
         let slots = Slots::new(0);
-        let mut w = slots.wait(within(Duration::from_secs(60)));
+        let mut w = slots.acquire(Some(Duration::from_secs(60)), None);
         assert!(poll_once(&mut w).await.is_none());
         drop(w);
         let weak = Arc::downgrade(&slots);
@@ -634,8 +673,8 @@ mod tests {
             let w = tokio::spawn({
                 let slots = slots.clone();
                 async move {
-                    let at = within(Duration::from_secs(60));
-                    !matches!(slots.wait(at).await, Waited::TimedOut(_))
+                    let at = Some(Duration::from_secs(60));
+                    !matches!(slots.acquire(at, None).await, Acquired::TimedOut(_))
                 }
             });
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -648,11 +687,11 @@ mod tests {
             .build()
             .unwrap();
         let timed_out = second.block_on(async {
-            let at = within(Duration::from_millis(50));
-            tokio::time::timeout(Duration::from_secs(5), slots.wait(at)).await
+            let at = Some(Duration::from_millis(50));
+            tokio::time::timeout(Duration::from_secs(5), slots.acquire(at, None)).await
         });
         assert!(
-            matches!(timed_out, Ok(Waited::TimedOut(_))),
+            matches!(timed_out, Ok(Acquired::TimedOut(_))),
             "the bound held in the second runtime"
         );
     }
