@@ -424,6 +424,70 @@ mod tests {
         assert_eq!((s.size, s.idle, s.in_use, s.waiters), (0, 0, 0, 0), "{s:?}");
     }
 
+    #[tokio::test]
+    async fn connections_handed_over_and_not_taken_are_closed_with_the_pool() {
+        let (pool, _) = pool(builder().max_size(2));
+        let held = (pool.get().await.unwrap(), pool.get().await.unwrap());
+        let mut polled = Box::pin(pool.get());
+        let mut dropped = Box::pin(pool.get());
+        assert!(poll_once(polled.as_mut()).await.is_pending());
+        assert!(poll_once(dropped.as_mut()).await.is_pending());
+        drop(held);
+        pool.close();
+        let Poll::Ready(got) = poll_once(polled.as_mut()).await else {
+            panic!("close ended the wait");
+        };
+        assert!(matches!(got, Err(Error::Closed)), "{got:?}");
+        drop(dropped);
+        let s = pool.status();
+        assert_eq!((s.size, s.idle, s.in_use, s.waiters), (0, 0, 0, 0), "{s:?}");
+        assert_eq!(s.closed.get(crate::CloseReason::PoolClosed), 2, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_handed_a_slot_before_close_opens_nothing_after_it() {
+        let (pool, memory) = pool(
+            builder()
+                .max_size(1)
+                .max_lifetime(Some(Duration::from_nanos(1))),
+        );
+        let held = pool.get().await.unwrap();
+        let mut waiter = Box::pin(pool.get());
+        assert!(poll_once(waiter.as_mut()).await.is_pending());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Past its lifetime: closed, its slot handed to the waiter.
+        drop(held);
+        pool.close();
+        let got = waiter.await;
+        assert!(matches!(got, Err(Error::Closed)), "{got:?}");
+        assert_eq!(
+            memory.accepted.load(SeqCst),
+            1,
+            "nothing opened after close"
+        );
+    }
+
+    #[tokio::test]
+    async fn warm_up_never_opens_past_max_size() {
+        let (pool, _) = pool(builder().max_size(2).min_idle(2));
+        let a = pool.get().await.unwrap();
+        drop(pool.get().await.unwrap());
+        // One idle, one in use: the idle one may go out with the one free slot.
+        assert_eq!(pool.warm_up().await.unwrap(), 0);
+        assert_invariants(&pool);
+        drop(a);
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test]
+    async fn a_warm_up_across_close_leaves_nothing_idle() {
+        let (pool, _) = pool(builder().max_size(1).min_idle(1));
+        let (warmed, ()) = tokio::join!(pool.warm_up(), async { pool.close() });
+        assert!(matches!(warmed, Ok(0)), "{warmed:?}");
+        let s = pool.status();
+        assert_eq!((s.size, s.idle), (0, 0), "{s:?}");
+    }
+
     /// Waiters polled by hand, dropped and served in random order: the counts stay right, and
     /// nobody is left waiting while a slot is free (no handoff is lost).
     #[tokio::test]

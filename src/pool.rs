@@ -568,7 +568,8 @@ impl PoolInner {
                 None => {
                     // Kept for the invocation, with its slot.
                     let in_use = self.slots.in_use.fetch_sub(1, Release) - 1;
-                    metrics::gauges(in_use, self.idle().len());
+                    // Not under the lock: a recorder may look at the pool.
+                    metrics::gauges(in_use, self.slots.idle_count());
                     return;
                 }
                 // The invocation has ended: nothing keeps it.
@@ -683,7 +684,10 @@ impl PoolInner {
                 match conn.fate(&self.settings, now, false) {
                     Fate::Idle => {
                         conn.last_used = now;
-                        self.idle().push_back(conn);
+                        let pushed = self.idle().push_idle(conn);
+                        if let Err(conn) = pushed {
+                            self.discard(conn, CloseReason::PoolClosed);
+                        }
                     }
                     Fate::Close(reason) => self.discard(conn, reason),
                     Fate::KeepForInvocation => self.discard(conn, CloseReason::Pinned),
@@ -724,13 +728,18 @@ impl PoolInner {
                 if idle.len() >= self.settings.min_idle {
                     break;
                 }
-                let Some(permit) = idle.take_free() else {
+                let Some(permit) = idle.take_free_to_open() else {
                     break;
                 };
                 permit
             };
             let conn = self.connect(cut).await?;
-            self.idle().push_back(conn);
+            let pushed = self.idle().push_idle(conn);
+            if let Err(conn) = pushed {
+                // Closed meanwhile.
+                self.discard(conn, CloseReason::PoolClosed);
+                break;
+            }
             drop(permit);
             opened += 1;
         }

@@ -159,6 +159,25 @@ impl<'a> Locked<'a> {
         })
     }
 
+    /// A free slot to open a connection for the idle set in: only while more slots are free
+    /// than connections are idle (each idle one may go out with a free slot), so the open
+    /// connections stay within `max_size`.
+    pub(crate) fn take_free_to_open(&mut self) -> Option<Permit<'a>> {
+        if self.core.free <= self.core.idle.len() {
+            return None;
+        }
+        self.take_free()
+    }
+
+    /// Puts a connection in the idle set; `Err` gives it back once the pool is closed.
+    pub(crate) fn push_idle(&mut self, conn: Conn) -> Result<(), Conn> {
+        if self.core.closed {
+            return Err(conn);
+        }
+        self.core.idle.push_back(conn);
+        Ok(())
+    }
+
     /// Callers waiting for a slot now.
     pub(crate) fn waiters(&self) -> usize {
         self.core.queue.len()
@@ -261,19 +280,33 @@ impl Slots {
         }
     }
 
-    /// Refuses every later slot and ends every wait (each ends `Closed`); returns the idle
-    /// connections, for the caller to close.
+    /// Refuses every later slot and ends every wait (each ends `Closed`, also one handed
+    /// something it has not taken yet); returns the idle connections and the ones handed over
+    /// and not taken (out of the in-use count), for the caller to close.
     pub(crate) fn close(&self) -> Vec<Conn> {
-        let (wakers, idle): (Vec<Waker>, Vec<Conn>) = {
+        let (wakers, conns): (Vec<Waker>, Vec<Conn>) = {
             let mut locked = self.lock();
             locked.core.closed = true;
             let wakers = locked.core.queue.drain(..).map(|w| w.waker).collect();
-            (wakers, locked.drain(..).collect())
+            let mut conns: Vec<Conn> = locked.drain(..).collect();
+            // Their waiters were woken when they were handed these; they find them gone.
+            let granted = std::mem::take(&mut locked.core.granted);
+            for (_, grant) in granted {
+                match grant {
+                    Grant::Conn(conn) => {
+                        self.in_use.fetch_sub(1, Release);
+                        conns.push(conn);
+                    }
+                    Grant::Slot => locked.core.free += 1,
+                }
+            }
+            self.free_hint.store(locked.core.free, Relaxed);
+            (wakers, conns)
         };
         for w in wakers {
             w.wake();
         }
-        idle
+        conns
     }
 
     /// A slot: at once if one is free (with the most recently used idle connection, if any;
@@ -304,35 +337,24 @@ impl Slots {
         }
     }
 
-    /// Queues a waiter; starts or rearms the watchdog as its bound needs.
-    fn enqueue(
-        self: &Arc<Self>,
-        mut core: MutexGuard<'_, Core>,
-        at: Option<Instant>,
-        waker: &Waker,
-    ) -> u64 {
-        let ticket = core.next_ticket;
-        core.next_ticket += 1;
-        core.queue.push_back(Waiter {
-            ticket,
-            at,
-            waker: waker.clone(),
-            expired: false,
-        });
-        let Some(at) = at else {
-            return ticket;
-        };
+    /// Starts or rearms the watchdog for a waiter's bound `at`. The guard exists before the
+    /// task does: a task dropped before its first poll (its runtime ended first), or a spawn
+    /// that panics (no runtime), still marks the watchdog gone.
+    fn arm(self: &Arc<Self>, mut core: MutexGuard<'_, Core>, at: Instant) {
         if !core.watching {
             core.watching = true;
             core.armed_for = Some(at);
             drop(core);
-            tokio::spawn(watchdog(Arc::downgrade(self), self.rearm.clone()));
+            let on_drop = Watching {
+                slots: Arc::downgrade(self),
+                armed: true,
+            };
+            tokio::spawn(watchdog(on_drop, self.rearm.clone()));
         } else if core.armed_for.is_none_or(|armed| at < armed) {
             core.armed_for = Some(at);
             drop(core);
             self.rearm.notify_one();
         }
-        ticket
     }
 }
 
@@ -391,9 +413,20 @@ impl<'a> Future for Acquire<'a> {
                 let now = early.unwrap_or_else(Instant::now);
                 this.since = Some(now);
                 this.bound = Bound::starting(now, this.timeout, this.cut);
+                let ticket = core.next_ticket;
+                core.next_ticket += 1;
                 let at = this.bound.map(|b| b.at);
-                let ticket = this.slots.enqueue(core, at, cx.waker());
+                core.queue.push_back(Waiter {
+                    ticket,
+                    at,
+                    waker: cx.waker().clone(),
+                    expired: false,
+                });
+                // Queued before anything can panic: dropped (or unwound), it leaves the queue.
                 this.state = WaitState::Queued(ticket);
+                if let Some(at) = at {
+                    this.slots.arm(core, at);
+                }
                 return Poll::Pending;
             }
             WaitState::Queued(ticket) => ticket,
@@ -423,6 +456,12 @@ impl<'a> Future for Acquire<'a> {
         }
         if !w.waker.will_wake(cx.waker()) {
             w.waker = cx.waker().clone();
+        }
+        // The watchdog went with its runtime: this waiter's runtime runs the next one.
+        if let Some(b) = this.bound
+            && !core.watching
+        {
+            this.slots.arm(core, b.at);
         }
         Poll::Pending
     }
@@ -454,13 +493,10 @@ impl Drop for Acquire<'_> {
 
 /// Wakes waiters whose bound has passed; ends when it wakes and no waiter is left to watch,
 /// or when the pool is gone.
-async fn watchdog(slots: Weak<Slots>, rearm: Arc<Notify>) {
+async fn watchdog(mut on_drop: Watching, rearm: Arc<Notify>) {
     // If the runtime shuts down under it (a pool used from several runtimes, as tests do),
-    // the next waiter must start a new one.
-    let mut on_drop = Watching {
-        slots: slots.clone(),
-        armed: true,
-    };
+    // `on_drop` wakes the waiters still bounded, and the next one to poll starts a new one.
+    let slots = on_drop.slots.clone();
     loop {
         let Some(held) = slots.upgrade() else {
             on_drop.armed = false;
@@ -510,10 +546,24 @@ struct Watching {
 
 impl Drop for Watching {
     fn drop(&mut self) {
-        if self.armed
-            && let Some(slots) = self.slots.upgrade()
-        {
-            slots.core().watching = false;
+        if !self.armed {
+            return;
+        }
+        let Some(slots) = self.slots.upgrade() else {
+            return;
+        };
+        let wakers: Vec<Waker> = {
+            let mut core = slots.core();
+            core.watching = false;
+            core.armed_for = None;
+            core.queue
+                .iter()
+                .filter(|w| w.at.is_some() && !w.expired)
+                .map(|w| w.waker.clone())
+                .collect()
+        };
+        for w in wakers {
+            w.wake();
         }
     }
 }
@@ -686,13 +736,89 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let timed_out = second.block_on(async {
-            let at = Some(Duration::from_millis(50));
-            tokio::time::timeout(Duration::from_secs(5), slots.acquire(at, None)).await
+        let timed_out = second.block_on(woken_by_its_bound(&slots, Duration::from_millis(50)));
+        assert!(timed_out, "the bound held in the second runtime");
+    }
+
+    /// Waits until `bound`; true if the wait ended with its bound, woken for it. Not inside a
+    /// `timeout`: that would poll the wait when it fires, and the wait would read the clock
+    /// itself and end, watchdog or not.
+    async fn woken_by_its_bound(slots: &Arc<Slots>, bound: Duration) -> bool {
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep(bound * 20) => false,
+            w = slots.acquire(Some(bound), None) => matches!(w, Acquired::TimedOut(_)),
+        }
+    }
+
+    #[test]
+    fn a_watchdog_dropped_before_its_first_poll_stops_no_later_bound() {
+        let slots = Slots::new(0);
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        first.block_on(async {
+            // Queues and spawns the watchdog; the block_on ends before the watchdog runs.
+            let mut w = slots.acquire(Some(Duration::from_secs(60)), None);
+            assert!(poll_once(&mut w).await.is_none());
         });
+        drop(first);
+        assert!(!watching(&slots));
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let timed_out = second.block_on(woken_by_its_bound(&slots, Duration::from_millis(50)));
+        assert!(timed_out, "the 50 ms bound was enforced");
+    }
+
+    #[test]
+    fn a_waiter_outlives_the_runtime_of_the_watchdog() {
+        let slots = Slots::new(0);
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let other = first.block_on(async {
+            let mut w = slots.acquire(Some(Duration::from_secs(60)), None);
+            assert!(poll_once(&mut w).await.is_none());
+            // The watchdog runs here, in this runtime.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let other = std::thread::spawn({
+                let slots = slots.clone();
+                move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(woken_by_its_bound(&slots, Duration::from_millis(200)))
+                }
+            });
+            while slots.core().queue.len() < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(w);
+            other
+        });
+        // Takes the watchdog with it, while the other runtime's waiter waits.
+        drop(first);
         assert!(
-            matches!(timed_out, Ok(Acquired::TimedOut(_))),
-            "the bound held in the second runtime"
+            other.join().unwrap(),
+            "the other runtime's waiter ended at its bound"
         );
+    }
+
+    #[test]
+    fn a_panic_while_queueing_leaves_nothing_queued() {
+        let slots = Slots::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut w = Box::pin(slots.acquire(Some(Duration::from_secs(60)), None));
+            // Outside a runtime, spawning the watchdog panics.
+            let _ = w.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        }));
+        assert!(r.is_err(), "tokio::spawn outside a runtime panics");
+        assert!(at_rest(&slots), "nothing is left queued");
+        assert!(!watching(&slots), "no watchdog is thought to run");
     }
 }
