@@ -14,7 +14,15 @@ pub(crate) fn cutoff(deadline: SystemTime, margin: Duration) -> Instant {
     let left = deadline
         .duration_since(SystemTime::now())
         .unwrap_or_default();
-    Instant::now() + left.saturating_sub(margin)
+    after(left.saturating_sub(margin))
+}
+
+/// `d` from now; a `d` too long for the clock (`Duration::MAX`) gives a century from now,
+/// as good as never.
+pub(crate) fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// When a phase must end and which bound that is.
@@ -38,10 +46,13 @@ impl Bound {
         configured: Option<Duration>,
         cutoff: Option<Instant>,
     ) -> Option<Bound> {
-        let configured = configured.map(|d| Bound {
-            at: now + d,
-            cause: TimeoutCause::Configured,
-            allowed: d,
+        // A timeout too long for the clock (`Duration::MAX`) bounds nothing.
+        let configured = configured.and_then(|d| {
+            Some(Bound {
+                at: now.checked_add(d)?,
+                cause: TimeoutCause::Configured,
+                allowed: d,
+            })
         });
         let deadline = cutoff.map(|at| Bound {
             at,

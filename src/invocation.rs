@@ -242,7 +242,7 @@ impl Invocation {
         if let Some(limit) = settings.refill_after_invocation
             && pool.idle_len() < settings.min_idle
         {
-            let until = cut.min(Instant::now() + limit);
+            let until = cut.min(crate::deadline::after(limit));
             if let Err(e) = pool.fill_to_min_idle(Some(until)).await {
                 tracing::debug!(error = %e, "pinpool: no replacement connection after the invocation");
             }

@@ -488,6 +488,57 @@ mod tests {
         assert_eq!((s.size, s.idle), (0, 0), "{s:?}");
     }
 
+    #[tokio::test]
+    async fn timeouts_too_long_for_the_clock_bound_nothing_and_panic_nowhere() {
+        let (pool, _) = pool(
+            builder()
+                .max_size(1)
+                .min_idle(1)
+                .acquire_timeout(Duration::MAX)
+                .connect_timeout(Duration::MAX),
+        );
+        assert_eq!(pool.warm_up_within(Duration::MAX).await, 1);
+        let far = std::time::SystemTime::now() + Duration::from_secs(1_000 * 365 * 24 * 3600);
+        let held = pool.get_by(far).await.unwrap();
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.get().await.map(drop) }
+        });
+        while pool.status().waiters == 0 && !waiter.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        waiter.await.expect("the wait did not panic").unwrap();
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test]
+    async fn a_stale_idle_connection_found_at_once_is_replaced_and_its_slot_kept() {
+        let (pool, memory) = pool(
+            builder()
+                .max_size(1)
+                .max_lifetime(Some(Duration::from_millis(1))),
+        );
+        drop(pool.get().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The idle one is past its lifetime: closed, and a connect in its slot hangs.
+        memory.hang.store(true, SeqCst);
+        let mut stale = Box::pin(pool.get());
+        assert!(poll_once(stale.as_mut()).await.is_pending());
+        let mut waiter = Box::pin(pool.get());
+        assert!(poll_once(waiter.as_mut()).await.is_pending());
+        let s = pool.status();
+        assert_eq!((s.waiters, s.in_use, s.idle, s.size), (1, 0, 0, 1), "{s:?}");
+        // Dropped mid-connect: the slot goes to the waiter, which connects.
+        memory.hang.store(false, SeqCst);
+        drop(stale);
+        drop(waiter.await.unwrap());
+        let s = pool.status();
+        assert_eq!(s.closed.get(crate::CloseReason::MaxLifetime), 1, "{s:?}");
+        assert_eq!(s.opened, 2, "{s:?}");
+        assert_at_rest(&pool);
+    }
+
     /// Waiters polled by hand, dropped and served in random order: the counts stay right, and
     /// nobody is left waiting while a slot is free (no handoff is lost).
     #[tokio::test]

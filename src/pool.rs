@@ -234,26 +234,21 @@ impl Pool {
             .acquire(Some(inner.settings.acquire_timeout), cut);
         let (conn, in_use, waited) = match acquire.await {
             Acquired::Idle(conn, in_use, permit) => {
-                match conn.stale(&inner.settings, Some(SystemTime::now())) {
-                    None => {
-                        // The checkout holds the slot from here.
-                        permit.forget();
-                        (conn, in_use, Duration::ZERO)
-                    }
-                    Some(reason) => {
-                        inner.slots.in_use.fetch_sub(1, Release);
-                        inner.discard(conn, reason);
-                        let (conn, in_use) = inner.fill(permit, cut, true).await?;
-                        (conn, in_use, Duration::ZERO)
-                    }
-                }
+                let now = Some(SystemTime::now());
+                let (conn, in_use) = inner.accept(conn, in_use, permit, now, cut).await?;
+                (conn, in_use, Duration::ZERO)
             }
             Acquired::Empty(permit) => {
                 let (conn, in_use) = inner.fill(permit, cut, false).await?;
                 (conn, in_use, Duration::ZERO)
             }
             // Handed over as it came back (its lifetime checked then), still counted in use.
-            Acquired::HandedOver(conn, waited) => (conn, inner.slots.in_use.load(Relaxed), waited),
+            // Its lifetime was checked as it came back; its socket may have closed since.
+            Acquired::HandedOver(conn, permit, waited) => {
+                let in_use = inner.slots.in_use.load(Relaxed);
+                let (conn, in_use) = inner.accept(conn, in_use, permit, None, cut).await?;
+                (conn, in_use, waited)
+            }
             Acquired::Slot(permit, waited) => {
                 let (conn, in_use) = inner.fill(permit, cut, true).await?;
                 (conn, in_use, waited)
@@ -289,7 +284,10 @@ impl Pool {
     /// takes.
     pub async fn warm_up_within(&self, limit: Duration) -> usize {
         let before = self.inner.idle().len();
-        match self.warm_up_until(Some(Instant::now() + limit)).await {
+        match self
+            .warm_up_until(Some(crate::deadline::after(limit)))
+            .await
+        {
             Ok(n) => n,
             Err(e) => {
                 let opened = self.inner.idle().len().saturating_sub(before);
@@ -363,6 +361,31 @@ impl PoolInner {
     /// The idle set and the slots, locked.
     fn idle(&self) -> Locked<'_> {
         self.slots.lock()
+    }
+
+    /// The connection a checkout got with its slot (counted in use), if it is still usable
+    /// (its age checked at `now`, if given); else it is closed and another one takes its place
+    /// in the slot.
+    async fn accept(
+        &self,
+        conn: Conn,
+        in_use: usize,
+        permit: Permit<'_>,
+        now: Option<SystemTime>,
+        cut: Option<Instant>,
+    ) -> Result<(Conn, usize), Error> {
+        let Some(reason) = conn.stale(&self.settings, now) else {
+            // The checkout holds the slot from here.
+            permit.forget();
+            return Ok((conn, in_use));
+        };
+        // Out of the in-use count under the lock, before it is closed (see `status`).
+        {
+            let _idle = self.idle();
+            self.slots.in_use.fetch_sub(1, Release);
+        }
+        self.discard(conn, reason);
+        self.fill(permit, cut, true).await
     }
 
     /// A connection for a checkout that holds `permit`: an idle one (if `look` says one may

@@ -16,7 +16,12 @@
 //! until the earliest bound and wakes the waiters whose bound has passed; they see it and give
 //! up. The watchdog starts with the first waiter and ends when it wakes to find nobody waiting;
 //! it does nothing else (a frozen Lambda environment leaves it asleep), and it holds the pool
-//! only while it looks at the queue.
+//! only while it looks at the queue. It runs on the runtime of the waiter that started it; if
+//! that runtime ends, the waiters still bounded are woken and the next to poll starts another.
+//! A pool shared between runtimes where the watchdog's runtime lives on undriven (a sync
+//! wrapper's current-thread runtime between two `block_on` calls) leaves the other runtimes'
+//! waits unbounded until that runtime runs again or ends: use a pool from one runtime, as a
+//! Lambda handler does.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -86,8 +91,9 @@ pub(crate) enum Acquired<'a> {
     Idle(Conn, usize, Permit<'a>),
     /// At once: a free slot, and no idle connection.
     Empty(Permit<'a>),
-    /// After a wait of this long: a connection just returned, clean, counted in use.
-    HandedOver(Conn, Duration),
+    /// After a wait of this long: a connection just returned, clean, counted in use; the slot
+    /// is the caller's once it accepts the connection (its socket may have closed since).
+    HandedOver(Conn, Permit<'a>, Duration),
     /// After a wait of this long: a slot, to take an idle connection or open one in.
     Slot(Permit<'a>, Duration),
     /// The bound passed first.
@@ -292,13 +298,12 @@ impl Slots {
             // Their waiters were woken when they were handed these; they find them gone.
             let granted = std::mem::take(&mut locked.core.granted);
             for (_, grant) in granted {
-                match grant {
-                    Grant::Conn(conn) => {
-                        self.in_use.fetch_sub(1, Release);
-                        conns.push(conn);
-                    }
-                    Grant::Slot => locked.core.free += 1,
+                if let Grant::Conn(conn) = grant {
+                    self.in_use.fetch_sub(1, Release);
+                    conns.push(conn);
                 }
+                // Its slot is free (for the count; a closed pool lends none).
+                locked.core.free += 1;
             }
             self.free_hint.store(locked.core.free, Relaxed);
             (wakers, conns)
@@ -381,15 +386,20 @@ impl<'a> Future for Acquire<'a> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Acquired<'a>> {
         let this = self.get_mut();
+        // Before the lock: a panic under it would poison it.
+        let queued = match this.state {
+            WaitState::Done => panic!("a slot wait polled after it ended"),
+            WaitState::New => None,
+            WaitState::Queued(ticket) => Some(ticket),
+        };
         // Likely to wait: the clock is read before the lock is taken.
-        let early = matches!(this.state, WaitState::New)
+        let early = queued.is_none()
             && this.slots.free_hint.load(Relaxed) == 0
             && (this.timeout.is_some() || this.cut.is_some());
         let early = early.then(Instant::now);
         let mut core = this.slots.core();
-        let ticket = match this.state {
-            WaitState::Done => panic!("a slot wait polled after it ended"),
-            WaitState::New => {
+        let ticket = match queued {
+            None => {
                 if core.closed {
                     this.state = WaitState::Done;
                     return Poll::Ready(Acquired::Closed);
@@ -413,6 +423,11 @@ impl<'a> Future for Acquire<'a> {
                 let now = early.unwrap_or_else(Instant::now);
                 this.since = Some(now);
                 this.bound = Bound::starting(now, this.timeout, this.cut);
+                // A cutoff that passed since the caller looked: no wait at all.
+                if let Some(b) = this.bound.filter(Bound::passed) {
+                    this.state = WaitState::Done;
+                    return Poll::Ready(Acquired::TimedOut(b));
+                }
                 let ticket = core.next_ticket;
                 core.next_ticket += 1;
                 let at = this.bound.map(|b| b.at);
@@ -429,14 +444,14 @@ impl<'a> Future for Acquire<'a> {
                 }
                 return Poll::Pending;
             }
-            WaitState::Queued(ticket) => ticket,
+            Some(ticket) => ticket,
         };
         if let Some(grant) = core.take_grant(ticket) {
             this.state = WaitState::Done;
             drop(core);
             let waited = this.since.map(|t| t.elapsed()).unwrap_or_default();
             return Poll::Ready(match grant {
-                Grant::Conn(conn) => Acquired::HandedOver(conn, waited),
+                Grant::Conn(conn) => Acquired::HandedOver(conn, this.slots.held(), waited),
                 Grant::Slot => Acquired::Slot(this.slots.held(), waited),
             });
         }
@@ -806,6 +821,23 @@ mod tests {
         assert!(
             other.join().unwrap(),
             "the other runtime's waiter ended at its bound"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_poll_after_ready_panics_without_poisoning_the_lock() {
+        let slots = Slots::new(1);
+        let mut w = slots.acquire(None, None);
+        let got = poll_once(&mut w).await;
+        assert!(matches!(got, Some(Acquired::Empty(_))));
+        drop(got);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = Pin::new(&mut w).poll(&mut Context::from_waker(Waker::noop()));
+        }));
+        assert!(r.is_err(), "polled after Ready: panics by design");
+        assert!(
+            !slots.core.is_poisoned(),
+            "the panic came with the lock held"
         );
     }
 
