@@ -397,86 +397,106 @@ impl<'a> Future for Acquire<'a> {
             && this.slots.free_hint.load(Relaxed) == 0
             && (this.timeout.is_some() || this.cut.is_some());
         let early = early.then(Instant::now);
-        let mut core = this.slots.core();
-        let ticket = match queued {
-            None => {
-                if core.closed {
-                    this.state = WaitState::Done;
-                    return Poll::Ready(Acquired::Closed);
-                }
-                // Free only while nobody waits: nobody is overtaken.
-                if core.free > 0 {
-                    core.free -= 1;
-                    this.slots.free_hint.store(core.free, Relaxed);
-                    this.state = WaitState::Done;
-                    let permit = this.slots.held();
-                    let idle = core.idle.pop_back();
-                    this.slots.idle_count.store(core.idle.len(), Relaxed);
-                    return Poll::Ready(match idle {
-                        Some(conn) => {
-                            let in_use = this.slots.in_use.fetch_add(1, Release) + 1;
-                            Acquired::Idle(conn, in_use, permit)
-                        }
-                        None => Acquired::Empty(permit),
-                    });
-                }
-                let now = early.unwrap_or_else(Instant::now);
-                this.since = Some(now);
-                this.bound = Bound::starting(now, this.timeout, this.cut);
-                // A cutoff that passed since the caller looked: no wait at all.
-                if let Some(b) = this.bound.filter(Bound::passed) {
-                    this.state = WaitState::Done;
-                    return Poll::Ready(Acquired::TimedOut(b));
-                }
-                let ticket = core.next_ticket;
-                core.next_ticket += 1;
-                let at = this.bound.map(|b| b.at);
-                core.queue.push_back(Waiter {
-                    ticket,
-                    at,
-                    waker: cx.waker().clone(),
-                    expired: false,
-                });
-                // Queued before anything can panic: dropped (or unwound), it leaves the queue.
-                this.state = WaitState::Queued(ticket);
-                if let Some(at) = at {
-                    this.slots.arm(core, at);
-                }
-                return Poll::Pending;
-            }
-            Some(ticket) => ticket,
+        let core = this.slots.core();
+        let polled = match queued {
+            None => this.first(core, early, cx),
+            Some(ticket) => this.again(core, ticket, cx),
         };
-        if let Some(grant) = core.take_grant(ticket) {
+        if polled.is_ready() {
             this.state = WaitState::Done;
+        }
+        polled
+    }
+}
+
+impl<'a> Acquire<'a> {
+    /// The first poll: a free slot at once, or a place in the queue. `early`: the clock, if
+    /// it was read before the lock.
+    fn first(
+        &mut self,
+        mut core: MutexGuard<'a, Core>,
+        early: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Acquired<'a>> {
+        let slots = self.slots;
+        if core.closed {
+            return Poll::Ready(Acquired::Closed);
+        }
+        // Free only while nobody waits: nobody is overtaken.
+        if core.free > 0 {
+            core.free -= 1;
+            slots.free_hint.store(core.free, Relaxed);
+            let permit = slots.held();
+            let idle = core.idle.pop_back();
+            slots.idle_count.store(core.idle.len(), Relaxed);
+            return Poll::Ready(match idle {
+                Some(conn) => {
+                    let in_use = slots.in_use.fetch_add(1, Release) + 1;
+                    Acquired::Idle(conn, in_use, permit)
+                }
+                None => Acquired::Empty(permit),
+            });
+        }
+        let now = early.unwrap_or_else(Instant::now);
+        self.since = Some(now);
+        self.bound = Bound::starting(now, self.timeout, self.cut);
+        // A cutoff that passed since the caller looked: no wait at all.
+        if let Some(b) = self.bound.filter(Bound::passed) {
+            return Poll::Ready(Acquired::TimedOut(b));
+        }
+        let ticket = core.next_ticket;
+        core.next_ticket += 1;
+        let at = self.bound.map(|b| b.at);
+        core.queue.push_back(Waiter {
+            ticket,
+            at,
+            waker: cx.waker().clone(),
+            expired: false,
+        });
+        // Queued before anything can panic: dropped (or unwound), it leaves the queue.
+        self.state = WaitState::Queued(ticket);
+        if let Some(at) = at {
+            slots.arm(core, at);
+        }
+        Poll::Pending
+    }
+
+    /// A later poll of the waiter `ticket`: what it was handed, or its bound, or the close.
+    fn again(
+        &mut self,
+        mut core: MutexGuard<'a, Core>,
+        ticket: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Acquired<'a>> {
+        let slots = self.slots;
+        if let Some(grant) = core.take_grant(ticket) {
             drop(core);
-            let waited = this.since.map(|t| t.elapsed()).unwrap_or_default();
+            let waited = self.since.map(|t| t.elapsed()).unwrap_or_default();
             return Poll::Ready(match grant {
-                Grant::Conn(conn) => Acquired::HandedOver(conn, this.slots.held(), waited),
-                Grant::Slot => Acquired::Slot(this.slots.held(), waited),
+                Grant::Conn(conn) => Acquired::HandedOver(conn, slots.held(), waited),
+                Grant::Slot => Acquired::Slot(slots.held(), waited),
             });
         }
         // Neither handed anything nor queued: `close` took it out.
         let Some(i) = core.queued(ticket) else {
-            this.state = WaitState::Done;
             return Poll::Ready(Acquired::Closed);
         };
         // The bound was computed as it queued: only a wakeup reads the clock again.
         let w = &mut core.queue[i];
-        if let Some(b) = this.bound
+        if let Some(b) = self.bound
             && (w.expired || Instant::now() >= b.at)
         {
             core.queue.remove(i);
-            this.state = WaitState::Done;
             return Poll::Ready(Acquired::TimedOut(b));
         }
         if !w.waker.will_wake(cx.waker()) {
             w.waker = cx.waker().clone();
         }
         // The watchdog went with its runtime: this waiter's runtime runs the next one.
-        if let Some(b) = this.bound
+        if let Some(b) = self.bound
             && !core.watching
         {
-            this.slots.arm(core, b.at);
+            slots.arm(core, b.at);
         }
         Poll::Pending
     }
@@ -729,10 +749,7 @@ mod tests {
     #[test]
     fn a_runtime_that_shuts_down_takes_its_watchdog_but_not_the_next_ones() {
         let slots = Slots::new(0);
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let first = runtime();
         first.block_on(async {
             // Queued, watchdog started; then the runtime goes away with both.
             let w = tokio::spawn({
@@ -747,12 +764,17 @@ mod tests {
         });
         drop(first);
         assert!(!watching(&slots));
-        let second = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let second = runtime();
         let timed_out = second.block_on(woken_by_its_bound(&slots, Duration::from_millis(50)));
         assert!(timed_out, "the bound held in the second runtime");
+    }
+
+    /// A runtime of its own, for the tests of what outlives one.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     /// Waits until `bound`; true if the wait ended with its bound, woken for it. Not inside a
@@ -769,10 +791,7 @@ mod tests {
     #[test]
     fn a_watchdog_dropped_before_its_first_poll_stops_no_later_bound() {
         let slots = Slots::new(0);
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let first = runtime();
         first.block_on(async {
             // Queues and spawns the watchdog; the block_on ends before the watchdog runs.
             let mut w = slots.acquire(Some(Duration::from_secs(60)), None);
@@ -780,10 +799,7 @@ mod tests {
         });
         drop(first);
         assert!(!watching(&slots));
-        let second = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let second = runtime();
         let timed_out = second.block_on(woken_by_its_bound(&slots, Duration::from_millis(50)));
         assert!(timed_out, "the 50 ms bound was enforced");
     }
@@ -791,10 +807,7 @@ mod tests {
     #[test]
     fn a_waiter_outlives_the_runtime_of_the_watchdog() {
         let slots = Slots::new(0);
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let first = runtime();
         let other = first.block_on(async {
             let mut w = slots.acquire(Some(Duration::from_secs(60)), None);
             assert!(poll_once(&mut w).await.is_none());
@@ -802,13 +815,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let other = std::thread::spawn({
                 let slots = slots.clone();
-                move || {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap()
-                        .block_on(woken_by_its_bound(&slots, Duration::from_millis(200)))
-                }
+                move || runtime().block_on(woken_by_its_bound(&slots, Duration::from_millis(200)))
             });
             while slots.core().queue.len() < 2 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
