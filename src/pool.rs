@@ -242,8 +242,8 @@ impl Pool {
                 let (conn, in_use) = inner.fill(permit, cut, false).await?;
                 (conn, in_use, Duration::ZERO)
             }
-            // Handed over as it came back (its lifetime checked then), still counted in use.
-            // Its lifetime was checked as it came back; its socket may have closed since.
+            // Still counted in use; its lifetime was checked as it came back, and its socket
+            // may have closed since.
             Acquired::HandedOver(conn, permit, waited) => {
                 let in_use = inner.slots.in_use.load(Relaxed);
                 let (conn, in_use) = inner.accept(conn, in_use, permit, None, cut).await?;
@@ -396,7 +396,7 @@ impl PoolInner {
         cut: Option<Instant>,
         look: bool,
     ) -> Result<(Conn, usize), Error> {
-        let filled = match look.then(|| self.pop_usable(true)).flatten() {
+        let filled = match look.then(|| self.pop_usable()).flatten() {
             Some(popped) => popped,
             None => {
                 // Boxed: opening is rare, and its state would make every `get()` future large.
@@ -411,10 +411,9 @@ impl PoolInner {
     /// The most recently used idle connection that is still usable; stale ones are closed.
     /// Counts it in use under the idle set's lock (see [`Pool::status`]); returns it with
     /// the new in-use count.
-    fn pop_usable(&self, check_age: bool) -> Option<(Conn, usize)> {
-        let now = check_age.then(SystemTime::now);
+    fn pop_usable(&self) -> Option<(Conn, usize)> {
         self.take_usable(
-            now,
+            Some(SystemTime::now()),
             |_| true,
             |_| self.slots.in_use.fetch_add(1, Release) + 1,
         )

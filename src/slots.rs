@@ -55,7 +55,8 @@ pub(crate) struct Slots {
 /// What the lock guards.
 pub(crate) struct Core {
     idle: VecDeque<Conn>,
-    /// Slots nobody holds. Nonzero only while nobody waits.
+    /// Slots nobody holds. Nonzero only while nobody waits (but waiters whose bound was seen
+    /// to pass, about to leave).
     free: usize,
     closed: bool,
     /// Callers waiting for a slot, oldest first (tickets ascending).
@@ -98,6 +99,7 @@ pub(crate) enum Acquired<'a> {
     Slot(Permit<'a>, Duration),
     /// The bound passed first.
     TimedOut(Bound),
+    /// The pool was closed.
     Closed,
 }
 
