@@ -318,10 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn random_operations_keep_the_invariants() {
-        let seed = std::env::var("PINPOOL_MEMORY_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(7);
+        let seed = seed(7);
         let mut rng = StdRng::seed_from_u64(seed);
         let (pool, memory) = pool(
             builder()
@@ -543,10 +540,7 @@ mod tests {
     /// nobody is left waiting while a slot is free (no handoff is lost).
     #[tokio::test]
     async fn random_waiters_and_returns_lose_no_slot() {
-        let seed = std::env::var("PINPOOL_MEMORY_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(11);
+        let seed = seed(11);
         let mut rng = StdRng::seed_from_u64(seed);
         let max = 3;
         let (pool, _) = pool(builder().max_size(max));
@@ -597,6 +591,14 @@ mod tests {
         waiting.clear();
         held.clear();
         assert_at_rest(&pool);
+    }
+
+    /// The random tests' seed: `PINPOOL_MEMORY_SEED`, else `default`.
+    fn seed(default: u64) -> u64 {
+        std::env::var("PINPOOL_MEMORY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
     }
 
     /// Polls once.
