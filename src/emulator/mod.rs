@@ -421,7 +421,6 @@ impl Emulator {
     /// The counters now. Idle database connections the database closed are let go first, so
     /// `upstream_open` counts live ones.
     pub fn counters(&self) -> EmulatorCounters {
-        // Only live connections count as open: idle ones the database closed are let go first.
         self.shared.pool.prune_idle();
         let c = &self.shared.counters;
         EmulatorCounters {
