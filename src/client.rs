@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::panic::Location;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Buf;
 use tokio::time::Instant;
@@ -14,7 +15,7 @@ use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, SimpleQueryMessage};
 
 use crate::conn::{Conn, ConnData, ConnState, Fate, InFlight};
-use crate::deadline::{Bound, within};
+use crate::deadline::{Bound, earlier, within};
 use crate::error::{Error, Phase};
 use crate::invocation::Invocation;
 use crate::pinning::{Classification, Protocol, Reasons, TxnControl, classify};
@@ -28,7 +29,11 @@ use crate::stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream};
 struct Guarded<'a> {
     state: &'a ConnState,
     pool: &'a PoolInner,
+    /// As of the checkout: the earlier of `get_by`'s and the invocation's then current.
+    /// Replaced for each call by [`Guarded::now`].
     cutoff: Option<Instant>,
+    /// The cutoff `get_by` was given, if any.
+    explicit: Option<Instant>,
 }
 
 /// The bound of one statement call, made once: its prepare, execute, a stale-statement retry
@@ -40,18 +45,41 @@ fn call_bound(pool: &PoolInner, cutoff: Option<Instant>) -> Result<Option<Bound>
     }
 }
 
+/// The cutoff of a call made now: the invocation the call runs in bounds it, whenever its
+/// client was checked out (with `get_by`'s cutoff, if earlier); outside any invocation, the
+/// checkout's.
+fn cutoff_now(
+    pool: &PoolInner,
+    at_checkout: Option<Instant>,
+    explicit: Option<Instant>,
+) -> Option<Instant> {
+    match Invocation::current_cutoff(pool) {
+        Some(c) => earlier(explicit, Some(c)),
+        None => at_checkout,
+    }
+}
+
 impl<'a> Guarded<'a> {
+    /// This guard with the cutoff of a call made now ([`cutoff_now`]).
+    fn now(self) -> Guarded<'a> {
+        Guarded {
+            cutoff: cutoff_now(self.pool, self.cutoff, self.explicit),
+            ..self
+        }
+    }
+
     /// The bound of one statement call (see [`call_bound`]).
     fn bound(&self) -> Result<Option<Bound>, Error> {
         call_bound(self.pool, self.cutoff)
     }
 
-    /// A context for one call on `client`, with the call's bound.
+    /// A context for one call made now on `client`, with the call's bound.
     fn ctx(self, client: &'a Client) -> Result<Ctx<'a>, Error> {
+        let g = self.now();
         Ok(Ctx {
             client,
-            g: self,
-            bound: self.bound()?,
+            g,
+            bound: g.bound()?,
         })
     }
 
@@ -79,14 +107,19 @@ impl<'a> Guarded<'a> {
     ) -> Result<T, Error> {
         let in_flight = self.state.begin();
         let request = in_flight.request;
+        self.state.wire.set_cutoff(self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(res) => {
                 in_flight.done();
                 if res.as_ref().map_or_else(answered_by_server, |_| true) {
                     self.state.await_ready(request, bound).await;
                 }
+                if res.is_err() {
+                    let at_bind = self.state.wire.failed_before_bind_complete(request);
+                    self.state.set_failed_at_bind(at_bind);
+                }
                 self.pool.report_pins(self.state);
-                res.map_err(|e| self.failed(e))
+                res.map_err(|e| self.failed(e, bound))
             }
             Err(timeout) => Err(self.expire(timeout)),
         }
@@ -99,6 +132,7 @@ impl<'a> Guarded<'a> {
         fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
     ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
         let in_flight = self.state.begin();
+        self.state.wire.set_cutoff(self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(Ok(s)) => {
                 self.pool.report_pins(self.state);
@@ -111,15 +145,26 @@ impl<'a> Guarded<'a> {
                     self.state.await_ready(request, bound).await;
                 }
                 self.pool.report_pins(self.state);
-                Err(self.failed(e))
+                Err(self.failed(e, bound))
             }
             Err(timeout) => Err(self.expire(timeout)),
         }
     }
 
     /// Wraps a statement's error; one that ends the session closes the connection now, so it
-    /// is never handed out again.
-    fn failed(&self, e: tokio_postgres::Error) -> Error {
+    /// is never handed out again. A connection closed because a request outlived its bound
+    /// (the connection task's check, `conn.rs`, which reported it) gives the timeout.
+    fn failed(&self, e: tokio_postgres::Error, bound: Option<Bound>) -> Error {
+        if e.is_closed()
+            && let Some(cause) = self.state.wire.expired()
+        {
+            self.state.kill();
+            return Error::Timeout {
+                phase: Phase::Query,
+                cause,
+                after: bound.map_or(Duration::ZERO, |b| b.allowed),
+            };
+        }
         if ends_session(&e) {
             self.state.kill_broken();
         }
@@ -227,16 +272,22 @@ impl Target {
 }
 
 /// True for the server's word that a prepared statement no longer fits (DDL changed its
-/// result type) or no longer exists.
-fn is_stale(e: &Error) -> bool {
-    match e.as_db_error() {
-        Some(db) => {
-            *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
-                || (*db.code() == SqlState::FEATURE_NOT_SUPPORTED
-                    && db.message().contains("cached plan"))
-        }
-        None => false,
-    }
+/// result type) or no longer exists, and that it said so while binding it, before anything
+/// ran. Decided from structure, never from the error's text: the error answered the call's
+/// Bind (no BindComplete came before it, [`ConnState::failed_at_bind`]), and it was raised
+/// by the server routine that revalidates a cached plan or looks a statement up. The same
+/// SQLSTATE raised by a function (`RAISE`), relayed from another server (postgres_fdw,
+/// dblink) or by an SQL-level `EXECUTE` inside a statement that ran fails one of the two.
+fn is_stale(e: &Error, state: &ConnState) -> bool {
+    let Some(db) = e.as_db_error() else {
+        return false;
+    };
+    let routine = db.routine().unwrap_or("");
+    let revalidating =
+        *db.code() == SqlState::FEATURE_NOT_SUPPORTED && routine == "RevalidateCachedQuery";
+    let looking_up = *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
+        && matches!(routine, "FetchPreparedStatement" | "exec_bind_message");
+    (revalidating || looking_up) && state.failed_at_bind()
 }
 
 impl<'a> Ctx<'a> {
@@ -351,7 +402,7 @@ impl<'a> Ctx<'a> {
 
     /// Drops a stale statement from the cache; true when running it again makes sense.
     fn drop_stale(self, sql: &str, e: &Error) -> bool {
-        if !is_stale(e) {
+        if !is_stale(e, self.g.state) {
             return false;
         }
         drop(self.g.state.cache().remove(sql));
@@ -615,7 +666,11 @@ pub struct PooledClient {
     /// goes back to the pool; at most one per checkout.
     conn: Option<Conn>,
     pool: Arc<PoolInner>,
+    /// As of the checkout: the earlier of `get_by`'s and the invocation's then current. Each
+    /// call stops at the cutoff of the invocation it runs in ([`cutoff_now`]).
     cutoff: Option<Instant>,
+    /// The cutoff `get_by` was given, if any.
+    explicit: Option<Instant>,
     invocation: Option<Invocation>,
     /// Where `get()` was called, and when (only with `held_too_long`).
     from: &'static Location<'static>,
@@ -643,7 +698,7 @@ impl PooledClient {
     pub(crate) fn new(
         conn: Conn,
         pool: Arc<PoolInner>,
-        cutoff: Option<Instant>,
+        (cutoff, explicit): (Option<Instant>, Option<Instant>),
         invocation: Option<Invocation>,
     ) -> Self {
         conn.state.mark_checkout();
@@ -651,6 +706,7 @@ impl PooledClient {
             conn: Some(conn),
             pool,
             cutoff,
+            explicit,
             invocation,
             from: Location::caller(),
             since: None,
@@ -686,12 +742,20 @@ impl PooledClient {
         }
     }
 
+    /// A guard for calls made now on `conn`.
     fn guarded<'s>(&'s self, conn: &'s Conn) -> Guarded<'s> {
         Guarded {
             state: &conn.state,
             pool: &self.pool,
             cutoff: self.cutoff,
+            explicit: self.explicit,
         }
+        .now()
+    }
+
+    /// The cutoff of a call made now ([`cutoff_now`]).
+    fn cutoff_now(&self) -> Option<Instant> {
+        cutoff_now(&self.pool, self.cutoff, self.explicit)
     }
 
     /// A context for one call on the current connection, with the call's bound.
@@ -754,7 +818,7 @@ impl PooledClient {
         let old = checked_out.state.id;
         let cell = checked_out.replacement.get_or_init(Box::default);
         let install = cell.get_or_try_init(|| async {
-            let conn = self.pool.replacement(old, self.cutoff).await?;
+            let conn = self.pool.replacement(old, ctx.g.cutoff).await?;
             // Synchronous from the replacement's arrival to its installation: dropped before,
             // nothing changed.
             if let Some(inv) = &self.invocation {
@@ -1088,7 +1152,10 @@ impl PooledClient {
     pub(crate) async fn settle_raw(&self) -> bool {
         // Part of the checkout: bounded like a wait for a slot (and like the freeze check).
         let s = &self.pool.settings;
-        let bound = Bound::new(Some(s.acquire_timeout.min(s.validate_timeout)), self.cutoff);
+        let bound = Bound::new(
+            Some(s.acquire_timeout.min(s.validate_timeout)),
+            self.cutoff_now(),
+        );
         let conn = self.conn();
         if self
             .guarded(conn)
@@ -1137,21 +1204,40 @@ impl PooledClient {
     }
 
     /// The tokio-postgres client, for what pinpool does not wrap. What it sends is observed
-    /// on the wire like everything else (pins, transaction status, COPY), but its calls are
-    /// not bounded by pinpool's timeouts, and a call dropped before its request was written
-    /// may leave that request queued: such a connection gets a round trip before an
+    /// on the wire like everything else (pins, transaction status, COPY), and each request is
+    /// bounded on the socket: when `query_timeout` from its writing, or the cutoff of the
+    /// invocation this is called in, passes before its answer, the socket closes and the call
+    /// fails (with the driver's closed-connection error). A call dropped before its request
+    /// was written may leave that request queued: such a connection gets a round trip before an
     /// invocation ends (or at the next invocation's start) before it is trusted again. Once
     /// it was handed out, the connection is never swapped for a fresh one (the caller holds
     /// this one's client): no statement of this checkout is retried.
     pub fn raw(this: &Self) -> &Client {
         let conn = this.conn();
         conn.state.set_raw_used();
+        conn.state.wire.set_cutoff(this.cutoff_now());
         &conn.client
     }
 
-    /// The deadline-derived cutoff this client's statements stop at, if any.
+    /// The deadline-derived cutoff a statement of this client made now stops at, if any: the
+    /// invocation's it runs in (whenever the client was checked out), or `get_by`'s if earlier.
     pub fn cutoff(this: &Self) -> Option<Instant> {
-        this.cutoff
+        this.cutoff_now()
+    }
+}
+
+/// A checked-out client is usable where `&tokio_postgres::Client` is expected (code written
+/// for deadpool-postgres, migrations, other crates' helpers), as [`PooledClient::raw`]: what
+/// it sends is observed on the wire (pins, transaction status, COPY) and every request is
+/// bounded where its bytes are, by `query_timeout` and the cutoff of the invocation it runs
+/// in (the socket closes when the bound passes with the request unanswered). pinpool's own
+/// methods keep their names, so method calls on the client still resolve to them: only code
+/// that asks for the driver's client gets it.
+impl std::ops::Deref for PooledClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        PooledClient::raw(self)
     }
 }
 
@@ -1420,6 +1506,7 @@ impl<'a> Transaction<'a> {
             g,
             mut _mark,
         } = self;
+        let g = g.now();
         let r = g.run(g.bound()?, inner.commit()).await;
         if let Some(m) = _mark.as_mut() {
             // A commit that failed before it was sent (its bound had passed) dropped the
@@ -1440,6 +1527,7 @@ impl<'a> Transaction<'a> {
             g,
             mut _mark,
         } = self;
+        let g = g.now();
         let r = g.run(g.bound()?, inner.rollback()).await;
         if let Some(m) = _mark.as_mut() {
             m.finished = r.is_ok();
@@ -1452,7 +1540,7 @@ impl<'a> Transaction<'a> {
     /// # Errors
     /// As [`query`](Self::query).
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        let g = self.g;
+        let g = self.g.now();
         let inner = g.run(g.bound()?, self.inner.transaction()).await?;
         Ok(Transaction {
             inner,
@@ -1466,7 +1554,7 @@ impl<'a> Transaction<'a> {
     /// # Errors
     /// As [`query`](Self::query).
     pub async fn savepoint<I: Into<String>>(&mut self, name: I) -> Result<Transaction<'_>, Error> {
-        let g = self.g;
+        let g = self.g.now();
         // tokio-postgres pastes the name into the SQL: the wire classifies what it sends, and
         // the strict policy checks the text first.
         let name = name.into();
@@ -1519,8 +1607,8 @@ impl<'a> Transaction<'a> {
     /// # Errors
     /// As [`query`](Self::query).
     pub async fn query_portal(&self, portal: &Portal, max_rows: i32) -> Result<Vec<Row>, Error> {
-        self.g
-            .run(self.g.bound()?, self.inner.query_portal(portal, max_rows))
+        let g = self.g.now();
+        g.run(g.bound()?, self.inner.query_portal(portal, max_rows))
             .await
     }
 
@@ -1533,12 +1621,9 @@ impl<'a> Transaction<'a> {
         portal: &Portal,
         max_rows: i32,
     ) -> Result<RowStream<'_>, Error> {
-        let (s, bound, f) = self
-            .g
-            .open(
-                self.g.bound()?,
-                self.inner.query_portal_raw(portal, max_rows),
-            )
+        let g = self.g.now();
+        let (s, bound, f) = g
+            .open(g.bound()?, self.inner.query_portal_raw(portal, max_rows))
             .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
     }
@@ -1590,11 +1675,14 @@ impl<'a> TransactionBuilder<'a> {
             conn,
             pool,
             cutoff,
+            explicit,
             invocation,
             from,
             ..
         } = client;
+        let explicit = *explicit;
         let (pool, cutoff): (&PoolInner, Option<Instant>) = (pool, *cutoff);
+        let cutoff = cutoff_now(pool, cutoff, explicit);
         // The bound first: a start refused here sends nothing and queues no ROLLBACK, so it
         // must leave no mark saying one is queued.
         let bound = call_bound(pool, cutoff)?;
@@ -1612,7 +1700,7 @@ impl<'a> TransactionBuilder<'a> {
                 .and_then(|cell| cell.get_mut())
                 .expect("a replacement is set once and kept");
             let ConnData { client, state, .. } = &mut **fresh;
-            return begin(client, state, pool, cutoff, options, bound)
+            return begin(client, state, pool, (cutoff, explicit), options, bound)
                 .await
                 .map_err(|(e, _)| e);
         }
@@ -1625,7 +1713,7 @@ impl<'a> TransactionBuilder<'a> {
             ..
         } = conn;
         let old = state.id;
-        let e = match begin(client, state, pool, cutoff, options, bound).await {
+        let e = match begin(client, state, pool, (cutoff, explicit), options, bound).await {
             Ok(tx) => return Ok(tx),
             Err((e, true)) if is_closed_error(&e) => e,
             Err((e, _)) => return Err(e),
@@ -1648,7 +1736,7 @@ impl<'a> TransactionBuilder<'a> {
             .and_then(|cell| cell.get_mut())
             .expect("just set");
         let ConnData { client, state, .. } = &mut **fresh;
-        begin(client, state, pool, cutoff, options, bound)
+        begin(client, state, pool, (cutoff, explicit), options, bound)
             .await
             .map_err(|(e, _)| e)
     }
@@ -1661,7 +1749,7 @@ async fn begin<'c>(
     client: &'c mut Client,
     state: &'c ConnState,
     pool: &'c PoolInner,
-    cutoff: Option<Instant>,
+    (cutoff, explicit): (Option<Instant>, Option<Instant>),
     (isolation_level, read_only, deferrable): (Option<IsolationLevel>, Option<bool>, Option<bool>),
     bound: Option<Bound>,
 ) -> Result<Transaction<'c>, (Error, bool)> {
@@ -1669,6 +1757,7 @@ async fn begin<'c>(
         state,
         pool,
         cutoff,
+        explicit,
     };
     let mut builder = client.build_transaction();
     if let Some(level) = isolation_level {

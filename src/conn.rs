@@ -1,19 +1,22 @@
 //! One pooled connection: the tokio-postgres client, the task that drives its socket, and the
 //! state that decides whether it may go back to the pool.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use tokio::task::AbortHandle;
+use tokio::time::Sleep;
 use tokio_postgres::Client;
 
 use crate::cache::StatementCache;
 use crate::config::{PinPolicy, Settings};
 use crate::connect::{ConnectionFuture, Opened};
 use crate::deadline::{Bound, until};
+use crate::error::Phase;
 use crate::pinning::Reasons;
 use crate::status::CloseReason;
 use crate::wire::{Facts, TxnStatus, Wire};
@@ -27,8 +30,10 @@ struct TaskSlot {
 }
 
 /// Spawns the task that drives a connection's socket. The task ends when the server closes
-/// the connection or when [`ConnState::kill`] drops the future; either way `wire` learns it,
-/// so nobody waits for a ReadyForQuery that cannot come.
+/// the connection, when [`ConnState::kill`] drops the future, or when a request written on it
+/// outlives its bound ([`Wire::due`]: whatever API wrote it, the driver's own client
+/// included); either way `wire` learns it, so nobody waits for a ReadyForQuery that cannot
+/// come.
 fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> Arc<TaskSlot> {
     let slot = Arc::new(TaskSlot {
         fut: Mutex::new(Some(connection)),
@@ -36,25 +41,62 @@ fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> A
         wire,
     });
     let polled = slot.clone();
+    // Armed at the earliest bound of a request in flight; left armed when that request is
+    // answered (a timer reset per request would cost more than a spurious wake-up later).
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
     let handle = tokio::spawn(poll_fn(move |cx| {
         let mut fut = crate::sync::lock(&polled.fut);
         let Some(f) = fut.as_mut() else {
             return Poll::Ready(());
         };
         match f.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if !bound_passed(&polled.wire, &mut timer, cx) {
+                    return Poll::Pending;
+                }
+                *fut = None;
+                let cause = polled.wire.expire();
+                crate::metrics::timeout(Phase::Query, cause);
+                tracing::warn!(
+                    connection = id,
+                    cause = cause.as_str(),
+                    "pinpool: a request outlived its bound; the socket was closed"
+                );
+            }
             Poll::Ready(result) => {
                 if let Err(e) = result {
                     tracing::debug!(connection = id, error = %e, "pinpool: connection ended with an error");
                 }
                 *fut = None;
-                polled.wire.end();
-                Poll::Ready(())
             }
         }
+        polled.wire.end();
+        Poll::Ready(())
     }));
     let _ = slot.abort.set(handle.abort_handle());
     slot
+}
+
+/// True once the earliest bound of the requests in flight on `wire` has passed; otherwise
+/// arms `timer` to wake the connection task by then.
+fn bound_passed(wire: &Wire, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
+    let Some(due) = wire.due() else {
+        return false;
+    };
+    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+    if sleep.deadline() > due {
+        sleep.as_mut().reset(due);
+    }
+    loop {
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if sleep.deadline() >= due {
+            return true;
+        }
+        // An earlier request's bound, answered since.
+        sleep.as_mut().reset(due);
+    }
 }
 
 const TXN_OBJECT: u8 = 1; // a pinpool Transaction is alive (cleared by its drop)
@@ -63,6 +105,7 @@ const BROKEN: u8 = 4; // the socket was closed by pinpool after a fatal error
 const ROLLBACK_QUEUED: u8 = 8; // a dropped transaction queued a ROLLBACK not yet known sent
 const RAW_USED: u8 = 16; // raw access was handed out: a request may wait unseen in the queue
 const STATEMENT_LENT: u8 = 32; // a Statement of this connection was handed out in this checkout
+const FAILED_AT_BIND: u8 = 64; // the last call's error answered its Parse or Bind: nothing ran
 /// Requests may wait in the client's queue, not yet written: a round trip settles them.
 const UNSETTLED: u8 = ROLLBACK_QUEUED | RAW_USED;
 
@@ -214,6 +257,17 @@ impl ConnState {
         let _ = until(bound, self.wire.ready_for(request)).await;
     }
 
+    /// Records whether the last call's error came before any BindComplete of its request
+    /// ([`Wire::failed_before_bind_complete`]).
+    pub(crate) fn set_failed_at_bind(&self, on: bool) {
+        self.set(FAILED_AT_BIND, on);
+    }
+
+    /// True when the last call's error answered its Parse or Bind, before anything of it ran.
+    pub(crate) fn failed_at_bind(&self) -> bool {
+        self.flags.load(Relaxed) & FAILED_AT_BIND != 0
+    }
+
     /// True when raw access was handed out since the last round trip settled it.
     pub(crate) fn raw_used(&self) -> bool {
         self.flags.load(Relaxed) & RAW_USED != 0
@@ -336,13 +390,14 @@ impl std::ops::DerefMut for Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(opened: Opened, id: u64) -> Conn {
+    pub(crate) fn new(opened: Opened, id: u64, query_timeout: Option<Duration>) -> Conn {
         let now = SystemTime::now();
         let Opened {
             client,
             connection,
             wire,
         } = opened;
+        wire.set_query_timeout(query_timeout);
         let task = spawn_connection(connection, id, wire.clone());
         Conn(Box::new(ConnData {
             client,

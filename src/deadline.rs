@@ -17,6 +17,14 @@ pub(crate) fn cutoff(deadline: SystemTime, margin: Duration) -> Instant {
     after(left.saturating_sub(margin))
 }
 
+/// The earlier of two cutoffs, either of which may be absent.
+pub(crate) fn earlier(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// `d` from now; a `d` too long for the clock (`Duration::MAX`) gives a century from now,
 /// as good as never.
 pub(crate) fn after(d: Duration) -> Instant {

@@ -205,14 +205,44 @@ impl fmt::Display for Error {
                  answer the caller now instead of timing out",
                 phase.as_str()
             ),
-            Error::Connect(e) => write!(f, "pinpool: could not connect to the database: {e}"),
+            Error::Connect(e) => {
+                write!(f, "pinpool: could not connect to the database: {}", Said(e))
+            }
             Error::Password(e) => write!(f, "pinpool: the password provider failed: {e}"),
-            Error::Query(e) => write!(f, "pinpool: statement failed: {e}"),
+            Error::Query(e) => write!(f, "pinpool: statement failed: {}", Said(e)),
             Error::PinRefused { reasons, statement } => write!(
                 f,
                 "pinpool: refused a statement that may pin an RDS Proxy session ({reasons}): {statement:?}"
             ),
             Error::Closed => write!(f, "pinpool: the pool is closed"),
+        }
+    }
+}
+
+/// What the server or the socket said, for a person on call: the server's severity, SQLSTATE
+/// and message (not its detail, which may quote a row's values, nor anything of the
+/// statement's parameters), or the driver's word and, for a socket error, the system's.
+struct Said<'a>(&'a tokio_postgres::Error);
+
+impl fmt::Display for Said<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(db) = self.0.as_db_error() {
+            return write!(
+                f,
+                "{} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            );
+        }
+        write!(f, "{}", self.0)?;
+        match self
+            .0
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+        {
+            Some(io) => write!(f, ": {io}"),
+            None => Ok(()),
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct Invocation(pub(crate) Arc<InvocationInner>);
 
 pub(crate) struct InvocationInner {
     deadline: SystemTime,
+    /// The deadline minus its pool's `deadline_margin`, as of the start.
+    cutoff: Instant,
     pool: Arc<PoolInner>,
     /// Pinned connections kept for this invocation; each still holds its pool slot.
     stash: Mutex<Vec<Conn>>,
@@ -48,8 +50,10 @@ pub(crate) struct InvocationInner {
 
 impl Invocation {
     pub(crate) fn new(pool: Arc<PoolInner>, deadline: SystemTime) -> Invocation {
+        let cutoff = crate::deadline::cutoff(deadline, pool.settings.deadline_margin);
         Invocation(Arc::new(InvocationInner {
             deadline,
+            cutoff,
             pool,
             stash: Mutex::new(Vec::new()),
             lent: Mutex::new(Vec::new()),
@@ -60,6 +64,25 @@ impl Invocation {
     /// The invocation the current task runs in, if any.
     pub fn current() -> Option<Invocation> {
         CURRENT.try_with(Invocation::clone).ok()
+    }
+
+    /// The cutoff of the invocation the current task runs in, for a call on `pool`: its
+    /// deadline minus `pool`'s margin. `None` outside any invocation.
+    pub(crate) fn current_cutoff(pool: &PoolInner) -> Option<Instant> {
+        CURRENT
+            .try_with(|i| {
+                if std::ptr::eq(Arc::as_ptr(&i.0.pool), pool) {
+                    i.0.cutoff
+                } else {
+                    crate::deadline::cutoff(i.0.deadline, pool.settings.deadline_margin)
+                }
+            })
+            .ok()
+    }
+
+    /// Its cutoff: the deadline minus its pool's `deadline_margin`.
+    pub(crate) fn cutoff(&self) -> Instant {
+        self.0.cutoff
     }
 
     /// Its deadline (wall clock, as Lambda gives it).

@@ -26,7 +26,7 @@ use crate::client::PooledClient;
 use crate::config::{Builder, ConnectionConfig, Settings};
 use crate::conn::{Conn, ConnState, Fate, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
-use crate::deadline::{Bound, cutoff, until, within};
+use crate::deadline::{Bound, cutoff, earlier, until, within};
 use crate::error::{Error, Phase};
 use crate::invocation::{Invocation, InvocationFuture};
 use crate::metrics;
@@ -159,7 +159,7 @@ impl Pool {
         inv: Invocation,
         fut: F,
     ) -> InvocationFuture<F> {
-        let cut = cutoff(inv.deadline(), self.inner.settings.deadline_margin);
+        let cut = inv.cutoff();
         InvocationFuture::new(inv, fut, cut)
     }
 
@@ -208,12 +208,9 @@ impl Pool {
         // own Semaphore::acquire takes part in the budget the same way). Nothing is held yet:
         // dropped here, nothing leaks.
         tokio::task::consume_budget().await;
+        let explicit = cut;
         let current = Invocation::current();
-        let cut = cut.or_else(|| {
-            current
-                .as_ref()
-                .map(|i| cutoff(i.deadline(), inner.settings.deadline_margin))
-        });
+        let cut = earlier(cut, Invocation::current_cutoff(inner));
         let inv = current.filter(|i| i.belongs_to(&self.inner));
         if let Some(b) = cut
             .and_then(|_| Bound::new(None, cut))
@@ -225,7 +222,12 @@ impl Pool {
         if let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
             let in_use = inner.slots.in_use.fetch_add(1, Release) + 1;
             metrics::gauges(in_use, inner.slots.idle_count());
-            return Ok(PooledClient::new(conn, self.inner.clone(), cut, inv));
+            return Ok(PooledClient::new(
+                conn,
+                self.inner.clone(),
+                (cut, explicit),
+                inv,
+            ));
         }
         // One lock finds a free slot and an idle connection, or queues the caller with its
         // bound (the only clock read of a checkout that finds a connection idle is its age).
@@ -258,7 +260,12 @@ impl Pool {
         };
         // From here the PooledClient owns the slot; its return frees it.
         metrics::checked_out(waited, in_use, inner.slots.idle_count());
-        Ok(PooledClient::new(conn, self.inner.clone(), cut, inv))
+        Ok(PooledClient::new(
+            conn,
+            self.inner.clone(),
+            (cut, explicit),
+            inv,
+        ))
     }
 
     /// Opens connections until `min_idle` are idle (never more than `max_size` in all).
@@ -494,7 +501,7 @@ impl PoolInner {
         let id = self.next_id.fetch_add(1, Relaxed);
         self.counters.opened();
         tracing::debug!(connection = id, "pinpool: connection opened");
-        Ok(Conn::new(opened, id))
+        Ok(Conn::new(opened, id, self.settings.query_timeout))
     }
 
     /// A connection to take the place of connection `old` in a checkout: `old` was closed (its
@@ -575,6 +582,9 @@ impl PoolInner {
 
     /// Takes a connection back from a dropped [`PooledClient`]. Synchronous: it never spawns.
     pub(crate) fn put_back(&self, mut conn: Conn, inv: Option<&Invocation>) {
+        // The caller's cutoff is not the next one's: what is still written (a dropped
+        // transaction's ROLLBACK) is bounded by `query_timeout` alone.
+        conn.state.wire.set_cutoff(None);
         if let Some(inv) = inv {
             inv.give_back(conn.state.id);
         }

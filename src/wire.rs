@@ -19,17 +19,22 @@
 //! carry a fact (a Query's or Parse's SQL, up to [`SQL_CAPTURE`] bytes; a Bind's names; an
 //! error's fields).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 use tokio_postgres::tls::{ChannelBinding, TlsStream};
 
 use crate::conn::truncate;
+use crate::error::TimeoutCause;
 use crate::pinning::{Classification, PinRules, Protocol, Reason, Reasons, classify};
 
 /// SQL beyond this many bytes of one message is not classified: such a text is over RDS Proxy's
@@ -72,6 +77,47 @@ pub(crate) struct Wire {
     waiting: AtomicBool,
     /// The connection task ended (or its future was dropped): no ReadyForQuery will come.
     ended: AtomicBool,
+    /// The bound of every request, whatever API wrote it: `query_timeout` from the moment it
+    /// is written, and the caller's cutoff as of then ([`Wire::set_cutoff`]). The connection
+    /// task closes the socket once the earliest bound of a request still unanswered passes
+    /// (`conn.rs`), so a call through the driver's own client stops too.
+    query_timeout: AtomicU64,
+    /// The caller's cutoff for requests written from now on ([`Ticks`]; 0: none).
+    cutoff: AtomicU64,
+    /// The earliest bound of a request written and not answered ([`Ticks`]; 0: none). Only the
+    /// connection task writes it.
+    due: AtomicU64,
+    /// The socket was closed because a request outlived its bound: 0 no, 1 its
+    /// `query_timeout`, 2 the caller's cutoff.
+    expired: AtomicU8,
+    /// The number of the last request whose answer was an error before any BindComplete: for
+    /// a Bind, Execute and Sync, it failed at the Bind, so nothing of it ran.
+    failed_before_bind_complete: AtomicU32,
+}
+
+/// Instants as nanoseconds since a base taken once per process, plus one (0 stands for
+/// none), so a bound fits in an atomic word.
+struct Ticks;
+
+impl Ticks {
+    fn base() -> Instant {
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *BASE.get_or_init(|| Instant::now() - Duration::from_secs(1))
+    }
+
+    fn from(at: Option<Instant>) -> u64 {
+        match at {
+            None => 0,
+            Some(at) => {
+                let n = at.saturating_duration_since(Ticks::base()).as_nanos();
+                u64::try_from(n).unwrap_or(u64::MAX - 1).max(1)
+            }
+        }
+    }
+
+    fn to(ticks: u64) -> Option<Instant> {
+        (ticks != 0).then(|| Ticks::base() + Duration::from_nanos(ticks))
+    }
 }
 
 impl Wire {
@@ -88,7 +134,79 @@ impl Wire {
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicBool::new(false),
             ended: AtomicBool::new(false),
+            query_timeout: AtomicU64::new(0),
+            cutoff: AtomicU64::new(0),
+            due: AtomicU64::new(0),
+            expired: AtomicU8::new(0),
+            failed_before_bind_complete: AtomicU32::new(0),
         })
+    }
+
+    /// Sets the timeout of each request from the moment it is written (`None`: none).
+    pub(crate) fn set_query_timeout(&self, d: Option<Duration>) {
+        let nanos = d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.query_timeout.store(nanos, Relaxed);
+    }
+
+    /// The cutoff of the caller now using the connection: requests written from now on stop
+    /// at it (`None`: no cutoff). Set by every call before it queues a request, and by raw
+    /// access in the caller's task.
+    pub(crate) fn set_cutoff(&self, cutoff: Option<Instant>) {
+        self.cutoff.store(Ticks::from(cutoff), Relaxed);
+    }
+
+    /// The bound of a request written now: the earlier of `query_timeout` from now and the
+    /// caller's cutoff, in [`Ticks`] (`u64::MAX`: unbounded).
+    fn bound_of_new_request(&self) -> u64 {
+        let cutoff = match self.cutoff.load(Relaxed) {
+            0 => u64::MAX,
+            c => c,
+        };
+        match self.query_timeout.load(Relaxed) {
+            0 => cutoff,
+            t => {
+                let at = Ticks::from(Some(Instant::now())).saturating_add(t);
+                at.min(cutoff)
+            }
+        }
+    }
+
+    /// The earliest bound of a request written and not answered yet.
+    pub(crate) fn due(&self) -> Option<Instant> {
+        Ticks::to(self.due.load(Relaxed))
+    }
+
+    /// The connection task closed the socket: a request outlived its bound. Returns which
+    /// bound it was.
+    pub(crate) fn expire(&self) -> TimeoutCause {
+        let cutoff = self.cutoff.load(Relaxed);
+        let cause = if cutoff != 0 && cutoff <= self.due.load(Relaxed) {
+            TimeoutCause::Deadline
+        } else {
+            TimeoutCause::Configured
+        };
+        let code = match cause {
+            TimeoutCause::Deadline => 2,
+            _ => 1,
+        };
+        self.expired.store(code, SeqCst);
+        cause
+    }
+
+    /// Which bound a request outlived, if the socket was closed for it.
+    pub(crate) fn expired(&self) -> Option<TimeoutCause> {
+        match self.expired.load(SeqCst) {
+            0 => None,
+            1 => Some(TimeoutCause::Configured),
+            _ => Some(TimeoutCause::Deadline),
+        }
+    }
+
+    /// True when request number `request` was answered by an error before any BindComplete:
+    /// for an extended-protocol call, the server failed its Parse or Bind, so nothing of it
+    /// ran.
+    pub(crate) fn failed_before_bind_complete(&self, request: u32) -> bool {
+        self.failed_before_bind_complete.load(SeqCst) == request && self.reached(request)
     }
 
     /// The facts as of now.
@@ -408,9 +526,9 @@ const fn table(tags: &[u8]) -> [bool; 256] {
 /// The client's messages with a fact: Query, Parse, Bind, Close, Execute, Sync, FunctionCall,
 /// CopyDone, CopyFail.
 static TO_SERVER: [bool; 256] = table(b"QPBCESFcf");
-/// The server's: ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse and the
-/// three COPY responses.
-static FROM_SERVER: [bool; 256] = table(b"ZESAGHW");
+/// The server's: ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse,
+/// BindComplete and the three COPY responses.
+static FROM_SERVER: [bool; 256] = table(b"ZESAGHW2");
 
 /// What the connection task alone keeps while reading the stream.
 struct Reader {
@@ -429,6 +547,25 @@ struct Reader {
     /// that Execute started one; `copy_in` is set from then until the copy ends.
     syncs_since_execute: u32,
     copy_in: bool,
+    /// Requests written and not answered: their numbers and bounds, oldest first.
+    bounds: VecDeque<(u32, u64)>,
+    /// In the answer being read: a BindComplete came; an error came before any.
+    bind_complete: bool,
+    error_before_bind: bool,
+}
+
+/// A request was written: counts it and keeps its bound, and the earliest bound of all.
+fn track_request(wire: &Wire, bounds: &mut VecDeque<(u32, u64)>) {
+    wire.count_sent();
+    bounds.push_back((wire.expected(), wire.bound_of_new_request()));
+    update_due(wire, bounds);
+}
+
+/// Publishes the earliest bound of the requests still unanswered.
+fn update_due(wire: &Wire, bounds: &VecDeque<(u32, u64)>) {
+    let due = bounds.iter().map(|&(_, b)| b).min().unwrap_or(u64::MAX);
+    wire.due
+        .store(if due == u64::MAX { 0 } else { due }, Relaxed);
 }
 
 fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
@@ -454,6 +591,7 @@ impl Reader {
             pinning_statements,
             syncs_since_execute,
             copy_in,
+            bounds,
             ..
         } = self;
         let capture = |tag| match tag {
@@ -463,7 +601,7 @@ impl Reader {
         };
         let ok = to_server.feed(data, capture, |tag, body| match tag {
             b'Q' => {
-                wire.count_sent();
+                track_request(wire, bounds);
                 *syncs_since_execute = 0;
                 let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
                 let c = classify(sql);
@@ -502,7 +640,7 @@ impl Reader {
             }
             b'E' => *syncs_since_execute = 0,
             b'S' if !*copy_in => {
-                wire.count_sent();
+                track_request(wire, bounds);
                 *syncs_since_execute += 1;
             }
             b'c' | b'f' => {
@@ -511,7 +649,7 @@ impl Reader {
             }
             b'F' => {
                 // A function called by OID: nothing says what it does.
-                wire.count_sent();
+                track_request(wire, bounds);
                 wire.pin(Reasons::of(Reason::Untracked), "(a protocol FunctionCall)");
             }
             _ => {}
@@ -531,6 +669,9 @@ impl Reader {
             settings_changed,
             syncs_since_execute,
             copy_in,
+            bounds,
+            bind_complete,
+            error_before_bind,
             ..
         } = self;
         let capture = |tag| match tag {
@@ -565,8 +706,22 @@ impl Reader {
                     f.set(COPY, false);
                     f.set_outstanding(f.outstanding().saturating_sub(1));
                 });
+                if std::mem::take(error_before_bind) {
+                    wire.failed_before_bind_complete
+                        .store(wire.ready.load(Relaxed).wrapping_add(1), SeqCst);
+                }
+                *bind_complete = false;
                 wire.count_ready();
+                let ready = wire.ready.load(Relaxed);
+                while bounds
+                    .front()
+                    .is_some_and(|&(n, _)| (ready.wrapping_sub(n) as i32) >= 0)
+                {
+                    bounds.pop_front();
+                }
+                update_due(wire, bounds);
             }
+            b'2' => *bind_complete = true,
             b'G' => {
                 // The Syncs sent after the Execute that started this copy reach the server in
                 // copy-in mode, which ignores them: no ReadyForQuery will answer them.
@@ -577,11 +732,16 @@ impl Reader {
                 });
                 wire.expected
                     .store(wire.expected().wrapping_sub(ignored), Relaxed);
+                for _ in 0..ignored {
+                    bounds.pop_back();
+                }
+                update_due(wire, bounds);
                 *syncs_since_execute = 0;
                 *copy_in = true;
             }
             b'H' | b'W' => wire.update(|f| f.set(COPY, true)),
             b'E' if fatal(body) => wire.update(|f| f.set(FATAL, true)),
+            b'E' => *error_before_bind |= !*bind_complete,
             b'A' => wire.pin(
                 Reasons::of(Reason::Listen),
                 "(a notification arrived: the session listens)",
@@ -643,6 +803,9 @@ impl<S> Observed<S> {
                 settings_changed: false,
                 syncs_since_execute: 0,
                 copy_in: false,
+                bounds: VecDeque::new(),
+                bind_complete: false,
+                error_before_bind: false,
             },
         }
     }
