@@ -102,7 +102,9 @@ struct Ticks;
 impl Ticks {
     fn base() -> Instant {
         static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *BASE.get_or_init(|| Instant::now() - Duration::from_secs(1))
+        // An instant before it reads as the base itself: every bound made is at or after
+        // the first one, which is made after the base.
+        *BASE.get_or_init(Instant::now)
     }
 
     fn from(at: Option<Instant>) -> u64 {
