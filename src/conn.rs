@@ -28,15 +28,20 @@ struct TaskSlot {
 
 /// Spawns the task that drives a connection's socket. The task ends when the server closes
 /// the connection or when [`ConnState::kill`] drops the future; either way `wire` learns it,
-/// so nobody waits for a ReadyForQuery that cannot come.
+/// so nobody waits for a ReadyForQuery that cannot come. The task's own future may also be
+/// dropped without ever finishing: its runtime shut down (a pool kept in a `static` and used
+/// from one runtime after another), or it panicked. Then [`TaskGone`] drops the connection
+/// future with it, which closes the client: nobody is handed a connection that no task
+/// drives, whose statements would hang to their bound.
 fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> Arc<TaskSlot> {
     let slot = Arc::new(TaskSlot {
         fut: Mutex::new(Some(connection)),
         abort: OnceLock::new(),
         wire,
     });
-    let polled = slot.clone();
+    let polled = TaskGone(slot.clone());
     let handle = tokio::spawn(poll_fn(move |cx| {
+        let polled = &polled.0;
         let mut fut = crate::sync::lock(&polled.fut);
         let Some(f) = fut.as_mut() else {
             return Poll::Ready(());
@@ -55,6 +60,21 @@ fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> A
     }));
     let _ = slot.abort.set(handle.abort_handle());
     slot
+}
+
+/// Owned by the connection task's future: when that future is dropped, however (finished,
+/// aborted, its runtime shut down, a panic), the connection future goes too, which closes
+/// the socket and the client's channel (`Client::is_closed`), and the wire learns it.
+struct TaskGone(Arc<TaskSlot>);
+
+impl Drop for TaskGone {
+    fn drop(&mut self) {
+        // Taken under the lock, dropped outside it; `None` when the task finished or
+        // `close_socket` took it first.
+        let fut = crate::sync::lock(&self.0.fut).take();
+        drop(fut);
+        self.0.wire.end();
+    }
 }
 
 const TXN_OBJECT: u8 = 1; // a pinpool Transaction is alive (cleared by its drop)

@@ -706,3 +706,85 @@ async fn a_task_looping_over_free_checkouts_lets_the_others_run() {
     );
     assert_quiet(&pool);
 }
+
+/// A pool kept beyond the runtime it was used on (a `static` that one `#[tokio::test]` after
+/// another uses, or a runtime rebuilt): its connections' tasks ended with that runtime. The
+/// next runtime's checkout replaces the idle ones instead of handing one out to hang until its
+/// `query_timeout`; a client checked out before and used after is retried on a fresh
+/// connection; the pool's bounded waits still end at their bound.
+#[test]
+fn a_connection_whose_runtime_ended_is_replaced_at_checkout() {
+    static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    let pool = || {
+        POOL.get_or_init(|| {
+            builder("pl_runtimes")
+                .max_size(3)
+                .acquire_timeout(Duration::from_millis(300))
+                .query_timeout(Some(Duration::from_secs(20)))
+                .build()
+                .unwrap()
+        })
+    };
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = first.block_on(async {
+        let (a, b) = (pool().get().await.unwrap(), pool().get().await.unwrap());
+        let held = pool().get().await.unwrap();
+        // A waiter queued with its bound (the slots' watchdog runs on this runtime).
+        let err = pool().get().await.unwrap_err();
+        assert_eq!(timeout_of(&err).0, Phase::Acquire);
+        for c in [&a, &b] {
+            let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+            assert_eq!(one, 1);
+        }
+        held
+    });
+    assert_eq!(pool().status().idle, 2);
+    drop(first);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let started = Instant::now();
+        let served = tokio::time::timeout(Duration::from_secs(5), async {
+            let c = pool().get().await.unwrap();
+            let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+            (c, one)
+        })
+        .await;
+        let (c, one) = served.expect("served within 5 s, not at the 20 s query_timeout");
+        assert_eq!(one, 1);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let s = pool().status();
+        assert_eq!(
+            s.closed.get(CloseReason::Broken),
+            2,
+            "both idle ones replaced"
+        );
+        assert_eq!(s.opened, 4);
+        // Nothing of its checkout was sent: retried on a fresh connection.
+        let one = tokio::time::timeout(
+            Duration::from_secs(5),
+            held.query_one_scalar::<i32, _>("SELECT 1", &[]),
+        )
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+        assert_eq!(one, 1);
+        let s = pool().status();
+        assert_eq!((s.retries, s.closed.get(CloseReason::Broken)), (1, 3));
+        // The pool's bounded waits work in this runtime too.
+        let d = pool().get().await.unwrap();
+        let started = Instant::now();
+        let err = pool().get().await.unwrap_err();
+        assert_eq!(timeout_of(&err).0, Phase::Acquire);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop((c, d, held));
+        assert_quiet(pool());
+    });
+}
