@@ -788,3 +788,59 @@ fn a_connection_whose_runtime_ended_is_replaced_at_checkout() {
         assert_quiet(pool());
     });
 }
+
+/// A runtime shut down while a `get()` on it waits for a connect (here, for a password
+/// refresh that hangs): the connect's count and slot are given back, the refresh is not left
+/// marked running, and the next runtime connects at once.
+#[test]
+fn a_runtime_shut_down_mid_connect_leaves_nothing_behind() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let first_hangs = move || {
+        let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::io::Error>(String::new())
+        }
+    };
+    let pool = builder("pl_runtime_connect")
+        .max_size(1)
+        .connect_timeout(Duration::from_secs(20))
+        .password_provider(pinpool::CachedPassword::new(
+            first_hangs,
+            Duration::from_secs(60),
+        ))
+        .build()
+        .unwrap();
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    first.block_on(async {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get().await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+    assert_eq!(pool.status().size, 1, "connecting");
+    drop(first);
+    assert_eq!(pool.status().size, 0);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let c = tokio::time::timeout(Duration::from_secs(2), pool.get())
+            .await
+            .expect("not held up by the first runtime's connect")
+            .unwrap();
+        let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+        assert_eq!(one, 1);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(c);
+        assert_quiet(&pool);
+    });
+}
