@@ -33,18 +33,23 @@ struct TaskSlot {
 /// the connection, when [`ConnState::kill`] drops the future, or when a request written on it
 /// outlives its bound ([`Wire::due`]: whatever API wrote it, the driver's own client
 /// included); either way `wire` learns it, so nobody waits for a ReadyForQuery that cannot
-/// come.
+/// come. The task's own future may also be
+/// dropped without ever finishing: its runtime shut down (a pool kept in a `static` and used
+/// from one runtime after another), or it panicked. Then [`TaskGone`] drops the connection
+/// future with it, which closes the client: nobody is handed a connection that no task
+/// drives, whose statements would hang to their bound.
 fn spawn_connection(connection: ConnectionFuture, id: u64, wire: Arc<Wire>) -> Arc<TaskSlot> {
     let slot = Arc::new(TaskSlot {
         fut: Mutex::new(Some(connection)),
         abort: OnceLock::new(),
         wire,
     });
-    let polled = slot.clone();
+    let polled = TaskGone(slot.clone());
     // Armed at the earliest bound of a request in flight; left armed when that request is
     // answered (a timer reset per request would cost more than a spurious wake-up later).
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     let handle = tokio::spawn(poll_fn(move |cx| {
+        let polled = &polled.0;
         let mut fut = crate::sync::lock(&polled.fut);
         let Some(f) = fut.as_mut() else {
             return Poll::Ready(());
@@ -96,6 +101,21 @@ fn bound_passed(wire: &Wire, timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Conte
         }
         // An earlier request's bound, answered since.
         sleep.as_mut().reset(due);
+    }
+}
+
+/// Owned by the connection task's future: when that future is dropped, however (finished,
+/// aborted, its runtime shut down, a panic), the connection future goes too, which closes
+/// the socket and the client's channel (`Client::is_closed`), and the wire learns it.
+struct TaskGone(Arc<TaskSlot>);
+
+impl Drop for TaskGone {
+    fn drop(&mut self) {
+        // Taken under the lock, dropped outside it; `None` when the task finished or
+        // `close_socket` took it first.
+        let fut = crate::sync::lock(&self.0.fut).take();
+        drop(fut);
+        self.0.wire.end();
     }
 }
 

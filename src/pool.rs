@@ -218,8 +218,14 @@ impl Pool {
         {
             return Err(b.timed_out(Phase::Acquire));
         }
-        // A pinned connection this invocation kept already holds its slot.
-        if let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
+        // A pinned connection this invocation kept already holds its slot. One closed since
+        // (its backend ended, or its task with its runtime) is closed with its slot freed,
+        // and the next kept one, or the pool, serves instead.
+        while let Some(conn) = inv.as_ref().and_then(Invocation::take_stashed) {
+            if let Some(reason) = conn.stale(&inner.settings, None) {
+                inner.release_slot_of(conn, reason);
+                continue;
+            }
             let in_use = inner.slots.in_use.fetch_add(1, Release) + 1;
             metrics::gauges(in_use, inner.slots.idle_count());
             return Ok(PooledClient::new(

@@ -130,3 +130,43 @@ async fn a_cached_provider_serves_every_connection_of_its_lifetime_with_one_valu
         "one token for four connections"
     );
 }
+
+/// The token service hangs (a throttled STS call) while the cached token is in its
+/// refresh-ahead window: new connections still open at once with the token that is still
+/// valid, and the provider is asked once, not once per connect that timed out.
+#[tokio::test]
+async fn a_hanging_token_service_does_not_hold_up_connects_while_the_token_is_valid() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let provider = move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n > 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::io::Error>(SECRET.to_string())
+        }
+    };
+    let lifetime = std::time::Duration::from_secs(60);
+    let pool = Pool::builder(url("auth_hanging"))
+        .max_size(4)
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .password_provider(
+            // Every connect after the first is in the refresh-ahead window.
+            pinpool::CachedPassword::new(provider, lifetime).refresh_ahead(lifetime),
+        )
+        .build()
+        .unwrap();
+    let mut clients = vec![pool.get().await.unwrap()];
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        clients.push(pool.get().await.expect("connected with the cached token"));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "not held up by the refresh: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(pool.status().opened, 4);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one refresh at a time");
+}

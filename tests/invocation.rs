@@ -149,6 +149,42 @@ async fn the_pool_closes_connections_found_stale_after_a_freeze() {
     );
 }
 
+/// A pinned connection kept for its invocation (`KeepForInvocation`) whose backend ended
+/// meanwhile: the invocation's next `get()` closes it and gets a working connection, not the
+/// dead one (whose statements a retry may not rescue: it is pinned).
+#[tokio::test]
+async fn a_kept_connection_that_died_is_replaced_at_the_next_get() {
+    let admin = admin().await;
+    let pool = builder("inv_kept_dead")
+        .pin_policy(pinpool::PinPolicy::KeepForInvocation)
+        .build()
+        .unwrap();
+    pool.invocation(in_ms(10_000), async {
+        let c = pool.get().await.unwrap();
+        c.batch_execute("SET work_mem = '12MB'").await.unwrap();
+        drop(c);
+        assert_eq!(common::kill_backends(&admin, "inv_kept_dead").await, 1);
+        assert!(
+            eventually(5, || async {
+                common::backends(&admin, "inv_kept_dead").await.is_empty()
+            })
+            .await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = pool.get().await.unwrap();
+        let one: i32 = c
+            .query_one_scalar("SELECT 1", &[])
+            .await
+            .expect("a working connection, not the kept one that died");
+        assert_eq!(one, 1);
+    })
+    .await;
+    let s = pool.status();
+    assert_eq!(s.closed.get(CloseReason::Broken), 1, "{s:?}");
+    assert_eq!(s.opened, 2, "{s:?}");
+    common::assert_quiet(&pool);
+}
+
 #[cfg(feature = "emulator")]
 mod through_the_emulator {
     use super::*;

@@ -706,3 +706,141 @@ async fn a_task_looping_over_free_checkouts_lets_the_others_run() {
     );
     assert_quiet(&pool);
 }
+
+/// A pool kept beyond the runtime it was used on (a `static` that one `#[tokio::test]` after
+/// another uses, or a runtime rebuilt): its connections' tasks ended with that runtime. The
+/// next runtime's checkout replaces the idle ones instead of handing one out to hang until its
+/// `query_timeout`; a client checked out before and used after is retried on a fresh
+/// connection; the pool's bounded waits still end at their bound.
+#[test]
+fn a_connection_whose_runtime_ended_is_replaced_at_checkout() {
+    static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    let pool = || {
+        POOL.get_or_init(|| {
+            builder("pl_runtimes")
+                .max_size(3)
+                .acquire_timeout(Duration::from_millis(300))
+                .query_timeout(Some(Duration::from_secs(20)))
+                .build()
+                .unwrap()
+        })
+    };
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = first.block_on(async {
+        let (a, b) = (pool().get().await.unwrap(), pool().get().await.unwrap());
+        let held = pool().get().await.unwrap();
+        // A waiter queued with its bound (the slots' watchdog runs on this runtime).
+        let err = pool().get().await.unwrap_err();
+        assert_eq!(timeout_of(&err).0, Phase::Acquire);
+        for c in [&a, &b] {
+            let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+            assert_eq!(one, 1);
+        }
+        held
+    });
+    assert_eq!(pool().status().idle, 2);
+    drop(first);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let started = Instant::now();
+        let served = tokio::time::timeout(Duration::from_secs(5), async {
+            let c = pool().get().await.unwrap();
+            let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+            (c, one)
+        })
+        .await;
+        let (c, one) = served.expect("served within 5 s, not at the 20 s query_timeout");
+        assert_eq!(one, 1);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let s = pool().status();
+        assert_eq!(
+            s.closed.get(CloseReason::Broken),
+            2,
+            "both idle ones replaced"
+        );
+        assert_eq!(s.opened, 4);
+        // Nothing of its checkout was sent: retried on a fresh connection.
+        let one = tokio::time::timeout(
+            Duration::from_secs(5),
+            held.query_one_scalar::<i32, _>("SELECT 1", &[]),
+        )
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+        assert_eq!(one, 1);
+        let s = pool().status();
+        assert_eq!((s.retries, s.closed.get(CloseReason::Broken)), (1, 3));
+        // The pool's bounded waits work in this runtime too.
+        let d = pool().get().await.unwrap();
+        let started = Instant::now();
+        let err = pool().get().await.unwrap_err();
+        assert_eq!(timeout_of(&err).0, Phase::Acquire);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop((c, d, held));
+        assert_quiet(pool());
+    });
+}
+
+/// A runtime shut down while a `get()` on it waits for a connect (here, for a password
+/// refresh that hangs): the connect's count and slot are given back, the refresh is not left
+/// marked running, and the next runtime connects at once.
+#[test]
+fn a_runtime_shut_down_mid_connect_leaves_nothing_behind() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let first_hangs = move || {
+        let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::io::Error>(String::new())
+        }
+    };
+    let pool = builder("pl_runtime_connect")
+        .max_size(1)
+        .connect_timeout(Duration::from_secs(20))
+        .password_provider(pinpool::CachedPassword::new(
+            first_hangs,
+            Duration::from_secs(60),
+        ))
+        .build()
+        .unwrap();
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    first.block_on(async {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get().await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+    assert_eq!(pool.status().size, 1, "connecting");
+    drop(first);
+    assert_eq!(pool.status().size, 0);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let c = tokio::time::timeout(Duration::from_secs(2), pool.get())
+            .await
+            .expect("not held up by the first runtime's connect")
+            .unwrap();
+        let one: i32 = c.query_one_scalar("SELECT 1", &[]).await.unwrap();
+        assert_eq!(one, 1);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(c);
+        assert_quiet(&pool);
+    });
+}
