@@ -1,6 +1,6 @@
 //! Memory under churn: a long run of invocations through one pool against PostgreSQL, with
 //! pins (a `SET` closes its connection on return, the next checkout connects afresh),
-//! replacements (a short `max_lifetime`), retries (idle backends terminated between
+//! replacements (a `max_lifetime` of 100 ms), retries (idle backends terminated between
 //! invocations, so a first statement finds its connection closed), timeouts (statements past
 //! a tight deadline: the socket is closed) and raw calls through the driver's client. Prints
 //! the process's resident memory at the start (after a warm-up) and every tenth of the run,
@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use pinpool::{Pool, PooledClient};
+use pinpool::{CloseReason, Pool, PooledClient};
 
 /// The process's resident set size in KiB, from `/proc/self/status`.
 fn rss_kib() -> u64 {
@@ -44,7 +44,13 @@ struct Tally {
 /// One invocation, its kind picked by its number.
 async fn invocation(pool: &Pool, n: u64, tally: &mut Tally) {
     let tight = n.is_multiple_of(997);
-    let deadline = SystemTime::now() + Duration::from_millis(if tight { 120 } else { 5_000 });
+    // A tight invocation has 100 ms past the margin: its statement times out on the socket.
+    let left = if tight {
+        pool.deadline_margin() + Duration::from_millis(100)
+    } else {
+        Duration::from_secs(5)
+    };
+    let deadline = SystemTime::now() + left;
     let r = pool
         .invocation(deadline, async {
             let c = pool.get().await?;
@@ -91,7 +97,7 @@ async fn main() {
     let url = format!("{}?application_name=churn", database_url());
     let pool = Pool::builder(&url)
         .max_size(4)
-        .max_lifetime(Some(Duration::from_secs(3)))
+        .max_lifetime(Some(Duration::from_millis(100)))
         .build()
         .expect("a valid configuration");
     let (admin, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
@@ -109,7 +115,10 @@ async fn main() {
     let mut samples = vec![start_kib];
     for n in 1..=total {
         if n.is_multiple_of(1_000) {
-            // Idle backends die between invocations: the next first statement is retried.
+            // The backends die (a proxy restart): the checked-out client's first statement
+            // runs again on a fresh connection (the safe retry), the idle ones are replaced
+            // at their next checkout.
+            let c = pool.get().await.expect("a checkout");
             admin
                 .execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -118,6 +127,10 @@ async fn main() {
                 )
                 .await
                 .expect("terminate idle backends");
+            while !c.is_closed() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            c.query_one("SELECT 1", &[]).await.expect("retried");
         }
         invocation(&pool, 1_000 + n, &mut tally).await;
         if n.is_multiple_of((total / 10).max(1)) {
@@ -129,7 +142,7 @@ async fn main() {
     let end_kib = rss_kib();
     let s = pool.status();
     println!(
-        "{{\"invocations\":{total},\"seconds\":{:.1},\"rss_start_kib\":{start_kib},\"rss_end_kib\":{end_kib},\"rss_max_kib\":{},\"ok\":{},\"pinned\":{},\"raw\":{},\"timed_out\":{},\"errors\":{},\"opened\":{},\"retries\":{}}}",
+        "{{\"invocations\":{total},\"seconds\":{:.1},\"rss_start_kib\":{start_kib},\"rss_end_kib\":{end_kib},\"rss_max_kib\":{},\"ok\":{},\"pinned\":{},\"raw\":{},\"timed_out\":{},\"errors\":{},\"opened\":{},\"retries\":{},\"closed_broken\":{},\"closed_pinned\":{},\"closed_max_lifetime\":{},\"closed_timed_out\":{}}}",
         started.elapsed().as_secs_f64(),
         samples.iter().max().copied().unwrap_or(0),
         tally.ok,
@@ -139,5 +152,9 @@ async fn main() {
         tally.errors,
         s.opened,
         s.retries,
+        s.closed.get(CloseReason::Broken),
+        s.closed.get(CloseReason::Pinned),
+        s.closed.get(CloseReason::MaxLifetime),
+        s.closed.get(CloseReason::TimedOut),
     );
 }
