@@ -18,6 +18,11 @@ pub const PROXY_MAX_CLIENT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// What the pool does with a connection that may be pinned to a database connection by RDS
 /// Proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum PinPolicy {
     /// Close it when it is returned to the pool, so it never sits pinned while the Lambda
@@ -38,6 +43,11 @@ pub enum PinPolicy {
 /// What the pool does, when an invocation begins, with an idle connection that sat unused
 /// longer than `validate_idle_after` (a frozen Lambda environment may have lost it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum FreezeCheck {
     /// Check it with a round trip (a protocol Sync) bounded by `validate_timeout` and the
@@ -62,6 +72,26 @@ struct RootCertFile {
     path: String,
     /// False when the path lies in what may be the URL's user-info: errors do not quote it.
     quotable: bool,
+}
+
+#[cfg_attr(not(feature = "serde"), allow(dead_code))]
+impl ConnectionConfig {
+    /// A connection that `build()` refuses with `error`.
+    pub(crate) fn failed(error: Error) -> ConnectionConfig {
+        ConnectionConfig {
+            parsed: Err(error),
+            verify: None,
+            root_cert: None,
+        }
+    }
+
+    /// Changes the parsed configuration, if it parsed.
+    pub(crate) fn map(mut self, f: impl FnOnce(&mut tokio_postgres::Config)) -> Self {
+        if let Ok(pg) = &mut self.parsed {
+            f(pg);
+        }
+        self
+    }
 }
 
 impl From<tokio_postgres::Config> for ConnectionConfig {

@@ -25,6 +25,8 @@ pub mod metrics;
 pub mod pinning;
 mod plain;
 mod pool;
+#[cfg(feature = "serde")]
+mod serde_config;
 mod slots;
 mod statement;
 mod status;
@@ -41,6 +43,8 @@ pub use connect::{CachedPassword, PasswordProvider};
 pub use error::{BoxError, Error, Phase, TimeoutCause};
 pub use invocation::{Invocation, InvocationFuture};
 pub use pool::Pool;
+#[cfg(feature = "serde")]
+pub use serde_config::{Config, PoolConfig, Rules};
 pub use statement::{Statement, ToStatement};
 pub use status::{CloseReason, ClosedCounts, Status};
 pub use stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream, Tracked};
