@@ -1,10 +1,6 @@
-// The README's examples use the Lambda integration: they are the crate docs (and compiled as
-// doctests) when it is built.
-#![cfg_attr(feature = "lambda", doc = include_str!("../README.md"))]
-#![cfg_attr(
-    not(feature = "lambda"),
-    doc = "An async PostgreSQL pool for AWS Lambda behind RDS Proxy. The full documentation, the README, is built with `--all-features`."
-)]
+// The README is the crate page, whatever the features: its examples that need a feature are
+// compiled (as doctests) only with it.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 mod cache;
