@@ -144,7 +144,7 @@ pub(crate) struct ConnState {
     /// while nothing more was written, the ROLLBACK still waits ahead of everything else.
     rollback_mark: AtomicU32,
     /// The wire's count of bytes written when the connection was last handed out: while it
-    /// still stands, nothing of that checkout was sent (the retry rule, in `client.rs`).
+    /// still stands, nothing of that checkout was sent (the retry rule, in `client/retry.rs`).
     checkout_mark: AtomicU64,
     /// What the protocol stream says: transaction status, requests waiting, COPY, pins.
     pub(crate) wire: Arc<Wire>,
@@ -385,7 +385,7 @@ pub(crate) struct ConnData {
     pub(crate) client: Client,
     pub(crate) state: ConnState,
     /// The connection that replaced this one in its checkout, if this one was closed before
-    /// anything of the checkout was sent on it (the retry rule in `client.rs`): set once and
+    /// anything of the checkout was sent on it (the retry rule in `client/retry.rs`): set once and
     /// never changed, so calls in flight keep their borrow of the connection they started on.
     /// Such a connection never goes back to the pool. The async cell, which lets concurrent
     /// calls wait for one replacement, is allocated at the first retry; a field of its own, so

@@ -512,7 +512,7 @@ impl PoolInner {
 
     /// A connection to take the place of connection `old` in a checkout: `old` was closed (its
     /// task ended) before anything of the checkout was sent on it (the retry rule in
-    /// `client.rs`). The replacement takes over `old`'s slot and its place in `size`, so
+    /// `client/retry.rs`). The replacement takes over `old`'s slot and its place in `size`, so
     /// capacity is neither leaked nor counted twice. It is an idle connection `get()` would
     /// hand out as it is (that one brings its own place, so `old`'s is given up under the idle
     /// set's lock, and `status()` never sees both), or else a new one opened within

@@ -8,7 +8,7 @@
 //!   ReadyForQuery, and what each Query, Parse, Bind and FunctionCall would pin, classified
 //!   with the pool's [`PinRules`] whatever API sent it;
 //! - how many bytes the stream below accepted from tokio-postgres: while that count stands
-//!   still, nothing of a request can have reached the server (the retry rule in `client.rs`).
+//!   still, nothing of a request can have reached the server (the retry rule in `client/retry.rs`).
 //!
 //! The connection task is the only writer: it runs the stream's `poll_read` and `poll_write`.
 //! The pool reads the facts through [`Wire`] from other tasks. A client future completes only

@@ -1,0 +1,203 @@
+//! [`GenericClient`]: what a pooled client and a transaction have in common.
+
+use std::future::Future;
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, SimpleQueryMessage};
+
+use crate::error::Error;
+use crate::statement::{Statement, ToStatement};
+
+use super::pooled::PooledClient;
+use super::transaction::Transaction;
+
+/// What a pooled client and a transaction have in common, for code that takes either.
+pub trait GenericClient: private::Sealed + Sync {
+    /// See [`PooledClient::prepare`].
+    fn prepare(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send;
+    /// See [`PooledClient::prepare_typed`].
+    fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> impl Future<Output = Result<Statement, Error>> + Send;
+    /// See [`PooledClient::query`].
+    fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
+    /// See [`PooledClient::query_one`].
+    fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row, Error>> + Send;
+    /// See [`PooledClient::query_opt`].
+    fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>, Error>> + Send;
+    /// See [`PooledClient::query_typed`].
+    fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send;
+    /// See [`PooledClient::execute`].
+    fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
+    /// See [`PooledClient::execute_typed`].
+    fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
+    /// See [`PooledClient::simple_query`].
+    fn simple_query(
+        &self,
+        query: &str,
+    ) -> impl Future<Output = Result<Vec<SimpleQueryMessage>, Error>> + Send;
+    /// See [`PooledClient::batch_execute`].
+    fn batch_execute(&self, query: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    /// See [`PooledClient::transaction`].
+    fn transaction(&mut self) -> impl Future<Output = Result<Transaction<'_>, Error>> + Send;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::PooledClient {}
+    impl Sealed for super::Transaction<'_> {}
+}
+
+impl GenericClient for PooledClient {
+    async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        PooledClient::prepare(self, query).await
+    }
+    async fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        PooledClient::prepare_typed(self, query, parameter_types).await
+    }
+    async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        PooledClient::query(self, statement, params).await
+    }
+    async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        PooledClient::query_one(self, statement, params).await
+    }
+    async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        PooledClient::query_opt(self, statement, params).await
+    }
+    async fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        PooledClient::query_typed(self, query, params).await
+    }
+    async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        PooledClient::execute(self, statement, params).await
+    }
+    async fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Error> {
+        PooledClient::execute_typed(self, query, params).await
+    }
+    async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        PooledClient::simple_query(self, query).await
+    }
+    async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+        PooledClient::batch_execute(self, query).await
+    }
+    async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        PooledClient::transaction(self).await
+    }
+}
+
+impl GenericClient for Transaction<'_> {
+    async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+        Transaction::prepare(self, query).await
+    }
+    async fn prepare_typed(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        Transaction::prepare_typed(self, query, parameter_types).await
+    }
+    async fn query<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        Transaction::query(self, statement, params).await
+    }
+    async fn query_one<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        Transaction::query_one(self, statement, params).await
+    }
+    async fn query_opt<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        Transaction::query_opt(self, statement, params).await
+    }
+    async fn query_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        Transaction::query_typed(self, query, params).await
+    }
+    async fn execute<T: ?Sized + ToStatement>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        Transaction::execute(self, statement, params).await
+    }
+    async fn execute_typed(
+        &self,
+        query: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, Error> {
+        Transaction::execute_typed(self, query, params).await
+    }
+    async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+        Transaction::simple_query(self, query).await
+    }
+    async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+        Transaction::batch_execute(self, query).await
+    }
+    async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        Transaction::transaction(self).await
+    }
+}
