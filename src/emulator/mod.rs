@@ -23,6 +23,7 @@
 //! behaviour where any Parse pins. Clients log in against the emulator itself (trust, or an
 //! md5 password), so a login succeeds even when no database connection is free.
 
+mod budget;
 mod session;
 mod stream;
 mod upstream;
@@ -53,6 +54,9 @@ pub struct EmulatorConfig {
     close_on_borrow_timeout: bool,
     application_name: String,
     nat_idle_timeout: Option<Duration>,
+    max_message_bytes: usize,
+    session_buffer_bytes: usize,
+    max_buffered_bytes: usize,
     #[cfg(feature = "tls")]
     tls: Option<Arc<TlsSetting>>,
 }
@@ -69,7 +73,10 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("password", &self.password.as_ref().map(|_| "_"))
             .field("close_on_borrow_timeout", &self.close_on_borrow_timeout)
             .field("application_name", &self.application_name)
-            .field("nat_idle_timeout", &self.nat_idle_timeout);
+            .field("nat_idle_timeout", &self.nat_idle_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("session_buffer_bytes", &self.session_buffer_bytes)
+            .field("max_buffered_bytes", &self.max_buffered_bytes);
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls);
         d.finish()
@@ -139,6 +146,9 @@ impl EmulatorConfig {
             close_on_borrow_timeout: false,
             application_name: "pinpool-emulator".to_string(),
             nat_idle_timeout: None,
+            max_message_bytes: wire::LARGE_MESSAGE,
+            session_buffer_bytes: 1 << 20,
+            max_buffered_bytes: 64 << 20,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -246,7 +256,49 @@ impl EmulatorConfig {
         self.nat_idle_timeout = d;
         self
     }
+
+    /// The longest Query, Parse, Bind, FunctionCall or copy message a client may send (its
+    /// length word, which counts itself). A longer one is answered with a FATAL error
+    /// (SQLSTATE 08P01, "invalid message length") and the session closes, as PostgreSQL does.
+    /// Other messages may be at most 10,000 bytes (PostgreSQL's `PQ_SMALL_MESSAGE_LIMIT`), a
+    /// password message 65,535. A long message is never held whole: the emulator keeps its
+    /// first 64 KiB and passes the rest through as it arrives. Default 1 GiB - 2
+    /// (PostgreSQL's `PQ_LARGE_MESSAGE_LIMIT`); at least 64 KiB.
+    #[must_use]
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n.clamp(wire::HEAD, wire::LARGE_MESSAGE);
+        self
+    }
+
+    /// How many bytes one client session may hold in each direction before the emulator stops
+    /// reading more (backpressure): from the client while what it sent, and replies not yet
+    /// taken, wait for the database or the client; from the database connection while replies
+    /// wait for a client that does not read them. The client is slowed down, never
+    /// disconnected, as with PostgreSQL itself, which stops reading a client whose replies
+    /// pile up. Default 1 MiB; at least 256 KiB (room for a message's head and a read).
+    #[must_use]
+    pub fn session_buffer_bytes(mut self, n: usize) -> Self {
+        self.session_buffer_bytes = n.max(MIN_SESSION_BUFFER);
+        self
+    }
+
+    /// The bytes all client sessions together may hold before sessions without a database
+    /// connection (queued for one, or between transactions) stop reading from their clients.
+    /// Sessions holding a database connection keep reading within their own
+    /// [`session_buffer_bytes`](Self::session_buffer_bytes): they are at most
+    /// [`max_connections`](Self::max_connections), and the queued ones wait for them to
+    /// finish, so holding them up too could stall everyone. The whole process then holds at
+    /// most about this plus twice `max_connections` times `session_buffer_bytes`. Default
+    /// 64 MiB.
+    #[must_use]
+    pub fn max_buffered_bytes(mut self, n: usize) -> Self {
+        self.max_buffered_bytes = n;
+        self
+    }
 }
+
+/// The smallest [`EmulatorConfig::session_buffer_bytes`].
+const MIN_SESSION_BUFFER: usize = 256 * 1024;
 
 /// Live counters, updated without locks.
 #[derive(Default)]
@@ -262,6 +314,10 @@ pub(crate) struct Counters {
     borrow_timeouts: AtomicU64,
     idle_client_closes: AtomicU64,
     nat_drops: AtomicU64,
+    /// Bytes held in the buffers of every client session now.
+    buffered: AtomicU64,
+    peak_buffered: AtomicU64,
+    refused_messages: AtomicU64,
 }
 
 impl Counters {
@@ -298,6 +354,14 @@ pub struct EmulatorCounters {
     pub idle_client_closes: u64,
     /// Client flows a NAT forgot ([`EmulatorConfig::nat_idle_timeout`]).
     pub nat_drops: u64,
+    /// Bytes the client sessions hold in their buffers now: read and not yet passed on, in
+    /// either direction ([`EmulatorConfig::max_buffered_bytes`]).
+    pub buffered_bytes: u64,
+    /// The most bytes the client sessions held at once.
+    pub peak_buffered_bytes: u64,
+    /// Messages refused as too long ([`EmulatorConfig::max_message_bytes`]), each ending its
+    /// session.
+    pub refused_messages: u64,
 }
 
 impl EmulatorCounters {
@@ -440,6 +504,9 @@ impl Emulator {
             borrow_timeouts: c.borrow_timeouts.load(Relaxed),
             idle_client_closes: c.idle_client_closes.load(Relaxed),
             nat_drops: c.nat_drops.load(Relaxed),
+            buffered_bytes: c.buffered.load(Relaxed),
+            peak_buffered_bytes: c.peak_buffered.load(Relaxed),
+            refused_messages: c.refused_messages.load(Relaxed),
         }
     }
 
