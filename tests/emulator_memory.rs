@@ -645,3 +645,109 @@ async fn a_pipeline_of_long_queries_with_long_answers_does_not_deadlock() {
     assert_eq!(rows, QUERIES);
     drop(writer.await.unwrap());
 }
+
+/// A client prepares ever more named statements of 60 KiB (answered by the emulator itself,
+/// which keeps their texts to prepare them again on other database connections): past its
+/// bound the emulator keeps no more of them, pins the session instead, and every statement
+/// still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_make_the_emulator_keep_unbounded_statement_texts() {
+    const APP: &str = "em_memory_statements";
+    let _serial = SERIAL.lock().await;
+    let emu = common::emulator(APP, 2, |c| c).await;
+    let mut s = login(emu.addr(), "em_memory_statements").await;
+    const STATEMENTS: usize = 400;
+    let before = rss_mib();
+    let (mut r, mut w) = s.split();
+    let write = async {
+        for i in 0..STATEMENTS {
+            let sql = format!("SELECT {i}, length('{}')", "s".repeat(60 * 1024));
+            let mut out = BytesMut::new();
+            postgres_protocol::message::frontend::parse(&format!("s{i}"), &sql, [], &mut out)
+                .unwrap();
+            postgres_protocol::message::frontend::sync(&mut out);
+            w.write_all(&out).await.unwrap();
+        }
+    };
+    let read = async {
+        let mut buf = BytesMut::new();
+        let mut ready = 0;
+        loop {
+            while buf.len() >= 5 {
+                let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if buf.len() < 1 + len {
+                    break;
+                }
+                assert_ne!(
+                    buf[0],
+                    b'E',
+                    "{:?}",
+                    String::from_utf8_lossy(&buf[..1 + len])
+                );
+                ready += usize::from(buf[0] == b'Z');
+                buf.advance(1 + len);
+            }
+            if ready == STATEMENTS {
+                return;
+            }
+            buf.reserve(4096);
+            assert!(r.read_buf(&mut buf).await.unwrap() > 0, "closed");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(write, read) })
+        .await
+        .expect("every Parse answered");
+    let during = rss_mib();
+    let c = emu.counters();
+    eprintln!(
+        "RSS before {before:.1} MiB, after {STATEMENTS} statements of 60 KiB {during:.1} MiB; {c:?}"
+    );
+    // The first and the last statement both run.
+    for i in [0, STATEMENTS - 1] {
+        let mut out = BytesMut::new();
+        postgres_protocol::message::frontend::bind(
+            "",
+            &format!("s{i}"),
+            [],
+            [],
+            |_: (), _| Ok(postgres_protocol::IsNull::No),
+            [],
+            &mut out,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        postgres_protocol::message::frontend::execute("", 0, &mut out).unwrap();
+        postgres_protocol::message::frontend::sync(&mut out);
+        s.write_all(&out).await.unwrap();
+        let got = replies(&mut s).await;
+        let row = got.iter().find(|m| m.tag == b'D').unwrap_or_else(|| {
+            panic!(
+                "statement s{i} runs: {:?}",
+                got.iter()
+                    .map(|m| (m.tag as char, m.field(b'M')))
+                    .collect::<Vec<_>>()
+            )
+        });
+        assert_eq!(row.first_column().0, i.to_string());
+    }
+    assert!(
+        during - before < 12.0,
+        "the emulator grew by {:.1} MiB keeping statement texts",
+        during - before
+    );
+    assert!(c.statement_bytes <= 4 * MIB as u64, "{c:?}");
+    assert_eq!(
+        (
+            c.pinned_now,
+            c.pins_for(pinpool::pinning::Reason::Oversized)
+        ),
+        (1, 1),
+        "past the bound the session is pinned: {c:?}"
+    );
+    drop(s);
+    assert!(
+        common::eventually(10, || async { emu.counters().statement_bytes == 0 }).await,
+        "the session gave back what it kept: {:?}",
+        emu.counters()
+    );
+}

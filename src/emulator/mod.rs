@@ -57,6 +57,7 @@ pub struct EmulatorConfig {
     max_message_bytes: usize,
     session_buffer_bytes: usize,
     max_buffered_bytes: usize,
+    max_statement_bytes: usize,
     #[cfg(feature = "tls")]
     tls: Option<Arc<TlsSetting>>,
 }
@@ -76,7 +77,8 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("nat_idle_timeout", &self.nat_idle_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("session_buffer_bytes", &self.session_buffer_bytes)
-            .field("max_buffered_bytes", &self.max_buffered_bytes);
+            .field("max_buffered_bytes", &self.max_buffered_bytes)
+            .field("max_statement_bytes", &self.max_statement_bytes);
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls);
         d.finish()
@@ -149,6 +151,7 @@ impl EmulatorConfig {
             max_message_bytes: wire::LARGE_MESSAGE,
             session_buffer_bytes: 1 << 20,
             max_buffered_bytes: 64 << 20,
+            max_statement_bytes: 4 << 20,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -295,6 +298,19 @@ impl EmulatorConfig {
         self.max_buffered_bytes = n;
         self
     }
+
+    /// How many bytes of named prepared statements (name and text) the emulator keeps for
+    /// one client session, to prepare them again on whichever database connection its next
+    /// transaction lands on; all sessions together keep at most
+    /// [`max_buffered_bytes`](Self::max_buffered_bytes) more. A statement past either bound
+    /// (or one longer than 64 KiB) is not kept: it pins its session ([`Reason::Oversized`])
+    /// and goes to the pinned database connection under the client's own name. Default
+    /// 4 MiB.
+    #[must_use]
+    pub fn max_statement_bytes(mut self, n: usize) -> Self {
+        self.max_statement_bytes = n;
+        self
+    }
 }
 
 /// The smallest [`EmulatorConfig::session_buffer_bytes`].
@@ -318,6 +334,8 @@ pub(crate) struct Counters {
     buffered: AtomicU64,
     peak_buffered: AtomicU64,
     refused_messages: AtomicU64,
+    /// Bytes of statement names and texts the sessions keep.
+    statement_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -362,6 +380,9 @@ pub struct EmulatorCounters {
     /// Messages refused as too long ([`EmulatorConfig::max_message_bytes`]), each ending its
     /// session.
     pub refused_messages: u64,
+    /// Bytes of named prepared statements the client sessions keep now
+    /// ([`EmulatorConfig::max_statement_bytes`]).
+    pub statement_bytes: u64,
 }
 
 impl EmulatorCounters {
@@ -507,6 +528,7 @@ impl Emulator {
             buffered_bytes: c.buffered.load(Relaxed),
             peak_buffered_bytes: c.peak_buffered.load(Relaxed),
             refused_messages: c.refused_messages.load(Relaxed),
+            statement_bytes: c.statement_bytes.load(Relaxed),
         }
     }
 

@@ -171,6 +171,8 @@ pub(crate) struct Session {
     pass: Pass,
     /// What the buffers hold, counted against the process-wide bound.
     charge: Charge,
+    /// Bytes of statement names and texts kept in `stmts` (`stmt_size` each).
+    kept: usize,
 }
 
 enum Flow {
@@ -211,6 +213,7 @@ impl Session {
             app: String::new(),
             pass: Pass::default(),
             charge: Charge::new(shared.counters.clone()),
+            kept: 0,
             shared,
         }
     }
@@ -736,6 +739,8 @@ impl Session {
         class: Classification,
         partial: bool,
     ) -> Option<String> {
+        // A copy of its own: a slice of the read buffer would keep all of that buffer alive.
+        let rest = Bytes::copy_from_slice(&rest);
         if name.is_empty() {
             self.unnamed_seq += 1;
             self.unnamed = Some(Stmt {
@@ -746,6 +751,7 @@ impl Session {
             });
             return None;
         }
+        self.keep(stmt_size(&name, &rest));
         self.next_stmt += 1;
         let global = format!("pe{}_{}", self.id, self.next_stmt);
         let stmt = Stmt {
@@ -754,10 +760,40 @@ impl Session {
             class,
             partial,
         };
+        let old_size = |old: &Stmt| stmt_size(&name, &old.rest);
+        let old = self.stmts.get(&name).map(old_size);
         if let Some(old) = self.stmts.insert(name, stmt) {
             self.shared.pool.registry().retire(old.global);
         }
+        if let Some(size) = old {
+            self.unkeep(size);
+        }
         Some(global)
+    }
+
+    /// Whether the texts of this session's statements, and of all sessions', leave room for
+    /// `size` more bytes ([`EmulatorConfig::max_statement_bytes`](super::EmulatorConfig::max_statement_bytes)).
+    fn fits(&self, size: usize) -> bool {
+        let config = &self.shared.config;
+        self.kept + size <= config.max_statement_bytes
+            && self.shared.counters.statement_bytes.load(Relaxed) + size as u64
+                <= config.max_buffered_bytes as u64
+    }
+
+    fn keep(&mut self, size: usize) {
+        self.kept += size;
+        self.shared
+            .counters
+            .statement_bytes
+            .fetch_add(size as u64, Relaxed);
+    }
+
+    fn unkeep(&mut self, size: usize) {
+        self.kept -= size;
+        self.shared
+            .counters
+            .statement_bytes
+            .fetch_sub(size as u64, Relaxed);
     }
 
     /// Answers a batch of only Parse messages and a Sync (libpq's `PQprepare`) without a
@@ -774,6 +810,7 @@ impl Session {
         // The rest of the batch must already be here: more Parse messages, then a Sync.
         let mut at = 0;
         let mut parses = 0;
+        let mut batch = 0;
         loop {
             if self.cbuf.len() < at + 5 {
                 return Ok(false);
@@ -789,11 +826,19 @@ impl Session {
                 return Ok(false);
             }
             match tag {
-                b'P' => parses += 1,
+                b'P' => {
+                    parses += 1;
+                    // The name and text, and a little for the entry: a bound above them all.
+                    batch += len as usize + 64;
+                }
                 b'S' => break,
                 _ => return Ok(false),
             }
             at += 1 + len as usize;
+        }
+        // Statements the emulator cannot keep go to a database connection, which they pin.
+        if !self.fits(batch + first.body.len() + 64) {
+            return Ok(false);
         }
         let mut frames = vec![first.clone()];
         let large = self.shared.config.max_message_bytes;
@@ -1032,13 +1077,27 @@ impl Session {
             },
             Protocol::Parse,
         );
-        if partial {
-            // Too long to keep whole, so it could not be prepared again on another database
-            // connection: its session stays on this one. Its text pins when run anyway.
+        let kept = name.is_empty() || (!partial && self.fits(stmt_size(&name, &rest)));
+        if partial || !kept {
+            // Too long to keep whole, or past what the emulator keeps of this session's
+            // statements: it could not be prepared again on another database connection, so
+            // the session stays on this one. A text that long pins when run anyway.
             class.reasons.insert(Reason::Oversized);
             r.insert(Reason::Oversized);
         }
         self.pin(r, &sql);
+        if !kept {
+            // Not kept at all: it goes to the pinned connection under the client's own name,
+            // and an earlier statement of that name is forgotten.
+            if let Some(old) = self.stmts.remove(&name) {
+                self.unkeep(stmt_size(&name, &old.rest));
+                self.shared.pool.registry().retire(old.global);
+            }
+            let h = self.held.as_mut().expect("held");
+            frame.write_to(&mut h.out);
+            h.open_dirty = true;
+            return Ok(());
+        }
         let global = self.remember(name, rest.clone(), class, partial);
         let id = (self.id, self.unnamed_seq);
         let h = self.held.as_mut().expect("held");
@@ -1119,12 +1178,16 @@ impl Session {
                 .map_or(name.clone(), |s| s.global.clone());
             let h = self.held.as_mut().expect("held");
             wire::named(frame.tag, &[kind], &global, b"").write_to(&mut h.out);
-            if frame.tag == b'C' && self.stmts.remove(&name).is_some() {
+            if frame.tag == b'C'
+                && let Some(old) = self.stmts.remove(&name)
+            {
                 let mut reg = self.shared.pool.registry();
                 if h.up.prepared.remove(&global) {
                     reg.closed(&global);
                 }
                 reg.retire(global);
+                drop(reg);
+                self.unkeep(stmt_size(&name, &old.rest));
             }
         } else {
             if frame.tag == b'D' && kind == b'S' {
@@ -1215,6 +1278,8 @@ impl Session {
                 reg.retire(s.global);
             }
         }
+        let kept = self.kept;
+        self.unkeep(kept);
         let Some(mut h) = self.held.take() else {
             self.unpin();
             return;
@@ -1279,6 +1344,11 @@ impl Session {
         }
         self.unpin();
     }
+}
+
+/// What a kept statement costs: its name, its text and a little for the entry.
+fn stmt_size(name: &str, rest: &[u8]) -> usize {
+    name.len() + rest.len() + 64
 }
 
 /// Any message from the database is taken (its head, the rest passed on): it is the server's
