@@ -751,3 +751,70 @@ async fn a_client_cannot_make_the_emulator_keep_unbounded_statement_texts() {
         emu.counters()
     );
 }
+
+/// A long message whose borrow times out is dropped as it arrives (not held, the session goes
+/// on); a client that leaves in the middle of a long message being passed to a database
+/// connection gets that connection closed, not lent to the next client mid-message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_message_dropped_or_cut_short_leaves_nothing_behind() {
+    const APP: &str = "em_memory_cut";
+    let _serial = SERIAL.lock().await;
+    let emu = common::emulator(APP, 1, |c| c.borrow_timeout(Duration::from_millis(300))).await;
+    let addr = emu.addr();
+    let chunk = vec![b'x'; MIB];
+    let mut holder = login(addr, "em_memory_cut_holder").await;
+    holder.write_all(&query("BEGIN")).await.unwrap();
+    until_ready(&mut holder).await;
+    let before = rss_mib();
+    // 48 MiB of a Query while the only connection is held: the borrow times out.
+    let mut s = login(addr, "em_memory_cut_dropped").await;
+    const TEXT: usize = 48 * MIB;
+    s.write_all(&query_header(8 + TEXT + 2)).await.unwrap();
+    s.write_all(b"SELECT '").await.unwrap();
+    write_repeated(&mut s, &chunk, TEXT).await;
+    s.write_all(b"'\0").await.unwrap();
+    let got = replies(&mut s).await;
+    assert_eq!(
+        got.first().and_then(|e| e.field(b'C')).as_deref(),
+        Some("08000"),
+        "a borrow timeout"
+    );
+    let during = rss_mib();
+    assert!(
+        during - before < 20.0,
+        "the emulator grew by {:.1} MiB",
+        during - before
+    );
+    holder.write_all(&query("COMMIT")).await.unwrap();
+    until_ready(&mut holder).await;
+    drop(holder);
+    s.write_all(&query("SELECT 1")).await.unwrap();
+    assert!(
+        replies(&mut s).await.iter().any(|m| m.tag == b'D'),
+        "the session goes on"
+    );
+    drop(s);
+    // Half of a long Query reaches the database connection, then the client leaves.
+    let admin = common::admin().await;
+    let mut s = login(addr, "em_memory_cut_leaver").await;
+    s.write_all(&query_header(8 + TEXT + 2)).await.unwrap();
+    s.write_all(b"SELECT '").await.unwrap();
+    write_repeated(&mut s, &chunk, TEXT / 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    assert!(
+        common::eventually(10, || async {
+            let c = emu.counters();
+            c.upstream_in_use == 0 && c.clients == 0
+        })
+        .await,
+        "{:?}",
+        emu.counters()
+    );
+    honest_query(&emu).await;
+    assert_eq!(
+        common::backends(&admin, APP).await.len() as u64,
+        emu.counters().upstream_open,
+        "the emulator owns exactly the backends the server shows"
+    );
+}
