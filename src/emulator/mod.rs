@@ -22,6 +22,46 @@
 //! own), as RDS Proxy does since November 2023; [`PinRules::legacy`] brings back the older
 //! behaviour where any Parse pins. Clients log in against the emulator itself (trust, or an
 //! md5 password), so a login succeeds even when no database connection is free.
+//!
+//! # Memory
+//!
+//! The emulator keeps little of what a client sends, whatever the client does:
+//!
+//! - **Message limits are PostgreSQL's.** A Query, Parse, Bind, FunctionCall or copy message
+//!   may be up to [`EmulatorConfig::max_message_bytes`] long (default 1 GiB - 2, PostgreSQL's
+//!   `PQ_LARGE_MESSAGE_LIMIT`), any other message 10,000 bytes (`PQ_SMALL_MESSAGE_LIMIT`), a
+//!   password message 65,535 (`PG_MAX_AUTH_TOKEN_LENGTH`), a startup packet 10,000. A longer
+//!   message is answered with a FATAL error, SQLSTATE 08P01 "invalid message length", and the
+//!   session closes (a startup packet that long closes the connection without an answer, as
+//!   PostgreSQL does).
+//! - **A long message is never held whole.** The emulator takes the first 64 KiB of a message's
+//!   body (enough for the statement names it renames, and past the 16 KiB after which RDS
+//!   Proxy pins a text anyway), handles that head as it would the whole message, and passes the
+//!   rest on as it arrives, in either direction: a 500 MiB parameter or row costs the emulator
+//!   a few buffers. A Query or Parse longer than that pins its session
+//!   ([`Reason::Oversized`]); such a Parse is not kept to be prepared again elsewhere.
+//! - **Backpressure, per session.** A session reads from its client only while what it holds
+//!   (the client's bytes not yet written to the database, replies not yet written to the
+//!   client) is under [`EmulatorConfig::session_buffer_bytes`], and from its database
+//!   connection only while replies waiting for the client are under it. A client that sends
+//!   faster than the database reads, or does not read its replies, is slowed down, never
+//!   disconnected, as PostgreSQL itself stops reading such a client. Both sockets are read
+//!   and written at once, so a database that stops reading a pipeline while its answers are
+//!   not read cannot deadlock the session.
+//! - **A bound for the process.** Every session's bytes count towards
+//!   [`EmulatorCounters::buffered_bytes`]; sessions without a database connection (queued for
+//!   one, or between transactions) read from their clients only while it is under
+//!   [`EmulatorConfig::max_buffered_bytes`], so any number of clients hold at most about that
+//!   much, plus twice `session_buffer_bytes` for each of the at most `max_connections`
+//!   sessions holding a database connection (never held up by the others: the queued ones
+//!   wait for them). The price: while hostile clients fill the bound, other clients without a
+//!   database connection are not read (they wait, and go on when the bound has room again),
+//!   so the bound trades memory for a denial of service that lasts as long as the hostile
+//!   clients stay (or until their borrows time out).
+//! - **Statement texts kept.** Named statements are kept (to prepare them again on another
+//!   database connection) up to [`EmulatorConfig::max_statement_bytes`] per session and
+//!   `max_buffered_bytes` in all; past that a Parse pins its session and goes to the database
+//!   under the client's own name.
 
 mod budget;
 mod session;

@@ -1,6 +1,12 @@
 //! One client connection to the emulator: login against the emulator itself, then each
 //! transaction on a borrowed database connection, with statement names mapped so they work
 //! on whichever connection the next transaction lands on, and pinning as RDS Proxy pins.
+//!
+//! The loop of a session: take what the client sent off `cbuf` (the rest of a long message
+//! passes on as it comes; each message, or the head of a long one, is handled), give the
+//! database connection back if the transaction ended, then `wait`: write and read both
+//! sockets at once, each read within the room the session's and the process's bounds leave
+//! (see the module docs of `emulator`, "Memory").
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
