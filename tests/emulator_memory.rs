@@ -818,3 +818,53 @@ async fn a_long_message_dropped_or_cut_short_leaves_nothing_behind() {
         "the emulator owns exactly the backends the server shows"
     );
 }
+
+/// A client that fills the process-wide bound with the start of a message and then says
+/// nothing is still closed after the idle client timeout (waiting for room does not count as
+/// activity), and the clients it starved are served then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_starved_by_the_process_bound_is_still_closed_for_idleness() {
+    const APP: &str = "em_memory_starved_idle";
+    let _serial = SERIAL.lock().await;
+    let emu = common::emulator(APP, 2, |c| {
+        c.max_buffered_bytes(32 * 1024)
+            .idle_client_timeout(Duration::from_secs(1))
+    })
+    .await;
+    let mut hog = login(emu.addr(), "em_memory_starved_hog").await;
+    // 60 KiB of a Query's head: the session reads the first 32 KiB and has no more room.
+    hog.write_all(&query_header(MIB)).await.unwrap();
+    hog.write_all(&vec![b'h'; 60 * 1024]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        emu.counters().buffered_bytes >= 32 * 1024,
+        "{:?}",
+        emu.counters()
+    );
+    // Meanwhile an honest client's query is not read...
+    let honest = tokio::spawn({
+        let url = emu.url("postgres", "postgres");
+        async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .query_one("SELECT 41 + 1", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0)
+        }
+    });
+    // ...until the hog is closed for idleness.
+    let answer = tokio::time::timeout(Duration::from_secs(10), honest)
+        .await
+        .expect("the hog was closed for idleness and the honest client served")
+        .unwrap();
+    assert_eq!(answer, 42);
+    assert_eq!(emu.counters().idle_client_closes, 1, "{:?}", emu.counters());
+    assert!(
+        next_msg(&mut hog).await.is_none(),
+        "the hog's connection was closed"
+    );
+}

@@ -179,6 +179,9 @@ pub(crate) struct Session {
     charge: Charge,
     /// Bytes of statement names and texts kept in `stmts` (`stmt_size` each).
     kept: usize,
+    /// When something last happened (the idle timeouts count from it; waiting for room under
+    /// the process-wide bound is not activity).
+    active: tokio::time::Instant,
 }
 
 enum Flow {
@@ -188,8 +191,10 @@ enum Flow {
 
 /// What ended a wait.
 enum Event {
-    /// Bytes were written, or the process-wide bound may have room again: look again.
+    /// Bytes were written: look again.
     Moved,
+    /// The process-wide bound left no room to read; it may have some now. Not activity.
+    Retry,
     /// Bytes from the client (zero: it left).
     Client(usize),
     /// Bytes from the database connection (zero: it closed).
@@ -220,6 +225,7 @@ impl Session {
             pass: Pass::default(),
             charge: Charge::new(shared.counters.clone()),
             kept: 0,
+            active: tokio::time::Instant::now(),
             shared,
         }
     }
@@ -404,6 +410,7 @@ impl Session {
     }
 
     async fn serve(&mut self) -> io::Result<()> {
+        self.active = tokio::time::Instant::now();
         loop {
             self.wait_while_silent().await;
             if let Flow::Close = self.take_client_bytes().await? {
@@ -507,6 +514,7 @@ impl Session {
         let (up, down) = self.held_bytes();
         let client_room = limit.saturating_sub(up + down);
         let upstream_room = limit.saturating_sub(down);
+        let self_active = self.active;
         let Session {
             client,
             cbuf,
@@ -519,7 +527,7 @@ impl Session {
         let quiet =
             to_client.is_empty() && held.as_ref().is_none_or(|h| h.quiet() && h.out.is_empty());
         let event = {
-            let mut idle_past = pin!(tokio::time::sleep(idle));
+            let mut idle_past = pin!(tokio::time::sleep_until(self_active + idle));
             let mut retry = pin!(tokio::time::sleep(RETRY));
             let mut changed = pin!(epoch.changed());
             poll_fn(|cx| {
@@ -558,7 +566,7 @@ impl Session {
                         retry.as_mut(),
                     )
                 {
-                    return Poll::Ready(n.map(|n| n.map_or(Event::Moved, Event::Client)));
+                    return Poll::Ready(n.map(|n| n.map_or(Event::Retry, Event::Client)));
                 }
                 if quiet && idle_past.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(Event::Idle));
@@ -567,8 +575,11 @@ impl Session {
             })
             .await?
         };
+        if !matches!(event, Event::Retry) {
+            self.active = tokio::time::Instant::now();
+        }
         match event {
-            Event::Moved | Event::Client(1..) => Ok(Flow::Continue),
+            Event::Moved | Event::Retry | Event::Client(1..) => Ok(Flow::Continue),
             Event::Client(0) => Ok(Flow::Close),
             Event::Upstream(0) => {
                 self.upstream_lost().await?;
@@ -914,6 +925,7 @@ impl Session {
             }
             self.recharge();
         };
+        self.active = tokio::time::Instant::now();
         let up = match up {
             Ok(up) => up,
             Err(e) => return Ok(Err(e)),
