@@ -868,3 +868,42 @@ async fn a_client_starved_by_the_process_bound_is_still_closed_for_idleness() {
         "the hog's connection was closed"
     );
 }
+
+/// A client that leaves while a 64 MiB row comes: the emulator drops the rest of the row as it
+/// arrives (not held), and the database connection, at rest again, serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_during_a_huge_row_leaves_nothing_held() {
+    const APP: &str = "em_memory_leave_row";
+    let _serial = SERIAL.lock().await;
+    let emu = common::emulator(APP, 1, |c| c).await;
+    let before = rss_mib();
+    let mut s = login(emu.addr(), "em_memory_leave_row").await;
+    s.write_all(&query(&format!("SELECT repeat('r', {})", 64 * MIB)))
+        .await
+        .unwrap();
+    let mut some = vec![0; 4096];
+    s.read_exact(&mut some).await.unwrap();
+    drop(s);
+    assert!(
+        common::eventually(20, || async {
+            let c = emu.counters();
+            c.clients == 0 && c.upstream_in_use == 0
+        })
+        .await,
+        "{:?}",
+        emu.counters()
+    );
+    let after = rss_mib();
+    let c = emu.counters();
+    eprintln!("RSS before {before:.1} MiB, after {after:.1} MiB; {c:?}");
+    assert!(
+        after - before < 20.0,
+        "the emulator grew by {:.1} MiB",
+        after - before
+    );
+    assert_eq!(
+        c.upstream_open, 1,
+        "the connection was kept, not closed: {c:?}"
+    );
+    honest_query(&emu).await;
+}
