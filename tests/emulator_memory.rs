@@ -553,7 +553,8 @@ async fn many_queued_clients_under_their_own_bound_stay_under_the_process_bound(
         "the emulator grew by {:.1} MiB",
         during - before
     );
-    // An honest client now: its query waits while the bound is reached...
+    // An honest client now: its query is not even read while the bound is reached...
+    let waits = emu.counters().borrow_waits;
     let honest = tokio::spawn({
         let url = emu.url("postgres", "postgres");
         async move {
@@ -572,6 +573,11 @@ async fn many_queued_clients_under_their_own_bound_stay_under_the_process_bound(
     assert!(
         !honest.is_finished(),
         "the honest client was served while the connection was held"
+    );
+    assert_eq!(
+        emu.counters().borrow_waits,
+        waits,
+        "the honest query was read (and queued) past the process-wide bound"
     );
     // ...and is served once the attackers left and the holder committed.
     drop(attackers);
