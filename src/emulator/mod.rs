@@ -22,7 +22,48 @@
 //! own), as RDS Proxy does since November 2023; [`PinRules::legacy`] brings back the older
 //! behaviour where any Parse pins. Clients log in against the emulator itself (trust, or an
 //! md5 password), so a login succeeds even when no database connection is free.
+//!
+//! # Memory
+//!
+//! The emulator keeps little of what a client sends, whatever the client does:
+//!
+//! - **Message limits are PostgreSQL's.** A Query, Parse, Bind, FunctionCall or copy message
+//!   may be up to [`EmulatorConfig::max_message_bytes`] long (default 1 GiB - 2, PostgreSQL's
+//!   `PQ_LARGE_MESSAGE_LIMIT`), any other message 10,000 bytes (`PQ_SMALL_MESSAGE_LIMIT`), a
+//!   password message 65,535 (`PG_MAX_AUTH_TOKEN_LENGTH`), a startup packet 10,000. A longer
+//!   message is answered with a FATAL error, SQLSTATE 08P01 "invalid message length", and the
+//!   session closes (a startup packet that long closes the connection without an answer, as
+//!   PostgreSQL does).
+//! - **A long message is never held whole.** The emulator takes the first 64 KiB of a message's
+//!   body (enough for the statement names it renames, and past the 16 KiB after which RDS
+//!   Proxy pins a text anyway), handles that head as it would the whole message, and passes the
+//!   rest on as it arrives, in either direction: a 500 MiB parameter or row costs the emulator
+//!   a few buffers. A Query or Parse longer than that pins its session
+//!   ([`Reason::Oversized`]); such a Parse is not kept to be prepared again elsewhere.
+//! - **Backpressure, per session.** A session reads from its client only while what it holds
+//!   (the client's bytes not yet written to the database, replies not yet written to the
+//!   client) is under [`EmulatorConfig::session_buffer_bytes`], and from its database
+//!   connection only while replies waiting for the client are under it. A client that sends
+//!   faster than the database reads, or does not read its replies, is slowed down, never
+//!   disconnected, as PostgreSQL itself stops reading such a client. Both sockets are read
+//!   and written at once, so a database that stops reading a pipeline while its answers are
+//!   not read cannot deadlock the session.
+//! - **A bound for the process.** Every session's bytes count towards
+//!   [`EmulatorCounters::buffered_bytes`]; sessions without a database connection (queued for
+//!   one, or between transactions) read from their clients only while it is under
+//!   [`EmulatorConfig::max_buffered_bytes`], so any number of clients hold at most about that
+//!   much, plus twice `session_buffer_bytes` for each of the at most `max_connections`
+//!   sessions holding a database connection (never held up by the others: the queued ones
+//!   wait for them). The price: while hostile clients fill the bound, other clients without a
+//!   database connection are not read (they wait, and go on when the bound has room again),
+//!   so the bound trades memory for a denial of service that lasts as long as the hostile
+//!   clients stay (or until their borrows time out).
+//! - **Statement texts kept.** Named statements are kept (to prepare them again on another
+//!   database connection) up to [`EmulatorConfig::max_statement_bytes`] per session and
+//!   `max_buffered_bytes` in all; past that a Parse pins its session and goes to the database
+//!   under the client's own name.
 
+mod budget;
 mod session;
 mod stream;
 mod upstream;
@@ -53,6 +94,10 @@ pub struct EmulatorConfig {
     close_on_borrow_timeout: bool,
     application_name: String,
     nat_idle_timeout: Option<Duration>,
+    max_message_bytes: usize,
+    session_buffer_bytes: usize,
+    max_buffered_bytes: usize,
+    max_statement_bytes: usize,
     #[cfg(feature = "tls")]
     tls: Option<Arc<TlsSetting>>,
 }
@@ -69,7 +114,11 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("password", &self.password.as_ref().map(|_| "_"))
             .field("close_on_borrow_timeout", &self.close_on_borrow_timeout)
             .field("application_name", &self.application_name)
-            .field("nat_idle_timeout", &self.nat_idle_timeout);
+            .field("nat_idle_timeout", &self.nat_idle_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("session_buffer_bytes", &self.session_buffer_bytes)
+            .field("max_buffered_bytes", &self.max_buffered_bytes)
+            .field("max_statement_bytes", &self.max_statement_bytes);
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls);
         d.finish()
@@ -139,6 +188,10 @@ impl EmulatorConfig {
             close_on_borrow_timeout: false,
             application_name: "pinpool-emulator".to_string(),
             nat_idle_timeout: None,
+            max_message_bytes: wire::LARGE_MESSAGE,
+            session_buffer_bytes: 1 << 20,
+            max_buffered_bytes: 64 << 20,
+            max_statement_bytes: 4 << 20,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -246,7 +299,62 @@ impl EmulatorConfig {
         self.nat_idle_timeout = d;
         self
     }
+
+    /// The longest Query, Parse, Bind, FunctionCall or copy message a client may send (its
+    /// length word, which counts itself). A longer one is answered with a FATAL error
+    /// (SQLSTATE 08P01, "invalid message length") and the session closes, as PostgreSQL does.
+    /// Other messages may be at most 10,000 bytes (PostgreSQL's `PQ_SMALL_MESSAGE_LIMIT`), a
+    /// password message 65,535. A long message is never held whole: the emulator keeps its
+    /// first 64 KiB and passes the rest through as it arrives. Default 1 GiB - 2
+    /// (PostgreSQL's `PQ_LARGE_MESSAGE_LIMIT`); at least 64 KiB.
+    #[must_use]
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n.clamp(wire::HEAD, wire::LARGE_MESSAGE);
+        self
+    }
+
+    /// How many bytes one client session may hold in each direction before the emulator stops
+    /// reading more (backpressure): from the client while what it sent, and replies not yet
+    /// taken, wait for the database or the client; from the database connection while replies
+    /// wait for a client that does not read them. The client is slowed down, never
+    /// disconnected, as with PostgreSQL itself, which stops reading a client whose replies
+    /// pile up. Default 1 MiB; at least 256 KiB (room for a message's head and a read).
+    #[must_use]
+    pub fn session_buffer_bytes(mut self, n: usize) -> Self {
+        self.session_buffer_bytes = n.max(MIN_SESSION_BUFFER);
+        self
+    }
+
+    /// The bytes all client sessions together may hold before sessions without a database
+    /// connection (queued for one, or between transactions) stop reading from their clients.
+    /// Sessions holding a database connection keep reading within their own
+    /// [`session_buffer_bytes`](Self::session_buffer_bytes): they are at most
+    /// [`max_connections`](Self::max_connections), and the queued ones wait for them to
+    /// finish, so holding them up too could stall everyone. The whole process then holds at
+    /// most about this plus twice `max_connections` times `session_buffer_bytes`. Default
+    /// 64 MiB.
+    #[must_use]
+    pub fn max_buffered_bytes(mut self, n: usize) -> Self {
+        self.max_buffered_bytes = n;
+        self
+    }
+
+    /// How many bytes of named prepared statements (name and text) the emulator keeps for
+    /// one client session, to prepare them again on whichever database connection its next
+    /// transaction lands on; all sessions together keep at most
+    /// [`max_buffered_bytes`](Self::max_buffered_bytes) more. A statement past either bound
+    /// (or one longer than 64 KiB) is not kept: it pins its session ([`Reason::Oversized`])
+    /// and goes to the pinned database connection under the client's own name. Default
+    /// 4 MiB.
+    #[must_use]
+    pub fn max_statement_bytes(mut self, n: usize) -> Self {
+        self.max_statement_bytes = n;
+        self
+    }
 }
+
+/// The smallest [`EmulatorConfig::session_buffer_bytes`].
+const MIN_SESSION_BUFFER: usize = 256 * 1024;
 
 /// Live counters, updated without locks.
 #[derive(Default)]
@@ -262,6 +370,12 @@ pub(crate) struct Counters {
     borrow_timeouts: AtomicU64,
     idle_client_closes: AtomicU64,
     nat_drops: AtomicU64,
+    /// Bytes held in the buffers of every client session now.
+    buffered: AtomicU64,
+    peak_buffered: AtomicU64,
+    refused_messages: AtomicU64,
+    /// Bytes of statement names and texts the sessions keep.
+    statement_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -298,6 +412,17 @@ pub struct EmulatorCounters {
     pub idle_client_closes: u64,
     /// Client flows a NAT forgot ([`EmulatorConfig::nat_idle_timeout`]).
     pub nat_drops: u64,
+    /// Bytes the client sessions hold in their buffers now: read and not yet passed on, in
+    /// either direction ([`EmulatorConfig::max_buffered_bytes`]).
+    pub buffered_bytes: u64,
+    /// The most bytes the client sessions held at once.
+    pub peak_buffered_bytes: u64,
+    /// Messages refused as too long ([`EmulatorConfig::max_message_bytes`]), each ending its
+    /// session.
+    pub refused_messages: u64,
+    /// Bytes of named prepared statements the client sessions keep now
+    /// ([`EmulatorConfig::max_statement_bytes`]).
+    pub statement_bytes: u64,
 }
 
 impl EmulatorCounters {
@@ -440,6 +565,10 @@ impl Emulator {
             borrow_timeouts: c.borrow_timeouts.load(Relaxed),
             idle_client_closes: c.idle_client_closes.load(Relaxed),
             nat_drops: c.nat_drops.load(Relaxed),
+            buffered_bytes: c.buffered.load(Relaxed),
+            peak_buffered_bytes: c.peak_buffered.load(Relaxed),
+            refused_messages: c.refused_messages.load(Relaxed),
+            statement_bytes: c.statement_bytes.load(Relaxed),
         }
     }
 

@@ -1,19 +1,29 @@
 //! One client connection to the emulator: login against the emulator itself, then each
 //! transaction on a borrowed database connection, with statement names mapped so they work
 //! on whichever connection the next transaction lands on, and pinning as RDS Proxy pins.
+//!
+//! The loop of a session: take what the client sent off `cbuf` (the rest of a long message
+//! passes on as it comes; each message, or the head of a long one, is handled), give the
+//! database connection back if the transaction ended, then `wait`: write and read both
+//! sockets at once, each read within the room the session's and the process's bounds leave
+//! (see the module docs of `emulator`, "Memory").
 
 use std::collections::{HashMap, VecDeque};
+use std::future::{Future, poll_fn};
 use std::io;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Shared;
+use super::budget::{CHUNK, Charge, RETRY, poll_read_charged, poll_read_into};
 use super::stream::ClientStream;
 use super::upstream::{BorrowError, Upstream, cancel};
 use super::wire::{self, Frame, cstr, take_frame};
@@ -22,9 +32,22 @@ use crate::pinning::{Classification, PinRules, Protocol, Reason, Reasons, classi
 /// A statement the client prepared under its own name, known to the emulator by another.
 struct Stmt {
     global: String,
-    /// The Parse body after the name: query text and parameter types.
+    /// The Parse body after the name: query text and parameter types (only its head when
+    /// `partial`).
     rest: Bytes,
     class: Classification,
+    /// The Parse was too long to keep whole: the statement is never prepared again elsewhere
+    /// (its session was pinned when it was parsed).
+    partial: bool,
+}
+
+/// The rest of a long message, passed on (or dropped) as it arrives.
+#[derive(Default, Clone, Copy)]
+struct Pass {
+    /// Bytes of the message still to come.
+    left: usize,
+    /// Passed on (to the database connection, or to the client), not dropped.
+    forward: bool,
 }
 
 /// The messages between two Syncs, and what of their answers the client must not see.
@@ -64,6 +87,8 @@ struct Held {
     /// A COPY FROM STDIN began in an extended-protocol cycle: the server ignored the Sync
     /// sent after its Execute, so the next Sync ends that same cycle.
     absorb_next_sync: bool,
+    /// The rest of a long message from the database, on its way to the client.
+    pass: Pass,
 }
 
 impl Held {
@@ -77,6 +102,7 @@ impl Held {
             status: b'I',
             copy_in: false,
             absorb_next_sync: false,
+            pass: Pass::default(),
         }
     }
 
@@ -147,6 +173,15 @@ pub(crate) struct Session {
     epoch: tokio::sync::watch::Receiver<u64>,
     /// The `application_name` the client gave at login.
     app: String,
+    /// The rest of a long message from the client, on its way to the database connection.
+    pass: Pass,
+    /// What the buffers hold, counted against the process-wide bound.
+    charge: Charge,
+    /// Bytes of statement names and texts kept in `stmts` (`stmt_size` each).
+    kept: usize,
+    /// When something last happened (the idle timeouts count from it; waiting for room under
+    /// the process-wide bound is not activity).
+    active: tokio::time::Instant,
 }
 
 enum Flow {
@@ -154,11 +189,26 @@ enum Flow {
     Close,
 }
 
+/// What ended a wait.
+enum Event {
+    /// Bytes were written: look again.
+    Moved,
+    /// The process-wide bound left no room to read; it may have some now. Not activity.
+    Retry,
+    /// Bytes from the client (zero: it left).
+    Client(usize),
+    /// Bytes from the database connection (zero: it closed).
+    Upstream(usize),
+    /// The failover fault's epoch changed.
+    Epoch,
+    /// Quiet past the idle client timeout (or the NAT's).
+    Idle,
+}
+
 impl Session {
     pub(crate) fn new(shared: Arc<Shared>, client: TcpStream, id: u64) -> Session {
         let epoch = shared.epoch.subscribe();
         Session {
-            shared,
             id,
             client: ClientStream::Plain(client),
             cbuf: BytesMut::with_capacity(8192),
@@ -172,6 +222,11 @@ impl Session {
             discard_until_sync: false,
             epoch,
             app: String::new(),
+            pass: Pass::default(),
+            charge: Charge::new(shared.counters.clone()),
+            kept: 0,
+            active: tokio::time::Instant::now(),
+            shared,
         }
     }
 
@@ -254,8 +309,16 @@ impl Session {
                 .to_be_bytes();
             wire::auth_md5(&mut self.to_client, salt);
             self.write_client().await?;
-            let Some(frame) = wire::read_frame(&mut self.client, &mut self.cbuf).await? else {
-                return Ok(false);
+            let frame = match wire::read_frame(&mut self.client, &mut self.cbuf, wire::AUTH_MESSAGE)
+                .await
+            {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    self.shared.counters.refused_messages.fetch_add(1, Relaxed);
+                    return self.fatal("08P01", &e.to_string()).await;
+                }
+                Err(e) => return Err(e),
             };
             let mut body = frame.body.clone();
             let answer = if frame.tag == b'p' {
@@ -347,96 +410,208 @@ impl Session {
     }
 
     async fn serve(&mut self) -> io::Result<()> {
+        self.active = tokio::time::Instant::now();
         loop {
             self.wait_while_silent().await;
-            while let Some(frame) = take_frame(&mut self.cbuf)? {
-                if frame.tag == b'P' && self.parse_locally(&frame)? {
-                    continue;
-                }
-                if frame.tag == b'S' && self.held.is_none() && !self.discard_until_sync {
-                    // A lone Sync (a client's connection check) needs no database connection.
-                    wire::ready(&mut self.to_client, b'I');
-                    continue;
-                }
-                if let Flow::Close = self.on_client(frame).await? {
-                    return Ok(());
-                }
+            if let Flow::Close = self.take_client_bytes().await? {
+                return Ok(());
             }
-            if let Some(h) = self.held.as_mut()
-                && !h.out.is_empty()
-            {
-                let out = h.out.split();
-                h.up.stream.write_all(&out).await?;
-            }
-            self.write_client().await?;
             self.maybe_release();
+            self.recharge();
             if let Flow::Close = self.wait().await? {
                 return Ok(());
             }
         }
     }
 
-    /// Waits for the client (and the held database connection): more to read, or the end of
-    /// the session (the client left, the database connection was lost, the client was idle
-    /// past the idle client timeout, or a NAT forgot its flow).
+    /// The bytes the session holds: (from the client on its way to the database, from the
+    /// database or the emulator on its way to the client).
+    fn held_bytes(&self) -> (usize, usize) {
+        let (out, rbuf) = self
+            .held
+            .as_ref()
+            .map_or((0, 0), |h| (h.out.len(), h.up.rbuf.len()));
+        (self.cbuf.len() + out, rbuf + self.to_client.len())
+    }
+
+    fn recharge(&mut self) {
+        let (up, down) = self.held_bytes();
+        self.charge.set(up + down);
+    }
+
+    /// Takes what the client sent off `cbuf`: the rest of a long message passes on as it
+    /// comes, each message (or the head of a long one) is handled.
+    async fn take_client_bytes(&mut self) -> io::Result<Flow> {
+        loop {
+            if self.pass.left > 0 {
+                if self.cbuf.is_empty() {
+                    return Ok(Flow::Continue);
+                }
+                let n = self.pass.left.min(self.cbuf.len());
+                let bytes = self.cbuf.split_to(n);
+                self.pass.left -= n;
+                if let Some(h) = self.held.as_mut()
+                    && self.pass.forward
+                {
+                    h.out.extend_from_slice(&bytes);
+                }
+                continue;
+            }
+            let large = self.shared.config.max_message_bytes;
+            let frame = match take_frame(&mut self.cbuf, |tag| wire::client_limit(tag, large)) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(Flow::Continue),
+                Err(e) => return self.refuse(&e).await,
+            };
+            if frame.tag == b'P' && frame.more == 0 && self.parse_locally(&frame)? {
+                continue;
+            }
+            if frame.tag == b'S' && self.held.is_none() && !self.discard_until_sync {
+                // A lone Sync (a client's connection check) needs no database connection.
+                wire::ready(&mut self.to_client, b'I');
+                continue;
+            }
+            if let Flow::Close = self.on_client(frame).await? {
+                return Ok(Flow::Close);
+            }
+        }
+    }
+
+    /// A message longer than PostgreSQL accepts: a FATAL error, as PostgreSQL answers, and
+    /// the end of the session.
+    async fn refuse(&mut self, e: &io::Error) -> io::Result<Flow> {
+        self.shared.counters.refused_messages.fetch_add(1, Relaxed);
+        tracing::info!(client = self.id, error = %e, "emulator: a client message was refused; the session ends");
+        self.fatal("08P01", &e.to_string()).await?;
+        Ok(Flow::Close)
+    }
+
+    /// Moves bytes and waits for the next thing to happen: bytes written (to the client or
+    /// the database connection), bytes read, the end of the session (the client left, the
+    /// database connection was lost, the client was idle past the idle client timeout, or a
+    /// NAT forgot its flow).
+    ///
+    /// Both sockets are read and written at once, so a database that stops reading a
+    /// pipeline while its answers are not read can never deadlock with the emulator. Each
+    /// read takes only the room left in the session's
+    /// [`session_buffer_bytes`](super::EmulatorConfig::session_buffer_bytes): from the
+    /// client while what the session holds in both directions is under it (a client that does
+    /// not read its replies is not read either, as PostgreSQL does), from the database while
+    /// what waits for the client is under it. A session without a database connection reads
+    /// from its client only under the process-wide
+    /// [`max_buffered_bytes`](super::EmulatorConfig::max_buffered_bytes) too.
     async fn wait(&mut self) -> io::Result<Flow> {
-        let idle_client = self.shared.config.idle_client_timeout;
+        let config = &self.shared.config;
+        let idle_client = config.idle_client_timeout;
         // A NAT that forgets idle flows acts before the proxy's own idle timeout.
-        let nat = self
-            .shared
-            .config
-            .nat_idle_timeout
-            .filter(|nat| *nat < idle_client);
+        let nat = config.nat_idle_timeout.filter(|nat| *nat < idle_client);
         let idle = nat.unwrap_or(idle_client);
+        let limit = config.session_buffer_bytes;
+        let cap = self
+            .held
+            .is_none()
+            .then_some(config.max_buffered_bytes as u64);
+        let (up, down) = self.held_bytes();
+        let client_room = limit.saturating_sub(up + down);
+        let upstream_room = limit.saturating_sub(down);
+        let self_active = self.active;
         let Session {
             client,
             cbuf,
+            to_client,
             held,
             epoch,
+            charge,
             ..
         } = self;
-        let idle_past = match held {
-            None => match tokio::time::timeout(idle, client.read_buf(cbuf)).await {
-                Err(_) => true,
-                Ok(n) => return Ok(if n? == 0 { Flow::Close } else { Flow::Continue }),
-            },
-            Some(h) => {
-                let quiet = h.quiet();
-                tokio::select! {
-                    n = client.read_buf(cbuf) => {
-                        return Ok(if n? == 0 { Flow::Close } else { Flow::Continue });
-                    }
-                    n = h.up.stream.read_buf(&mut h.up.rbuf) => {
-                        if n? == 0 {
-                            self.upstream_lost().await?;
-                            return Ok(Flow::Close);
-                        }
-                        self.on_upstream()?;
-                        false
-                    }
-                    _ = epoch.changed() => {
-                        if h.up.epoch != *epoch.borrow() {
-                            self.upstream_lost().await?;
-                            return Ok(Flow::Close);
-                        }
-                        false
-                    }
-                    () = tokio::time::sleep(idle), if quiet => true,
+        let quiet =
+            to_client.is_empty() && held.as_ref().is_none_or(|h| h.quiet() && h.out.is_empty());
+        let event = {
+            let mut idle_past = pin!(tokio::time::sleep_until(self_active + idle));
+            let mut retry = pin!(tokio::time::sleep(RETRY));
+            let mut changed = pin!(epoch.changed());
+            poll_fn(|cx| {
+                // Writes first: they make room.
+                if !to_client.is_empty()
+                    && let Poll::Ready(n) = Pin::new(&mut *client).poll_write(cx, to_client)
+                {
+                    to_client.advance(written(n)?);
+                    return Poll::Ready(Ok(Event::Moved));
                 }
-            }
+                if let Some(h) = held.as_mut() {
+                    if !h.out.is_empty()
+                        && let Poll::Ready(n) = Pin::new(&mut h.up.stream).poll_write(cx, &h.out)
+                    {
+                        h.out.advance(written(n)?);
+                        return Poll::Ready(Ok(Event::Moved));
+                    }
+                    if upstream_room > 0
+                        && let Poll::Ready(n) =
+                            poll_read_into(cx, &mut h.up.stream, &mut h.up.rbuf, upstream_room)
+                    {
+                        return Poll::Ready(n.map(Event::Upstream));
+                    }
+                    if changed.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ok(Event::Epoch));
+                    }
+                }
+                if client_room > 0
+                    && let Poll::Ready(n) = poll_read_charged(
+                        cx,
+                        client,
+                        cbuf,
+                        charge,
+                        client_room,
+                        cap,
+                        retry.as_mut(),
+                    )
+                {
+                    return Poll::Ready(n.map(|n| n.map_or(Event::Retry, Event::Client)));
+                }
+                if quiet && idle_past.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Event::Idle));
+                }
+                Poll::Pending
+            })
+            .await?
         };
-        if !idle_past {
-            return Ok(Flow::Continue);
+        if !matches!(event, Event::Retry) {
+            self.active = tokio::time::Instant::now();
         }
-        if nat.is_some() {
-            self.nat_forgot(idle).await?;
-        } else {
-            self.shared
-                .counters
-                .idle_client_closes
-                .fetch_add(1, Relaxed);
+        match event {
+            Event::Moved | Event::Retry | Event::Client(1..) => Ok(Flow::Continue),
+            Event::Client(0) => Ok(Flow::Close),
+            Event::Upstream(0) => {
+                self.upstream_lost().await?;
+                Ok(Flow::Close)
+            }
+            Event::Upstream(_) => {
+                self.on_upstream()?;
+                Ok(Flow::Continue)
+            }
+            Event::Epoch => {
+                if self
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| h.up.epoch != *self.epoch.borrow())
+                {
+                    self.upstream_lost().await?;
+                    return Ok(Flow::Close);
+                }
+                Ok(Flow::Continue)
+            }
+            Event::Idle => {
+                if nat.is_some() {
+                    self.nat_forgot(idle).await?;
+                } else {
+                    self.shared
+                        .counters
+                        .idle_client_closes
+                        .fetch_add(1, Relaxed);
+                }
+                Ok(Flow::Close)
+            }
         }
-        Ok(Flow::Close)
     }
 
     /// A NAT between client and proxy forgot this flow after `idle` without a packet. The
@@ -509,7 +684,8 @@ impl Session {
             .held
             .as_ref()
             .is_some_and(|h| h.quiet() && h.status == b'I' && h.out.is_empty())
-            && self.pinned.is_empty();
+            && self.pinned.is_empty()
+            && self.pass.left == 0;
         if release {
             let h = self.held.take().expect("held");
             self.shared.pool.give_back(h.up);
@@ -549,7 +725,7 @@ impl Session {
             let Some(s) = self.unnamed.as_ref() else {
                 return;
             };
-            if h.up.unnamed != Some((id, self.unnamed_seq)) {
+            if h.up.unnamed != Some((id, self.unnamed_seq)) && !s.partial {
                 wire::named(b'P', b"", "", &s.rest).write_to(&mut h.out);
                 h.open.swallow_parse += 1;
                 h.up.unnamed = Some((id, self.unnamed_seq));
@@ -559,7 +735,7 @@ impl Session {
         let Some(s) = self.stmts.get(name) else {
             return;
         };
-        if h.up.prepared.contains(&s.global) {
+        if h.up.prepared.contains(&s.global) || s.partial {
             return;
         }
         wire::named(b'C', b"S", &s.global, b"").write_to(&mut h.out);
@@ -573,27 +749,68 @@ impl Session {
 
     /// Records a client's Parse: the unnamed statement, or a named one under a new name of
     /// the emulator's own (returned). A name the client reuses retires its old statement.
-    fn remember(&mut self, name: String, rest: Bytes, class: Classification) -> Option<String> {
+    fn remember(
+        &mut self,
+        name: String,
+        rest: Bytes,
+        class: Classification,
+        partial: bool,
+    ) -> Option<String> {
+        // A copy of its own: a slice of the read buffer would keep all of that buffer alive.
+        let rest = Bytes::copy_from_slice(&rest);
         if name.is_empty() {
             self.unnamed_seq += 1;
             self.unnamed = Some(Stmt {
                 global: String::new(),
                 rest,
                 class,
+                partial,
             });
             return None;
         }
+        self.keep(stmt_size(&name, &rest));
         self.next_stmt += 1;
         let global = format!("pe{}_{}", self.id, self.next_stmt);
         let stmt = Stmt {
             global: global.clone(),
             rest,
             class,
+            partial,
         };
+        let old_size = |old: &Stmt| stmt_size(&name, &old.rest);
+        let old = self.stmts.get(&name).map(old_size);
         if let Some(old) = self.stmts.insert(name, stmt) {
             self.shared.pool.registry().retire(old.global);
         }
+        if let Some(size) = old {
+            self.unkeep(size);
+        }
         Some(global)
+    }
+
+    /// Whether the texts of this session's statements, and of all sessions', leave room for
+    /// `size` more bytes ([`EmulatorConfig::max_statement_bytes`](super::EmulatorConfig::max_statement_bytes)).
+    fn fits(&self, size: usize) -> bool {
+        let config = &self.shared.config;
+        self.kept + size <= config.max_statement_bytes
+            && self.shared.counters.statement_bytes.load(Relaxed) + size as u64
+                <= config.max_buffered_bytes as u64
+    }
+
+    fn keep(&mut self, size: usize) {
+        self.kept += size;
+        self.shared
+            .counters
+            .statement_bytes
+            .fetch_add(size as u64, Relaxed);
+    }
+
+    fn unkeep(&mut self, size: usize) {
+        self.kept -= size;
+        self.shared
+            .counters
+            .statement_bytes
+            .fetch_sub(size as u64, Relaxed);
     }
 
     /// Answers a batch of only Parse messages and a Sync (libpq's `PQprepare`) without a
@@ -610,6 +827,7 @@ impl Session {
         // The rest of the batch must already be here: more Parse messages, then a Sync.
         let mut at = 0;
         let mut parses = 0;
+        let mut batch = 0;
         loop {
             if self.cbuf.len() < at + 5 {
                 return Ok(false);
@@ -621,19 +839,30 @@ impl Session {
                 self.cbuf[at + 3],
                 self.cbuf[at + 4],
             ]);
-            if len < 4 || self.cbuf.len() < at + 1 + len as usize {
+            if len < 4 || len as usize - 4 > wire::HEAD || self.cbuf.len() < at + 1 + len as usize {
                 return Ok(false);
             }
             match tag {
-                b'P' => parses += 1,
+                b'P' => {
+                    parses += 1;
+                    // The name and text, and a little for the entry: a bound above them all.
+                    batch += len as usize + 64;
+                }
                 b'S' => break,
                 _ => return Ok(false),
             }
             at += 1 + len as usize;
         }
+        // Statements the emulator cannot keep go to a database connection, which they pin.
+        if !self.fits(batch + first.body.len() + 64) {
+            return Ok(false);
+        }
         let mut frames = vec![first.clone()];
+        let large = self.shared.config.max_message_bytes;
         for _ in 0..=parses {
-            frames.extend(take_frame(&mut self.cbuf)?);
+            frames.extend(take_frame(&mut self.cbuf, |tag| {
+                wire::client_limit(tag, large)
+            })?);
         }
         for frame in frames {
             if frame.tag != b'P' {
@@ -641,7 +870,7 @@ impl Session {
             }
             let (name, rest) = wire::split_name(&frame.body)?;
             let class = classify(&wire::parse_query(&rest)?);
-            self.remember(name, rest, class);
+            self.remember(name, rest, class, false);
             self.to_client.put_slice(&[b'1', 0, 0, 0, 4]);
         }
         wire::ready(&mut self.to_client, b'I');
@@ -653,19 +882,50 @@ impl Session {
     async fn borrow(&mut self) -> io::Result<Result<(), BorrowError>> {
         let timeout = self.shared.config.borrow_timeout;
         let pool = self.shared.pool.clone();
-        let borrow = pool.borrow(timeout);
-        tokio::pin!(borrow);
-        // While waiting, notice a client that leaves.
+        let mut borrow = pin!(pool.borrow(timeout));
+        // While waiting, notice a client that leaves, reading within the session's and the
+        // process's bounds.
         let up = loop {
-            tokio::select! {
-                r = &mut borrow => break r,
-                n = self.client.read_buf(&mut self.cbuf) => {
-                    if n? == 0 {
-                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "client left while queued"));
-                    }
+            let (up, down) = self.held_bytes();
+            let room = self
+                .shared
+                .config
+                .session_buffer_bytes
+                .saturating_sub(up + down);
+            let cap = Some(self.shared.config.max_buffered_bytes as u64);
+            let Session {
+                client,
+                cbuf,
+                charge,
+                ..
+            } = self;
+            let mut retry = pin!(tokio::time::sleep(RETRY));
+            let polled = poll_fn(|cx| {
+                if let Poll::Ready(r) = borrow.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(Some(r)));
                 }
+                if room > 0
+                    && let Poll::Ready(n) =
+                        poll_read_charged(cx, client, cbuf, charge, room, cap, retry.as_mut())
+                {
+                    return Poll::Ready(match n {
+                        Ok(Some(0)) => Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "client left while queued",
+                        )),
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e),
+                    });
+                }
+                Poll::Pending
+            })
+            .await?;
+            if let Some(r) = polled {
+                break r;
             }
+            self.recharge();
         };
+        self.active = tokio::time::Instant::now();
         let up = match up {
             Ok(up) => up,
             Err(e) => return Ok(Err(e)),
@@ -703,6 +963,11 @@ impl Session {
         if frame.tag == b'X' {
             return Ok(Flow::Close);
         }
+        // The rest of a long message is dropped with it, or passed on after its head.
+        self.pass = Pass {
+            left: frame.more,
+            forward: false,
+        };
         if self.discard_until_sync {
             if frame.tag == b'S' {
                 self.discard_until_sync = false;
@@ -715,11 +980,25 @@ impl Session {
         {
             return self.borrow_failed(frame.tag, e).await;
         }
+        self.pass.forward = true;
         let rules = self.shared.config.rules;
         match frame.tag {
             b'Q' => {
-                let sql = cstr(&mut frame.body.clone())?;
-                let r = rules.pinning_reasons(&classify(&sql), Protocol::Simple);
+                let (sql, mut r) = if frame.more == 0 {
+                    let sql = cstr(&mut frame.body.clone())?;
+                    let r = rules.pinning_reasons(&classify(&sql), Protocol::Simple);
+                    (sql, r)
+                } else {
+                    // Only the head is here: what it holds, and a text that long pins.
+                    let sql = wire::text_head(&frame.body);
+                    (
+                        sql.clone(),
+                        rules.pinning_reasons(&classify(&sql), Protocol::Simple),
+                    )
+                };
+                if frame.more > 0 {
+                    r.insert(Reason::Oversized);
+                }
                 self.pin(r, &sql);
                 let h = self.held.as_mut().expect("held");
                 frame.write_to(&mut h.out);
@@ -802,17 +1081,42 @@ impl Session {
     /// renamed to the emulator's own name for a named statement.
     fn on_parse(&mut self, frame: &Frame, rules: PinRules) -> io::Result<()> {
         let (name, rest) = wire::split_name(&frame.body)?;
-        let sql = wire::parse_query(&rest)?;
-        let class = classify(&sql);
-        let r = rules.pinning_reasons(
+        let partial = frame.more > 0;
+        let sql = if partial {
+            wire::text_head(&rest)
+        } else {
+            wire::parse_query(&rest)?
+        };
+        let mut class = classify(&sql);
+        let mut r = rules.pinning_reasons(
             &Classification {
                 reasons: Reasons::EMPTY,
                 txn: class.txn,
             },
             Protocol::Parse,
         );
+        let kept = name.is_empty() || (!partial && self.fits(stmt_size(&name, &rest)));
+        if partial || !kept {
+            // Too long to keep whole, or past what the emulator keeps of this session's
+            // statements: it could not be prepared again on another database connection, so
+            // the session stays on this one. A text that long pins when run anyway.
+            class.reasons.insert(Reason::Oversized);
+            r.insert(Reason::Oversized);
+        }
         self.pin(r, &sql);
-        let global = self.remember(name, rest.clone(), class);
+        if !kept {
+            // Not kept at all: it goes to the pinned connection under the client's own name,
+            // and an earlier statement of that name is forgotten.
+            if let Some(old) = self.stmts.remove(&name) {
+                self.unkeep(stmt_size(&name, &old.rest));
+                self.shared.pool.registry().retire(old.global);
+            }
+            let h = self.held.as_mut().expect("held");
+            frame.write_to(&mut h.out);
+            h.open_dirty = true;
+            return Ok(());
+        }
+        let global = self.remember(name, rest.clone(), class, partial);
         let id = (self.id, self.unnamed_seq);
         let h = self.held.as_mut().expect("held");
         match global {
@@ -821,7 +1125,9 @@ impl Session {
                 frame.write_to(&mut h.out);
             }
             Some(global) => {
-                wire::named(b'P', b"", &global, &rest).write_to(&mut h.out);
+                wire::named(b'P', b"", &global, &rest)
+                    .with_more(frame.more)
+                    .write_to(&mut h.out);
                 h.up.prepared.insert(global.clone());
                 self.shared.pool.registry().prepared(&global);
                 h.open.prepared.push(global);
@@ -862,7 +1168,9 @@ impl Session {
             self.ensure(&name);
         }
         let h = self.held.as_mut().expect("held");
-        wire::named(b'B', &[portal.as_bytes(), &[0]].concat(), &global, &body).write_to(&mut h.out);
+        wire::named(b'B', &[portal.as_bytes(), &[0]].concat(), &global, &body)
+            .with_more(frame.more)
+            .write_to(&mut h.out);
         h.open_dirty = true;
         Ok(())
     }
@@ -888,12 +1196,16 @@ impl Session {
                 .map_or(name.clone(), |s| s.global.clone());
             let h = self.held.as_mut().expect("held");
             wire::named(frame.tag, &[kind], &global, b"").write_to(&mut h.out);
-            if frame.tag == b'C' && self.stmts.remove(&name).is_some() {
+            if frame.tag == b'C'
+                && let Some(old) = self.stmts.remove(&name)
+            {
                 let mut reg = self.shared.pool.registry();
                 if h.up.prepared.remove(&global) {
                     reg.closed(&global);
                 }
                 reg.retire(global);
+                drop(reg);
+                self.unkeep(stmt_size(&name, &old.rest));
             }
         } else {
             if frame.tag == b'D' && kind == b'S' {
@@ -910,7 +1222,22 @@ impl Session {
         let Some(h) = self.held.as_mut() else {
             return Ok(());
         };
-        while let Some(frame) = take_frame(&mut h.up.rbuf)? {
+        loop {
+            if h.pass.left > 0 {
+                if h.up.rbuf.is_empty() {
+                    break;
+                }
+                let n = h.pass.left.min(h.up.rbuf.len());
+                let bytes = h.up.rbuf.split_to(n);
+                h.pass.left -= n;
+                if h.pass.forward {
+                    self.to_client.extend_from_slice(&bytes);
+                }
+                continue;
+            }
+            let Some(frame) = take_frame(&mut h.up.rbuf, upstream_limit)? else {
+                break;
+            };
             let c = h.answering();
             let swallow = c.injected
                 || match frame.tag {
@@ -952,6 +1279,10 @@ impl Session {
             if !swallow {
                 frame.write_to(&mut self.to_client);
             }
+            h.pass = Pass {
+                left: frame.more,
+                forward: !swallow,
+            };
         }
         Ok(())
     }
@@ -965,10 +1296,19 @@ impl Session {
                 reg.retire(s.global);
             }
         }
+        let kept = self.kept;
+        self.unkeep(kept);
         let Some(mut h) = self.held.take() else {
             self.unpin();
             return;
         };
+        if self.pass.left > 0 && self.pass.forward {
+            // The database connection is in the middle of the client's message: what
+            // follows would be read as its body. It cannot be reset, only closed.
+            self.shared.pool.discard(h.up);
+            self.unpin();
+            return;
+        }
         let pinned = !self.pinned.is_empty();
         let clean = h.quiet() && h.status == b'I' && !pinned;
         let config = self.shared.pool.0.config.clone();
@@ -1024,6 +1364,25 @@ impl Session {
     }
 }
 
+/// What a kept statement costs: its name, its text and a little for the entry.
+fn stmt_size(name: &str, rest: &[u8]) -> usize {
+    name.len() + rest.len() + 64
+}
+
+/// Any message from the database is taken (its head, the rest passed on): it is the server's
+/// own, bounded by what it allows.
+fn upstream_limit(_: u8) -> usize {
+    i32::MAX as usize
+}
+
+/// The bytes a write took; a write that took none is an error.
+fn written(n: io::Result<usize>) -> io::Result<usize> {
+    match n? {
+        0 => Err(io::ErrorKind::WriteZero.into()),
+        n => Ok(n),
+    }
+}
+
 /// Sends what is queued and reads until every sent cycle has its ReadyForQuery.
 async fn drain(h: &mut Held) -> io::Result<()> {
     if !h.out.is_empty() {
@@ -1031,9 +1390,26 @@ async fn drain(h: &mut Held) -> io::Result<()> {
         h.up.stream.write_all(&out).await?;
     }
     while !h.cycles.is_empty() {
-        let frame = wire::read_frame(&mut h.up.stream, &mut h.up.rbuf)
-            .await?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed"))?;
+        // The rest of a long message nobody reads any more is dropped as it comes.
+        let skip = h.pass.left.min(h.up.rbuf.len());
+        h.up.rbuf.advance(skip);
+        h.pass.left -= skip;
+        let frame = if h.pass.left > 0 {
+            None
+        } else {
+            take_frame(&mut h.up.rbuf, upstream_limit)?
+        };
+        let Some(frame) = frame else {
+            h.up.rbuf.reserve(CHUNK);
+            if h.up.stream.read_buf(&mut h.up.rbuf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "upstream closed",
+                ));
+            }
+            continue;
+        };
+        h.pass.left = frame.more;
         if frame.tag == b'Z' {
             h.status = frame.body.first().copied().unwrap_or(b'I');
             h.cycles.pop_front();
