@@ -219,6 +219,29 @@ impl<'a> Ctx<'a> {
         Ok(stmt)
     }
 
+    /// The cached statement for `query` when its parameter types are `types` (no round
+    /// trip); otherwise, with no types, as [`Ctx::prepare_cached`]; with other types, a
+    /// statement prepared with them, not cached (the cache holds one statement per SQL text,
+    /// the one the `&str` methods run).
+    pub(super) async fn prepare_typed_cached(
+        self,
+        query: &str,
+        types: &[Type],
+    ) -> Result<Statement, Error> {
+        if types.is_empty() {
+            return self.prepare_cached(query).await;
+        }
+        let hit = self.g.state.cache().get(query);
+        match hit {
+            Some(stmt) if stmt.inner.params() == types => {
+                self.g.pool.counters.cache_hit();
+                self.g.state.lend_statement();
+                Ok(stmt)
+            }
+            _ => self.prepare_typed(query, types).await,
+        }
+    }
+
     /// Prepares within a bound the caller already made.
     pub(super) async fn prepare_in(
         self,

@@ -2,11 +2,12 @@
 
 use std::future::Future;
 
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{BorrowToSql, ToSql, Type};
 use tokio_postgres::{Row, SimpleQueryMessage};
 
 use crate::error::Error;
 use crate::statement::{Statement, ToStatement};
+use crate::stream::RowStream;
 
 use super::pooled::PooledClient;
 use super::transaction::Transaction;
@@ -21,6 +22,36 @@ pub trait GenericClient: private::Sealed + Sync {
         query: &str,
         parameter_types: &[Type],
     ) -> impl Future<Output = Result<Statement, Error>> + Send;
+    /// See [`PooledClient::prepare_cached`].
+    fn prepare_cached(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send;
+    /// See [`PooledClient::prepare_typed_cached`].
+    fn prepare_typed_cached(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> impl Future<Output = Result<Statement, Error>> + Send;
+    /// See [`PooledClient::query_raw`].
+    fn query_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<RowStream<'_>, Error>> + Send
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P> + Send,
+        I::IntoIter: ExactSizeIterator;
+    /// See [`PooledClient::execute_raw`].
+    fn execute_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<u64, Error>> + Send
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P> + Send,
+        I::IntoIter: ExactSizeIterator;
     /// See [`PooledClient::query`].
     fn query<T: ?Sized + ToStatement>(
         &self,
@@ -85,6 +116,34 @@ impl GenericClient for PooledClient {
     ) -> Result<Statement, Error> {
         PooledClient::prepare_typed(self, query, parameter_types).await
     }
+    async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        PooledClient::prepare_cached(self, query).await
+    }
+    async fn prepare_typed_cached(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        PooledClient::prepare_typed_cached(self, query, parameter_types).await
+    }
+    async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P> + Send,
+        I::IntoIter: ExactSizeIterator,
+    {
+        PooledClient::query_raw(self, statement, params).await
+    }
+    async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P> + Send,
+        I::IntoIter: ExactSizeIterator,
+    {
+        PooledClient::execute_raw(self, statement, params).await
+    }
     async fn query<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
@@ -148,6 +207,34 @@ impl GenericClient for Transaction<'_> {
         parameter_types: &[Type],
     ) -> Result<Statement, Error> {
         Transaction::prepare_typed(self, query, parameter_types).await
+    }
+    async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+        Transaction::prepare_cached(self, query).await
+    }
+    async fn prepare_typed_cached(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        Transaction::prepare_typed_cached(self, query, parameter_types).await
+    }
+    async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P> + Send,
+        I::IntoIter: ExactSizeIterator,
+    {
+        Transaction::query_raw(self, statement, params).await
+    }
+    async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+        P: BorrowToSql,
+        I: IntoIterator<Item = P> + Send,
+        I::IntoIter: ExactSizeIterator,
+    {
+        Transaction::execute_raw(self, statement, params).await
     }
     async fn query<T: ?Sized + ToStatement>(
         &self,

@@ -153,6 +153,23 @@ impl PooledClient {
         self.call(true, move |ctx| ctx.prepare_cached(query)).await
     }
 
+    /// [`prepare_cached`](Self::prepare_cached) with parameter types: the cached statement
+    /// when its parameter types are these (or `parameter_types` is empty), else a statement
+    /// prepared with them (not cached: the cache holds one statement per SQL text).
+    ///
+    /// # Errors
+    /// As [`prepare`](Self::prepare).
+    pub async fn prepare_typed_cached(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        self.call(true, move |ctx| {
+            ctx.prepare_typed_cached(query, parameter_types)
+        })
+        .await
+    }
+
     /// Prepares a statement with the given parameter types.
     ///
     /// # Errors

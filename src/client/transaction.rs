@@ -71,6 +71,17 @@ impl<'a> Transaction<'a> {
         self.ctx()?.prepare_cached(query).await
     }
 
+    /// Like [`PooledClient::prepare_typed_cached`], inside the transaction.
+    pub async fn prepare_typed_cached(
+        &self,
+        query: &str,
+        parameter_types: &[Type],
+    ) -> Result<Statement, Error> {
+        self.ctx()?
+            .prepare_typed_cached(query, parameter_types)
+            .await
+    }
+
     /// Like [`PooledClient::prepare_typed`], inside the transaction.
     pub async fn prepare_typed(
         &self,
