@@ -1,0 +1,258 @@
+//! Attacks on the bounds at the socket, the per-call cutoff, the client's `Deref`, the
+//! stale-statement rerun and the error's message: what a production handler or a hostile
+//! caller relies on.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{admin, builder};
+use futures_util::SinkExt;
+use pinpool::PooledClient;
+
+fn in_ms(ms: u64) -> SystemTime {
+    SystemTime::now() + Duration::from_millis(ms)
+}
+
+/// A handler keeps a client and a prepared statement in its state from one invocation to the
+/// next (the README says a kept client works in the next invocation). Dropping the statement
+/// in a later invocation writes a Close and a Sync that no pinpool call bounded: they must not
+/// inherit the earlier invocation's cutoff, long past, and close a healthy socket.
+#[tokio::test]
+async fn dropping_a_statement_kept_from_an_earlier_invocation_leaves_the_client_working() {
+    let pool = builder("att4_kept_stmt")
+        .deadline_margin(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let (c, stmt) = pool
+        .invocation(in_ms(800), async {
+            let c = pool.get().await.unwrap();
+            let stmt = c.prepare("SELECT 1").await.unwrap();
+            c.query_one(&stmt, &[]).await.unwrap();
+            (c, stmt)
+        })
+        .await;
+    // The first invocation's cutoff passes; the environment waits for the next event.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r = pool
+        .invocation(in_ms(10_000), async {
+            // The handler replaces what it kept: the old statement goes.
+            drop(stmt);
+            // Anything that yields (an HTTP call, a log flush) lets the connection task write.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.query_one("SELECT 2", &[])
+                .await
+                .map(|r| r.get::<_, i32>(0))
+        })
+        .await;
+    assert_eq!(
+        r.expect("10 s were left in this invocation; nothing timed out"),
+        2
+    );
+}
+
+/// Two statements pipelined on one client (`tokio::join!`): the first is stale (DDL changed its
+/// result type) and is prepared and run again, as it should be; the second ran (its function
+/// advanced a sequence) and then failed with SQLSTATE 26000 from an SQL-level `EXECUTE`. The
+/// second must never run twice.
+#[tokio::test]
+async fn a_pipelined_statement_that_ran_is_never_run_again_beside_a_stale_one() {
+    let admin = admin().await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS att4_pipe_t; CREATE TABLE att4_pipe_t (a int);
+             INSERT INTO att4_pipe_t VALUES (1);
+             DROP FUNCTION IF EXISTS att4_pipe_f(bool); DROP SEQUENCE IF EXISTS att4_pipe_runs;
+             CREATE SEQUENCE att4_pipe_runs;
+             CREATE FUNCTION att4_pipe_f(go bool) RETURNS int LANGUAGE plpgsql AS $f$
+             BEGIN
+               IF go THEN
+                 PERFORM nextval('att4_pipe_runs');
+                 EXECUTE 'EXECUTE att4_no_such_statement';
+               END IF;
+               RETURN 0;
+             END $f$;",
+        )
+        .await
+        .unwrap();
+    let pool = builder("att4_pipe").max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    // Both statements cached on the connection.
+    c.query("SELECT * FROM att4_pipe_t", &[]).await.unwrap();
+    c.query_one("SELECT att4_pipe_f($1)", &[&false])
+        .await
+        .unwrap();
+    admin
+        .batch_execute("ALTER TABLE att4_pipe_t ADD COLUMN b int")
+        .await
+        .unwrap();
+    let (stale, ran) = tokio::join!(
+        c.query("SELECT * FROM att4_pipe_t", &[]),
+        c.query_one("SELECT att4_pipe_f($1)", &[&true]),
+    );
+    let e = ran.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("26000"), "{e:?}");
+    let runs: i64 = admin
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM att4_pipe_runs",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 1, "a statement that ran was run a second time");
+    // The stale one may or may not run again; it must not have run twice either way.
+    if let Ok(rows) = stale {
+        assert_eq!(rows.len(), 1);
+    }
+    drop(c);
+    admin
+        .batch_execute(
+            "DROP TABLE att4_pipe_t; DROP FUNCTION att4_pipe_f(bool);
+             DROP SEQUENCE att4_pipe_runs",
+        )
+        .await
+        .unwrap();
+}
+
+/// A `COPY ... FROM STDIN` through the driver's client (`&tokio_postgres::Client`) whose
+/// server stops reading (here a row trigger that sleeps; in production a stalled proxy): the
+/// promise is that every copy, through any API, stops at the invocation's cutoff.
+#[tokio::test]
+async fn a_copy_through_the_drivers_client_whose_server_stalls_stops_at_the_cutoff() {
+    let admin = admin().await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS att4_copy_t;
+             CREATE TABLE att4_copy_t (a text);
+             CREATE OR REPLACE FUNCTION att4_copy_stall() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN
+               IF NEW.a = 'stall' THEN PERFORM pg_sleep(20); END IF;
+               RETURN NEW;
+             END $f$;
+             CREATE TRIGGER att4_copy_stall BEFORE INSERT ON att4_copy_t
+               FOR EACH ROW EXECUTE FUNCTION att4_copy_stall();",
+        )
+        .await
+        .unwrap();
+    let pool = builder("att4_copy")
+        .deadline_margin(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let outcome = pool
+        .invocation(in_ms(2000), async {
+            let c = pool.get().await.unwrap();
+            let raw: &tokio_postgres::Client = &c;
+            let sink = raw
+                .copy_in::<_, bytes::Bytes>("COPY att4_copy_t FROM STDIN")
+                .await?;
+            futures_util::pin_mut!(sink);
+            sink.send(bytes::Bytes::from_static(b"stall\n")).await?;
+            // Far more than the socket buffers hold: the writes block while the server sleeps.
+            let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+            for _ in 0..64 {
+                sink.send(chunk.clone()).await?;
+            }
+            sink.as_mut().finish().await.map(drop)
+        })
+        .await;
+    let took = t.elapsed();
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'att4_copy'",
+            &[],
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute("DROP TABLE att4_copy_t; DROP FUNCTION att4_copy_stall()")
+        .await
+        .unwrap();
+    assert!(
+        took < Duration::from_secs(10),
+        "the copy ran {took:?} with a 2 s invocation ({outcome:?})"
+    );
+    assert!(outcome.is_err(), "the copy cannot have finished");
+}
+
+/// The message of an error is what the on-call reads and what a 503 body may carry: the
+/// README says it never carries a parameter. A parameter the server fails to parse is quoted
+/// in the server's own message.
+#[tokio::test]
+async fn an_error_message_never_quotes_a_parameter_value() {
+    let pool = builder("att4_leak").build().unwrap();
+    let c = pool.get().await.unwrap();
+    let e = c
+        .query_one("SELECT $1::text::int", &[&"hunter2-card-4111"])
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("22P02"), "{msg}");
+    assert!(
+        !msg.contains("hunter2-card-4111"),
+        "the parameter's value is in the message: {msg}"
+    );
+}
+
+/// A real DDL change (`ADD COLUMN` under a cached `SELECT *`) still reruns the statement once,
+/// with pinpool's and the driver's client used side by side on one checkout.
+#[tokio::test]
+async fn a_select_star_made_stale_by_add_column_runs_again_after_raw_use() {
+    let admin = admin().await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS att4_ddl_t; CREATE TABLE att4_ddl_t (a int);
+             INSERT INTO att4_ddl_t VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let pool = builder("att4_ddl").max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    c.query("SELECT * FROM att4_ddl_t", &[]).await.unwrap();
+    let raw: &tokio_postgres::Client = &c;
+    raw.batch_execute("ALTER TABLE att4_ddl_t ADD COLUMN b int")
+        .await
+        .unwrap();
+    let rows = c
+        .query("SELECT * FROM att4_ddl_t", &[])
+        .await
+        .expect("prepared again after the DDL");
+    assert_eq!(rows[0].len(), 2);
+    drop(c);
+    admin.batch_execute("DROP TABLE att4_ddl_t").await.unwrap();
+}
+
+/// A dropped pinpool call (a `select!` that lost) leaves the connection closed on return; the
+/// next checkout still works and the pool keeps its invariants.
+#[tokio::test]
+async fn a_raw_call_past_the_cutoff_then_a_pinpool_call_gives_a_typed_timeout() {
+    let pool = builder("att4_typed")
+        .deadline_margin(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let err = pool
+        .invocation(in_ms(1200), async {
+            let c = pool.get().await.unwrap();
+            let s = c.query_raw("SELECT pg_sleep(5)", Vec::<i32>::new()).await;
+            match s {
+                Ok(s) => {
+                    futures_util::pin_mut!(s);
+                    futures_util::StreamExt::next(&mut s)
+                        .await
+                        .unwrap()
+                        .unwrap_err()
+                }
+                Err(e) => e,
+            }
+        })
+        .await;
+    assert!(
+        err.is_timeout(),
+        "a pinpool stream's bound gives a typed error: {err:?}"
+    );
+    let c = pool.get().await.unwrap();
+    assert!(!PooledClient::is_closed(&c));
+    c.query_one("SELECT 1", &[]).await.unwrap();
+}
