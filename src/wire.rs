@@ -206,9 +206,15 @@ impl Wire {
 
     /// True when request number `request` was answered by an error before any BindComplete:
     /// for an extended-protocol call, the server failed its Parse or Bind, so nothing of it
-    /// ran.
+    /// ran. `request` is the caller's guess ([`Wire::next_request`] before it queued its
+    /// request); calls pipelined on one client (or a raw request queued beside) take the same
+    /// guess, so the answer is trusted only when exactly that many requests were written: the
+    /// caller's is then the one numbered `request`. Otherwise false (no rerun), never a
+    /// neighbour's failure taken for the caller's.
     pub(crate) fn failed_before_bind_complete(&self, request: u32) -> bool {
-        self.failed_before_bind_complete.load(SeqCst) == request && self.reached(request)
+        self.failed_before_bind_complete.load(SeqCst) == request
+            && self.reached(request)
+            && self.expected() == request
     }
 
     /// The facts as of now.
