@@ -740,8 +740,18 @@ impl Reader {
                 });
                 wire.expected
                     .store(wire.expected().wrapping_sub(ignored), Relaxed);
+                // The copy itself stays bounded by the request that started it (its data
+                // phase has no request of its own; a server or proxy that stops reading would
+                // block the writes unbounded): the earliest of the ignored Syncs' bounds goes
+                // to the number the copy's closing Sync will have, whose ReadyForQuery ends it.
+                let mut copy_bound = None::<u64>;
                 for _ in 0..ignored {
-                    bounds.pop_back();
+                    if let Some((_, b)) = bounds.pop_back() {
+                        copy_bound = Some(copy_bound.map_or(b, |c| c.min(b)));
+                    }
+                }
+                if let Some(b) = copy_bound {
+                    bounds.push_back((wire.next_request(), b));
                 }
                 update_due(wire, bounds);
                 *syncs_since_execute = 0;
