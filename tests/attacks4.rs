@@ -194,6 +194,24 @@ async fn an_error_message_never_quotes_a_parameter_value() {
         !msg.contains("hunter2-card-4111"),
         "the parameter's value is in the message: {msg}"
     );
+    assert!(
+        msg.contains("type integer"),
+        "still says what failed: {msg}"
+    );
+    // A value that holds quotes itself, out of range for its type.
+    let e = c
+        .query_one("SELECT $1::text::date", &[&"a\"b\"secret-2024-99-99"])
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("ERROR 22"), "{msg}");
+    assert!(!msg.contains("secret"), "{msg}");
+    // Other classes keep their quoted names: they are the useful part.
+    let e = c
+        .query("SELECT * FROM att4_no_such_table", &[])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("\"att4_no_such_table\""), "{e}");
 }
 
 /// A real DDL change (`ADD COLUMN` under a cached `SELECT *`) still reruns the statement once,
