@@ -59,6 +59,16 @@ fn cutoff_now(
     }
 }
 
+/// Sets the cutoff of what is written on `wire` from now on; one set within an invocation is
+/// cleared at its end ([`Invocation::touch`]).
+fn set_wire_cutoff(wire: &Arc<crate::wire::Wire>, cutoff: Option<Instant>) {
+    if wire.set_cutoff(cutoff)
+        && let Some(c) = cutoff
+    {
+        Invocation::touch(wire, c);
+    }
+}
+
 impl<'a> Guarded<'a> {
     /// This guard with the cutoff of a call made now ([`cutoff_now`]).
     fn now(self) -> Guarded<'a> {
@@ -107,7 +117,7 @@ impl<'a> Guarded<'a> {
     ) -> Result<T, Error> {
         let in_flight = self.state.begin();
         let request = in_flight.request;
-        self.state.wire.set_cutoff(self.cutoff);
+        set_wire_cutoff(&self.state.wire, self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(res) => {
                 in_flight.done();
@@ -132,7 +142,7 @@ impl<'a> Guarded<'a> {
         fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
     ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
         let in_flight = self.state.begin();
-        self.state.wire.set_cutoff(self.cutoff);
+        set_wire_cutoff(&self.state.wire, self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(Ok(s)) => {
                 self.pool.report_pins(self.state);
@@ -1215,7 +1225,7 @@ impl PooledClient {
     pub fn raw(this: &Self) -> &Client {
         let conn = this.conn();
         conn.state.set_raw_used();
-        conn.state.wire.set_cutoff(this.cutoff_now());
+        set_wire_cutoff(&conn.state.wire, this.cutoff_now());
         &conn.client
     }
 

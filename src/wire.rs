@@ -153,8 +153,19 @@ impl Wire {
     /// The cutoff of the caller now using the connection: requests written from now on stop
     /// at it (`None`: no cutoff). Set by every call before it queues a request, and by raw
     /// access in the caller's task.
-    pub(crate) fn set_cutoff(&self, cutoff: Option<Instant>) {
-        self.cutoff.store(Ticks::from(cutoff), Relaxed);
+    /// True when the cutoff changed.
+    pub(crate) fn set_cutoff(&self, cutoff: Option<Instant>) -> bool {
+        let ticks = Ticks::from(cutoff);
+        self.cutoff.load(Relaxed) != ticks && self.cutoff.swap(ticks, Relaxed) != ticks
+    }
+
+    /// Clears the cutoff if it is still `cutoff` (its invocation ended: what is written from
+    /// now on without a caller saying its cutoff, a dropped statement's Close, is bounded by
+    /// `query_timeout` alone, not by a cutoff long past).
+    pub(crate) fn clear_cutoff_if(&self, cutoff: Option<Instant>) {
+        let _ = self
+            .cutoff
+            .compare_exchange(Ticks::from(cutoff), 0, Relaxed, Relaxed);
     }
 
     /// The bound of a request written now: the earlier of `query_timeout` from now and the
