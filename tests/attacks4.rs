@@ -274,3 +274,59 @@ async fn a_raw_call_past_the_cutoff_then_a_pinpool_call_gives_a_typed_timeout() 
     assert!(!PooledClient::is_closed(&c));
     c.query_one("SELECT 1", &[]).await.unwrap();
 }
+
+/// A pinpool stream waiting for rows when the invocation's cutoff passes: its bound and the
+/// socket's are the same instant, and whichever timer runs first, the caller gets the typed
+/// timeout pinpool's methods promise (not the driver's closed-connection error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinpool_stream_at_the_cutoff_always_fails_with_a_typed_timeout() {
+    let pool = builder("att4_stream_race")
+        .deadline_margin(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    for round in 0..15 {
+        let err = pool
+            .invocation(in_ms(250), async {
+                let c = pool.get().await.unwrap();
+                match c.query_raw("SELECT pg_sleep(3)", Vec::<i32>::new()).await {
+                    Ok(s) => {
+                        futures_util::pin_mut!(s);
+                        futures_util::StreamExt::next(&mut s)
+                            .await
+                            .expect("an item")
+                            .unwrap_err()
+                    }
+                    Err(e) => e,
+                }
+            })
+            .await;
+        assert!(err.is_timeout(), "round {round}: {err:?}");
+    }
+}
+
+/// The same for `copy_out`, whose stream waits for data that a slow query holds back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinpool_copy_out_at_the_cutoff_always_fails_with_a_typed_timeout() {
+    let pool = builder("att4_copy_race")
+        .deadline_margin(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    for round in 0..15 {
+        let err = pool
+            .invocation(in_ms(250), async {
+                let c = pool.get().await.unwrap();
+                match c.copy_out("COPY (SELECT pg_sleep(3)) TO STDOUT").await {
+                    Ok(s) => {
+                        futures_util::pin_mut!(s);
+                        futures_util::StreamExt::next(&mut s)
+                            .await
+                            .expect("an item")
+                            .unwrap_err()
+                    }
+                    Err(e) => e,
+                }
+            })
+            .await;
+        assert!(err.is_timeout(), "round {round}: {err:?}");
+    }
+}
