@@ -330,3 +330,96 @@ async fn a_pinpool_copy_out_at_the_cutoff_always_fails_with_a_typed_timeout() {
         assert!(err.is_timeout(), "round {round}: {err:?}");
     }
 }
+
+/// A COPY through the driver's client that ends in time leaves nothing bounded behind: the
+/// connection, idle past `query_timeout` afterwards, still serves, and goes back to the pool.
+#[tokio::test]
+async fn a_copy_through_the_drivers_client_that_ends_leaves_the_connection_usable() {
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS att4_copy_ok; CREATE TABLE att4_copy_ok (a int)")
+        .await
+        .unwrap();
+    let pool = builder("att4_copy_ok")
+        .max_size(1)
+        .query_timeout(Some(Duration::from_millis(600)))
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    {
+        let raw: &tokio_postgres::Client = &c;
+        let sink = raw
+            .copy_in::<_, bytes::Bytes>("COPY att4_copy_ok FROM STDIN")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        let rows: String = (0..1000).map(|i| format!("{i}\n")).collect();
+        sink.send(bytes::Bytes::from(rows)).await.unwrap();
+        assert_eq!(sink.as_mut().finish().await.unwrap(), 1000);
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM att4_copy_ok", &[])
+        .await
+        .expect("the connection outlived the copy's bound")
+        .get(0);
+    assert_eq!(n, 1000);
+    drop(c);
+    assert_eq!(pool.status().idle, 1, "{:?}", pool.status());
+    admin
+        .batch_execute("DROP TABLE att4_copy_ok")
+        .await
+        .unwrap();
+}
+
+/// A COPY through the driver's client that the server rejects (a bad row), and one the caller
+/// abandons (the sink dropped): neither leaves a bound behind that closes the connection
+/// later.
+#[tokio::test]
+async fn a_failed_or_abandoned_copy_through_the_drivers_client_leaves_no_bound_behind() {
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS att4_copy_bad; CREATE TABLE att4_copy_bad (a int)")
+        .await
+        .unwrap();
+    let pool = builder("att4_copy_bad")
+        .max_size(1)
+        .query_timeout(Some(Duration::from_millis(600)))
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    {
+        let raw: &tokio_postgres::Client = &c;
+        let sink = raw
+            .copy_in::<_, bytes::Bytes>("COPY att4_copy_bad FROM STDIN")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        let _ = sink
+            .send(bytes::Bytes::from_static(b"not-a-number\n"))
+            .await;
+        assert!(sink.as_mut().finish().await.is_err());
+    }
+    {
+        let raw: &tokio_postgres::Client = &c;
+        let sink = raw
+            .copy_in::<_, bytes::Bytes>("COPY att4_copy_bad FROM STDIN")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n")).await.unwrap();
+        // Dropped unfinished: the driver aborts the copy.
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM att4_copy_bad", &[])
+        .await
+        .expect("the connection outlived the copies' bounds")
+        .get(0);
+    assert_eq!(n, 0);
+    drop(c);
+    admin
+        .batch_execute("DROP TABLE att4_copy_bad")
+        .await
+        .unwrap();
+}
