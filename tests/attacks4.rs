@@ -423,3 +423,48 @@ async fn a_failed_or_abandoned_copy_through_the_drivers_client_leaves_no_bound_b
         .await
         .unwrap();
 }
+
+/// Tests of one binary share a process: one that pauses tokio's clock and advances it (a day
+/// here) must not move the socket bounds of a test on a real clock in the same process.
+#[test]
+fn a_paused_clock_in_one_runtime_leaves_the_socket_bounds_of_another_on_time() {
+    let real = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let paused = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let pool = real.block_on(async {
+        builder("att4_paused")
+            .query_timeout(Some(Duration::from_millis(500)))
+            .build()
+            .unwrap()
+    });
+    let c = real.block_on(pool.get()).unwrap();
+    // A test on a paused clock a day ahead makes a call with a deadline (only the cutoff is
+    // set; nothing is written from there).
+    paused.block_on(async {
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        let _ = pinpool::PooledClient::cutoff(&c);
+        let other = builder("att4_paused_other").build().unwrap();
+        let _ = other
+            .invocation(in_ms(60_000), async {
+                let _ = pinpool::PooledClient::raw(&c);
+            })
+            .await;
+    });
+    let t = Instant::now();
+    let r = real.block_on(async {
+        PooledClient::raw(&c)
+            .simple_query("SELECT pg_sleep(3)")
+            .await
+    });
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "query_timeout is 500 ms; the call ran {took:?} ({r:?})"
+    );
+}
