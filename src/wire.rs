@@ -93,32 +93,36 @@ pub(crate) struct Wire {
     /// The number of the last request whose answer was an error before any BindComplete: for
     /// a Bind, Execute and Sync, it failed at the Bind, so nothing of it ran.
     failed_before_bind_complete: AtomicU32,
+    /// The base of the bounds above.
+    ticks: Ticks,
 }
 
-/// Instants as nanoseconds since a base taken once per process, plus one (0 stands for
-/// none), so a bound fits in an atomic word.
-struct Ticks;
+/// Instants as nanoseconds since a base taken when the connection's wire was made, plus one
+/// (0 stands for none), so a bound fits in an atomic word. Per connection, from the clock of
+/// the runtime that opened it (the one its task's timer runs on): a base shared by the
+/// process would be taken from whichever runtime came first, and a paused, advanced clock
+/// (tokio's test-util) there would put every other runtime's bounds that far late.
+struct Ticks(Instant);
 
 impl Ticks {
-    fn base() -> Instant {
-        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        // An instant before it reads as the base itself: every bound made is at or after
-        // the first one, which is made after the base.
-        *BASE.get_or_init(Instant::now)
+    fn now() -> Ticks {
+        Ticks(Instant::now())
     }
 
-    fn from(at: Option<Instant>) -> u64 {
+    fn from(&self, at: Option<Instant>) -> u64 {
         match at {
             None => 0,
+            // An instant before the base reads as the base itself: every bound made is at or
+            // after the connection was opened, or has passed anyway.
             Some(at) => {
-                let n = at.saturating_duration_since(Ticks::base()).as_nanos();
+                let n = at.saturating_duration_since(self.0).as_nanos();
                 u64::try_from(n).unwrap_or(u64::MAX - 1).max(1)
             }
         }
     }
 
-    fn to(ticks: u64) -> Option<Instant> {
-        (ticks != 0).then(|| Ticks::base() + Duration::from_nanos(ticks))
+    fn to(&self, ticks: u64) -> Option<Instant> {
+        (ticks != 0).then(|| self.0 + Duration::from_nanos(ticks))
     }
 }
 
@@ -141,6 +145,7 @@ impl Wire {
             due: AtomicU64::new(0),
             expired: AtomicU8::new(0),
             failed_before_bind_complete: AtomicU32::new(0),
+            ticks: Ticks::now(),
         })
     }
 
@@ -155,7 +160,7 @@ impl Wire {
     /// access in the caller's task.
     /// True when the cutoff changed.
     pub(crate) fn set_cutoff(&self, cutoff: Option<Instant>) -> bool {
-        let ticks = Ticks::from(cutoff);
+        let ticks = self.ticks.from(cutoff);
         self.cutoff.load(Relaxed) != ticks && self.cutoff.swap(ticks, Relaxed) != ticks
     }
 
@@ -165,7 +170,7 @@ impl Wire {
     pub(crate) fn clear_cutoff_if(&self, cutoff: Option<Instant>) {
         let _ = self
             .cutoff
-            .compare_exchange(Ticks::from(cutoff), 0, Relaxed, Relaxed);
+            .compare_exchange(self.ticks.from(cutoff), 0, Relaxed, Relaxed);
     }
 
     /// The bound of a request written now: the earlier of `query_timeout` from now and the
@@ -178,7 +183,7 @@ impl Wire {
         match self.query_timeout.load(Relaxed) {
             0 => cutoff,
             t => {
-                let at = Ticks::from(Some(Instant::now())).saturating_add(t);
+                let at = self.ticks.from(Some(Instant::now())).saturating_add(t);
                 at.min(cutoff)
             }
         }
@@ -186,7 +191,7 @@ impl Wire {
 
     /// The earliest bound of a request written and not answered yet.
     pub(crate) fn due(&self) -> Option<Instant> {
-        Ticks::to(self.due.load(Relaxed))
+        self.ticks.to(self.due.load(Relaxed))
     }
 
     /// The connection task closed the socket: a request outlived its bound. Returns which
