@@ -468,3 +468,36 @@ fn a_paused_clock_in_one_runtime_leaves_the_socket_bounds_of_another_on_time() {
         "query_timeout is 500 ms; the call ran {took:?} ({r:?})"
     );
 }
+
+/// The other side of clearing an ended invocation's cutoff: a client kept from an earlier
+/// invocation, used through the driver's client in the next, still stops at the next one's
+/// cutoff.
+#[tokio::test]
+async fn a_kept_clients_raw_call_in_a_later_invocation_stops_at_that_invocations_cutoff() {
+    let pool = builder("att4_kept_raw")
+        .deadline_margin(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let c = pool
+        .invocation(in_ms(5000), async {
+            let c = pool.get().await.unwrap();
+            PooledClient::raw(&c)
+                .simple_query("SELECT 1")
+                .await
+                .unwrap();
+            c
+        })
+        .await;
+    let t = Instant::now();
+    let r = pool
+        .invocation(in_ms(800), async {
+            PooledClient::raw(&c)
+                .simple_query("SELECT pg_sleep(3)")
+                .await
+                .map(drop)
+        })
+        .await;
+    let took = t.elapsed();
+    assert!(r.is_err(), "{r:?}");
+    assert!(took < Duration::from_millis(2500), "ran {took:?}");
+}
