@@ -501,3 +501,41 @@ async fn a_kept_clients_raw_call_in_a_later_invocation_stops_at_that_invocations
     assert!(r.is_err(), "{r:?}");
     assert!(took < Duration::from_millis(2500), "ran {took:?}");
 }
+
+/// Two invocations at once (Lambda Managed Instances) sharing a client kept in the handler's
+/// state: one with little time left takes the driver's client while the other's statement is
+/// queued. The other's statement belongs to an invocation with 10 s left and must not stop at
+/// its neighbour's cutoff.
+#[tokio::test]
+async fn a_statement_of_one_invocation_never_stops_at_a_concurrent_invocations_cutoff() {
+    let pool = builder("att4_cross")
+        .deadline_margin(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    // Cached: the statement is queued in the turn its handler reaches the client.
+    c.query_one("SELECT pg_sleep($1)", &[&0.0f64])
+        .await
+        .unwrap();
+    // The short invocation is running (its handler awaits something); the long one's
+    // statement is queued; then the short one's handler reaches the client, before the
+    // connection task has written the statement.
+    let long = pool
+        .invocation(in_ms(600), async {
+            let short = pinpool::Invocation::current().unwrap();
+            pool.invocation(in_ms(10_000), async {
+                let mut stmt = Box::pin(c.query_one("SELECT pg_sleep($1)", &[&1.5f64]));
+                assert!(futures_util::FutureExt::now_or_never(&mut stmt).is_none());
+                short
+                    .scope(async {
+                        // Code written for the driver's client looks at it; sends nothing.
+                        let _ = PooledClient::raw(&c).is_closed();
+                    })
+                    .await;
+                stmt.await.map(drop)
+            })
+            .await
+        })
+        .await;
+    long.expect("this invocation had 10 s; its statement took 1.5 s");
+}
