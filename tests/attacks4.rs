@@ -539,3 +539,26 @@ async fn a_statement_of_one_invocation_never_stops_at_a_concurrent_invocations_c
         .await;
     long.expect("this invocation had 10 s; its statement took 1.5 s");
 }
+
+/// The per-request bookkeeping must stay linear under a deep pipeline (bulk inserts as
+/// `join_all` of thousands of statements on one client, a common tokio-postgres pattern): a
+/// statement in a pipeline eight times deeper costs about the same, not eight times more.
+#[tokio::test]
+async fn a_deep_pipeline_costs_each_statement_about_what_a_shallow_one_does() {
+    let pool = builder("att4_pipeline").build().unwrap();
+    let c = pool.get().await.unwrap();
+    c.execute("SELECT 1", &[]).await.unwrap();
+    let mut each = Vec::new();
+    for n in [2_000u32, 16_000] {
+        let t = Instant::now();
+        let all = futures_util::future::join_all((0..n).map(|_| c.execute("SELECT 1", &[]))).await;
+        assert!(all.iter().all(Result::is_ok));
+        each.push(t.elapsed() / n);
+    }
+    assert!(
+        each[1] < each[0] * 3,
+        "a statement costs {:?} in a pipeline of 2,000 and {:?} in one of 16,000",
+        each[0],
+        each[1]
+    );
+}
