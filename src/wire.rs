@@ -571,7 +571,11 @@ struct Reader {
     /// that Execute started one; `copy_in` is set from then until the copy ends.
     syncs_since_execute: u32,
     copy_in: bool,
-    /// Requests written and not answered: their numbers and bounds, oldest first.
+    /// Requests written and not answered, oldest first, with their bounds: only those whose
+    /// bound is earlier than every later request's (a request answered before a later one
+    /// with an earlier or equal bound can never be the earliest bound left), so the bounds
+    /// grow from front to back and the front is the earliest. Constant work per request
+    /// however deep the pipeline (a scan of every request was quadratic in its depth).
     bounds: VecDeque<(u32, u64)>,
     /// In the answer being read: a BindComplete came; an error came before any.
     bind_complete: bool,
@@ -581,13 +585,22 @@ struct Reader {
 /// A request was written: counts it and keeps its bound, and the earliest bound of all.
 fn track_request(wire: &Wire, bounds: &mut VecDeque<(u32, u64)>) {
     wire.count_sent();
-    bounds.push_back((wire.expected(), wire.bound_of_new_request()));
+    push_bound(bounds, wire.expected(), wire.bound_of_new_request());
     update_due(wire, bounds);
 }
 
-/// Publishes the earliest bound of the requests still unanswered.
+/// Adds request `n`'s bound, dropping the requests before it that no longer matter (their
+/// bounds are not earlier than `n`'s, and they are answered first).
+fn push_bound(bounds: &mut VecDeque<(u32, u64)>, n: u32, bound: u64) {
+    while bounds.back().is_some_and(|&(_, b)| b >= bound) {
+        bounds.pop_back();
+    }
+    bounds.push_back((n, bound));
+}
+
+/// Publishes the earliest bound of the requests still unanswered: the front's.
 fn update_due(wire: &Wire, bounds: &VecDeque<(u32, u64)>) {
-    let due = bounds.iter().map(|&(_, b)| b).min().unwrap_or(u64::MAX);
+    let due = bounds.front().map_or(u64::MAX, |&(_, b)| b);
     wire.due
         .store(if due == u64::MAX { 0 } else { due }, Relaxed);
 }
@@ -760,14 +773,20 @@ impl Reader {
                 // phase has no request of its own; a server or proxy that stops reading would
                 // block the writes unbounded): the earliest of the ignored Syncs' bounds goes
                 // to the number the copy's closing Sync will have, whose ReadyForQuery ends it.
+                // The ignored Syncs are the requests numbered past `expected` now; the earliest
+                // of their bounds is among those kept (the last request is always kept, and
+                // each dropped one had a bound no earlier than a later one's). A request
+                // dropped for one of theirs has a bound no earlier than the copy's.
+                let last = wire.expected();
                 let mut copy_bound = None::<u64>;
-                for _ in 0..ignored {
-                    if let Some((_, b)) = bounds.pop_back() {
-                        copy_bound = Some(copy_bound.map_or(b, |c| c.min(b)));
-                    }
+                while let Some(&(n, b)) = bounds.back()
+                    && (n.wrapping_sub(last) as i32) > 0
+                {
+                    bounds.pop_back();
+                    copy_bound = Some(copy_bound.map_or(b, |c| c.min(b)));
                 }
                 if let Some(b) = copy_bound {
-                    bounds.push_back((wire.next_request(), b));
+                    push_bound(bounds, wire.next_request(), b);
                 }
                 update_due(wire, bounds);
                 *syncs_since_execute = 0;
@@ -906,6 +925,40 @@ impl<S: TlsStream + Unpin> TlsStream for Observed<S> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kept_bounds_front_is_the_earliest_bound_of_the_requests_unanswered() {
+        // Against a model that keeps every request: random writes (bounds not in order, some
+        // unbounded) and answers.
+        let mut kept = std::collections::VecDeque::new();
+        let mut all = std::collections::VecDeque::new();
+        let (mut written, mut answered, mut x) = (0u32, 0u32, 12345u64);
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if (x >> 33) % 3 != 0 || written == answered {
+                written += 1;
+                let b = if (x >> 20) % 10 == 0 {
+                    u64::MAX
+                } else {
+                    (x >> 40) % 1000
+                };
+                super::push_bound(&mut kept, written, b);
+                all.push_back((written, b));
+            } else {
+                answered += 1;
+                while kept.front().is_some_and(|&(n, _)| n <= answered) {
+                    kept.pop_front();
+                }
+                while all.front().is_some_and(|&(n, _)| n <= answered) {
+                    all.pop_front();
+                }
+            }
+            let model = all.iter().map(|&(_, b)| b).min();
+            assert_eq!(kept.front().map(|&(_, b)| b), model);
+        }
+    }
+
     use super::*;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
