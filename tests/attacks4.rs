@@ -242,10 +242,10 @@ async fn a_select_star_made_stale_by_add_column_runs_again_after_raw_use() {
     admin.batch_execute("DROP TABLE att4_ddl_t").await.unwrap();
 }
 
-/// A dropped pinpool call (a `select!` that lost) leaves the connection closed on return; the
-/// next checkout still works and the pool keeps its invariants.
+/// A pinpool stream waiting for rows at the invocation's cutoff fails with the typed timeout;
+/// its connection is closed and the next checkout is served.
 #[tokio::test]
-async fn a_raw_call_past_the_cutoff_then_a_pinpool_call_gives_a_typed_timeout() {
+async fn a_pinpool_stream_at_the_cutoff_times_out_typed_and_the_pool_serves_on() {
     let pool = builder("att4_typed")
         .deadline_margin(Duration::from_millis(100))
         .build()
