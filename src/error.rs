@@ -227,13 +227,22 @@ struct Said<'a>(&'a tokio_postgres::Error);
 impl fmt::Display for Said<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(db) = self.0.as_db_error() {
-            return write!(
-                f,
-                "{} {}: {}",
-                db.severity(),
-                db.code().code(),
-                db.message()
-            );
+            write!(f, "{} {}: ", db.severity(), db.code().code())?;
+            // A data exception (class 22) quotes the value it could not take, which is often
+            // a parameter (`invalid input syntax for type integer: "..."`): what is quoted is
+            // left out, the rest (the type, the SQLSTATE) stays.
+            if !db.code().code().starts_with("22") {
+                return f.write_str(db.message());
+            }
+            // From the first quote to the last: a value may itself hold quotes.
+            let m = db.message();
+            return match (m.find('"'), m.rfind('"')) {
+                (Some(a), Some(b)) if a < b => {
+                    write!(f, "{}\"...\"{}", &m[..a], &m[b + 1..])
+                }
+                (Some(a), _) => write!(f, "{}\"...", &m[..a]),
+                _ => f.write_str(m),
+            };
         }
         write!(f, "{}", self.0)?;
         match self

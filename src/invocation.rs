@@ -45,6 +45,9 @@ pub(crate) struct InvocationInner {
     stash: Mutex<Vec<Conn>>,
     /// Clients checked out in this invocation and not returned: connection id, where.
     lent: Mutex<Vec<(u64, &'static Location<'static>)>>,
+    /// Connections whose wire cutoff a call of this invocation set, and to what: cleared at
+    /// its end ([`Invocation::touch`]).
+    touched: Mutex<Vec<(std::sync::Weak<crate::wire::Wire>, Instant)>>,
     ended: AtomicBool,
 }
 
@@ -57,6 +60,7 @@ impl Invocation {
             pool,
             stash: Mutex::new(Vec::new()),
             lent: Mutex::new(Vec::new()),
+            touched: Mutex::new(Vec::new()),
             ended: AtomicBool::new(false),
         }))
     }
@@ -135,6 +139,22 @@ impl Invocation {
         self.0.kept().pop()
     }
 
+    /// A call of the current invocation set `wire`'s cutoff to `cutoff`: at the invocation's
+    /// end it is cleared, so a client kept into a later invocation does not bound what it
+    /// writes unasked (a dropped statement's Close, a dropped transaction's ROLLBACK) by this
+    /// invocation's cutoff, long past by then. Outside any invocation, nothing.
+    pub(crate) fn touch(wire: &Arc<crate::wire::Wire>, cutoff: Instant) {
+        let _ = CURRENT.try_with(|i| {
+            let mut touched = crate::sync::lock(&i.0.touched);
+            let known = touched
+                .iter()
+                .any(|(w, c)| *c == cutoff && std::ptr::eq(w.as_ptr(), Arc::as_ptr(wire)));
+            if !known {
+                touched.push((Arc::downgrade(wire), cutoff));
+            }
+        });
+    }
+
     /// A client of this invocation was checked out at `from`.
     pub(crate) fn lend(&self, id: u64, from: &'static Location<'static>) {
         self.0.lent().push((id, from));
@@ -160,6 +180,12 @@ impl Invocation {
                     checked_out_at = %from,
                     "pinpool: a client is still checked out when its invocation ends: it is held through the freeze"
                 );
+            }
+        }
+        let touched = std::mem::take(&mut *crate::sync::lock(&self.0.touched));
+        for (wire, cutoff) in touched {
+            if let Some(wire) = wire.upgrade() {
+                wire.clear_cutoff_if(Some(cutoff));
             }
         }
         let kept: Vec<Conn> = {

@@ -590,7 +590,7 @@ impl PoolInner {
     pub(crate) fn put_back(&self, mut conn: Conn, inv: Option<&Invocation>) {
         // The caller's cutoff is not the next one's: what is still written (a dropped
         // transaction's ROLLBACK) is bounded by `query_timeout` alone.
-        conn.state.wire.set_cutoff(None);
+        let _ = conn.state.wire.set_cutoff(None);
         if let Some(inv) = inv {
             inv.give_back(conn.state.id);
         }

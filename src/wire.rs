@@ -93,32 +93,36 @@ pub(crate) struct Wire {
     /// The number of the last request whose answer was an error before any BindComplete: for
     /// a Bind, Execute and Sync, it failed at the Bind, so nothing of it ran.
     failed_before_bind_complete: AtomicU32,
+    /// The base of the bounds above.
+    ticks: Ticks,
 }
 
-/// Instants as nanoseconds since a base taken once per process, plus one (0 stands for
-/// none), so a bound fits in an atomic word.
-struct Ticks;
+/// Instants as nanoseconds since a base taken when the connection's wire was made, plus one
+/// (0 stands for none), so a bound fits in an atomic word. Per connection, from the clock of
+/// the runtime that opened it (the one its task's timer runs on): a base shared by the
+/// process would be taken from whichever runtime came first, and a paused, advanced clock
+/// (tokio's test-util) there would put every other runtime's bounds that far late.
+struct Ticks(Instant);
 
 impl Ticks {
-    fn base() -> Instant {
-        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        // An instant before it reads as the base itself: every bound made is at or after
-        // the first one, which is made after the base.
-        *BASE.get_or_init(Instant::now)
+    fn now() -> Ticks {
+        Ticks(Instant::now())
     }
 
-    fn from(at: Option<Instant>) -> u64 {
+    fn from(&self, at: Option<Instant>) -> u64 {
         match at {
             None => 0,
+            // An instant before the base reads as the base itself: every bound made is at or
+            // after the connection was opened, or has passed anyway.
             Some(at) => {
-                let n = at.saturating_duration_since(Ticks::base()).as_nanos();
+                let n = at.saturating_duration_since(self.0).as_nanos();
                 u64::try_from(n).unwrap_or(u64::MAX - 1).max(1)
             }
         }
     }
 
-    fn to(ticks: u64) -> Option<Instant> {
-        (ticks != 0).then(|| Ticks::base() + Duration::from_nanos(ticks))
+    fn to(&self, ticks: u64) -> Option<Instant> {
+        (ticks != 0).then(|| self.0 + Duration::from_nanos(ticks))
     }
 }
 
@@ -141,6 +145,7 @@ impl Wire {
             due: AtomicU64::new(0),
             expired: AtomicU8::new(0),
             failed_before_bind_complete: AtomicU32::new(0),
+            ticks: Ticks::now(),
         })
     }
 
@@ -153,8 +158,19 @@ impl Wire {
     /// The cutoff of the caller now using the connection: requests written from now on stop
     /// at it (`None`: no cutoff). Set by every call before it queues a request, and by raw
     /// access in the caller's task.
-    pub(crate) fn set_cutoff(&self, cutoff: Option<Instant>) {
-        self.cutoff.store(Ticks::from(cutoff), Relaxed);
+    /// True when the cutoff changed.
+    pub(crate) fn set_cutoff(&self, cutoff: Option<Instant>) -> bool {
+        let ticks = self.ticks.from(cutoff);
+        self.cutoff.load(Relaxed) != ticks && self.cutoff.swap(ticks, Relaxed) != ticks
+    }
+
+    /// Clears the cutoff if it is still `cutoff` (its invocation ended: what is written from
+    /// now on without a caller saying its cutoff, a dropped statement's Close, is bounded by
+    /// `query_timeout` alone, not by a cutoff long past).
+    pub(crate) fn clear_cutoff_if(&self, cutoff: Option<Instant>) {
+        let _ = self
+            .cutoff
+            .compare_exchange(self.ticks.from(cutoff), 0, Relaxed, Relaxed);
     }
 
     /// The bound of a request written now: the earlier of `query_timeout` from now and the
@@ -167,7 +183,7 @@ impl Wire {
         match self.query_timeout.load(Relaxed) {
             0 => cutoff,
             t => {
-                let at = Ticks::from(Some(Instant::now())).saturating_add(t);
+                let at = self.ticks.from(Some(Instant::now())).saturating_add(t);
                 at.min(cutoff)
             }
         }
@@ -175,7 +191,7 @@ impl Wire {
 
     /// The earliest bound of a request written and not answered yet.
     pub(crate) fn due(&self) -> Option<Instant> {
-        Ticks::to(self.due.load(Relaxed))
+        self.ticks.to(self.due.load(Relaxed))
     }
 
     /// The connection task closed the socket: a request outlived its bound. Returns which
@@ -206,9 +222,15 @@ impl Wire {
 
     /// True when request number `request` was answered by an error before any BindComplete:
     /// for an extended-protocol call, the server failed its Parse or Bind, so nothing of it
-    /// ran.
+    /// ran. `request` is the caller's guess ([`Wire::next_request`] before it queued its
+    /// request); calls pipelined on one client (or a raw request queued beside) take the same
+    /// guess, so the answer is trusted only when exactly that many requests were written: the
+    /// caller's is then the one numbered `request`. Otherwise false (no rerun), never a
+    /// neighbour's failure taken for the caller's.
     pub(crate) fn failed_before_bind_complete(&self, request: u32) -> bool {
-        self.failed_before_bind_complete.load(SeqCst) == request && self.reached(request)
+        self.failed_before_bind_complete.load(SeqCst) == request
+            && self.reached(request)
+            && self.expected() == request
     }
 
     /// The facts as of now.
@@ -549,7 +571,11 @@ struct Reader {
     /// that Execute started one; `copy_in` is set from then until the copy ends.
     syncs_since_execute: u32,
     copy_in: bool,
-    /// Requests written and not answered: their numbers and bounds, oldest first.
+    /// Requests written and not answered, oldest first, with their bounds: only those whose
+    /// bound is earlier than every later request's (a request answered before a later one
+    /// with an earlier or equal bound can never be the earliest bound left), so the bounds
+    /// grow from front to back and the front is the earliest. Constant work per request
+    /// however deep the pipeline (a scan of every request was quadratic in its depth).
     bounds: VecDeque<(u32, u64)>,
     /// In the answer being read: a BindComplete came; an error came before any.
     bind_complete: bool,
@@ -559,13 +585,22 @@ struct Reader {
 /// A request was written: counts it and keeps its bound, and the earliest bound of all.
 fn track_request(wire: &Wire, bounds: &mut VecDeque<(u32, u64)>) {
     wire.count_sent();
-    bounds.push_back((wire.expected(), wire.bound_of_new_request()));
+    push_bound(bounds, wire.expected(), wire.bound_of_new_request());
     update_due(wire, bounds);
 }
 
-/// Publishes the earliest bound of the requests still unanswered.
+/// Adds request `n`'s bound, dropping the requests before it that no longer matter (their
+/// bounds are not earlier than `n`'s, and they are answered first).
+fn push_bound(bounds: &mut VecDeque<(u32, u64)>, n: u32, bound: u64) {
+    while bounds.back().is_some_and(|&(_, b)| b >= bound) {
+        bounds.pop_back();
+    }
+    bounds.push_back((n, bound));
+}
+
+/// Publishes the earliest bound of the requests still unanswered: the front's.
 fn update_due(wire: &Wire, bounds: &VecDeque<(u32, u64)>) {
-    let due = bounds.iter().map(|&(_, b)| b).min().unwrap_or(u64::MAX);
+    let due = bounds.front().map_or(u64::MAX, |&(_, b)| b);
     wire.due
         .store(if due == u64::MAX { 0 } else { due }, Relaxed);
 }
@@ -734,8 +769,24 @@ impl Reader {
                 });
                 wire.expected
                     .store(wire.expected().wrapping_sub(ignored), Relaxed);
-                for _ in 0..ignored {
+                // The copy itself stays bounded by the request that started it (its data
+                // phase has no request of its own; a server or proxy that stops reading would
+                // block the writes unbounded): the earliest of the ignored Syncs' bounds goes
+                // to the number the copy's closing Sync will have, whose ReadyForQuery ends it.
+                // The ignored Syncs are the requests numbered past `expected` now; the earliest
+                // of their bounds is among those kept (the last request is always kept, and
+                // each dropped one had a bound no earlier than a later one's). A request
+                // dropped for one of theirs has a bound no earlier than the copy's.
+                let last = wire.expected();
+                let mut copy_bound = None::<u64>;
+                while let Some(&(n, b)) = bounds.back()
+                    && (n.wrapping_sub(last) as i32) > 0
+                {
                     bounds.pop_back();
+                    copy_bound = Some(copy_bound.map_or(b, |c| c.min(b)));
+                }
+                if let Some(b) = copy_bound {
+                    push_bound(bounds, wire.next_request(), b);
                 }
                 update_due(wire, bounds);
                 *syncs_since_execute = 0;
@@ -874,6 +925,40 @@ impl<S: TlsStream + Unpin> TlsStream for Observed<S> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kept_bounds_front_is_the_earliest_bound_of_the_requests_unanswered() {
+        // Against a model that keeps every request: random writes (bounds not in order, some
+        // unbounded) and answers.
+        let mut kept = std::collections::VecDeque::new();
+        let mut all = std::collections::VecDeque::new();
+        let (mut written, mut answered, mut x) = (0u32, 0u32, 12345u64);
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if (x >> 33) % 3 != 0 || written == answered {
+                written += 1;
+                let b = if (x >> 20) % 10 == 0 {
+                    u64::MAX
+                } else {
+                    (x >> 40) % 1000
+                };
+                super::push_bound(&mut kept, written, b);
+                all.push_back((written, b));
+            } else {
+                answered += 1;
+                while kept.front().is_some_and(|&(n, _)| n <= answered) {
+                    kept.pop_front();
+                }
+                while all.front().is_some_and(|&(n, _)| n <= answered) {
+                    all.pop_front();
+                }
+            }
+            let model = all.iter().map(|&(_, b)| b).min();
+            assert_eq!(kept.front().map(|&(_, b)| b), model);
+        }
+    }
+
     use super::*;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {

@@ -58,6 +58,16 @@ pub(super) fn cutoff_now(
     }
 }
 
+/// Sets the cutoff of what is written on `wire` from now on; one set within an invocation is
+/// cleared at its end ([`Invocation::touch`]).
+pub(super) fn set_wire_cutoff(wire: &std::sync::Arc<crate::wire::Wire>, cutoff: Option<Instant>) {
+    if wire.set_cutoff(cutoff)
+        && let Some(c) = cutoff
+    {
+        Invocation::touch(wire, c);
+    }
+}
+
 impl<'a> Guarded<'a> {
     /// This guard with the cutoff of a call made now ([`cutoff_now`]).
     pub(super) fn now(self) -> Guarded<'a> {
@@ -106,7 +116,7 @@ impl<'a> Guarded<'a> {
     ) -> Result<T, Error> {
         let in_flight = self.state.begin();
         let request = in_flight.request;
-        self.state.wire.set_cutoff(self.cutoff);
+        set_wire_cutoff(&self.state.wire, self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(res) => {
                 in_flight.done();
@@ -131,7 +141,7 @@ impl<'a> Guarded<'a> {
         fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
     ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
         let in_flight = self.state.begin();
-        self.state.wire.set_cutoff(self.cutoff);
+        set_wire_cutoff(&self.state.wire, self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(Ok(s)) => {
                 self.pool.report_pins(self.state);

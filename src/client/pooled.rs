@@ -20,7 +20,7 @@ use crate::statement::{Statement, ToStatement};
 use crate::stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream};
 
 use super::ctx::Ctx;
-use super::guarded::{Guarded, cutoff_now};
+use super::guarded::{Guarded, cutoff_now, set_wire_cutoff};
 use super::retry::rerunnable;
 use super::transaction::{Transaction, TransactionBuilder};
 
@@ -530,7 +530,7 @@ impl PooledClient {
     pub fn raw(this: &Self) -> &Client {
         let conn = this.conn();
         conn.state.set_raw_used();
-        conn.state.wire.set_cutoff(this.cutoff_now());
+        set_wire_cutoff(&conn.state.wire, this.cutoff_now());
         &conn.client
     }
 
