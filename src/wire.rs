@@ -84,6 +84,8 @@ pub(crate) struct Wire {
     query_timeout: AtomicU64,
     /// The caller's cutoff for requests written from now on ([`Ticks`]; 0: none).
     cutoff: AtomicU64,
+    /// Requests written (`sent`) when `cutoff` was last set.
+    cutoff_mark: AtomicU32,
     /// The earliest bound of a request written and not answered ([`Ticks`]; 0: none). Only the
     /// connection task writes it.
     due: AtomicU64,
@@ -142,6 +144,7 @@ impl Wire {
             ended: AtomicBool::new(false),
             query_timeout: AtomicU64::new(0),
             cutoff: AtomicU64::new(0),
+            cutoff_mark: AtomicU32::new(0),
             due: AtomicU64::new(0),
             expired: AtomicU8::new(0),
             failed_before_bind_complete: AtomicU32::new(0),
@@ -157,11 +160,24 @@ impl Wire {
 
     /// The cutoff of the caller now using the connection: requests written from now on stop
     /// at it (`None`: no cutoff). Set by every call before it queues a request, and by raw
-    /// access in the caller's task.
+    /// access in the caller's task. An earlier cutoff than the one set before does not take
+    /// its place while nothing was written since that one was set: a request queued under it
+    /// may still wait to be written (two invocations at once sharing one client), and it must
+    /// not stop at the other invocation's cutoff. The earlier caller's own calls are still
+    /// bounded by their own cutoff (`Guarded`), and its raw requests then by the later one.
     /// True when the cutoff changed.
     pub(crate) fn set_cutoff(&self, cutoff: Option<Instant>) -> bool {
         let ticks = self.ticks.from(cutoff);
-        self.cutoff.load(Relaxed) != ticks && self.cutoff.swap(ticks, Relaxed) != ticks
+        let current = self.cutoff.load(Relaxed);
+        if current == ticks {
+            return false;
+        }
+        let sent = self.sent();
+        if current != 0 && ticks != 0 && ticks < current && self.cutoff_mark.load(Relaxed) == sent {
+            return false;
+        }
+        self.cutoff_mark.store(sent, Relaxed);
+        self.cutoff.swap(ticks, Relaxed) != ticks
     }
 
     /// Clears the cutoff if it is still `cutoff` (its invocation ended: what is written from
