@@ -125,7 +125,6 @@ const BROKEN: u8 = 4; // the socket was closed by pinpool after a fatal error
 const ROLLBACK_QUEUED: u8 = 8; // a dropped transaction queued a ROLLBACK not yet known sent
 const RAW_USED: u8 = 16; // raw access was handed out: a request may wait unseen in the queue
 const STATEMENT_LENT: u8 = 32; // a Statement of this connection was handed out in this checkout
-const FAILED_AT_BIND: u8 = 64; // the last call's error answered its Parse or Bind: nothing ran
 /// Requests may wait in the client's queue, not yet written: a round trip settles them.
 const UNSETTLED: u8 = ROLLBACK_QUEUED | RAW_USED;
 
@@ -275,17 +274,6 @@ impl ConnState {
             return;
         }
         let _ = until(bound, self.wire.ready_for(request)).await;
-    }
-
-    /// Records whether the last call's error came before any BindComplete of its request
-    /// ([`Wire::failed_before_bind_complete`]).
-    pub(crate) fn set_failed_at_bind(&self, on: bool) {
-        self.set(FAILED_AT_BIND, on);
-    }
-
-    /// True when the last call's error answered its Parse or Bind, before anything of it ran.
-    pub(crate) fn failed_at_bind(&self) -> bool {
-        self.flags.load(Relaxed) & FAILED_AT_BIND != 0
     }
 
     /// True when raw access was handed out since the last round trip settled it.

@@ -56,12 +56,13 @@ impl Target {
 
 /// True for the server's word that a prepared statement no longer fits (DDL changed its
 /// result type) or no longer exists, and that it said so while binding it, before anything
-/// ran. Decided from structure, never from the error's text: the error answered the call's
-/// Bind (no BindComplete came before it, [`ConnState::failed_at_bind`]), and it was raised
-/// by the server routine that revalidates a cached plan or looks a statement up. The same
+/// ran. Decided from structure, never from the error's text: the error answered the Bind of
+/// the call's request, number `request` (no BindComplete came before it,
+/// `Wire::failed_before_bind_complete`), and it was raised by the server routine that
+/// revalidates a cached plan or looks a statement up. The same
 /// SQLSTATE raised by a function (`RAISE`), relayed from another server (postgres_fdw,
 /// dblink) or by an SQL-level `EXECUTE` inside a statement that ran fails one of the two.
-pub(super) fn is_stale(e: &Error, state: &ConnState) -> bool {
+pub(super) fn is_stale(e: &Error, state: &ConnState, request: u32) -> bool {
     let Some(db) = e.as_db_error() else {
         return false;
     };
@@ -70,7 +71,7 @@ pub(super) fn is_stale(e: &Error, state: &ConnState) -> bool {
         *db.code() == SqlState::FEATURE_NOT_SUPPORTED && routine == "RevalidateCachedQuery";
     let looking_up = *db.code() == SqlState::INVALID_SQL_STATEMENT_NAME
         && matches!(routine, "FetchPreparedStatement" | "exec_bind_message");
-    (revalidating || looking_up) && state.failed_at_bind()
+    (revalidating || looking_up) && state.wire.failed_before_bind_complete(request)
 }
 
 impl<'a> Ctx<'a> {
@@ -130,8 +131,11 @@ impl<'a> Ctx<'a> {
         F: Future<Output = Result<R, Error>>,
     {
         let (target, cached) = self.ready(statement).await?;
+        // The number the call's request will have, taken as `Guarded::run` takes it: the
+        // stale rule trusts a failure at Bind only for exactly this request.
+        let request = self.g.state.wire.next_request();
         match (call(target).await, cached) {
-            (Err(e), Some(sql)) if self.drop_stale(sql, &e) => {
+            (Err(e), Some(sql)) if self.drop_stale(sql, &e, request) => {
                 let stmt = self.cached(sql, self.bound).await?.ok_or(e)?;
                 call(Target::Prepared(stmt.inner)).await
             }
@@ -188,8 +192,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// Drops a stale statement from the cache; true when running it again makes sense.
-    pub(super) fn drop_stale(self, sql: &str, e: &Error) -> bool {
-        if !is_stale(e, self.g.state) {
+    pub(super) fn drop_stale(self, sql: &str, e: &Error, request: u32) -> bool {
+        if !is_stale(e, self.g.state, request) {
             return false;
         }
         drop(self.g.state.cache().remove(sql));

@@ -123,10 +123,6 @@ impl<'a> Guarded<'a> {
                 if res.as_ref().map_or_else(answered_by_server, |_| true) {
                     self.state.await_ready(request, bound).await;
                 }
-                if res.is_err() {
-                    let at_bind = self.state.wire.failed_before_bind_complete(request);
-                    self.state.set_failed_at_bind(at_bind);
-                }
                 self.pool.report_pins(self.state);
                 res.map_err(|e| self.failed(e, bound))
             }
