@@ -82,13 +82,13 @@ impl<'a> Guarded<'a> {
         call_bound(self.pool, self.cutoff)
     }
 
-    /// A context for one call made now on `client`, with the call's bound.
+    /// A context for one call on `client`, with the call's bound; `self` has the cutoff of
+    /// a call made now ([`Guarded::now`]).
     pub(super) fn ctx(self, client: &'a Client) -> Result<Ctx<'a>, Error> {
-        let g = self.now();
         Ok(Ctx {
             client,
-            g,
-            bound: g.bound()?,
+            g: self,
+            bound: self.bound()?,
         })
     }
 

@@ -58,7 +58,7 @@ pub struct Transaction<'a> {
 
 impl<'a> Transaction<'a> {
     pub(super) fn ctx(&self) -> Result<Ctx<'_>, Error> {
-        self.g.ctx(self.inner.client())
+        self.g.now().ctx(self.inner.client())
     }
 
     /// Like [`PooledClient::prepare`], inside the transaction.
