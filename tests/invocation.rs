@@ -236,7 +236,8 @@ mod through_the_emulator {
             drop(c);
             std::future::pending::<()>().await;
         });
-        let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
+        // Time enough for the get and the SET on a loaded machine; then it waits for ever.
+        let _ = tokio::time::timeout(Duration::from_secs(3), fut).await;
         assert!(eventually(5, || async { emu.counters().pinned_now == 0 }).await);
         assert_eq!(pool.status().closed.get(CloseReason::Pinned), 2);
         common::assert_quiet(&pool);
