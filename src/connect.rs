@@ -575,42 +575,57 @@ mod tests {
         }
     }
 
+    /// Waits (on this current-thread runtime: the refresh task has ended once its call is
+    /// counted) until the provider was called `n` times; false after 5 s.
+    async fn called(calls: &AtomicUsize, n: usize) -> bool {
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while calls.load(SeqCst) < n {
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+
+    /// Ages by the wall clock, so on real time: each phase is a second or more away from the
+    /// edge of the window it is in (fresh for 1 s, due from 1 s to 3 s, expired after).
     #[tokio::test]
     async fn values_are_reused_refreshed_ahead_and_kept_through_a_failed_refresh() {
         let calls = Arc::new(AtomicUsize::new(0));
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let p = CachedPassword::new(
             counting(calls.clone(), failing.clone()),
-            Duration::from_millis(600),
+            Duration::from_secs(3),
         )
-        .refresh_ahead(Duration::from_millis(300));
+        .refresh_ahead(Duration::from_secs(2));
         for _ in 0..5 {
             assert_eq!(p.password().await.unwrap(), "token-1");
         }
         assert_eq!(calls.load(SeqCst), 1, "reused within its lifetime");
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(
             p.password().await.unwrap(),
             "token-1",
             "in the refresh-ahead window the valid value is served while it is refreshed"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(called(&calls, 2).await, "refreshed in the background");
         assert_eq!(p.password().await.unwrap(), "token-2", "refreshed ahead");
         assert_eq!(p.password().await.unwrap(), "token-2");
         assert_eq!(calls.load(SeqCst), 2);
 
         failing.store(true, SeqCst);
-        tokio::time::sleep(Duration::from_millis(350)).await;
-        for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for n in 3..=5 {
             assert_eq!(
                 p.password().await.unwrap(),
                 "token-2",
                 "a failed refresh serves the old value until it expires"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(called(&calls, n).await, "a failed refresh is tried again");
         }
         assert_eq!(calls.load(SeqCst), 5, "a failed refresh is tried again");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let err = p.password().await.unwrap_err();
         assert!(err.to_string().contains("provider down"), "{err}");
         failing.store(false, SeqCst);
@@ -647,8 +662,9 @@ mod tests {
         let tasks: Vec<_> = (0..16)
             .map(|_| {
                 let p = p.clone();
+                // Held up, it would wait for ever: 5 s is "at once" on any machine.
                 tokio::spawn(async move {
-                    tokio::time::timeout(Duration::from_millis(500), p.password()).await
+                    tokio::time::timeout(Duration::from_secs(5), p.password()).await
                 })
             })
             .collect();
@@ -664,25 +680,28 @@ mod tests {
 
     /// With no value cached, a caller that gives up (its connect bound passed) does not cancel
     /// the refresh: the next caller gets its value, and the provider was asked once.
-    #[tokio::test]
+    /// On a paused clock (only tokio's timers are involved): the refresh ends 2 s after it
+    /// started, 1 s after the first caller gave up; one started again would end 2 s later.
+    #[tokio::test(start_paused = true)]
     async fn a_caller_that_gives_up_does_not_cancel_the_refresh_for_the_others() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let slow = move || {
             counted.fetch_add(1, SeqCst);
             async {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
                 Ok::<_, std::io::Error>("slow-token".to_string())
             }
         };
         let p = CachedPassword::new(slow, Duration::from_secs(60));
-        let gave_up = tokio::time::timeout(Duration::from_millis(20), p.password()).await;
+        let gave_up = tokio::time::timeout(Duration::from_secs(1), p.password()).await;
         assert!(gave_up.is_err());
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         assert_eq!(p.password().await.unwrap(), "slow-token");
         assert!(
-            started.elapsed() < Duration::from_millis(190),
-            "the refresh went on without its first caller"
+            started.elapsed() <= Duration::from_millis(1500),
+            "the refresh went on without its first caller: {:?}",
+            started.elapsed()
         );
         assert_eq!(calls.load(SeqCst), 1);
     }
@@ -727,7 +746,10 @@ mod tests {
 
     /// A refresh that hangs is given up at `refresh_timeout` (its call dropped), the valid value
     /// is served all along, and a later call starts another refresh; never two at once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// On a paused clock (only tokio's timers are involved; the value ages by the wall clock
+    /// but is valid for a minute): how many refreshes fit in the loop, and that each call is
+    /// served without waiting for any timer, do not depend on the machine's load.
+    #[tokio::test(start_paused = true)]
     async fn a_hanging_refresh_ends_at_its_bound_and_a_later_call_starts_another() {
         let running = Arc::new(Running::default());
         let lifetime = Duration::from_secs(60);
@@ -735,13 +757,11 @@ mod tests {
             .refresh_ahead(lifetime)
             .refresh_timeout(Duration::from_millis(100));
         assert_eq!(p.password().await.unwrap(), "token-1");
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         while started.elapsed() < Duration::from_millis(450) {
+            let call = tokio::time::Instant::now();
             assert_eq!(p.password().await.unwrap(), "token-1");
-            assert!(
-                started.elapsed() < Duration::from_millis(600),
-                "served at once"
-            );
+            assert_eq!(call.elapsed(), Duration::ZERO, "served at once");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let calls = running.calls.load(SeqCst);
@@ -754,7 +774,10 @@ mod tests {
     /// With nothing cached and a provider that hangs, each caller waits within its own bound
     /// and gives up; the one refresh goes on, is given up at `refresh_timeout` with an error
     /// for whoever still waits, and the next caller starts another.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// On a paused clock (only tokio's timers are involved): the waiters fail at the
+    /// refresh's 300 ms bound, 200 ms after they came, not at the callers' give-up bound 1 s
+    /// later; and a 20 ms wait is long enough for the spawned refresh to run.
+    #[tokio::test(start_paused = true)]
     async fn callers_without_a_value_wait_for_one_bounded_refresh() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
@@ -771,7 +794,7 @@ mod tests {
             assert!(gave_up.is_err());
         }
         assert_eq!(calls.load(SeqCst), 1);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let waiters: Vec<_> = (0..4)
             .map(|_| {
                 let p = p.clone();
@@ -782,7 +805,11 @@ mod tests {
             let err = w.await.unwrap().unwrap_err();
             assert!(err.to_string().contains("did not answer within"), "{err}");
         }
-        assert!(started.elapsed() < Duration::from_millis(450));
+        assert!(
+            started.elapsed() < Duration::from_millis(450),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(calls.load(SeqCst), 1, "the waiters shared the refresh");
         let _ = tokio::time::timeout(Duration::from_millis(20), p.password()).await;
         assert_eq!(calls.load(SeqCst), 2, "a later caller starts another");
@@ -870,8 +897,9 @@ mod tests {
         let started = std::time::Instant::now();
         let err = runtime().block_on(p.password()).unwrap_err();
         assert!(err.to_string().contains("did not answer within"), "{err}");
+        // Given up at 1.2 s (its bound and the grace); undriven, it would hang for ever.
         let waited = started.elapsed();
-        assert!(waited < Duration::from_millis(1400), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
         assert_eq!(running.calls.load(SeqCst), 2);
         runtime().block_on(async {
             let _ = tokio::time::timeout(Duration::from_millis(20), p.password()).await;

@@ -182,7 +182,9 @@ pub(crate) async fn until<F: Future>(bound: Option<Bound>, fut: F) -> Option<F::
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    /// On a paused clock: no time passes between the bounds made here, however loaded the
+    /// machine (a 10 ms bound made on a running clock may pass before it is checked).
+    #[tokio::test(start_paused = true)]
     async fn the_earlier_bound_wins() {
         let soon = Instant::now() + Duration::from_millis(100);
         let b = Bound::new(Some(Duration::from_secs(5)), Some(soon)).unwrap();
@@ -197,10 +199,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_poll_bound_passes_with_its_bound_within_a_tick() {
-        let b = Bound::new(Some(Duration::from_millis(50)), None).unwrap();
+        // A second before the bound to check it has not passed (a loaded machine may pause
+        // this thread for hundreds of milliseconds); passed 20 ms (more than a tick) after it.
+        let b = Bound::new(Some(Duration::from_secs(1)), None).unwrap();
         let p = PollBound::new(&b);
         assert!(!p.passed());
-        std::thread::sleep(Duration::from_millis(70));
+        std::thread::sleep(Duration::from_millis(1020));
         assert!(p.passed());
         let gone = Bound::new(Some(Duration::ZERO), None).unwrap();
         assert!(
@@ -214,13 +218,15 @@ mod tests {
     #[tokio::test]
     async fn cutoff_subtracts_the_margin_and_never_goes_before_now() {
         let now = Instant::now();
+        // 90 s left: 10 s from the deadline without the margin or with it taken twice, and
+        // 5 s of slack either side for a thread paused between the clock reads.
         let c = cutoff(
-            SystemTime::now() + Duration::from_secs(10),
-            Duration::from_secs(1),
+            SystemTime::now() + Duration::from_secs(100),
+            Duration::from_secs(10),
         );
         let left = c - now;
         assert!(
-            left > Duration::from_millis(8500) && left < Duration::from_millis(9500),
+            left > Duration::from_secs(85) && left < Duration::from_secs(95),
             "{left:?}"
         );
         let past = cutoff(

@@ -2,7 +2,9 @@
 //! against PostgreSQL while a seeded schedule injects every fault of `RELIABILITY.md`. The
 //! pool's invariants are checked continuously; at quiet points (the emulated freezes, and the
 //! end) the full invariants are checked against the pool and the server; every answer is
-//! checked; and every call must end no later than its deadline plus 250 ms.
+//! checked; and every call must end no later than its deadline plus a second (a loaded
+//! machine may pause any of thousands of calls for hundreds of milliseconds; a call that
+//! ignored its deadline runs on to the 2 s acquire_timeout, or hangs).
 //!
 //! `PINPOOL_CHAOS_SEED` replays a schedule (the fault schedule and each worker's sequence of
 //! operations follow from it; the timing does not); `PINPOOL_CHAOS_SECS` sets the length
@@ -27,7 +29,7 @@ use tokio::sync::RwLock;
 const DIRECT_APP: &str = "chaos_direct";
 const PROXY_APP: &str = "chaos_proxy";
 const TABLE: &str = "chaos_rows";
-const SLACK: Duration = Duration::from_millis(250);
+const SLACK: Duration = Duration::from_secs(1);
 const PROXY_MAX: usize = 3;
 
 #[derive(Debug, Clone, Copy)]
@@ -316,7 +318,9 @@ async fn check_quiet(w: &World, admin: &tokio_postgres::Client, emu: &Emulator, 
             .map(|r| r.get::<_, String>(0))
             .collect::<Vec<_>>()
     };
-    if !eventually(2, || async { busy().await.is_empty() }).await {
+    // Ended within 100 ms by the server (client_connection_check_interval); 10 s for a loaded
+    // machine.
+    if !eventually(10, || async { busy().await.is_empty() }).await {
         found.push(format!(
             "{when}: backends of idle pooled connections busy on the server: {:?}",
             busy().await

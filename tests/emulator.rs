@@ -759,8 +759,8 @@ async fn stopping_the_emulator_closes_its_idle_database_connections() {
     ];
     // Two transactions at once: two database connections, back in the emulator's pool after.
     let (a, b) = tokio::join!(
-        clients[0].batch_execute("BEGIN; SELECT pg_sleep(0.2); COMMIT"),
-        clients[1].batch_execute("BEGIN; SELECT pg_sleep(0.2); COMMIT")
+        clients[0].batch_execute("BEGIN; SELECT pg_sleep(1); COMMIT"),
+        clients[1].batch_execute("BEGIN; SELECT pg_sleep(1); COMMIT")
     );
     a.unwrap();
     b.unwrap();

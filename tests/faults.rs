@@ -61,8 +61,9 @@ async fn fault_silent_proxy_at_connect() {
         ),
         "{err:?}"
     );
+    // Unbounded, it would hang until the 30 s acquire_timeout.
     assert!(
-        t.elapsed() < Duration::from_millis(400 + 250),
+        t.elapsed() < Duration::from_millis(400 + 2600),
         "{:?}",
         t.elapsed()
     );
@@ -92,7 +93,12 @@ async fn fault_silent_proxy_mid_statement() {
         ),
         "{err:?}"
     );
-    assert!(t.elapsed() < Duration::from_millis(400 + 250));
+    // Unbounded, it would hang for ever.
+    assert!(
+        t.elapsed() < Duration::from_millis(400 + 2600),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(c.is_closed());
     drop(c);
     emu.set_silent(false);
@@ -119,7 +125,12 @@ async fn fault_proxy_borrow_timeout_is_a_typed_error() {
     let t = Instant::now();
     let err = select_one(&pool).await.unwrap_err();
     assert!(err.is_proxy_borrow_timeout(), "{err:?}");
-    assert!(t.elapsed() < Duration::from_millis(300 + 1000));
+    // Not the pool's 5 s connect_timeout.
+    assert!(
+        t.elapsed() < Duration::from_millis(300 + 2700),
+        "{:?}",
+        t.elapsed()
+    );
     drop(pinned);
     task.abort();
     let ok = common::eventually(5, || async { select_one(&pool).await.is_ok() }).await;

@@ -27,8 +27,11 @@ fn soak(extra: &[&str]) -> serde_json::Value {
             "0.5",
             "--upstream-connections",
             "12",
+            // 2 s: pinpool's check of a flow the NAT forgot takes half the time left, and the
+            // reconnect after it gets the other half, a second on a loaded machine. The
+            // baseline's waits (3 s borrow timeout, a forgotten flow) still outlast it.
             "--lambda-timeout",
-            "1s",
+            "2s",
             "--borrow-timeout",
             "3s",
             "--variants",
@@ -104,8 +107,8 @@ fn pinpool_has_no_lambda_timeouts_where_the_baseline_has_them() {
             let (p50, p99) = (ms(row, "warm_p50_ms"), ms(row, "warm_p99_ms"));
             assert!(0.0 < p50 && p50 <= p99, "{scenario}: {row}");
             assert!(ms(row, "cold_p99_ms") > 0.0, "{scenario}: {row}");
-            // Warm latencies are of successful invocations: never a Lambda timeout's.
-            assert!(p99 < 1000.0, "{scenario}: {row}");
+            // Warm latencies are of successful invocations: never a Lambda timeout's (2 s).
+            assert!(p99 < 2000.0, "{scenario}: {row}");
         }
         assert_eq!(n(pinpool, "lambda_timeouts"), 0, "{scenario}: {pinpool}");
         let (ok, total) = (n(pinpool, "ok"), n(pinpool, "invocations"));
