@@ -303,6 +303,75 @@ const TABLE: &[(&str, &[Reason])] = &[
         &[],
     ),
     ("SELECT a$b FROM t", &[]),
+    // A definition PostgreSQL runs at once: a default filling the rows a table has, a check
+    // or a type change's USING run on them, a DO block's declarations.
+    (
+        "ALTER TABLE t ADD COLUMN d text DEFAULT pg_advisory_lock(4242)::text",
+        &[AdvisoryLock],
+    ),
+    (
+        "ALTER TABLE t ADD d text DEFAULT set_config('search_path', 'x', false)",
+        &[SetConfig],
+    ),
+    (
+        "ALTER TABLE t ADD COLUMN n bigint DEFAULT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ADD COLUMN n bigint DEFAULT \"setval\"('s', 5)",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ALTER COLUMN v SET DEFAULT 'x', ADD COLUMN n bigint DEFAULT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ADD COLUMN IF NOT EXISTS n bigint DEFAULT nextval('s'), ALTER COLUMN v SET DEFAULT 'x'",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ALTER COLUMN v TYPE text USING pg_advisory_lock(1)::text",
+        &[AdvisoryLock],
+    ),
+    (
+        "ALTER TABLE t ADD CONSTRAINT c CHECK (pg_try_advisory_lock(1))",
+        &[AdvisoryLock],
+    ),
+    (
+        "CREATE TABLE t2 AS SELECT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "CREATE MATERIALIZED VIEW m AS SELECT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "DO $$<<l>> DECLARE b text DEFAULT pg_advisory_lock(1)::text; BEGIN END$$",
+        &[AdvisoryLock],
+    ),
+    (
+        "DO $$BEGIN DECLARE b bigint DEFAULT nextval('s'); BEGIN END; END$$",
+        &[SequenceFunction],
+    ),
+    ("ALTER TABLE t ADD COLUMN id serial", &[SequenceFunction]),
+    ("ALTER TABLE t ADD id bigserial", &[SequenceFunction]),
+    (
+        "ALTER TABLE t ADD COLUMN id int GENERATED ALWAYS AS IDENTITY",
+        &[SequenceFunction],
+    ),
+    // Kept for later rows: not run now.
+    ("ALTER TABLE t ALTER COLUMN n SET DEFAULT nextval('s')", &[]),
+    (
+        "CREATE TABLE t (id serial, n bigint DEFAULT nextval('s'))",
+        &[],
+    ),
+    (
+        "CREATE FUNCTION f(a bigint DEFAULT nextval('s')) RETURNS bigint LANGUAGE sql AS 'SELECT a'",
+        &[],
+    ),
+    ("CREATE DOMAIN d AS bigint DEFAULT nextval('s')", &[]),
+    ("ALTER TABLE t REPLICA IDENTITY FULL", &[]),
+    ("CREATE TABLE t (id int GENERATED ALWAYS AS IDENTITY)", &[]),
     // A DO block's code is read: the proxy cannot see inside it, but the session state it
     // leaves stays on the connection for its next caller.
     (

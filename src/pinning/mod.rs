@@ -31,6 +31,12 @@
 //! state to other clients and is not detected here. The same holds for a column default that
 //! calls `nextval` (a `serial` column): the proxy sees only the `INSERT`.
 //!
+//! A call in a definition counts where PostgreSQL runs it at once: a `DEFAULT` that fills the
+//! rows of `ALTER TABLE ... ADD COLUMN` (or starts a `DO` block's variable), a `USING` or
+//! `CHECK` checked against existing rows, `CREATE TABLE ... AS`. It does not after `SET
+//! DEFAULT` or in a `CREATE` statement's defaults (kept for later rows). A `serial` or
+//! identity column added by `ALTER TABLE` calls `nextval` for each row.
+//!
 //! The scan is a single pass over the bytes: linear time, no allocation, no panic on any input.
 
 use std::fmt;

@@ -37,6 +37,13 @@ struct Stmt<'a> {
     /// `UPDATE` and `pg_settings` both seen: updating the view calls `set_config`.
     update: bool,
     pg_settings: bool,
+    /// The last `DEFAULT` followed `SET` (`ALTER COLUMN c SET DEFAULT f()`: kept for later
+    /// rows, not run).
+    set_default: bool,
+    /// `ALTER` and a column type that a sequence fills (`serial`, `AS IDENTITY`) both seen:
+    /// a column added to a table with rows calls `nextval` for each row.
+    alter: bool,
+    sequence_column: bool,
 }
 
 impl<'a> Stmt<'a> {
@@ -49,6 +56,15 @@ impl<'a> Stmt<'a> {
 
     fn word(&self, i: usize) -> &'a [u8] {
         if i < self.nwords { self.words[i] } else { b"" }
+    }
+
+    /// Does a call right after `DEFAULT` run now? A default is only kept for later rows in a
+    /// `CREATE` statement (a new table has no rows; a function's or domain's default waits
+    /// for a call) and after `SET DEFAULT`. Anywhere else it may run at once: `ALTER TABLE
+    /// ... ADD COLUMN ... DEFAULT f()` fills every existing row, a PL/pgSQL declaration's
+    /// default runs when its block starts. When unsure, it runs.
+    fn default_runs(&self) -> bool {
+        !(self.set_default || eq(self.word(0), "create"))
     }
 
     fn finish_set_config(&mut self) {
@@ -232,7 +248,9 @@ fn pinning_function_named(word: &[u8], quoted: bool) -> Option<Reason> {
     }
 }
 
-/// Keywords after which `name (` names or defines something instead of calling it.
+/// Keywords after which `name (` names or defines something instead of calling it. Not
+/// `DEFAULT`: PostgreSQL runs a default at once where it fills existing rows (see
+/// [`Stmt::default_runs`]).
 fn defines_name(before: Tok<'_>) -> bool {
     match before {
         Tok::Word(w) => [
@@ -248,12 +266,35 @@ fn defines_name(before: Tok<'_>) -> bool {
             "with",
             "as",
             "type",
-            "default",
             "trigger",
         ]
         .iter()
         .any(|k| eq(w, k)),
         _ => false,
+    }
+}
+
+/// Words that decide whether a definition runs at once.
+#[derive(Clone, Copy)]
+enum Definition {
+    Default,
+    Alter,
+    /// `serial` and its sizes: a column that a sequence fills.
+    Serial,
+    Identity,
+}
+
+fn definition_word(w: &[u8]) -> Option<Definition> {
+    let is = |k: &str| eq(w, k);
+    match w.len() {
+        5 if is("alter") => Some(Definition::Alter),
+        6 if is("serial") => Some(Definition::Serial),
+        7 if is("default") => Some(Definition::Default),
+        7 if is("serial2") || is("serial4") || is("serial8") => Some(Definition::Serial),
+        8 if is("identity") => Some(Definition::Identity),
+        9 if is("bigserial") => Some(Definition::Serial),
+        11 if is("smallserial") => Some(Definition::Serial),
+        _ => None,
     }
 }
 
@@ -367,6 +408,9 @@ impl<'a> Stmt<'a> {
             if self.update && self.pg_settings {
                 reasons.insert(Reason::SetConfig);
             }
+            if self.alter && self.sequence_column {
+                reasons.insert(Reason::SequenceFunction);
+            }
             report(StmtInfo {
                 start,
                 end,
@@ -424,7 +468,11 @@ impl<'a> Stmt<'a> {
     fn token(&mut self, tok: Tok<'a>, prev: Tok<'a>, prev2: Tok<'a>, nested: bool) {
         match tok {
             Tok::LParen => {
-                if let Some(reason) = pinning_function(prev).filter(|_| !defines_name(prev2)) {
+                let defined = match prev2 {
+                    Tok::Word(w) if eq(w, "default") => !self.default_runs(),
+                    _ => defines_name(prev2),
+                };
+                if let Some(reason) = pinning_function(prev).filter(|_| !defined) {
                     if reason == Reason::SetConfig {
                         self.finish_set_config();
                         self.set_config = Some(SetConfigCall {
@@ -450,6 +498,20 @@ impl<'a> Stmt<'a> {
                 }
             }
             Tok::Dot if is_temp_schema(prev) => self.reasons.insert(Reason::TempObject),
+            Tok::Word(w) if matches!(w.len(), 5..=9 | 11) && definition_word(w).is_some() => {
+                match definition_word(w) {
+                    Some(Definition::Default) => {
+                        self.set_default = matches!(prev, Tok::Word(p) if eq(p, "set"));
+                    }
+                    Some(Definition::Alter) => self.alter = true,
+                    Some(Definition::Serial) => self.sequence_column = true,
+                    Some(Definition::Identity) => {
+                        // GENERATED ... AS IDENTITY, not REPLICA IDENTITY.
+                        self.sequence_column |= matches!(prev, Tok::Word(p) if eq(p, "as"));
+                    }
+                    None => {}
+                }
+            }
             Tok::Word(w) if w.len() == 6 && eq(w, "update") => self.update = true,
             Tok::Word(_) | Tok::Quoted(_) | Tok::UQuoted(..) if is_name(tok, "pg_settings") => {
                 self.pg_settings = true;
