@@ -556,6 +556,28 @@ fn transaction_control_is_recognised() {
     }
 }
 
+/// RDS Proxy counts the whole text sent: a statement padded past 16 KB by comments is
+/// oversized, wherever the comment stands before its `;`.
+#[test]
+fn lint_measures_a_statement_with_its_comments() {
+    let pad = "x".repeat(OVERSIZED_BYTES);
+    let trailing = format!("SELECT 1 /* {pad} */; SELECT 2");
+    let f = lint(&trailing, &PinRules::new());
+    assert_eq!(f[0].pins, Reasons::of(Oversized));
+    assert!(f[1].pins.is_empty());
+    let line = format!("SELECT 1 -- {pad}\n");
+    assert_eq!(
+        lint(&line, &PinRules::new())[0].pins,
+        Reasons::of(Oversized)
+    );
+    let leading = format!("SELECT 1;\n-- {pad}\nSELECT 2");
+    let f = lint(&leading, &PinRules::new());
+    assert!(f[0].pins.is_empty());
+    assert_eq!(f[1].pins, Reasons::of(Oversized));
+    let short = lint("SELECT 1 /* c */ ; SELECT 2", &PinRules::new());
+    assert!(short.iter().all(|f| f.pins.is_empty()));
+}
+
 #[test]
 fn lint_reports_statements_with_lines() {
     let sql = "SELECT 1;\n-- a comment; with a semicolon\nSET search_path = app;\n\nSELECT 'a;b',\n  nextval('s');\nSET LOCAL a = 1";

@@ -426,7 +426,8 @@ pub struct Finding<'a> {
     pub line: usize,
     /// The statement's text, without the terminating `;`.
     pub text: &'a str,
-    /// The statement's classification (its own length decides [`Reason::Oversized`]).
+    /// The statement's classification; its length as sent decides [`Reason::Oversized`]:
+    /// from after the previous `;` to its own, the comments around it included.
     pub classification: Classification,
     /// The reasons it pins for under the rules given to [`lint`].
     pub pins: Reasons,
@@ -464,7 +465,8 @@ pub fn lint<'a>(sql: &'a str, rules: &PinRules) -> Vec<Finding<'a>> {
             reasons: s.reasons,
             txn: s.txn,
         };
-        if text.len() > OVERSIZED_BYTES {
+        // RDS Proxy counts the whole text sent, comments included.
+        if s.to - s.from > OVERSIZED_BYTES {
             classification.reasons.insert(Reason::Oversized);
         }
         out.push(Finding {

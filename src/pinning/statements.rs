@@ -6,8 +6,13 @@ use super::{Reason, Reasons, TxnControl};
 
 /// What [`scan`] reports for each statement.
 pub(super) struct StmtInfo {
+    /// Where its first token starts and its last ends.
     pub(super) start: usize,
     pub(super) end: usize,
+    /// The text sent for it when a text is split at its `;`s: from after the previous `;`
+    /// (or the start) to its own `;` (or the end), comments and blanks around it included.
+    pub(super) from: usize,
+    pub(super) to: usize,
     pub(super) reasons: Reasons,
     pub(super) txn: TxnControl,
 }
@@ -378,9 +383,11 @@ fn scan_at(text: &str, nested: bool, mut report: impl FnMut(StmtInfo)) {
     let mut prev = Tok::None;
     let mut prev2 = Tok::None;
     let mut end = 0;
+    let mut from = 0;
     while let Some((at, tok)) = lx.next() {
         if tok == Tok::Semi {
-            st.emit(end, &mut report);
+            st.emit(end, from..at, &mut report);
+            from = at + 1;
             prev = Tok::None;
             prev2 = Tok::None;
             continue;
@@ -395,12 +402,18 @@ fn scan_at(text: &str, nested: bool, mut report: impl FnMut(StmtInfo)) {
         prev2 = prev;
         prev = tok;
     }
-    st.emit(end, &mut report);
+    st.emit(end, from..text.len(), &mut report);
 }
 
 impl<'a> Stmt<'a> {
-    /// Reports the statement read so far (ending at `end`), if any, and starts the next.
-    fn emit(&mut self, end: usize, report: &mut impl FnMut(StmtInfo)) {
+    /// Reports the statement read so far (ending at `end`, sent as `sent`), if any, and
+    /// starts the next.
+    fn emit(
+        &mut self,
+        end: usize,
+        sent: std::ops::Range<usize>,
+        report: &mut impl FnMut(StmtInfo),
+    ) {
         self.finish_set_config();
         if let Some(start) = self.start {
             let (lead, txn) = self.leading();
@@ -414,6 +427,8 @@ impl<'a> Stmt<'a> {
             report(StmtInfo {
                 start,
                 end,
+                from: sent.start,
+                to: sent.end,
                 reasons,
                 txn,
             });
