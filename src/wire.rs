@@ -30,7 +30,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, TlsStream};
 
 use crate::conn::truncate;
-use crate::pinning::{Classification, PinRules, Protocol, Reason, Reasons, classify};
+use crate::pinning::{
+    Classification, PinRules, Protocol, Reason, Reasons, StandardStrings, classify_with,
+};
 
 /// SQL beyond this many bytes of one message is not classified: such a text is over RDS Proxy's
 /// 16 KB limit and pins anyway ([`Reason::Oversized`]).
@@ -429,6 +431,21 @@ struct Reader {
     /// that Execute started one; `copy_in` is set from then until the copy ends.
     syncs_since_execute: u32,
     copy_in: bool,
+    /// `standard_conforming_strings` as the server last reported it (ParameterStatus, at the
+    /// startup and whenever it changes, `SET LOCAL` and its end included).
+    standard_strings: StandardStrings,
+}
+
+/// How the server will read `'...'` in a text sent now: as it last reported, unless a
+/// request sent before is still unanswered and may change it first (unknown then).
+/// tokio-postgres ends every request with a Sync, so a Parse or Execute sent after another
+/// request's Execute always finds it counted in `outstanding`.
+fn strings_now(wire: &Wire, reported: StandardStrings) -> StandardStrings {
+    if wire.facts().outstanding() > 0 {
+        StandardStrings::Unknown
+    } else {
+        reported
+    }
 }
 
 fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
@@ -454,6 +471,7 @@ impl Reader {
             pinning_statements,
             syncs_since_execute,
             copy_in,
+            standard_strings,
             ..
         } = self;
         let capture = |tag| match tag {
@@ -463,17 +481,19 @@ impl Reader {
         };
         let ok = to_server.feed(data, capture, |tag, body| match tag {
             b'Q' => {
+                // The server reads a Query's whole text before it runs any of it.
+                let strings = strings_now(wire, *standard_strings);
                 wire.count_sent();
                 *syncs_since_execute = 0;
                 let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
-                let c = classify(sql);
+                let c = classify_with(sql, strings);
                 wire.pin(wire.rules.pinning_reasons(&c, Protocol::Simple), sql);
             }
             b'P' => {
                 let (name, rest) = cstr(body);
                 let (sql, _) = cstr(rest);
                 let sql = text(sql);
-                let c = classify(sql);
+                let c = classify_with(sql, strings_now(wire, *standard_strings));
                 // Today's proxies pin when the statement runs, the legacy ones at the Parse.
                 let parse_only = Classification {
                     reasons: Reasons::EMPTY,
@@ -531,6 +551,7 @@ impl Reader {
             settings_changed,
             syncs_since_execute,
             copy_in,
+            standard_strings,
             ..
         } = self;
         let capture = |tag| match tag {
@@ -589,6 +610,13 @@ impl Reader {
             b'S' => {
                 let (name, rest) = cstr(body);
                 let (value, _) = cstr(rest);
+                if name == b"standard_conforming_strings" {
+                    *standard_strings = match value {
+                        b"on" => StandardStrings::On,
+                        b"off" => StandardStrings::Off,
+                        _ => StandardStrings::Unknown,
+                    };
+                }
                 match settings.iter_mut().find(|(n, _)| &**n == name) {
                     Some((_, v)) => *v = value.into(),
                     None => settings.push((name.into(), value.into())),
@@ -643,6 +671,7 @@ impl<S> Observed<S> {
                 settings_changed: false,
                 syncs_since_execute: 0,
                 copy_in: false,
+                standard_strings: StandardStrings::Unknown,
             },
         }
     }
@@ -946,5 +975,85 @@ mod tests {
         r.sent(&startup());
         r.received(&[b'Z', 0, 0, 0, 1]);
         assert!(r.wire.facts().broken());
+    }
+
+    /// A reader after a startup whose ParameterStatus says `standard_conforming_strings`.
+    fn started(rules: PinRules, standard_strings: &[u8]) -> Reader {
+        let mut r = Observed::new((), Wire::new(rules)).reader;
+        r.sent(&startup());
+        let mut body = b"standard_conforming_strings\0".to_vec();
+        body.extend_from_slice(standard_strings);
+        body.push(0);
+        let mut from = msg(b'R', &[0, 0, 0, 0]);
+        from.extend(msg(b'S', &body));
+        from.extend(msg(b'Z', b"I"));
+        r.received(&from);
+        r
+    }
+
+    /// With `standard_conforming_strings = off`, `'a\''` is a whole string and the call after
+    /// it runs; with `on`, the call is inside a string.
+    const ESCAPED_CALL: &[u8] = b"SELECT 'a\\'' , pg_advisory_lock(1), 'b'\0";
+
+    #[test]
+    fn a_query_is_read_as_the_reported_setting_reads_backslashes() {
+        let mut off = started(PinRules::new(), b"off");
+        off.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(off.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut parse = started(PinRules::new(), b"off");
+        let mut body = b"s1\0".to_vec();
+        body.extend_from_slice(ESCAPED_CALL);
+        body.extend_from_slice(&[0, 0]);
+        parse.sent(&msg(b'P', &body));
+        parse.sent(&msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        assert_eq!(parse.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut on = started(PinRules::new(), b"on");
+        on.sent(&msg(b'Q', ESCAPED_CALL));
+        assert!(on.wire.pinned().is_empty());
+    }
+
+    /// `SET LOCAL` changes the setting inside a transaction; the server reports it at once,
+    /// and again when the transaction ends.
+    #[test]
+    fn set_local_standard_conforming_strings_is_followed() {
+        let rules = PinRules::new().set_local_safe(true);
+        let set_local = |r: &mut Reader| {
+            r.sent(&msg(b'Q', b"BEGIN\0"));
+            r.received(&msg(b'Z', b"T"));
+            r.sent(&msg(b'Q', b"SET LOCAL standard_conforming_strings = off\0"));
+            let mut from = msg(b'S', b"standard_conforming_strings\0off\0");
+            from.extend(msg(b'Z', b"T"));
+            r.received(&from);
+        };
+        let mut r = started(rules, b"on");
+        set_local(&mut r);
+        assert!(r.wire.pinned().is_empty());
+        r.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(r.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut r = started(rules, b"on");
+        set_local(&mut r);
+        r.sent(&msg(b'Q', b"COMMIT\0"));
+        let mut from = msg(b'S', b"standard_conforming_strings\0on\0");
+        from.extend(msg(b'Z', b"I"));
+        r.received(&from);
+        r.sent(&msg(b'Q', ESCAPED_CALL));
+        assert!(r.wire.pinned().is_empty());
+    }
+
+    /// A text sent behind a request not yet answered is read before the server reports what
+    /// that request did to the setting: both readings count.
+    #[test]
+    fn a_text_sent_behind_an_unanswered_request_is_read_both_ways() {
+        let rules = PinRules::new().set_local_safe(true);
+        let mut r = started(rules, b"on");
+        r.sent(&msg(b'Q', b"BEGIN\0"));
+        r.sent(&msg(b'Q', b"SET LOCAL standard_conforming_strings = off\0"));
+        r.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(r.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut unknown = Observed::new((), Wire::new(rules)).reader;
+        unknown.sent(&startup());
+        unknown.received(&msg(b'Z', b"I"));
+        unknown.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(unknown.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
     }
 }

@@ -3,9 +3,11 @@
 //! `LISTEN`, SQL `PREPARE`, settings, sequence state) into many syntactic positions, with
 //! quoting, comments, Unicode escapes, dollar quotes and odd case. Each runs in a clean session;
 //! the session state it left is read back from the server's catalogs, and every statement that
-//! left state must be one `classify` says pins. A list of known statements could be tuned to
-//! the classifier; the server's answer cannot. Among the positions are definitions that
-//! PostgreSQL runs at once (a default filling existing rows, a `DO` block's declarations).
+//! left state must be one `classify_with` says pins. A list of known statements could be tuned
+//! to the classifier; the server's answer cannot. Half the statements run on sessions with
+//! `standard_conforming_strings` off, where a backslash escapes a quote in `'...'`; among the
+//! positions are definitions that PostgreSQL runs at once (a default filling existing rows, a
+//! `DO` block's declarations).
 //!
 //! `PINPOOL_DIFF_STATEMENTS` (default 3000) and `PINPOOL_DIFF_SEED` set the run; the same seed
 //! generates the same statements on every machine. Longer runs: RELIABILITY.md.
@@ -15,7 +17,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use pinpool::pinning::{PinRules, Protocol, classify};
+use pinpool::pinning::{PinRules, Protocol, StandardStrings, classify, classify_with};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -86,6 +88,18 @@ const POSITIONS: &[&str] = &[
     "DO $$<<l>> DECLARE b text DEFAULT {}::text; BEGIN END$$",
     "DO $$BEGIN DECLARE b text DEFAULT {}::text; BEGIN END; END$$",
     "DO $$BEGIN <<inner>> DECLARE b text = {}::text; BEGIN END; END$$",
+    // Literals with backslashes: the server reads them by its standard_conforming_strings.
+    r"SELECT 'a\'' , {}, 'b'",
+    r"SELECT 'it\'s' AS s, {}",
+    r"SELECT length('\'), {} --')",
+    r"SELECT N'a\'' , {}, 'b'",
+    r"SELECT 'x\\' AS s, {}",
+    r"SELECT E'x\\', 'y\' AS s, {} -- '",
+    r#"SELECT 1 AS "a\", {}"#,
+    r"SELECT $x$\$x$, {}",
+    r"SELECT 1 /* \' */, {}",
+    r"DO $$BEGIN PERFORM 'a\'' , {}, 'b'; END$$",
+    r"DO $$BEGIN PERFORM length('\'), {} --'); END$$",
 ];
 
 /// The names a function can be spelled with. `{}` is the function's name.
@@ -308,10 +322,14 @@ async fn state(c: &Client) -> (Vec<i64>, bool) {
     (counts, lastval)
 }
 
-async fn connect(app: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(&common::url_for(app), NoTls)
-        .await
-        .unwrap();
+/// A client of its own; with `backslashes`, the session reads `'...'` as PostgreSQL did
+/// before 9.1 (`standard_conforming_strings = off`, as a role or URL setting can ask).
+async fn connect(app: &str, backslashes: bool) -> Client {
+    let mut url = common::url_for(app);
+    if backslashes {
+        url.push_str("&options=-c%20standard_conforming_strings%3Doff");
+    }
+    let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
     c
 }
@@ -323,6 +341,83 @@ struct Tally {
     left_state: u64,
     classified_pinning: u64,
     disagreements: Vec<(String, String)>,
+}
+
+impl Tally {
+    fn add(&mut self, t: Tally) {
+        self.statements += t.statements;
+        self.failed += t.failed;
+        self.left_state += t.left_state;
+        self.classified_pinning += t.classified_pinning;
+        self.disagreements.extend(t.disagreements);
+    }
+}
+
+/// `count` generated statements on four clients whose sessions read strings as
+/// `backslashes` says; each classified as the observer classifies what it sends on such a
+/// session.
+async fn pass(run: &Arc<Run>, seed: u64, count: u64, backslashes: bool) -> Tally {
+    let rules = PinRules::new();
+    let workers = 4;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w));
+            let c = connect("pinpool_diff", backslashes).await;
+            let strings = if backslashes {
+                StandardStrings::Off
+            } else {
+                StandardStrings::On
+            };
+            let mut tally = Tally::default();
+            for _ in 0..count / workers {
+                let g = generate(&mut rng, &run);
+                let sql = g.sql;
+                if let Some(t) = &g.table {
+                    c.batch_execute(&format!(
+                        "CREATE TABLE {t} (a int, v text); INSERT INTO {t} VALUES (1, 'x'), (2, 'y')"
+                    ))
+                    .await
+                    .unwrap();
+                }
+                let before = state(&c).await;
+                let ok = c.simple_query(&sql).await.is_ok();
+                let after = state(&c).await;
+                tally.statements += 1;
+                if !ok {
+                    tally.failed += 1;
+                }
+                // As the observer reads it on this session; not knowing the setting only adds.
+                let class = classify_with(&sql, strings);
+                let unknown = classify(&sql).reasons;
+                assert_eq!(unknown.union(class.reasons), unknown, "{sql}");
+                let pins = !rules.pinning_reasons(&class, Protocol::Simple).is_empty();
+                if pins {
+                    tally.classified_pinning += 1;
+                }
+                if after != before {
+                    tally.left_state += 1;
+                    if !pins {
+                        tally
+                            .disagreements
+                            .push((sql.clone(), format!("{before:?} -> {after:?}")));
+                    }
+                }
+                // A clean session for the next one (this client is not behind a proxy).
+                c.batch_execute("DISCARD ALL").await.unwrap();
+                if let Some(t) = &g.table {
+                    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+                }
+            }
+            tally
+        }));
+    }
+    let mut total = Tally::default();
+    for t in tasks {
+        total.add(t.await.unwrap());
+    }
+    total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,85 +444,31 @@ async fn every_statement_that_leaves_session_state_is_classified_as_pinning() {
         keys: AtomicU64::new(0x7069_6e00_0000 + u64::from(std::process::id()) * 1_000_000),
         names: AtomicU64::new(0),
     });
-    let rules = PinRules::new();
-    let workers = 4;
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let run = run.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w));
-            let c = connect("pinpool_diff").await;
-            let mut tally = Tally::default();
-            for _ in 0..count / workers {
-                let g = generate(&mut rng, &run);
-                let sql = g.sql;
-                if let Some(t) = &g.table {
-                    c.batch_execute(&format!(
-                        "CREATE TABLE {t} (a int, v text); INSERT INTO {t} VALUES (1, 'x'), (2, 'y')"
-                    ))
-                    .await
-                    .unwrap();
-                }
-                let before = state(&c).await;
-                let ok = c.simple_query(&sql).await.is_ok();
-                let after = state(&c).await;
-                tally.statements += 1;
-                if !ok {
-                    tally.failed += 1;
-                }
-                let pins = !rules
-                    .pinning_reasons(&classify(&sql), Protocol::Simple)
-                    .is_empty();
-                if pins {
-                    tally.classified_pinning += 1;
-                }
-                if after != before {
-                    tally.left_state += 1;
-                    if !pins {
-                        tally
-                            .disagreements
-                            .push((sql.clone(), format!("{before:?} -> {after:?}")));
-                    }
-                }
-                // A clean session for the next one (this client is not behind a proxy).
-                c.batch_execute("DISCARD ALL").await.unwrap();
-                if let Some(t) = &g.table {
-                    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
-                }
-            }
-            tally
-        }));
-    }
+    // Half the statements on sessions with standard strings, half with backslash escapes.
     let mut total = Tally::default();
-    for t in tasks {
-        let t = t.await.unwrap();
-        total.statements += t.statements;
-        total.failed += t.failed;
-        total.left_state += t.left_state;
-        total.classified_pinning += t.classified_pinning;
-        total.disagreements.extend(t.disagreements);
+    for backslashes in [false, true] {
+        let t = pass(&run, seed, count / 2, backslashes).await;
+        eprintln!(
+            "differential (standard_conforming_strings = {}): {} statements (seed {seed:#x}), {} failed on the server, {} left session state, {} classified pinning, {} disagreements",
+            if backslashes { "off" } else { "on" },
+            t.statements,
+            t.failed,
+            t.left_state,
+            t.classified_pinning,
+            t.disagreements.len()
+        );
+        // The generator must really exercise the server: most statements run and leave state.
+        assert!(
+            t.left_state * 2 > t.statements,
+            "too few statements left state"
+        );
+        assert!(t.failed * 5 < t.statements, "too many statements failed");
+        total.add(t);
     }
     admin
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .unwrap();
-    eprintln!(
-        "differential: {} statements (seed {seed:#x}), {} failed on the server, {} left session state, {} classified pinning, {} disagreements",
-        total.statements,
-        total.failed,
-        total.left_state,
-        total.classified_pinning,
-        total.disagreements.len()
-    );
-    // The generator must really exercise the server: most statements run and leave state.
-    assert!(
-        total.left_state * 2 > total.statements,
-        "too few statements left state"
-    );
-    assert!(
-        total.failed * 5 < total.statements,
-        "too many statements failed"
-    );
     let shown: Vec<String> = total
         .disagreements
         .iter()

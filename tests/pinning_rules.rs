@@ -556,6 +556,60 @@ fn transaction_control_is_recognised() {
     }
 }
 
+/// With `standard_conforming_strings` off (a role or database setting, the connection's
+/// options, `SET LOCAL`), `\'` escapes a quote in `'...'`; not knowing the setting, the
+/// classification takes the reasons of both readings.
+#[test]
+fn backslashes_in_strings_are_read_both_ways() {
+    let cases: &[(&str, &[Reason])] = &[
+        (r"SELECT 'a\'' , pg_advisory_lock(1), 'b'", &[AdvisoryLock]),
+        (r"SELECT N'a\'' , nextval('s'), 'b'", &[SequenceFunction]),
+        (
+            r"SELECT 'it\'s' AS s, set_config('a.b', 'c', false)",
+            &[SetConfig],
+        ),
+        // Read with `on`, the call is outside the string; with `off`, inside.
+        (
+            r"SELECT length('\'), nextval('s') --')",
+            &[SequenceFunction],
+        ),
+        (
+            r"DO $$BEGIN PERFORM 'a\'' , pg_advisory_lock(1), 'b'; END$$",
+            &[AdvisoryLock],
+        ),
+        (r"SELECT 'a\'' ; SET search_path = x; SELECT 'b'", &[Set]),
+        // The same under both settings.
+        (r"SELECT 'C:\' AS path", &[]),
+        (r"SELECT E'a\'' , nextval('s'), 'b'", &[SequenceFunction]),
+        (r"SELECT E'\'', 'x'", &[]),
+        (r#"SELECT 1 AS "a\", nextval('s')"#, &[SequenceFunction]),
+        (r"SELECT $x$\$x$, nextval('s')", &[SequenceFunction]),
+        (r"SELECT B'1\', nextval('s')", &[SequenceFunction]),
+        (r"SELECT 1 /* \' */, nextval('s')", &[SequenceFunction]),
+        (r"SELECT U&'\005c' AS s, 1", &[]),
+    ];
+    let mut wrong = Vec::new();
+    for (sql, want) in cases {
+        let got = classify(sql).reasons;
+        if got != reasons(want) {
+            wrong.push(format!("{sql}: want {:?}, got {got:?}", reasons(want)));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn lint_reads_backslashes_in_strings_both_ways() {
+    let f = lint(
+        r"SELECT 'a\'' , pg_advisory_lock(1), 'b'; SELECT 1",
+        &PinRules::new(),
+    );
+    assert!(f[0].pins.contains(AdvisoryLock), "{f:?}");
+    let f = lint(r"SELECT 1; SELECT 'C:\' AS p; SELECT 2", &PinRules::new());
+    assert_eq!(f.len(), 3);
+    assert!(f.iter().all(|f| f.pins.is_empty()), "{f:?}");
+}
+
 /// RDS Proxy counts the whole text sent: a statement padded past 16 KB by comments is
 /// oversized, wherever the comment stands before its `;`.
 #[test]

@@ -89,19 +89,20 @@ pub(super) fn plainly_safe(s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pinning::{TxnControl, classify_full};
+    use crate::pinning::{StandardStrings, TxnControl, classify_full};
     use proptest::prelude::*;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
-        /// The fast path never calls a text safe that the full scan finds pinning.
+        /// The fast path never calls a text safe that the full scan finds pinning, under either
+        /// setting of `standard_conforming_strings`.
         #[test]
         fn the_fast_path_agrees_with_the_full_scan(
-            s in r#"([ \n]|SELECT|select|set|SET|create|temp|TeMp|\$|\$\$|'|"|E'|--|/\*|\*/|;|\(|\)|,|\.|nextval|setval|set_config|pg_advisory_lock|x|1|begin|alter|ALTER|add|serial|as|identity|default){0,24}"#
+            s in r#"([ \n]|SELECT|select|set|SET|create|temp|TeMp|\$|\$\$|'|"|E'|\\|--|/\*|\*/|;|\(|\)|,|\.|nextval|setval|set_config|pg_advisory_lock|x|1|begin|alter|ALTER|add|serial|as|identity|default){0,24}"#
         ) {
             if plainly_safe(s.as_bytes()) {
-                let full = classify_full(&s);
+                let full = classify_full(&s, StandardStrings::Unknown);
                 prop_assert!(full.reasons.is_empty() && full.txn == TxnControl::None, "{:?}: {:?}", s, full);
             }
         }

@@ -303,9 +303,12 @@ fn definition_word(w: &[u8]) -> Option<Definition> {
     }
 }
 
-/// Runs the lexer over `s` and calls `report` once per non-empty statement.
-pub(super) fn scan(text: &str, report: impl FnMut(StmtInfo)) {
-    scan_at(text, false, report)
+/// Runs the lexer over `text` and calls `report` once per non-empty statement; with
+/// `backslash_strings`, `'...'` literals are read as the server reads them with
+/// `standard_conforming_strings = off`. Returns whether the other setting could read the
+/// text differently (a `'...'` literal held a backslash).
+pub(super) fn scan(text: &str, backslash_strings: bool, report: impl FnMut(StmtInfo)) -> bool {
+    scan_at(text, backslash_strings, false, report)
 }
 
 /// The reasons the code of a `DO` block pins for: its body is SQL and PL/pgSQL, scanned as
@@ -313,10 +316,14 @@ pub(super) fn scan(text: &str, report: impl FnMut(StmtInfo)) {
 /// RDS Proxy cannot see inside a block, but the session state it leaves is still there for
 /// the next caller of the connection.
 fn do_body_reasons(body: &[u8], quoted: bool) -> Reasons {
+    // PL/pgSQL reads the body, and each statement in it when it runs, with the setting of
+    // that moment, which the block may change: the reasons of both readings when they differ.
     let scan_body = |b: &[u8]| {
         let mut reasons = Reasons::EMPTY;
-        if let Ok(text) = std::str::from_utf8(b) {
-            scan_at(text, true, |s| reasons = reasons.union(s.reasons));
+        if let Ok(text) = std::str::from_utf8(b)
+            && scan_at(text, false, true, |s| reasons = reasons.union(s.reasons))
+        {
+            scan_at(text, true, true, |s| reasons = reasons.union(s.reasons));
         }
         reasons
     };
@@ -373,12 +380,13 @@ fn block_keyword(w: &[u8]) -> Option<Reason> {
     }
 }
 
-fn scan_at(text: &str, nested: bool, mut report: impl FnMut(StmtInfo)) {
-    let mut lx = Lexer {
-        s: text.as_bytes(),
-        text,
-        i: 0,
-    };
+fn scan_at(
+    text: &str,
+    backslash_strings: bool,
+    nested: bool,
+    mut report: impl FnMut(StmtInfo),
+) -> bool {
+    let mut lx = Lexer::new(text, backslash_strings);
     let mut st = Stmt::new();
     let mut prev = Tok::None;
     let mut prev2 = Tok::None;
@@ -403,6 +411,7 @@ fn scan_at(text: &str, nested: bool, mut report: impl FnMut(StmtInfo)) {
         prev = tok;
     }
     st.emit(end, from..text.len(), &mut report);
+    lx.depends_on_setting
 }
 
 impl<'a> Stmt<'a> {
