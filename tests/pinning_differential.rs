@@ -88,6 +88,7 @@ const POSITIONS: &[&str] = &[
     "DO $$<<l>> DECLARE b text DEFAULT {}::text; BEGIN END$$",
     "DO $$BEGIN DECLARE b text DEFAULT {}::text; BEGIN END; END$$",
     "DO $$BEGIN <<inner>> DECLARE b text = {}::text; BEGIN END; END$$",
+    "DO $$BEGIN DECLARE a int; create text DEFAULT {}::text; BEGIN END; END$$",
     // Literals with backslashes: the server reads them by its standard_conforming_strings.
     r"SELECT 'a\'' , {}, 'b'",
     r"SELECT 'it\'s' AS s, {}",
@@ -100,6 +101,12 @@ const POSITIONS: &[&str] = &[
     r"SELECT 1 /* \' */, {}",
     r"DO $$BEGIN PERFORM 'a\'' , {}, 'b'; END$$",
     r"DO $$BEGIN PERFORM length('\'), {} --'); END$$",
+    r"SELECT E'\\\'' AS s, {}",
+    r"SELECT U&'!0061' UESCAPE '!' AS s, {}",
+    r"SELECT 'a\\' /* ' */ , {}",
+    r"SELECT 'a''\' , {} --'",
+    r"SELECT $$\$$ AS s, {}, $a$'$a$",
+    r"SELECT 1 /* /* \' */ ' */ , {}",
 ];
 
 /// The names a function can be spelled with. `{}` is the function's name.

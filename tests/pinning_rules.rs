@@ -353,6 +353,15 @@ const TABLE: &[(&str, &[Reason])] = &[
         "DO $$BEGIN DECLARE b bigint DEFAULT nextval('s'); BEGIN END; END$$",
         &[SequenceFunction],
     ),
+    // A PL/pgSQL variable may be named `create`: a declaration is no CREATE statement.
+    (
+        "DO $$BEGIN DECLARE a int; create text DEFAULT pg_advisory_lock(1)::text; BEGIN END; END$$",
+        &[AdvisoryLock],
+    ),
+    (
+        "DO $$<<b>> DECLARE a int; create bigint DEFAULT nextval('s'); BEGIN END$$",
+        &[SequenceFunction],
+    ),
     ("ALTER TABLE t ADD COLUMN id serial", &[SequenceFunction]),
     ("ALTER TABLE t ADD id bigserial", &[SequenceFunction]),
     (

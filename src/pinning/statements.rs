@@ -67,7 +67,8 @@ impl<'a> Stmt<'a> {
     /// `CREATE` statement (a new table has no rows; a function's or domain's default waits
     /// for a call) and after `SET DEFAULT`. Anywhere else it may run at once: `ALTER TABLE
     /// ... ADD COLUMN ... DEFAULT f()` fills every existing row, a PL/pgSQL declaration's
-    /// default runs when its block starts. When unsure, it runs.
+    /// default runs when its block starts. When unsure, it runs. Inside a `DO` block every
+    /// default runs: a PL/pgSQL declaration may name a variable `create`.
     fn default_runs(&self) -> bool {
         !(self.set_default || eq(self.word(0), "create"))
     }
@@ -493,7 +494,7 @@ impl<'a> Stmt<'a> {
         match tok {
             Tok::LParen => {
                 let defined = match prev2 {
-                    Tok::Word(w) if eq(w, "default") => !self.default_runs(),
+                    Tok::Word(w) if eq(w, "default") => !nested && !self.default_runs(),
                     _ => defines_name(prev2),
                 };
                 if let Some(reason) = pinning_function(prev).filter(|_| !defined) {
