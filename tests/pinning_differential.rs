@@ -81,6 +81,8 @@ const POSITIONS: &[&str] = &[
     "CREATE TABLE {c} AS SELECT {}::text AS v",
     "SELECT {}::text AS v INTO {c}",
     "CREATE MATERIALIZED VIEW {c} AS SELECT {}::text AS v",
+    "CREATE TABLE {c} PARTITION OF {t}_parted FOR VALUES IN ({}::text || '{c}')",
+    "SELECT 1 FROM {t} TABLESAMPLE bernoulli (10) REPEATABLE (length({}::text))",
     "CREATE TABLE {c} (v text DEFAULT {}::text)",
     "ALTER TABLE {r} ALTER COLUMN v SET DEFAULT {}::text",
     "DO $$DECLARE a int; b text DEFAULT {}::text; BEGIN END$$",
@@ -442,7 +444,8 @@ async fn every_statement_that_leaves_session_state_is_classified_as_pinning() {
     admin
         .batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; \
-             CREATE SEQUENCE {schema}.seq; CREATE TABLE {schema}.t (v text)"
+             CREATE SEQUENCE {schema}.seq; CREATE TABLE {schema}.t (v text); \
+             CREATE TABLE {schema}.t_parted (v text) PARTITION BY LIST (v)"
         ))
         .await
         .unwrap();
