@@ -292,14 +292,17 @@ enum Definition {
 
 fn definition_word(w: &[u8]) -> Option<Definition> {
     let is = |k: &str| eq(w, k);
-    match w.len() {
-        5 if is("alter") => Some(Definition::Alter),
-        6 if is("serial") => Some(Definition::Serial),
-        7 if is("default") => Some(Definition::Default),
-        7 if is("serial2") || is("serial4") || is("serial8") => Some(Definition::Serial),
-        8 if is("identity") => Some(Definition::Identity),
-        9 if is("bigserial") => Some(Definition::Serial),
-        11 if is("smallserial") => Some(Definition::Serial),
+    // Most words are none of these: the length and the first letter turn them away.
+    match (w.len(), w.first()?.to_ascii_lowercase()) {
+        (5, b'a') if is("alter") => Some(Definition::Alter),
+        (6, b's') if is("serial") => Some(Definition::Serial),
+        (7, b'd') if is("default") => Some(Definition::Default),
+        (7, b's') if eq(&w[..6], "serial") && matches!(w[6], b'2' | b'4' | b'8') => {
+            Some(Definition::Serial)
+        }
+        (8, b'i') if is("identity") => Some(Definition::Identity),
+        (9, b'b') if is("bigserial") => Some(Definition::Serial),
+        (11, b's') if is("smallserial") => Some(Definition::Serial),
         _ => None,
     }
 }
@@ -491,13 +494,32 @@ impl<'a> Stmt<'a> {
     /// object, `pg_settings` updated, a `DO` body (read one level deep: `nested` inside it).
     #[inline(always)]
     fn token(&mut self, tok: Tok<'a>, prev: Tok<'a>, prev2: Tok<'a>, nested: bool) {
+        // None of these words is one of the words below.
+        if let Tok::Word(w) = tok
+            && matches!(w.len(), 5..=9 | 11)
+            && let Some(d) = definition_word(w)
+        {
+            match d {
+                Definition::Default => {
+                    self.set_default = matches!(prev, Tok::Word(p) if eq(p, "set"));
+                }
+                Definition::Alter => self.alter = true,
+                Definition::Serial => self.sequence_column = true,
+                // GENERATED ... AS IDENTITY, not REPLICA IDENTITY.
+                Definition::Identity => {
+                    self.sequence_column |= matches!(prev, Tok::Word(p) if eq(p, "as"));
+                }
+            }
+            return;
+        }
         match tok {
             Tok::LParen => {
-                let defined = match prev2 {
+                // Asked only of a pinning function's name (most `(` follow none).
+                let defined = || match prev2 {
                     Tok::Word(w) if eq(w, "default") => !nested && !self.default_runs(),
                     _ => defines_name(prev2),
                 };
-                if let Some(reason) = pinning_function(prev).filter(|_| !defined) {
+                if let Some(reason) = pinning_function(prev).filter(|_| !defined()) {
                     if reason == Reason::SetConfig {
                         self.finish_set_config();
                         self.set_config = Some(SetConfigCall {
@@ -523,20 +545,6 @@ impl<'a> Stmt<'a> {
                 }
             }
             Tok::Dot if is_temp_schema(prev) => self.reasons.insert(Reason::TempObject),
-            Tok::Word(w) if matches!(w.len(), 5..=9 | 11) && definition_word(w).is_some() => {
-                match definition_word(w) {
-                    Some(Definition::Default) => {
-                        self.set_default = matches!(prev, Tok::Word(p) if eq(p, "set"));
-                    }
-                    Some(Definition::Alter) => self.alter = true,
-                    Some(Definition::Serial) => self.sequence_column = true,
-                    Some(Definition::Identity) => {
-                        // GENERATED ... AS IDENTITY, not REPLICA IDENTITY.
-                        self.sequence_column |= matches!(prev, Tok::Word(p) if eq(p, "as"));
-                    }
-                    None => {}
-                }
-            }
             Tok::Word(w) if w.len() == 6 && eq(w, "update") => self.update = true,
             Tok::Word(_) | Tok::Quoted(_) | Tok::UQuoted(..) if is_name(tok, "pg_settings") => {
                 self.pg_settings = true;
