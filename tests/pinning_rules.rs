@@ -614,6 +614,9 @@ fn lint_reads_backslashes_in_strings_both_ways() {
         &PinRules::new(),
     );
     assert!(f[0].pins.contains(AdvisoryLock), "{f:?}");
+    // Read with `off`, a statement stands where `on` reads a comment after the last one.
+    let f = lint(r"SELECT 'a\'; /* ' ; SET x = 1; ' */", &PinRules::new());
+    assert!(f.iter().any(|f| f.pins.contains(Set)), "{f:?}");
     let f = lint(r"SELECT 1; SELECT 'C:\' AS p; SELECT 2", &PinRules::new());
     assert_eq!(f.len(), 3);
     assert!(f.iter().all(|f| f.pins.is_empty()), "{f:?}");
@@ -677,6 +680,17 @@ proptest! {
         let c: Classification = classify(&s);
         let _ = lint(&s, &PinRules::new());
         prop_assert_eq!(c.reasons.contains(Oversized), s.len() > OVERSIZED_BYTES);
+    }
+
+    /// The statements `lint` finds account for what `classify` finds in the whole text (as
+    /// the fuzz target checks), backslashes and both readings of `'...'` included.
+    #[test]
+    fn lint_and_classify_agree(s in "([ \n]|SET x|set_config\\(|nextval\\(|\\$\\$|'|\"|E'|N'|\\\\|--|/\\*|\\*/|;|\\(|\\)|,|DO |x|1){0,48}") {
+        let mut union = Reasons::EMPTY;
+        for f in lint(&s, &PinRules::new()) {
+            union = union.union(f.classification.reasons);
+        }
+        prop_assert_eq!(union.without(Oversized), classify(&s).reasons.without(Oversized), "{:?}", s);
     }
 
     #[test]

@@ -521,6 +521,13 @@ pub fn lint<'a>(sql: &'a str, rules: &PinRules) -> Vec<Finding<'a>> {
         // lists are in text order, so one sweep finds the overlaps.
         let mut other = Vec::new();
         scan(sql, true, |s| other.push((s.from..s.to, s.reasons)));
+        // Each statement also owns the blanks, comments and empty statements after it, so
+        // that what `off` reads there is someone's: the ranges tile the text.
+        let starts: Vec<usize> = sent.iter().map(|r| r.start).collect();
+        for (i, r) in sent.iter_mut().enumerate() {
+            r.start = if i == 0 { 0 } else { starts[i] };
+            r.end = starts.get(i + 1).copied().unwrap_or(sql.len());
+        }
         let mut first = 0;
         for (f, range) in out.iter_mut().zip(&sent) {
             while first < other.len() && other[first].0.end <= range.start {
