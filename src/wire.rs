@@ -437,9 +437,9 @@ struct Reader {
 }
 
 /// How the server will read `'...'` in a text sent now: as it last reported, unless a
-/// request sent before is still unanswered and may change it first (unknown then).
-/// tokio-postgres ends every request with a Sync, so a Parse or Execute sent after another
-/// request's Execute always finds it counted in `outstanding`.
+/// request sent before is still unanswered and may change it first (unknown then). An
+/// Execute counts once its Sync is sent; tokio-postgres sends the two together, never a Parse
+/// between them.
 fn strings_now(wire: &Wire, reported: StandardStrings) -> StandardStrings {
     if wire.facts().outstanding() > 0 {
         StandardStrings::Unknown
