@@ -35,7 +35,9 @@ use tokio_postgres::tls::{ChannelBinding, TlsStream};
 
 use crate::conn::truncate;
 use crate::error::TimeoutCause;
-use crate::pinning::{Classification, PinRules, Protocol, Reason, Reasons, classify};
+use crate::pinning::{
+    Classification, PinRules, Protocol, Reason, Reasons, StandardStrings, classify_with,
+};
 
 /// SQL beyond this many bytes of one message is not classified: such a text is over RDS Proxy's
 /// 16 KB limit and pins anyway ([`Reason::Oversized`]).
@@ -596,6 +598,9 @@ struct Reader {
     /// In the answer being read: a BindComplete came; an error came before any.
     bind_complete: bool,
     error_before_bind: bool,
+    /// `standard_conforming_strings` as the server last reported it (ParameterStatus, at the
+    /// startup and whenever it changes, `SET LOCAL` and its end included).
+    standard_strings: StandardStrings,
 }
 
 /// A request was written: counts it and keeps its bound, and the earliest bound of all.
@@ -619,6 +624,18 @@ fn update_due(wire: &Wire, bounds: &VecDeque<(u32, u64)>) {
     let due = bounds.front().map_or(u64::MAX, |&(_, b)| b);
     wire.due
         .store(if due == u64::MAX { 0 } else { due }, Relaxed);
+}
+
+/// How the server will read `'...'` in a text sent now: as it last reported, unless a
+/// request sent before is still unanswered and may change it first (unknown then). An
+/// Execute counts once its Sync is sent; tokio-postgres sends the two together, never a Parse
+/// between them.
+fn strings_now(wire: &Wire, reported: StandardStrings) -> StandardStrings {
+    if wire.facts().outstanding() > 0 {
+        StandardStrings::Unknown
+    } else {
+        reported
+    }
 }
 
 fn cstr(b: &[u8]) -> (&[u8], &[u8]) {
@@ -645,6 +662,7 @@ impl Reader {
             syncs_since_execute,
             copy_in,
             bounds,
+            standard_strings,
             ..
         } = self;
         let capture = |tag| match tag {
@@ -654,17 +672,19 @@ impl Reader {
         };
         let ok = to_server.feed(data, capture, |tag, body| match tag {
             b'Q' => {
+                // The server reads a Query's whole text before it runs any of it.
+                let strings = strings_now(wire, *standard_strings);
                 track_request(wire, bounds);
                 *syncs_since_execute = 0;
                 let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
-                let c = classify(sql);
+                let c = classify_with(sql, strings);
                 wire.pin(wire.rules.pinning_reasons(&c, Protocol::Simple), sql);
             }
             b'P' => {
                 let (name, rest) = cstr(body);
                 let (sql, _) = cstr(rest);
                 let sql = text(sql);
-                let c = classify(sql);
+                let c = classify_with(sql, strings_now(wire, *standard_strings));
                 // Today's proxies pin when the statement runs, the legacy ones at the Parse.
                 let parse_only = Classification {
                     reasons: Reasons::EMPTY,
@@ -725,6 +745,7 @@ impl Reader {
             bounds,
             bind_complete,
             error_before_bind,
+            standard_strings,
             ..
         } = self;
         let capture = |tag| match tag {
@@ -818,6 +839,13 @@ impl Reader {
             b'S' => {
                 let (name, rest) = cstr(body);
                 let (value, _) = cstr(rest);
+                if name == b"standard_conforming_strings" {
+                    *standard_strings = match value {
+                        b"on" => StandardStrings::On,
+                        b"off" => StandardStrings::Off,
+                        _ => StandardStrings::Unknown,
+                    };
+                }
                 match settings.iter_mut().find(|(n, _)| &**n == name) {
                     Some((_, v)) => *v = value.into(),
                     None => settings.push((name.into(), value.into())),
@@ -875,6 +903,7 @@ impl<S> Observed<S> {
                 bounds: VecDeque::new(),
                 bind_complete: false,
                 error_before_bind: false,
+                standard_strings: StandardStrings::Unknown,
             },
         }
     }
@@ -1212,5 +1241,85 @@ mod tests {
         r.sent(&startup());
         r.received(&[b'Z', 0, 0, 0, 1]);
         assert!(r.wire.facts().broken());
+    }
+
+    /// A reader after a startup whose ParameterStatus says `standard_conforming_strings`.
+    fn started(rules: PinRules, standard_strings: &[u8]) -> Reader {
+        let mut r = Observed::new((), Wire::new(rules)).reader;
+        r.sent(&startup());
+        let mut body = b"standard_conforming_strings\0".to_vec();
+        body.extend_from_slice(standard_strings);
+        body.push(0);
+        let mut from = msg(b'R', &[0, 0, 0, 0]);
+        from.extend(msg(b'S', &body));
+        from.extend(msg(b'Z', b"I"));
+        r.received(&from);
+        r
+    }
+
+    /// With `standard_conforming_strings = off`, `'a\''` is a whole string and the call after
+    /// it runs; with `on`, the call is inside a string.
+    const ESCAPED_CALL: &[u8] = b"SELECT 'a\\'' , pg_advisory_lock(1), 'b'\0";
+
+    #[test]
+    fn a_query_is_read_as_the_reported_setting_reads_backslashes() {
+        let mut off = started(PinRules::new(), b"off");
+        off.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(off.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut parse = started(PinRules::new(), b"off");
+        let mut body = b"s1\0".to_vec();
+        body.extend_from_slice(ESCAPED_CALL);
+        body.extend_from_slice(&[0, 0]);
+        parse.sent(&msg(b'P', &body));
+        parse.sent(&msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        assert_eq!(parse.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut on = started(PinRules::new(), b"on");
+        on.sent(&msg(b'Q', ESCAPED_CALL));
+        assert!(on.wire.pinned().is_empty());
+    }
+
+    /// `SET LOCAL` changes the setting inside a transaction; the server reports it at once,
+    /// and again when the transaction ends.
+    #[test]
+    fn set_local_standard_conforming_strings_is_followed() {
+        let rules = PinRules::new().set_local_safe(true);
+        let set_local = |r: &mut Reader| {
+            r.sent(&msg(b'Q', b"BEGIN\0"));
+            r.received(&msg(b'Z', b"T"));
+            r.sent(&msg(b'Q', b"SET LOCAL standard_conforming_strings = off\0"));
+            let mut from = msg(b'S', b"standard_conforming_strings\0off\0");
+            from.extend(msg(b'Z', b"T"));
+            r.received(&from);
+        };
+        let mut r = started(rules, b"on");
+        set_local(&mut r);
+        assert!(r.wire.pinned().is_empty());
+        r.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(r.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut r = started(rules, b"on");
+        set_local(&mut r);
+        r.sent(&msg(b'Q', b"COMMIT\0"));
+        let mut from = msg(b'S', b"standard_conforming_strings\0on\0");
+        from.extend(msg(b'Z', b"I"));
+        r.received(&from);
+        r.sent(&msg(b'Q', ESCAPED_CALL));
+        assert!(r.wire.pinned().is_empty());
+    }
+
+    /// A text sent behind a request not yet answered is read before the server reports what
+    /// that request did to the setting: both readings count.
+    #[test]
+    fn a_text_sent_behind_an_unanswered_request_is_read_both_ways() {
+        let rules = PinRules::new().set_local_safe(true);
+        let mut r = started(rules, b"on");
+        r.sent(&msg(b'Q', b"BEGIN\0"));
+        r.sent(&msg(b'Q', b"SET LOCAL standard_conforming_strings = off\0"));
+        r.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(r.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
+        let mut unknown = Observed::new((), Wire::new(rules)).reader;
+        unknown.sent(&startup());
+        unknown.received(&msg(b'Z', b"I"));
+        unknown.sent(&msg(b'Q', ESCAPED_CALL));
+        assert_eq!(unknown.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
     }
 }

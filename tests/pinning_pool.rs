@@ -173,6 +173,74 @@ async fn set_local_pins_unless_declared_safe() {
     }
 }
 
+/// With `standard_conforming_strings` off, `'a\''` is a whole string and the lock after it
+/// is taken: the observer reads what it sends as the server reported the setting, at the
+/// connection's start (here its `options`) or after a `SET LOCAL` inside a transaction.
+#[tokio::test]
+async fn strings_are_read_as_the_server_reads_them_and_the_lock_never_reaches_the_next_caller() {
+    let held = |k: i64| {
+        format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = {k} AND pid = pg_backend_pid()"
+        )
+    };
+    let off = format!(
+        "{}&options=-c%20standard_conforming_strings%3Doff",
+        common::url_for("pp_strings_off")
+    );
+    let pool = pinpool::Pool::builder(off).max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    c.batch_execute(r"SELECT 'a\'' , pg_advisory_lock(774431), 'b'")
+        .await
+        .unwrap();
+    assert!(
+        PooledClient::pin_state(&c)
+            .reasons
+            .contains(Reason::AdvisoryLock)
+    );
+    drop(c);
+    let c = pool.get().await.unwrap();
+    let left: i64 = c
+        .query_one_scalar(held(774431).as_str(), &[])
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the next caller holds the lock");
+    drop(c);
+
+    // SET LOCAL, with rules that let SET LOCAL itself pass.
+    let pool = builder("pp_strings_local")
+        .max_size(1)
+        .pin_rules(PinRules::new().set_local_safe(true))
+        .build()
+        .unwrap();
+    let mut c = pool.get().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL standard_conforming_strings = off")
+        .await
+        .unwrap();
+    tx.batch_execute(r"SELECT 'a\'' , pg_advisory_lock(774432), 'b'")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(
+        PooledClient::pin_state(&c)
+            .reasons
+            .contains(Reason::AdvisoryLock)
+    );
+    drop(c);
+    let c = pool.get().await.unwrap();
+    let left: i64 = c
+        .query_one_scalar(held(774432).as_str(), &[])
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the next caller holds the lock");
+    // Back to `on` after the commit: the same text is a string and a bit string, an error.
+    assert!(
+        c.batch_execute(r"SELECT 'a\'' , pg_advisory_lock(774433), 'b'")
+            .await
+            .is_err()
+    );
+}
+
 const SETUP: &str = "
 DROP SCHEMA IF EXISTS pin_oracle CASCADE;
 CREATE SCHEMA pin_oracle;

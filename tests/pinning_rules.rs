@@ -303,6 +303,84 @@ const TABLE: &[(&str, &[Reason])] = &[
         &[],
     ),
     ("SELECT a$b FROM t", &[]),
+    // A definition PostgreSQL runs at once: a default filling the rows a table has, a check
+    // or a type change's USING run on them, a DO block's declarations.
+    (
+        "ALTER TABLE t ADD COLUMN d text DEFAULT pg_advisory_lock(4242)::text",
+        &[AdvisoryLock],
+    ),
+    (
+        "ALTER TABLE t ADD d text DEFAULT set_config('search_path', 'x', false)",
+        &[SetConfig],
+    ),
+    (
+        "ALTER TABLE t ADD COLUMN n bigint DEFAULT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ADD COLUMN n bigint DEFAULT \"setval\"('s', 5)",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ALTER COLUMN v SET DEFAULT 'x', ADD COLUMN n bigint DEFAULT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ADD COLUMN IF NOT EXISTS n bigint DEFAULT nextval('s'), ALTER COLUMN v SET DEFAULT 'x'",
+        &[SequenceFunction],
+    ),
+    (
+        "ALTER TABLE t ALTER COLUMN v TYPE text USING pg_advisory_lock(1)::text",
+        &[AdvisoryLock],
+    ),
+    (
+        "ALTER TABLE t ADD CONSTRAINT c CHECK (pg_try_advisory_lock(1))",
+        &[AdvisoryLock],
+    ),
+    (
+        "CREATE TABLE t2 AS SELECT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "CREATE MATERIALIZED VIEW m AS SELECT nextval('s')",
+        &[SequenceFunction],
+    ),
+    (
+        "DO $$<<l>> DECLARE b text DEFAULT pg_advisory_lock(1)::text; BEGIN END$$",
+        &[AdvisoryLock],
+    ),
+    (
+        "DO $$BEGIN DECLARE b bigint DEFAULT nextval('s'); BEGIN END; END$$",
+        &[SequenceFunction],
+    ),
+    // A PL/pgSQL variable may be named `create`: a declaration is no CREATE statement.
+    (
+        "DO $$BEGIN DECLARE a int; create text DEFAULT pg_advisory_lock(1)::text; BEGIN END; END$$",
+        &[AdvisoryLock],
+    ),
+    (
+        "DO $$<<b>> DECLARE a int; create bigint DEFAULT nextval('s'); BEGIN END$$",
+        &[SequenceFunction],
+    ),
+    ("ALTER TABLE t ADD COLUMN id serial", &[SequenceFunction]),
+    ("ALTER TABLE t ADD id bigserial", &[SequenceFunction]),
+    (
+        "ALTER TABLE t ADD COLUMN id int GENERATED ALWAYS AS IDENTITY",
+        &[SequenceFunction],
+    ),
+    // Kept for later rows: not run now.
+    ("ALTER TABLE t ALTER COLUMN n SET DEFAULT nextval('s')", &[]),
+    (
+        "CREATE TABLE t (id serial, n bigint DEFAULT nextval('s'))",
+        &[],
+    ),
+    (
+        "CREATE FUNCTION f(a bigint DEFAULT nextval('s')) RETURNS bigint LANGUAGE sql AS 'SELECT a'",
+        &[],
+    ),
+    ("CREATE DOMAIN d AS bigint DEFAULT nextval('s')", &[]),
+    ("ALTER TABLE t REPLICA IDENTITY FULL", &[]),
+    ("CREATE TABLE t (id int GENERATED ALWAYS AS IDENTITY)", &[]),
     // A DO block's code is read: the proxy cannot see inside it, but the session state it
     // leaves stays on the connection for its next caller.
     (
@@ -487,6 +565,85 @@ fn transaction_control_is_recognised() {
     }
 }
 
+/// With `standard_conforming_strings` off (a role or database setting, the connection's
+/// options, `SET LOCAL`), `\'` escapes a quote in `'...'`; not knowing the setting, the
+/// classification takes the reasons of both readings.
+#[test]
+fn backslashes_in_strings_are_read_both_ways() {
+    let cases: &[(&str, &[Reason])] = &[
+        (r"SELECT 'a\'' , pg_advisory_lock(1), 'b'", &[AdvisoryLock]),
+        (r"SELECT N'a\'' , nextval('s'), 'b'", &[SequenceFunction]),
+        (
+            r"SELECT 'it\'s' AS s, set_config('a.b', 'c', false)",
+            &[SetConfig],
+        ),
+        // Read with `on`, the call is outside the string; with `off`, inside.
+        (
+            r"SELECT length('\'), nextval('s') --')",
+            &[SequenceFunction],
+        ),
+        (
+            r"DO $$BEGIN PERFORM 'a\'' , pg_advisory_lock(1), 'b'; END$$",
+            &[AdvisoryLock],
+        ),
+        (r"SELECT 'a\'' ; SET search_path = x; SELECT 'b'", &[Set]),
+        // The same under both settings.
+        (r"SELECT 'C:\' AS path", &[]),
+        (r"SELECT E'a\'' , nextval('s'), 'b'", &[SequenceFunction]),
+        (r"SELECT E'\'', 'x'", &[]),
+        (r#"SELECT 1 AS "a\", nextval('s')"#, &[SequenceFunction]),
+        (r"SELECT $x$\$x$, nextval('s')", &[SequenceFunction]),
+        (r"SELECT B'1\', nextval('s')", &[SequenceFunction]),
+        (r"SELECT 1 /* \' */, nextval('s')", &[SequenceFunction]),
+        (r"SELECT U&'\005c' AS s, 1", &[]),
+    ];
+    let mut wrong = Vec::new();
+    for (sql, want) in cases {
+        let got = classify(sql).reasons;
+        if got != reasons(want) {
+            wrong.push(format!("{sql}: want {:?}, got {got:?}", reasons(want)));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn lint_reads_backslashes_in_strings_both_ways() {
+    let f = lint(
+        r"SELECT 'a\'' , pg_advisory_lock(1), 'b'; SELECT 1",
+        &PinRules::new(),
+    );
+    assert!(f[0].pins.contains(AdvisoryLock), "{f:?}");
+    // Read with `off`, a statement stands where `on` reads a comment after the last one.
+    let f = lint(r"SELECT 'a\'; /* ' ; SET x = 1; ' */", &PinRules::new());
+    assert!(f.iter().any(|f| f.pins.contains(Set)), "{f:?}");
+    let f = lint(r"SELECT 1; SELECT 'C:\' AS p; SELECT 2", &PinRules::new());
+    assert_eq!(f.len(), 3);
+    assert!(f.iter().all(|f| f.pins.is_empty()), "{f:?}");
+}
+
+/// RDS Proxy counts the whole text sent: a statement padded past 16 KB by comments is
+/// oversized, wherever the comment stands before its `;`.
+#[test]
+fn lint_measures_a_statement_with_its_comments() {
+    let pad = "x".repeat(OVERSIZED_BYTES);
+    let trailing = format!("SELECT 1 /* {pad} */; SELECT 2");
+    let f = lint(&trailing, &PinRules::new());
+    assert_eq!(f[0].pins, Reasons::of(Oversized));
+    assert!(f[1].pins.is_empty());
+    let line = format!("SELECT 1 -- {pad}\n");
+    assert_eq!(
+        lint(&line, &PinRules::new())[0].pins,
+        Reasons::of(Oversized)
+    );
+    let leading = format!("SELECT 1;\n-- {pad}\nSELECT 2");
+    let f = lint(&leading, &PinRules::new());
+    assert!(f[0].pins.is_empty());
+    assert_eq!(f[1].pins, Reasons::of(Oversized));
+    let short = lint("SELECT 1 /* c */ ; SELECT 2", &PinRules::new());
+    assert!(short.iter().all(|f| f.pins.is_empty()));
+}
+
 #[test]
 fn lint_reports_statements_with_lines() {
     let sql = "SELECT 1;\n-- a comment; with a semicolon\nSET search_path = app;\n\nSELECT 'a;b',\n  nextval('s');\nSET LOCAL a = 1";
@@ -523,6 +680,17 @@ proptest! {
         let c: Classification = classify(&s);
         let _ = lint(&s, &PinRules::new());
         prop_assert_eq!(c.reasons.contains(Oversized), s.len() > OVERSIZED_BYTES);
+    }
+
+    /// The statements `lint` finds account for what `classify` finds in the whole text (as
+    /// the fuzz target checks), backslashes and both readings of `'...'` included.
+    #[test]
+    fn lint_and_classify_agree(s in "([ \n]|SET x|set_config\\(|nextval\\(|\\$\\$|'|\"|E'|N'|\\\\|--|/\\*|\\*/|;|\\(|\\)|,|DO |x|1){0,48}") {
+        let mut union = Reasons::EMPTY;
+        for f in lint(&s, &PinRules::new()) {
+            union = union.union(f.classification.reasons);
+        }
+        prop_assert_eq!(union.without(Oversized), classify(&s).reasons.without(Oversized), "{:?}", s);
     }
 
     #[test]

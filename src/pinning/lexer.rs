@@ -31,6 +31,13 @@ pub(super) struct Lexer<'a> {
     /// costs nothing, unlike validating UTF-8 again).
     pub(super) text: &'a str,
     pub(super) i: usize,
+    /// A backslash escapes the next byte in `'...'` and `N'...'` too, as in `E'...'`: the
+    /// server's `standard_conforming_strings` is `off`.
+    pub(super) backslash_strings: bool,
+    /// A `'...'` or `N'...'` literal held a backslash: with the other setting of
+    /// `standard_conforming_strings` the text may read differently. Without one, both
+    /// settings give the same tokens.
+    pub(super) depends_on_setting: bool,
 }
 
 const START: u8 = 1; // may start an identifier
@@ -75,6 +82,17 @@ pub(super) fn eq(word: &[u8], kw: &str) -> bool {
 }
 
 impl<'a> Lexer<'a> {
+    /// A lexer at the start of `text`; `backslash_strings` as [`Lexer::backslash_strings`].
+    pub(super) fn new(text: &'a str, backslash_strings: bool) -> Lexer<'a> {
+        Lexer {
+            s: text.as_bytes(),
+            text,
+            i: 0,
+            backslash_strings,
+            depends_on_setting: false,
+        }
+    }
+
     fn peek(&self, at: usize) -> u8 {
         self.s.get(at).copied().unwrap_or(0)
     }
@@ -103,6 +121,15 @@ impl<'a> Lexer<'a> {
         }
         self.i = s.len();
         &s[start.min(s.len())..]
+    }
+
+    /// A `'...'` literal after its opening quote, read as `standard_conforming_strings` says.
+    fn plain_string(&mut self) -> &'a [u8] {
+        let body = self.quoted(b'\'', self.backslash_strings);
+        if body.contains(&b'\\') {
+            self.depends_on_setting = true;
+        }
+        body
     }
 
     /// Skips whitespace and comments.
@@ -177,7 +204,7 @@ impl<'a> Lexer<'a> {
             b',' => Tok::Comma,
             b'.' => Tok::Dot,
             b';' => Tok::Semi,
-            b'\'' => Tok::Str(self.quoted(b'\'', false)),
+            b'\'' => Tok::Str(self.plain_string()),
             b'"' => Tok::Quoted(self.quoted(b'"', false)),
             b'$' => self.dollar(start),
             b'0'..=b'9' => {
@@ -210,7 +237,12 @@ impl<'a> Lexer<'a> {
                 self.i += 1;
                 Tok::Str(self.quoted(b'\'', true))
             }
-            (b'b' | b'B' | b'x' | b'X' | b'n' | b'N', b'\'') => {
+            (b'n' | b'N', b'\'') => {
+                self.i += 1;
+                Tok::Str(self.plain_string())
+            }
+            // Bit strings take no escapes whatever the setting (a backslash is an error).
+            (b'b' | b'B' | b'x' | b'X', b'\'') => {
                 self.i += 1;
                 Tok::Str(self.quoted(b'\'', false))
             }

@@ -31,7 +31,18 @@
 //! state to other clients and is not detected here. The same holds for a column default that
 //! calls `nextval` (a `serial` column): the proxy sees only the `INSERT`.
 //!
-//! The scan is a single pass over the bytes: linear time, no allocation, no panic on any input.
+//! A call in a definition counts where PostgreSQL runs it at once: a `DEFAULT` that fills the
+//! rows of `ALTER TABLE ... ADD COLUMN` (or starts a `DO` block's variable), a `USING` or
+//! `CHECK` checked against existing rows, `CREATE TABLE ... AS`. It does not after `SET
+//! DEFAULT` or in a `CREATE` statement's defaults (kept for later rows). A `serial` or
+//! identity column added by `ALTER TABLE` calls `nextval` for each row.
+//!
+//! How `'...'` reads depends on the server's `standard_conforming_strings` (with it `off`, a
+//! backslash escapes a quote): [`classify_with`] takes the setting, [`classify`] and [`lint`]
+//! take the reasons of both readings where they differ.
+//!
+//! The scan is a pass over the bytes (a second where the setting matters): linear time, no
+//! allocation, no panic on any input.
 
 use std::fmt;
 
@@ -384,31 +395,63 @@ impl PinRules {
     }
 }
 
-/// Classifies a text that may hold several statements (as `batch_execute` sends).
+/// How the server reads a backslash in a `'...'` literal: its setting
+/// `standard_conforming_strings`, which a role, a database, the connection's `options` or a
+/// `SET` (`SET LOCAL` too) may change. The server reports it (ParameterStatus), and
+/// pinpool's observer classifies what it sends by the value it last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum StandardStrings {
+    /// Not known: a text that reads differently under the two settings gets the reasons of
+    /// both readings.
+    #[default]
+    Unknown,
+    /// `on` (PostgreSQL's default since 9.1): a backslash is an ordinary character.
+    On,
+    /// `off`: a backslash escapes the next character, as in `E'...'`.
+    Off,
+}
+
+/// Classifies a text that may hold several statements (as `batch_execute` sends), when the
+/// setting of `standard_conforming_strings` is not known ([`StandardStrings::Unknown`]).
 pub fn classify(sql: &str) -> Classification {
+    classify_with(sql, StandardStrings::Unknown)
+}
+
+/// Classifies a text read as a server with this `standard_conforming_strings` reads it.
+/// Under [`StandardStrings::Unknown`], the effect on the transaction is the `on` reading's.
+pub fn classify_with(sql: &str, strings: StandardStrings) -> Classification {
+    // The fast path looks at every byte, literals included: it holds under either setting.
     if plainly_safe(sql.as_bytes()) {
         return Classification {
             reasons: Reasons::EMPTY,
             txn: TxnControl::None,
         };
     }
-    classify_full(sql)
+    classify_full(sql, strings)
 }
 
-/// The full scan behind [`classify`].
-fn classify_full(sql: &str) -> Classification {
-    let mut reasons = Reasons::EMPTY;
-    let mut txn = TxnControl::None;
-    scan(sql, |s| {
-        reasons = reasons.union(s.reasons);
-        if s.txn != TxnControl::None {
-            txn = s.txn;
-        }
-    });
-    if sql.len() > OVERSIZED_BYTES {
-        reasons.insert(Reason::Oversized);
+/// The full scan behind [`classify_with`].
+fn classify_full(sql: &str, strings: StandardStrings) -> Classification {
+    let read = |backslash_strings: bool| {
+        let mut reasons = Reasons::EMPTY;
+        let mut txn = TxnControl::None;
+        let depends = scan(sql, backslash_strings, |s| {
+            reasons = reasons.union(s.reasons);
+            if s.txn != TxnControl::None {
+                txn = s.txn;
+            }
+        });
+        (Classification { reasons, txn }, depends)
+    };
+    let (mut c, depends) = read(strings == StandardStrings::Off);
+    if depends && strings == StandardStrings::Unknown {
+        c.reasons = c.reasons.union(read(true).0.reasons);
     }
-    Classification { reasons, txn }
+    if sql.len() > OVERSIZED_BYTES {
+        c.reasons.insert(Reason::Oversized);
+    }
+    c
 }
 
 /// One statement of a linted text.
@@ -420,7 +463,8 @@ pub struct Finding<'a> {
     pub line: usize,
     /// The statement's text, without the terminating `;`.
     pub text: &'a str,
-    /// The statement's classification (its own length decides [`Reason::Oversized`]).
+    /// The statement's classification; its length as sent decides [`Reason::Oversized`]:
+    /// from after the previous `;` to its own, the comments around it included.
     pub classification: Classification,
     /// The reasons it pins for under the rules given to [`lint`].
     pub pins: Reasons,
@@ -445,30 +489,63 @@ pub fn lint<'a>(sql: &'a str, rules: &PinRules) -> Vec<Finding<'a>> {
     };
     let bytes = sql.as_bytes();
     let mut out = Vec::new();
+    let mut sent = Vec::new();
     let mut line = 1;
     let mut counted = 0;
-    scan(sql, |s| {
+    let depends = scan(sql, false, |s| {
         line += bytes[counted..s.start]
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
         counted = s.start;
-        let text = &sql[s.start..s.end];
         let mut classification = Classification {
             reasons: s.reasons,
             txn: s.txn,
         };
-        if text.len() > OVERSIZED_BYTES {
+        // RDS Proxy counts the whole text sent, comments included.
+        if s.to - s.from > OVERSIZED_BYTES {
             classification.reasons.insert(Reason::Oversized);
         }
+        sent.push(s.from..s.to);
         out.push(Finding {
             statement: out.len() + 1,
             line,
-            text,
-            pins: rules.pinning_reasons(&classification, protocol),
+            text: &sql[s.start..s.end],
+            pins: Reasons::EMPTY,
             classification,
         });
     });
+    if depends {
+        // A server with standard_conforming_strings off splits the text elsewhere: each
+        // statement also takes the reasons of that reading's statements it overlaps. Both
+        // lists are in text order, so one sweep finds the overlaps.
+        let mut other = Vec::new();
+        scan(sql, true, |s| other.push((s.from..s.to, s.reasons)));
+        // Each statement also owns the blanks, comments and empty statements after it, so
+        // that what `off` reads there is someone's: the ranges tile the text.
+        let starts: Vec<usize> = sent.iter().map(|r| r.start).collect();
+        for (i, r) in sent.iter_mut().enumerate() {
+            r.start = if i == 0 { 0 } else { starts[i] };
+            r.end = starts.get(i + 1).copied().unwrap_or(sql.len());
+        }
+        let mut first = 0;
+        for (f, range) in out.iter_mut().zip(&sent) {
+            while first < other.len() && other[first].0.end <= range.start {
+                first += 1;
+            }
+            for (r, reasons) in other[first..]
+                .iter()
+                .take_while(|(r, _)| r.start < range.end)
+            {
+                if r.end > range.start {
+                    f.classification.reasons = f.classification.reasons.union(*reasons);
+                }
+            }
+        }
+    }
+    for f in &mut out {
+        f.pins = rules.pinning_reasons(&f.classification, protocol);
+    }
     out
 }
 
@@ -499,6 +576,36 @@ mod tests {
         assert_eq!(f[2].line, 5);
         assert!(f[0].pins.is_empty());
         assert!(f[2].pins.contains(Reason::SequenceFunction));
+    }
+
+    #[test]
+    fn strings_are_read_as_the_setting_says() {
+        let sql = r"SELECT 'a\'' , pg_advisory_lock(1), 'b'";
+        let with = |s| classify_with(sql, s).reasons;
+        assert!(with(StandardStrings::On).is_empty());
+        assert_eq!(
+            with(StandardStrings::Off),
+            Reasons::of(Reason::AdvisoryLock)
+        );
+        assert_eq!(
+            with(StandardStrings::Unknown),
+            Reasons::of(Reason::AdvisoryLock)
+        );
+        // The other way round: a call outside the string only when `on`.
+        let sql = r"SELECT length('\'), nextval('s') --')";
+        assert_eq!(
+            classify_with(sql, StandardStrings::On).reasons,
+            Reasons::of(Reason::SequenceFunction)
+        );
+        assert!(classify_with(sql, StandardStrings::Off).reasons.is_empty());
+        // E'' strings escape under both; a DO body is read both ways whatever the setting
+        // (the block may change it before its statements run).
+        let e = r"SELECT E'a\'' , nextval('s'), 'b'";
+        for s in [StandardStrings::On, StandardStrings::Off] {
+            assert!(classify_with(e, s).may_pin());
+            let body = r"DO $$BEGIN PERFORM 'a\'' , pg_advisory_lock(1), 'b'; END$$";
+            assert!(classify_with(body, s).may_pin());
+        }
     }
 
     #[test]

@@ -6,8 +6,13 @@ use super::{Reason, Reasons, TxnControl};
 
 /// What [`scan`] reports for each statement.
 pub(super) struct StmtInfo {
+    /// Where its first token starts and its last ends.
     pub(super) start: usize,
     pub(super) end: usize,
+    /// The text sent for it when a text is split at its `;`s: from after the previous `;`
+    /// (or the start) to its own `;` (or the end), comments and blanks around it included.
+    pub(super) from: usize,
+    pub(super) to: usize,
     pub(super) reasons: Reasons,
     pub(super) txn: TxnControl,
 }
@@ -37,6 +42,13 @@ struct Stmt<'a> {
     /// `UPDATE` and `pg_settings` both seen: updating the view calls `set_config`.
     update: bool,
     pg_settings: bool,
+    /// The last `DEFAULT` followed `SET` (`ALTER COLUMN c SET DEFAULT f()`: kept for later
+    /// rows, not run).
+    set_default: bool,
+    /// `ALTER` and a column type that a sequence fills (`serial`, `AS IDENTITY`) both seen:
+    /// a column added to a table with rows calls `nextval` for each row.
+    alter: bool,
+    sequence_column: bool,
 }
 
 impl<'a> Stmt<'a> {
@@ -49,6 +61,16 @@ impl<'a> Stmt<'a> {
 
     fn word(&self, i: usize) -> &'a [u8] {
         if i < self.nwords { self.words[i] } else { b"" }
+    }
+
+    /// Does a call right after `DEFAULT` run now? A default is only kept for later rows in a
+    /// `CREATE` statement (a new table has no rows; a function's or domain's default waits
+    /// for a call) and after `SET DEFAULT`. Anywhere else it may run at once: `ALTER TABLE
+    /// ... ADD COLUMN ... DEFAULT f()` fills every existing row, a PL/pgSQL declaration's
+    /// default runs when its block starts. When unsure, it runs. Inside a `DO` block every
+    /// default runs: a PL/pgSQL declaration may name a variable `create`.
+    fn default_runs(&self) -> bool {
+        !(self.set_default || eq(self.word(0), "create"))
     }
 
     fn finish_set_config(&mut self) {
@@ -232,7 +254,9 @@ fn pinning_function_named(word: &[u8], quoted: bool) -> Option<Reason> {
     }
 }
 
-/// Keywords after which `name (` names or defines something instead of calling it.
+/// Keywords after which `name (` names or defines something instead of calling it. Not
+/// `DEFAULT`: PostgreSQL runs a default at once where it fills existing rows (see
+/// [`Stmt::default_runs`]).
 fn defines_name(before: Tok<'_>) -> bool {
     match before {
         Tok::Word(w) => [
@@ -248,7 +272,6 @@ fn defines_name(before: Tok<'_>) -> bool {
             "with",
             "as",
             "type",
-            "default",
             "trigger",
         ]
         .iter()
@@ -257,9 +280,39 @@ fn defines_name(before: Tok<'_>) -> bool {
     }
 }
 
-/// Runs the lexer over `s` and calls `report` once per non-empty statement.
-pub(super) fn scan(text: &str, report: impl FnMut(StmtInfo)) {
-    scan_at(text, false, report)
+/// Words that decide whether a definition runs at once.
+#[derive(Clone, Copy)]
+enum Definition {
+    Default,
+    Alter,
+    /// `serial` and its sizes: a column that a sequence fills.
+    Serial,
+    Identity,
+}
+
+fn definition_word(w: &[u8]) -> Option<Definition> {
+    let is = |k: &str| eq(w, k);
+    // Most words are none of these: the length and the first letter turn them away.
+    match (w.len(), w.first()?.to_ascii_lowercase()) {
+        (5, b'a') if is("alter") => Some(Definition::Alter),
+        (6, b's') if is("serial") => Some(Definition::Serial),
+        (7, b'd') if is("default") => Some(Definition::Default),
+        (7, b's') if eq(&w[..6], "serial") && matches!(w[6], b'2' | b'4' | b'8') => {
+            Some(Definition::Serial)
+        }
+        (8, b'i') if is("identity") => Some(Definition::Identity),
+        (9, b'b') if is("bigserial") => Some(Definition::Serial),
+        (11, b's') if is("smallserial") => Some(Definition::Serial),
+        _ => None,
+    }
+}
+
+/// Runs the lexer over `text` and calls `report` once per non-empty statement; with
+/// `backslash_strings`, `'...'` literals are read as the server reads them with
+/// `standard_conforming_strings = off`. Returns whether the other setting could read the
+/// text differently (a `'...'` literal held a backslash).
+pub(super) fn scan(text: &str, backslash_strings: bool, report: impl FnMut(StmtInfo)) -> bool {
+    scan_at(text, backslash_strings, false, report)
 }
 
 /// The reasons the code of a `DO` block pins for: its body is SQL and PL/pgSQL, scanned as
@@ -267,10 +320,14 @@ pub(super) fn scan(text: &str, report: impl FnMut(StmtInfo)) {
 /// RDS Proxy cannot see inside a block, but the session state it leaves is still there for
 /// the next caller of the connection.
 fn do_body_reasons(body: &[u8], quoted: bool) -> Reasons {
+    // PL/pgSQL reads the body, and each statement in it when it runs, with the setting of
+    // that moment, which the block may change: the reasons of both readings when they differ.
     let scan_body = |b: &[u8]| {
         let mut reasons = Reasons::EMPTY;
-        if let Ok(text) = std::str::from_utf8(b) {
-            scan_at(text, true, |s| reasons = reasons.union(s.reasons));
+        if let Ok(text) = std::str::from_utf8(b)
+            && scan_at(text, false, true, |s| reasons = reasons.union(s.reasons))
+        {
+            scan_at(text, true, true, |s| reasons = reasons.union(s.reasons));
         }
         reasons
     };
@@ -327,19 +384,22 @@ fn block_keyword(w: &[u8]) -> Option<Reason> {
     }
 }
 
-fn scan_at(text: &str, nested: bool, mut report: impl FnMut(StmtInfo)) {
-    let mut lx = Lexer {
-        s: text.as_bytes(),
-        text,
-        i: 0,
-    };
+fn scan_at(
+    text: &str,
+    backslash_strings: bool,
+    nested: bool,
+    mut report: impl FnMut(StmtInfo),
+) -> bool {
+    let mut lx = Lexer::new(text, backslash_strings);
     let mut st = Stmt::new();
     let mut prev = Tok::None;
     let mut prev2 = Tok::None;
     let mut end = 0;
+    let mut from = 0;
     while let Some((at, tok)) = lx.next() {
         if tok == Tok::Semi {
-            st.emit(end, &mut report);
+            st.emit(end, from..at, &mut report);
+            from = at + 1;
             prev = Tok::None;
             prev2 = Tok::None;
             continue;
@@ -354,12 +414,19 @@ fn scan_at(text: &str, nested: bool, mut report: impl FnMut(StmtInfo)) {
         prev2 = prev;
         prev = tok;
     }
-    st.emit(end, &mut report);
+    st.emit(end, from..text.len(), &mut report);
+    lx.depends_on_setting
 }
 
 impl<'a> Stmt<'a> {
-    /// Reports the statement read so far (ending at `end`), if any, and starts the next.
-    fn emit(&mut self, end: usize, report: &mut impl FnMut(StmtInfo)) {
+    /// Reports the statement read so far (ending at `end`, sent as `sent`), if any, and
+    /// starts the next.
+    fn emit(
+        &mut self,
+        end: usize,
+        sent: std::ops::Range<usize>,
+        report: &mut impl FnMut(StmtInfo),
+    ) {
         self.finish_set_config();
         if let Some(start) = self.start {
             let (lead, txn) = self.leading();
@@ -367,9 +434,14 @@ impl<'a> Stmt<'a> {
             if self.update && self.pg_settings {
                 reasons.insert(Reason::SetConfig);
             }
+            if self.alter && self.sequence_column {
+                reasons.insert(Reason::SequenceFunction);
+            }
             report(StmtInfo {
                 start,
                 end,
+                from: sent.start,
+                to: sent.end,
                 reasons,
                 txn,
             });
@@ -422,9 +494,32 @@ impl<'a> Stmt<'a> {
     /// object, `pg_settings` updated, a `DO` body (read one level deep: `nested` inside it).
     #[inline(always)]
     fn token(&mut self, tok: Tok<'a>, prev: Tok<'a>, prev2: Tok<'a>, nested: bool) {
+        // None of these words is one of the words below.
+        if let Tok::Word(w) = tok
+            && matches!(w.len(), 5..=9 | 11)
+            && let Some(d) = definition_word(w)
+        {
+            match d {
+                Definition::Default => {
+                    self.set_default = matches!(prev, Tok::Word(p) if eq(p, "set"));
+                }
+                Definition::Alter => self.alter = true,
+                Definition::Serial => self.sequence_column = true,
+                // GENERATED ... AS IDENTITY, not REPLICA IDENTITY.
+                Definition::Identity => {
+                    self.sequence_column |= matches!(prev, Tok::Word(p) if eq(p, "as"));
+                }
+            }
+            return;
+        }
         match tok {
             Tok::LParen => {
-                if let Some(reason) = pinning_function(prev).filter(|_| !defines_name(prev2)) {
+                // Asked only of a pinning function's name (most `(` follow none).
+                let defined = || match prev2 {
+                    Tok::Word(w) if eq(w, "default") => !nested && !self.default_runs(),
+                    _ => defines_name(prev2),
+                };
+                if let Some(reason) = pinning_function(prev).filter(|_| !defined()) {
                     if reason == Reason::SetConfig {
                         self.finish_set_config();
                         self.set_config = Some(SetConfigCall {
