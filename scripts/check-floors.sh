@@ -45,9 +45,16 @@ cd "$work"
 
 # The direct dependencies (normal and build; optional ones too) and their floors, as cargo reads
 # the manifest: a requirement "1.39" is "^1.39", whose floor is 1.39.0.
-floors=$(cargo metadata --no-deps --format-version 1 --offline |
-  jq -r '.packages[0].dependencies[] | select(.kind != "dev") | "\(.rename // .name) \(.name) \(.req)"' |
-  sort -u)
+# (Python reads cargo's JSON: it is on every machine of this project, jq is not.)
+deps_json() {
+  cargo metadata --no-deps --format-version 1 --offline | python3 -c '
+import json, sys
+for dep in json.load(sys.stdin)["packages"][0]["dependencies"]:
+    if dep["kind"] != "dev":
+        print(dep["rename"] or dep["name"], dep["name"], dep["req"])
+' | sort -u
+}
+floors=$(deps_json)
 [ -n "$floors" ] || fail "no dependencies read from Cargo.toml"
 
 declare -a keys=() names=() floor_of=()
@@ -77,10 +84,9 @@ for i in "${!names[@]}"; do
   ' Cargo.toml >Cargo.toml.new || fail "$name: cannot set its floor in the copy of Cargo.toml"
   mv Cargo.toml.new Cargo.toml
 done
-pinned=$(cargo metadata --no-deps --format-version 1 --offline |
-  jq -r '.packages[0].dependencies[] | select(.kind != "dev") | "\(.name) \(.req)"' | sort -u)
+pinned=$(deps_json)
 for i in "${!names[@]}"; do
-  grep -qxF "${names[$i]} =${floor_of[$i]}" <<<"$pinned" ||
+  grep -qxF "${keys[$i]} ${names[$i]} =${floor_of[$i]}" <<<"$pinned" ||
     fail "${names[$i]}: its requirement in the copy of Cargo.toml is not =${floor_of[$i]}"
 done
 
