@@ -25,9 +25,14 @@ fn assert_stopped_early(started: Instant, limit: Duration) {
     assert!(took < limit, "the call ran {took:?}, past its bound");
 }
 
-#[tokio::test]
-async fn a_raw_call_stops_at_the_invocations_cutoff() {
-    let pool = builder("bnd_raw_inv")
+/// Runs `call` on a fresh client inside an invocation 1 s from its deadline (200 ms margin):
+/// it must fail with the driver's closed error well before the 3 s sleep, and leave nothing
+/// unanswered in the pool.
+async fn stops_at_the_cutoff<F>(app: &str, call: F)
+where
+    F: AsyncFnOnce(&PooledClient) -> Result<(), tokio_postgres::Error>,
+{
+    let pool = builder(app)
         .deadline_margin(Duration::from_millis(200))
         .build()
         .unwrap();
@@ -35,34 +40,29 @@ async fn a_raw_call_stops_at_the_invocations_cutoff() {
     let err = pool
         .invocation(in_ms(1000), async {
             let c = pool.get().await.unwrap();
-            PooledClient::raw(&c)
-                .simple_query("SELECT pg_sleep(3)")
-                .await
-                .unwrap_err()
+            call(&c).await.unwrap_err()
         })
         .await;
     assert!(err.is_closed(), "{err:?}");
     assert_stopped_early(t, Duration::from_millis(2500));
-    // The connection was closed: nothing unanswered goes back to the pool.
     let s = pool.status();
     assert_eq!((s.idle, s.in_use), (0, 0), "{s:?}");
 }
 
 #[tokio::test]
+async fn a_raw_call_stops_at_the_invocations_cutoff() {
+    stops_at_the_cutoff("bnd_raw_inv", async |c| {
+        PooledClient::raw(c)
+            .simple_query("SELECT pg_sleep(3)")
+            .await
+            .map(drop)
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_call_through_the_drivers_client_stops_at_the_invocations_cutoff() {
-    let pool = builder("bnd_deref_inv")
-        .deadline_margin(Duration::from_millis(200))
-        .build()
-        .unwrap();
-    let t = Instant::now();
-    let err = pool
-        .invocation(in_ms(1000), async {
-            let c = pool.get().await.unwrap();
-            legacy_sleep(PooledClient::raw(&c)).await.unwrap_err()
-        })
-        .await;
-    assert!(err.is_closed(), "{err:?}");
-    assert_stopped_early(t, Duration::from_millis(2500));
+    stops_at_the_cutoff("bnd_deref_inv", async |c| legacy_sleep(c).await).await;
 }
 
 #[tokio::test]
@@ -73,7 +73,7 @@ async fn a_raw_call_outside_any_invocation_stops_at_query_timeout() {
         .unwrap();
     let c = pool.get().await.unwrap();
     let t = Instant::now();
-    let err = legacy_sleep(PooledClient::raw(&c)).await.unwrap_err();
+    let err = legacy_sleep(&c).await.unwrap_err();
     assert!(err.is_closed(), "{err:?}");
     assert_stopped_early(t, Duration::from_millis(2500));
     drop(c);
@@ -132,9 +132,7 @@ async fn a_client_checked_out_before_an_invocation_stops_at_its_cutoff() {
     let c = pool.get().await.unwrap();
     let t = Instant::now();
     let err = pool
-        .invocation(in_ms(1000), async {
-            legacy_sleep(PooledClient::raw(&c)).await.unwrap_err()
-        })
+        .invocation(in_ms(1000), async { legacy_sleep(&c).await.unwrap_err() })
         .await;
     assert!(err.is_closed(), "{err:?}");
     assert_stopped_early(t, Duration::from_millis(2500));
