@@ -68,8 +68,22 @@ impl CloseReason {
 }
 
 /// Connections closed, counted by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClosedCounts([u64; REASONS.len()]);
+
+/// Each reason with its count, the ones never seen left out: `{"pinned": 3, "broken": 1}`.
+impl std::fmt::Debug for ClosedCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(
+                REASONS
+                    .iter()
+                    .map(|r| (r.as_str(), self.get(*r)))
+                    .filter(|(_, n)| *n > 0),
+            )
+            .finish()
+    }
+}
 
 impl ClosedCounts {
     /// How many were closed for `reason`.
@@ -204,4 +218,18 @@ pub(crate) struct Gauges {
     pub(crate) idle: usize,
     pub(crate) in_use: usize,
     pub(crate) waiters: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_counts_show_each_reason_by_name() {
+        let mut c = ClosedCounts::default();
+        c.0[CloseReason::Pinned.index()] = 3;
+        c.0[CloseReason::Broken.index()] = 1;
+        assert_eq!(format!("{c:?}"), r#"{"broken": 1, "pinned": 3}"#);
+        assert_eq!(format!("{:?}", ClosedCounts::default()), "{}");
+    }
 }
