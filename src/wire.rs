@@ -1322,4 +1322,51 @@ mod tests {
         unknown.sent(&msg(b'Q', ESCAPED_CALL));
         assert_eq!(unknown.wire.pinned(), Reasons::of(Reason::AdvisoryLock));
     }
+
+    /// A COPY FROM STDIN started by a simple Query (tokio-postgres's `simple_query` or
+    /// `batch_execute` cannot feed it and fails at the CopyInResponse) ends, for the server, at
+    /// the next message that is not copy data: a Parse fails the copy with an error, the Query
+    /// gets its ReadyForQuery, and the Sync behind the Parse is answered as usual. The observer
+    /// must count that Sync and every later one.
+    #[test]
+    fn a_copy_ended_by_the_servers_error_does_not_stop_the_count_of_syncs() {
+        let mut r = started(PinRules::new(), b"on");
+        r.sent(&msg(b'Q', b"COPY t FROM STDIN\0"));
+        r.received(&msg(b'G', b"\0\0\0"));
+        // The next call on the client: prepare (Parse, Describe, Sync).
+        let mut to = msg(b'P', b"\0SELECT 1\0\0\0");
+        to.extend(msg(b'D', b"S\0"));
+        to.extend(msg(b'S', b""));
+        r.sent(&to);
+        assert_eq!(
+            r.wire.facts().outstanding(),
+            2,
+            "the Query and the Sync wait"
+        );
+        let mut from = msg(
+            b'E',
+            b"SERROR\0VERROR\0C08P01\0Munexpected message type 0x50 during COPY\0\0",
+        );
+        from.extend(msg(b'Z', b"I"));
+        from.extend(msg(
+            b'E',
+            b"SERROR\0VERROR\0C26000\0Munnamed prepared statement does not exist\0\0",
+        ));
+        from.extend(msg(b'Z', b"I"));
+        r.received(&from);
+        assert_eq!(r.wire.facts().outstanding(), 0);
+        let next = r.wire.next_request();
+        assert!(
+            !r.wire.reached(next),
+            "more ReadyForQuery counted than requests"
+        );
+        // A later extended-protocol call is a request waiting for its ReadyForQuery, with its
+        // bound.
+        let mut to = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
+        to.extend(msg(b'E', b"\0\0\0\0\0"));
+        to.extend(msg(b'S', b""));
+        r.sent(&to);
+        assert_eq!(r.wire.facts().outstanding(), 1);
+        assert!(!r.wire.reached(next));
+    }
 }
