@@ -670,62 +670,71 @@ impl Reader {
             b'B' | b'C' => 256,
             _ => 0,
         };
-        let ok = to_server.feed(data, capture, |tag, body| match tag {
-            b'Q' => {
-                // The server reads a Query's whole text before it runs any of it.
-                let strings = strings_now(wire, *standard_strings);
-                track_request(wire, bounds);
-                *syncs_since_execute = 0;
-                let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
-                let c = classify_with(sql, strings);
-                wire.pin(wire.rules.pinning_reasons(&c, Protocol::Simple), sql);
-            }
-            b'P' => {
-                let (name, rest) = cstr(body);
-                let (sql, _) = cstr(rest);
-                let sql = text(sql);
-                let c = classify_with(sql, strings_now(wire, *standard_strings));
-                // Today's proxies pin when the statement runs, the legacy ones at the Parse.
-                let parse_only = Classification {
-                    reasons: Reasons::EMPTY,
-                    ..c
-                };
-                wire.pin(
-                    wire.rules.pinning_reasons(&parse_only, Protocol::Parse),
-                    sql,
-                );
-                let at_run = wire.rules.pinning_reasons(&c, Protocol::Execute);
-                if at_run.is_empty() {
-                    pinning_statements.remove(name);
-                } else {
-                    pinning_statements.insert(name.into(), (at_run, truncate(sql, 120).into()));
-                }
-            }
-            b'B' if !pinning_statements.is_empty() => {
-                let (_portal, rest) = cstr(body);
-                let (name, _) = cstr(rest);
-                if let Some((reasons, sql)) = pinning_statements.get(name) {
-                    wire.pin(*reasons, sql);
-                }
-            }
-            b'C' if body.first() == Some(&b'S') => {
-                pinning_statements.remove(cstr(&body[1..]).0);
-            }
-            b'E' => *syncs_since_execute = 0,
-            b'S' if !*copy_in => {
-                track_request(wire, bounds);
-                *syncs_since_execute += 1;
-            }
-            b'c' | b'f' => {
+        let ok = to_server.feed(data, capture, |tag, body| {
+            if *copy_in && matches!(tag, b'Q' | b'P' | b'B' | b'C' | b'E' | b'F') {
+                // Any message but copy data, CopyDone, CopyFail, Flush and Sync ends the
+                // server's copy-in mode (failing the copy): the Syncs after it are answered.
+                // tokio-postgres sends none during its own copy; one comes after a COPY it
+                // cannot feed (a simple Query's), whose CopyInResponse its call fails at.
                 *copy_in = false;
-                *syncs_since_execute = 0;
             }
-            b'F' => {
-                // A function called by OID: nothing says what it does.
-                track_request(wire, bounds);
-                wire.pin(Reasons::of(Reason::Untracked), "(a protocol FunctionCall)");
+            match tag {
+                b'Q' => {
+                    // The server reads a Query's whole text before it runs any of it.
+                    let strings = strings_now(wire, *standard_strings);
+                    track_request(wire, bounds);
+                    *syncs_since_execute = 0;
+                    let sql = text(body.strip_suffix(&[0]).unwrap_or(body));
+                    let c = classify_with(sql, strings);
+                    wire.pin(wire.rules.pinning_reasons(&c, Protocol::Simple), sql);
+                }
+                b'P' => {
+                    let (name, rest) = cstr(body);
+                    let (sql, _) = cstr(rest);
+                    let sql = text(sql);
+                    let c = classify_with(sql, strings_now(wire, *standard_strings));
+                    // Today's proxies pin when the statement runs, the legacy ones at the Parse.
+                    let parse_only = Classification {
+                        reasons: Reasons::EMPTY,
+                        ..c
+                    };
+                    wire.pin(
+                        wire.rules.pinning_reasons(&parse_only, Protocol::Parse),
+                        sql,
+                    );
+                    let at_run = wire.rules.pinning_reasons(&c, Protocol::Execute);
+                    if at_run.is_empty() {
+                        pinning_statements.remove(name);
+                    } else {
+                        pinning_statements.insert(name.into(), (at_run, truncate(sql, 120).into()));
+                    }
+                }
+                b'B' if !pinning_statements.is_empty() => {
+                    let (_portal, rest) = cstr(body);
+                    let (name, _) = cstr(rest);
+                    if let Some((reasons, sql)) = pinning_statements.get(name) {
+                        wire.pin(*reasons, sql);
+                    }
+                }
+                b'C' if body.first() == Some(&b'S') => {
+                    pinning_statements.remove(cstr(&body[1..]).0);
+                }
+                b'E' => *syncs_since_execute = 0,
+                b'S' if !*copy_in => {
+                    track_request(wire, bounds);
+                    *syncs_since_execute += 1;
+                }
+                b'c' | b'f' => {
+                    *copy_in = false;
+                    *syncs_since_execute = 0;
+                }
+                b'F' => {
+                    // A function called by OID: nothing says what it does.
+                    track_request(wire, bounds);
+                    wire.pin(Reasons::of(Reason::Untracked), "(a protocol FunctionCall)");
+                }
+                _ => {}
             }
-            _ => {}
         });
         if !ok {
             wire.update(|f| f.set(GARBLED, true));
