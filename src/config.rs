@@ -830,7 +830,8 @@ impl Builder {
     }
 }
 
-/// The hosts tokio-postgres parsed are usable: at least one, none empty, none holding `@`.
+/// The hosts tokio-postgres parsed are usable: at least one, none empty, none holding `@`, no
+/// port 0.
 fn check_hosts(pg: &tokio_postgres::Config) -> Result<(), Error> {
     if pg.get_hosts().is_empty() {
         return Err(Error::config("host", "no host given"));
@@ -841,6 +842,9 @@ fn check_hosts(pg: &tokio_postgres::Config) -> Result<(), Error> {
         .any(|h| matches!(h, Host::Tcp(h) if h.is_empty()))
     {
         return Err(Error::config("host", "empty host name"));
+    }
+    if pg.get_ports().contains(&0) {
+        return Err(Error::config("port", "must not be 0"));
     }
     if pg
         .get_hosts()

@@ -65,22 +65,22 @@ pub struct PoolConfig {
     /// [`Builder::min_idle`].
     pub min_idle: Option<usize>,
     /// [`Builder::acquire_timeout`].
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "named::acquire_timeout")]
     pub acquire_timeout: Option<Duration>,
     /// [`Builder::connect_timeout`].
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "named::connect_timeout")]
     pub connect_timeout: Option<Duration>,
     /// [`Builder::query_timeout`] (`"off"`: none).
-    #[serde(deserialize_with = "optional_duration")]
+    #[serde(deserialize_with = "named::query_timeout")]
     pub query_timeout: Option<Option<Duration>>,
     /// [`Builder::deadline_margin`].
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "named::deadline_margin")]
     pub deadline_margin: Option<Duration>,
     /// [`Builder::max_lifetime`] (`"off"`: none).
-    #[serde(deserialize_with = "optional_duration")]
+    #[serde(deserialize_with = "named::max_lifetime")]
     pub max_lifetime: Option<Option<Duration>>,
     /// [`Builder::idle_timeout`] (`"off"`: none).
-    #[serde(deserialize_with = "optional_duration")]
+    #[serde(deserialize_with = "named::idle_timeout")]
     pub idle_timeout: Option<Option<Duration>>,
     /// [`Builder::pin_policy`]: `close_on_return`, `keep`, `keep_for_invocation` or `refuse`.
     pub pin_policy: Option<PinPolicy>,
@@ -90,16 +90,16 @@ pub struct PoolConfig {
     /// [`Builder::freeze_check`]: `validate` or `replace`.
     pub freeze_check: Option<FreezeCheck>,
     /// [`Builder::validate_idle_after`] (`"off"`: never).
-    #[serde(deserialize_with = "optional_duration")]
+    #[serde(deserialize_with = "named::validate_idle_after")]
     pub validate_idle_after: Option<Option<Duration>>,
     /// [`Builder::validate_timeout`].
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "named::validate_timeout")]
     pub validate_timeout: Option<Duration>,
     /// [`Builder::refill_after_invocation`] (`"off"`: no refill).
-    #[serde(deserialize_with = "optional_duration")]
+    #[serde(deserialize_with = "named::refill_after_invocation")]
     pub refill_after_invocation: Option<Option<Duration>>,
     /// [`Builder::held_too_long`] (`"off"`: no warning).
-    #[serde(deserialize_with = "optional_duration")]
+    #[serde(deserialize_with = "named::held_too_long")]
     pub held_too_long: Option<Option<Duration>>,
     /// [`Builder::trim_at_invocation_end`].
     pub trim_at_invocation_end: Option<bool>,
@@ -135,6 +135,20 @@ impl Config {
     /// without a URL, the fields alone.
     fn connection(&self) -> ConnectionConfig {
         let Some(url) = &self.url else {
+            if let Some(hosts) = &self.hosts {
+                let fault = if self.host.is_some() {
+                    Some("give one host in `host` or several in `hosts`, not both")
+                } else if hosts.is_empty() {
+                    Some("no host given")
+                } else if hosts.iter().any(String::is_empty) {
+                    Some("empty host name")
+                } else {
+                    None
+                };
+                if let Some(fault) = fault {
+                    return ConnectionConfig::failed(Error::config("hosts", fault));
+                }
+            }
             let mut pg = tokio_postgres::Config::new();
             for host in self.hosts.iter().flatten().chain(&self.host) {
                 pg.host(host);
@@ -280,18 +294,50 @@ fn parse(w: Written) -> Result<Option<Duration>, String> {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    match parse(Written::deserialize(d)?).map_err(de::Error::custom)? {
+/// What a value that is neither a number nor text says.
+const NOT_A_DURATION: &str = "is not a duration: write \"5s\", \"250ms\" or seconds";
+
+fn duration<'de, D: Deserializer<'de>>(d: D, option: &str) -> Result<Option<Duration>, D::Error> {
+    let w = Written::deserialize(d)
+        .map_err(|_| de::Error::custom(format!("{option} {NOT_A_DURATION}")))?;
+    match parse(w).map_err(|e| de::Error::custom(format!("{option}: {e}")))? {
         Some(v) => Ok(Some(v)),
-        None => Err(de::Error::custom("this duration cannot be off")),
+        None => Err(de::Error::custom(format!("{option} cannot be off"))),
     }
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(
     d: D,
+    option: &str,
 ) -> Result<Option<Option<Duration>>, D::Error> {
-    match Option::<Written>::deserialize(d)? {
+    match Option::<Written>::deserialize(d)
+        .map_err(|_| de::Error::custom(format!("{option} {NOT_A_DURATION}, \"off\" or null")))?
+    {
         None => Ok(Some(None)),
-        Some(w) => parse(w).map(Some).map_err(de::Error::custom),
+        Some(w) => parse(w)
+            .map(Some)
+            .map_err(|e| de::Error::custom(format!("{option}: {e}"))),
     }
+}
+
+/// Each duration's reader, with its option's name for its errors (serde does not tell a
+/// `deserialize_with` function which field it reads).
+mod named {
+    use super::{Deserializer, Duration};
+
+    macro_rules! named {
+        ($kind:ident: $($name:ident),*) => {$(
+            pub(super) fn $name<'de, D: Deserializer<'de>>(
+                d: D,
+            ) -> Result<named!(@out $kind), D::Error> {
+                super::$kind(d, stringify!($name))
+            }
+        )*};
+        (@out duration) => { Option<Duration> };
+        (@out optional_duration) => { Option<Option<Duration>> };
+    }
+
+    named!(duration: acquire_timeout, connect_timeout, deadline_margin, validate_timeout);
+    named!(optional_duration: query_timeout, max_lifetime, idle_timeout, validate_idle_after,
+        refill_after_invocation, held_too_long);
 }

@@ -90,6 +90,8 @@ mod config_data {
     fn port_zero_is_refused_naming_port() {
         let c = config(serde_json::json!({ "host": "127.0.0.1", "port": 0, "user": "app" }));
         assert_eq!(option_of(c), "port");
+        let c = config(serde_json::json!({ "url": "postgres://app@127.0.0.1:0/app" }));
+        assert_eq!(option_of(c), "port");
     }
 
     /// The error names the option as the data spells it: `hosts`, not `host`.
