@@ -172,3 +172,226 @@ mod config_data {
         .await;
     }
 }
+
+/// Two calls at once on one client (`join!` on `&PooledClient`, as a handler fanning out does).
+/// Each takes the number its request will have before either is written, so both take the
+/// same one. The first runs a cached statement DDL made stale: the server fails it at Bind.
+/// The second calls a function that fails with the same SQLSTATE and routine after running
+/// (a nontransactional `nextval` first). The stale rule must not read the first call's failure
+/// at Bind as the second's: the second call ran, and must not run again.
+#[tokio::test]
+async fn a_concurrent_calls_failure_at_bind_does_not_rerun_a_call_that_ran() {
+    let admin = admin().await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS att5_rr_p, att5_rr_b; DROP SEQUENCE IF EXISTS att5_rr_s;
+             CREATE TABLE att5_rr_p (x int); CREATE TABLE att5_rr_b (x int);
+             CREATE SEQUENCE att5_rr_s;
+             CREATE OR REPLACE FUNCTION att5_rr_f() RETURNS int LANGUAGE plpgsql AS $$
+             BEGIN PERFORM nextval('att5_rr_s'); EXECUTE 'EXECUTE att5_rr_q'; RETURN 1; END $$;",
+        )
+        .await
+        .unwrap();
+    let pool = builder("att5_rerun")
+        .max_size(1)
+        .pin_policy(pinpool::PinPolicy::Keep)
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    c.batch_execute("PREPARE att5_rr_q AS SELECT * FROM att5_rr_p")
+        .await
+        .unwrap();
+    // Both statements cached.
+    c.query("SELECT * FROM att5_rr_b", &[]).await.unwrap();
+    c.query_one("SELECT att5_rr_f()", &[]).await.unwrap();
+    admin
+        .batch_execute(
+            "ALTER TABLE att5_rr_p ADD COLUMN y int; ALTER TABLE att5_rr_b ADD COLUMN y int",
+        )
+        .await
+        .unwrap();
+    let before: i64 = admin
+        .query_one("SELECT last_value FROM att5_rr_s", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (b, a) = tokio::join!(
+        c.query("SELECT * FROM att5_rr_b", &[]),
+        c.query_one("SELECT att5_rr_f()", &[])
+    );
+    drop(b);
+    assert!(a.is_err(), "the function fails");
+    let after: i64 = admin
+        .query_one("SELECT last_value FROM att5_rr_s", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        after - before,
+        1,
+        "the function ran {} times for one call",
+        after - before
+    );
+}
+
+async fn advisory_locks(admin: &tokio_postgres::Client, key: i64) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1::int8::oid",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn lock_through<G: pinpool::GenericClient>(g: &G, key: i64) -> Result<(), pinpool::Error> {
+    let stmt = g
+        .prepare_typed_cached(
+            "SELECT pg_advisory_lock($1)",
+            &[tokio_postgres::types::Type::INT8],
+        )
+        .await?;
+    g.query(&stmt, &[&key]).await.map(drop)
+}
+
+/// `PinPolicy::Refuse` and a pinning statement from `prepare_typed_cached`, through
+/// `GenericClient`, on a client and in a transaction, with the cache on and off: refused,
+/// and nothing taken on the server.
+#[tokio::test]
+async fn refuse_stops_a_pinning_statement_from_prepare_typed_cached() {
+    let admin = admin().await;
+    for (capacity, key) in [(64usize, 5_150_001i64), (0, 5_150_002)] {
+        let pool = builder("att5_refuse")
+            .pin_policy(pinpool::PinPolicy::Refuse)
+            .statement_cache_capacity(capacity)
+            .build()
+            .unwrap();
+        let mut c = pool.get().await.unwrap();
+        let e = lock_through(&c, key).await.unwrap_err();
+        assert!(matches!(e, pinpool::Error::PinRefused { .. }), "{e:?}");
+        let e = c
+            .query("SELECT pg_advisory_lock($1)", &[&key])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, pinpool::Error::PinRefused { .. }), "{e:?}");
+        let t = c.transaction().await.unwrap();
+        let e = lock_through(&t, key).await.unwrap_err();
+        assert!(matches!(e, pinpool::Error::PinRefused { .. }), "{e:?}");
+        t.commit().await.unwrap();
+        assert_eq!(advisory_locks(&admin, key).await, 0);
+        assert!(!pinpool::PooledClient::pin_state(&c).is_pinned());
+    }
+}
+
+/// A driver `Statement` prepared through deref in one checkout and run in the next on the same
+/// connection: the wire still knows what it pins, and the lock does not outlive the checkout.
+#[tokio::test]
+async fn a_driver_statement_kept_across_checkouts_pins_when_run() {
+    let admin = admin().await;
+    let key = 5_150_003i64;
+    let pool = builder("att5_kept_driver_stmt")
+        .max_size(1)
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    let raw: &tokio_postgres::Client = &c;
+    let st = raw
+        .prepare(&format!("SELECT pg_advisory_lock({key})"))
+        .await
+        .unwrap();
+    drop(c);
+    let c = pool.get().await.unwrap();
+    let raw: &tokio_postgres::Client = &c;
+    raw.query(&st, &[]).await.unwrap();
+    assert!(pinpool::PooledClient::pin_state(&c).is_pinned());
+    drop(st);
+    drop(c);
+    let c = pool.get().await.unwrap();
+    c.query_one("SELECT 1", &[]).await.unwrap();
+    assert!(
+        common::eventually(10, || async { advisory_locks(&admin, key).await == 0 }).await,
+        "the session lock outlived the checkout that took it"
+    );
+}
+
+/// The driver's row stream and copy sink hold no borrow of the client: kept past the
+/// checkout, they must not leave the next checkout a connection mid-answer or mid-copy.
+#[tokio::test]
+async fn driver_streams_kept_past_the_checkout() {
+    use futures_util::{SinkExt, StreamExt};
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS att5_ci; CREATE TABLE att5_ci (x int)")
+        .await
+        .unwrap();
+    let pool = builder("att5_driver_streams").max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    let raw: &tokio_postgres::Client = &c;
+    let rows = raw
+        .query_raw(
+            "SELECT generate_series(1, 200000)",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .unwrap();
+    drop(c);
+    let c = pool.get().await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0),
+        7
+    );
+    let mut rows = Box::pin(rows);
+    while let Some(r) = rows.next().await {
+        if r.is_err() {
+            break;
+        }
+    }
+    drop(c);
+    let c = pool.get().await.unwrap();
+    let raw: &tokio_postgres::Client = &c;
+    let sink = raw
+        .copy_in::<_, bytes::Bytes>("COPY att5_ci FROM STDIN")
+        .await
+        .unwrap();
+    drop(c);
+    let c = pool.get().await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 8", &[]).await.unwrap().get::<_, i32>(0),
+        8
+    );
+    let mut sink = Box::pin(sink);
+    let _ = sink.send(bytes::Bytes::from_static(b"1\n")).await;
+    let _ = sink.as_mut().finish().await;
+    assert_eq!(
+        c.query_one("SELECT 9", &[]).await.unwrap().get::<_, i32>(0),
+        9
+    );
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM att5_ci", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 0,
+        "a copy from a returned checkout wrote into the next one's session"
+    );
+}
+
+/// A raw `BEGIN` and a raw `LISTEN` through deref, then the client dropped: the next checkout
+/// is outside any transaction and hears nothing.
+#[tokio::test]
+async fn raw_begin_and_listen_do_not_reach_the_next_checkout() {
+    let pool = builder("att5_raw_state").max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    (*c).batch_execute("BEGIN; LISTEN att5_ch").await.unwrap();
+    drop(c);
+    let c = pool.get().await.unwrap();
+    assert!(!common::in_transaction_block(&c).await);
+    let listening: i64 = c
+        .query_one("SELECT count(*) FROM pg_listening_channels()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listening, 0);
+}
