@@ -395,3 +395,65 @@ async fn raw_begin_and_listen_do_not_reach_the_next_checkout() {
         .get(0);
     assert_eq!(listening, 0);
 }
+
+/// A connection string that fails to parse never has its password quoted back, wherever the
+/// password sits and whatever else is wrong.
+#[cfg(feature = "serde")]
+#[test]
+fn a_bad_url_never_quotes_its_password() {
+    for url in [
+        "postgres://app@db/app?password=se%ZZcret91",
+        "postgres://app@db/app?password=secret91&sslmode=bogus",
+        "postgres://app@db/app?sslmode=bogus&password=secret91",
+        "postgres://app@db/app?password=secret91&port=notaport",
+        "postgres://app@db/app?options=-c%20x%3Dsecret91&port=x",
+        "postgres://app:secret91@db:5432,db2:x/app",
+        "postgres://app:secret91@[::1/app",
+        "postgres://app@db/app?password=secret91&password",
+        "postgresql://app:secret91@db/app?application_name=%FF",
+        "host=db password=secret91 port=x",
+        "host=db password='secret91",
+    ] {
+        let c: pinpool::Config = serde_json::from_value(serde_json::json!({ "url": url })).unwrap();
+        let r = c.builder().build();
+        let shown = match r {
+            Ok(p) => format!("{p:?}"),
+            Err(e) => format!("{e} {e:?}"),
+        };
+        assert!(!shown.contains("secret91"), "{url}: {shown}");
+        assert!(!shown.contains("cret91"), "{url}: {shown}");
+    }
+}
+
+/// The driver's client borrowed once, before the invocation (a repository built over
+/// `&tokio_postgres::Client` at start-up, used by every event), and used inside it: a request
+/// is bounded by "the cutoff of the invocation it was sent in", so a statement that would
+/// outlive the deadline is stopped there, not at `query_timeout`.
+#[tokio::test]
+async fn a_driver_client_borrowed_before_the_invocation_stops_at_its_cutoff() {
+    let pool = builder("att5_early_borrow")
+        .query_timeout(Some(Duration::from_secs(60)))
+        .deadline_margin(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    let raw: &tokio_postgres::Client = &c;
+    raw.query_one("SELECT 1", &[]).await.unwrap();
+    let deadline = std::time::SystemTime::now() + Duration::from_millis(1500);
+    let start = Instant::now();
+    let r = pool
+        .invocation(deadline, async {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                raw.query("SELECT pg_sleep(15)", &[]),
+            )
+            .await
+        })
+        .await
+        .expect("pg_sleep ends in 15 s");
+    assert!(
+        r.is_err(),
+        "a 15 s statement sent in an invocation with 1.5 s left ran to its end ({:?})",
+        start.elapsed()
+    );
+}
