@@ -457,3 +457,44 @@ async fn a_driver_client_borrowed_before_the_invocation_stops_at_its_cutoff() {
         start.elapsed()
     );
 }
+
+/// deadpool-postgres code runs `prepare_cached` then `query(&stmt)`. After DDL the statement
+/// is stale: that call fails (the caller holds it), but the cache must not keep handing out
+/// the stale statement for the connection's lifetime: the next `prepare_cached` gives one
+/// that runs, on the client and through `GenericClient` in a transaction.
+#[tokio::test]
+async fn a_stale_statement_from_prepare_cached_is_not_handed_out_again() {
+    let admin = admin().await;
+    admin
+        .batch_execute("DROP TABLE IF EXISTS att5_pc; CREATE TABLE att5_pc (x int)")
+        .await
+        .unwrap();
+    let pool = builder("att5_stale_cached").max_size(1).build().unwrap();
+    let c = pool.get().await.unwrap();
+    let sql = "SELECT * FROM att5_pc";
+    let stmt = c.prepare_cached(sql).await.unwrap();
+    c.query(&stmt, &[]).await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE att5_pc ADD COLUMN y int")
+        .await
+        .unwrap();
+    assert!(
+        c.query(&stmt, &[]).await.is_err(),
+        "stale, held by the caller"
+    );
+    drop(stmt);
+    let stmt = c.prepare_cached(sql).await.unwrap();
+    let r = c.query(&stmt, &[]).await;
+    assert!(
+        r.is_ok(),
+        "the cache handed the stale statement out again: {r:?}"
+    );
+    let typed = c
+        .prepare_typed_cached(
+            "SELECT * FROM att5_pc WHERE x = $1",
+            &[tokio_postgres::types::Type::INT4],
+        )
+        .await
+        .unwrap();
+    c.query(&typed, &[&1i32]).await.unwrap();
+}
