@@ -497,4 +497,20 @@ async fn a_stale_statement_from_prepare_cached_is_not_handed_out_again() {
         .await
         .unwrap();
     c.query(&typed, &[&1i32]).await.unwrap();
+    // A stream's statement, by its text: the same.
+    rows(&c, sql).await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE att5_pc ADD COLUMN z int")
+        .await
+        .unwrap();
+    assert!(rows(&c, sql).await.is_err(), "stale");
+    let r = rows(&c, sql).await;
+    assert!(
+        r.is_ok(),
+        "the stream's stale statement stayed cached: {r:?}"
+    );
+}
+
+async fn rows(c: &pinpool::PooledClient, sql: &str) -> Result<(), pinpool::Error> {
+    c.query_raw(sql, std::iter::empty::<i32>()).await.map(drop)
 }
