@@ -139,6 +139,10 @@ impl<'a> Ctx<'a> {
                 let stmt = self.cached(sql, self.bound).await?.ok_or(e)?;
                 call(Target::Prepared(stmt.inner)).await
             }
+            (Err(e), None) => {
+                self.forget_stale(statement, &e, request);
+                Err(e)
+            }
             (r, _) => r,
         }
     }
@@ -150,7 +154,36 @@ impl<'a> Ctx<'a> {
         statement: &T,
         call: impl AsyncFnOnce(Target) -> Result<R, Error>,
     ) -> Result<R, Error> {
-        call(self.ready(statement).await?.0).await
+        let target = self.ready(statement).await?.0;
+        let request = self.g.state.wire.next_request();
+        let r = call(target).await;
+        if let Err(e) = &r {
+            self.forget_stale(statement, e, request);
+        }
+        r
+    }
+
+    /// A call that is not run again failed: a statement the server calls stale leaves the cache
+    /// if the cache holds it (a caller's own from `prepare_cached`, a stream's), so the next
+    /// call on its SQL prepares it anew instead of failing the same way for the connection's
+    /// lifetime.
+    fn forget_stale<T: ?Sized + ToStatement>(self, statement: &T, e: &Error, request: u32) {
+        if !is_stale(e, self.g.state, request) {
+            return;
+        }
+        let mut cache = self.g.state.cache();
+        let sql = match statement.__statement() {
+            StatementRef::Text(sql) => sql,
+            StatementRef::Prepared(p) => {
+                let cached = cache.get(&p.sql);
+                // The same entry: a cached statement and its copies share their text.
+                if !cached.is_some_and(|c| Arc::ptr_eq(&c.sql, &p.sql)) {
+                    return;
+                }
+                &p.sql
+            }
+        };
+        drop(cache.remove(sql));
     }
 
     /// The connection's prepared statement for `sql`, preparing and caching it on a miss;
