@@ -398,7 +398,12 @@ impl std::ops::DerefMut for Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(opened: Opened, id: u64, query_timeout: Option<Duration>) -> Conn {
+    pub(crate) fn new(
+        opened: Opened,
+        id: u64,
+        query_timeout: Option<Duration>,
+        running: &Arc<crate::invocation::Running>,
+    ) -> Conn {
         let now = SystemTime::now();
         let Opened {
             client,
@@ -406,6 +411,7 @@ impl Conn {
             wire,
         } = opened;
         wire.set_query_timeout(query_timeout);
+        wire.set_running(running.clone());
         let task = spawn_connection(connection, id, wire.clone());
         Conn(Box::new(ConnData {
             client,

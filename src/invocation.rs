@@ -6,7 +6,7 @@ use std::future::Future;
 use std::mem::replace;
 use std::panic::Location;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
@@ -24,6 +24,44 @@ use crate::status::CloseReason;
 
 tokio::task_local! {
     static CURRENT: Invocation;
+}
+
+/// The cutoffs of one pool's invocations running now, for requests written with no caller's
+/// cutoff: a driver client borrowed before an invocation (`&*client` kept in a repository
+/// built at start-up) and used inside it writes with none, and the connection's task then
+/// bounds the request by the latest cutoff of the invocations running (one, in a Lambda
+/// environment; the latest, so no invocation's request stops at another's). Nothing is locked
+/// while no invocation runs.
+#[derive(Default)]
+pub(crate) struct Running {
+    count: AtomicUsize,
+    cutoffs: Mutex<Vec<(usize, Instant)>>,
+}
+
+impl Running {
+    fn enter(&self, key: usize, cutoff: Instant) {
+        crate::sync::lock(&self.cutoffs).push((key, cutoff));
+        self.count.fetch_add(1, SeqCst);
+    }
+
+    fn leave(&self, key: usize) {
+        let mut cutoffs = crate::sync::lock(&self.cutoffs);
+        if let Some(i) = cutoffs.iter().position(|(k, _)| *k == key) {
+            cutoffs.swap_remove(i);
+            self.count.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// The latest cutoff of the invocations running now, if any runs.
+    pub(crate) fn latest(&self) -> Option<Instant> {
+        if self.count.load(SeqCst) == 0 {
+            return None;
+        }
+        crate::sync::lock(&self.cutoffs)
+            .iter()
+            .map(|(_, c)| *c)
+            .max()
+    }
 }
 
 /// One invocation (one Lambda event) in progress: its deadline, and the pinned connections it
@@ -173,6 +211,7 @@ impl Invocation {
     /// invocation's future is dropped.
     pub(crate) fn end(&self) {
         if !self.has_ended() {
+            self.0.pool.running.leave(Arc::as_ptr(&self.0) as usize);
             for (id, from) in self.0.lent().iter() {
                 crate::metrics::held_too_long("invocation_end");
                 tracing::warn!(
@@ -345,6 +384,8 @@ enum Stage<T> {
 
 impl<F: Future> InvocationFuture<F> {
     pub(crate) fn new(inv: Invocation, fut: F, cut: Instant) -> Self {
+        // Left in `end`, which the `EndOnDrop` below makes sure runs.
+        inv.0.pool.running.enter(Arc::as_ptr(&inv.0) as usize, cut);
         InvocationFuture {
             stage: Stage::Check(
                 Box::pin(inv.clone().freeze_check(cut)),

@@ -28,7 +28,7 @@ use crate::conn::{Conn, ConnState, Fate, truncate};
 use crate::connect::{Connect, SharedPasswordProvider};
 use crate::deadline::{Bound, cutoff, earlier, until, within};
 use crate::error::{Error, Phase};
-use crate::invocation::{Invocation, InvocationFuture};
+use crate::invocation::{Invocation, InvocationFuture, Running};
 use crate::metrics;
 use crate::pinning::Reasons;
 use crate::slots::{Acquired, Locked, Permit, Slots};
@@ -51,6 +51,8 @@ pub(crate) struct PoolInner {
     closed: AtomicBool,
     next_id: AtomicU64,
     pub(crate) counters: Counters,
+    /// The cutoffs of this pool's invocations running now (see [`Running`]).
+    pub(crate) running: Arc<Running>,
 }
 
 /// Undoes a count on drop unless disarmed: keeps `size` right when a `get()`
@@ -101,6 +103,7 @@ impl Pool {
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 counters: Counters::default(),
+                running: Arc::default(),
             }),
         }
     }
@@ -507,7 +510,12 @@ impl PoolInner {
         let id = self.next_id.fetch_add(1, Relaxed);
         self.counters.opened();
         tracing::debug!(connection = id, "pinpool: connection opened");
-        Ok(Conn::new(opened, id, self.settings.query_timeout))
+        Ok(Conn::new(
+            opened,
+            id,
+            self.settings.query_timeout,
+            &self.running,
+        ))
     }
 
     /// A connection to take the place of connection `old` in a checkout: `old` was closed (its

@@ -86,6 +86,8 @@ pub(crate) struct Wire {
     query_timeout: AtomicU64,
     /// The caller's cutoff for requests written from now on ([`Ticks`]; 0: none).
     cutoff: AtomicU64,
+    /// The pool's running invocations ([`Wire::set_running`]).
+    running: std::sync::OnceLock<Arc<crate::invocation::Running>>,
     /// Requests written (`sent`) when `cutoff` was last set.
     cutoff_mark: AtomicU32,
     /// The earliest bound of a request written and not answered ([`Ticks`]; 0: none). Only the
@@ -146,6 +148,7 @@ impl Wire {
             ended: AtomicBool::new(false),
             query_timeout: AtomicU64::new(0),
             cutoff: AtomicU64::new(0),
+            running: std::sync::OnceLock::new(),
             cutoff_mark: AtomicU32::new(0),
             due: AtomicU64::new(0),
             expired: AtomicU8::new(0),
@@ -195,7 +198,13 @@ impl Wire {
     /// caller's cutoff, in [`Ticks`] (`u64::MAX`: unbounded).
     fn bound_of_new_request(&self) -> u64 {
         let cutoff = match self.cutoff.load(Relaxed) {
-            0 => u64::MAX,
+            // No caller said its cutoff (a driver client borrowed before the invocation it is
+            // used in): the invocations running now bound it.
+            0 => self
+                .running
+                .get()
+                .and_then(|r| r.latest())
+                .map_or(u64::MAX, |c| self.ticks.from(Some(c))),
             c => c,
         };
         match self.query_timeout.load(Relaxed) {
@@ -207,6 +216,11 @@ impl Wire {
         }
     }
 
+    /// The pool's running invocations, whose cutoffs bound a request written with none set.
+    pub(crate) fn set_running(&self, running: Arc<crate::invocation::Running>) {
+        let _ = self.running.set(running);
+    }
+
     /// The earliest bound of a request written and not answered yet.
     pub(crate) fn due(&self) -> Option<Instant> {
         self.ticks.to(self.due.load(Relaxed))
@@ -215,7 +229,14 @@ impl Wire {
     /// The connection task closed the socket: a request outlived its bound. Returns which
     /// bound it was.
     pub(crate) fn expire(&self) -> TimeoutCause {
-        let cutoff = self.cutoff.load(Relaxed);
+        let cutoff = match self.cutoff.load(Relaxed) {
+            0 => self
+                .running
+                .get()
+                .and_then(|r| r.latest())
+                .map_or(0, |c| self.ticks.from(Some(c))),
+            c => c,
+        };
         let cause = if cutoff != 0 && cutoff <= self.due.load(Relaxed) {
             TimeoutCause::Deadline
         } else {
