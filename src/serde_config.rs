@@ -1,5 +1,5 @@
 //! The pool's configuration as data (feature `serde`): what a service reads from a file or
-//! the environment with the `config` crate, `envy` or serde_json, as deadpool-postgres's
+//! the environment with the `config` crate or serde_json, as deadpool-postgres's
 //! `Config` is read. [`Config::builder`] turns it into a [`Builder`]; `build()` validates it
 //! with the same errors as the builder's setters, naming the option, never quoting a secret.
 
