@@ -519,35 +519,8 @@ async fn raw_client(emu: &Emulator) -> tokio::net::TcpStream {
     )
     .unwrap();
     s.write_all(&out).await.unwrap();
-    raw_until_ready(&mut s).await;
+    common::until_ready(&mut s).await;
     s
-}
-
-/// Reads until a ReadyForQuery; returns the tags of the messages before it.
-async fn raw_until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
-    use bytes::Buf;
-    use tokio::io::AsyncReadExt;
-    let mut buf = bytes::BytesMut::new();
-    let mut tags = Vec::new();
-    loop {
-        while buf.len() >= 5 {
-            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if buf.len() < 1 + len {
-                break;
-            }
-            let tag = buf[0];
-            buf.advance(1 + len);
-            if tag == b'Z' {
-                return tags;
-            }
-            tags.push(tag);
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
-            .await
-            .expect("the emulator answers")
-            .unwrap();
-        assert!(n > 0, "the emulator closed the connection");
-    }
 }
 
 #[tokio::test]
@@ -639,7 +612,7 @@ async fn a_function_call_message_pins_its_session() {
     message.extend(body);
     let mut raw = raw_client(&emu).await;
     raw.write_all(&message).await.unwrap();
-    let tags = raw_until_ready(&mut raw).await;
+    let tags = common::until_ready(&mut raw).await;
     assert!(!tags.contains(&b'E'), "the call failed: {tags:?}");
     let c = emu.counters();
     assert_eq!(

@@ -41,37 +41,9 @@ async fn login(addr: std::net::SocketAddr, app: &str) -> TcpStream {
     )
     .unwrap();
     s.write_all(&out).await.unwrap();
-    let tags = until_ready(&mut s).await;
+    let tags = common::until_ready(&mut s).await;
     assert!(tags.contains(&b'R'), "logged in: {tags:?}");
     s
-}
-
-/// Reads until a ReadyForQuery; returns the tags of the messages before it.
-async fn until_ready(s: &mut TcpStream) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    let mut tags = Vec::new();
-    loop {
-        while buf.len() >= 5 {
-            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if buf.len() < 1 + len {
-                break;
-            }
-            let tag = buf[0];
-            buf.advance(1 + len);
-            if tag == b'Z' {
-                return tags;
-            }
-            tags.push(tag);
-        }
-        let n = tokio::time::timeout(Duration::from_secs(20), s.read_buf(&mut buf))
-            .await
-            .expect("the emulator answers")
-            .unwrap();
-        assert!(
-            n > 0,
-            "the emulator closed the connection; tags so far {tags:?}"
-        );
-    }
 }
 
 /// A simple Query message for `sql`.
@@ -120,7 +92,7 @@ async fn hostile_clients_cannot_make_the_emulator_hold_what_they_send() {
     // The only database connection is held by a transaction: everyone else queues.
     let mut holder = login(addr, "em_memory_holder").await;
     holder.write_all(&query("BEGIN")).await.unwrap();
-    until_ready(&mut holder).await;
+    common::until_ready(&mut holder).await;
 
     const PARTIAL: usize = 48 * MIB;
     const PARTIAL_CLIENTS: usize = 6;
@@ -187,7 +159,7 @@ async fn hostile_clients_cannot_make_the_emulator_hold_what_they_send() {
     drop(partial_clients);
     drop(pipeliner);
     holder.write_all(&query("COMMIT")).await.unwrap();
-    until_ready(&mut holder).await;
+    common::until_ready(&mut holder).await;
     drop(holder);
     let (client, conn) =
         tokio_postgres::connect(&emu.url("postgres", "postgres"), tokio_postgres::NoTls)
@@ -330,7 +302,7 @@ async fn messages_over_postgres_limits_are_refused_with_a_fatal_protocol_violati
     // Inside a transaction, with the database connection held: the same.
     let mut s = login(addr, "em_memory_refused_txn").await;
     s.write_all(&query("BEGIN")).await.unwrap();
-    until_ready(&mut s).await;
+    common::until_ready(&mut s).await;
     s.write_all(&query_header(MIB + 1)).await.unwrap();
     assert_refused(
         &replies(&mut s).await,
@@ -517,7 +489,7 @@ async fn many_queued_clients_under_their_own_bound_stay_under_the_process_bound(
     let addr = emu.addr();
     let mut holder = login(addr, "em_memory_many_holder").await;
     holder.write_all(&query("BEGIN")).await.unwrap();
-    until_ready(&mut holder).await;
+    common::until_ready(&mut holder).await;
     let one = query(&format!("SELECT '{}'", "q".repeat(100 * 1024)));
     let before = rss_mib();
     const CLIENTS: usize = 32;
@@ -582,7 +554,7 @@ async fn many_queued_clients_under_their_own_bound_stay_under_the_process_bound(
     // ...and is served once the attackers left and the holder committed.
     drop(attackers);
     holder.write_all(&query("COMMIT")).await.unwrap();
-    until_ready(&mut holder).await;
+    common::until_ready(&mut holder).await;
     let answer = tokio::time::timeout(Duration::from_secs(20), honest)
         .await
         .expect("the honest client is served after the attack")
@@ -770,7 +742,7 @@ async fn a_long_message_dropped_or_cut_short_leaves_nothing_behind() {
     let chunk = vec![b'x'; MIB];
     let mut holder = login(addr, "em_memory_cut_holder").await;
     holder.write_all(&query("BEGIN")).await.unwrap();
-    until_ready(&mut holder).await;
+    common::until_ready(&mut holder).await;
     let before = rss_mib();
     // 48 MiB of a Query while the only connection is held: the borrow times out.
     let mut s = login(addr, "em_memory_cut_dropped").await;
@@ -792,7 +764,7 @@ async fn a_long_message_dropped_or_cut_short_leaves_nothing_behind() {
         during - before
     );
     holder.write_all(&query("COMMIT")).await.unwrap();
-    until_ready(&mut holder).await;
+    common::until_ready(&mut holder).await;
     drop(holder);
     s.write_all(&query("SELECT 1")).await.unwrap();
     assert!(

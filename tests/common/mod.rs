@@ -500,3 +500,34 @@ pub async fn until_closed(c: &pinpool::PooledClient) {
         "the connection did not close"
     );
 }
+
+/// Reads raw protocol messages until a ReadyForQuery; returns the tags of the messages before
+/// it. Fails if nothing comes for 20 s or the peer closes.
+pub async fn until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use bytes::Buf;
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::new();
+    let mut tags = Vec::new();
+    loop {
+        while buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 1 + len {
+                break;
+            }
+            let tag = buf[0];
+            buf.advance(1 + len);
+            if tag == b'Z' {
+                return tags;
+            }
+            tags.push(tag);
+        }
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), s.read_buf(&mut buf))
+            .await
+            .expect("the emulator answers")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the emulator closed the connection; tags so far {tags:?}"
+        );
+    }
+}
