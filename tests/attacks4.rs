@@ -331,20 +331,28 @@ async fn a_pinpool_copy_out_at_the_cutoff_always_fails_with_a_typed_timeout() {
     }
 }
 
+/// A fresh table `name (a int)` and a one-connection pool with a 600 ms `query_timeout`, for
+/// the raw COPY tests: each then waits past that bound and checks the connection still serves.
+async fn copy_table_and_pool(admin: &tokio_postgres::Client, name: &str) -> pinpool::Pool {
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (a int)"
+        ))
+        .await
+        .unwrap();
+    builder(name)
+        .max_size(1)
+        .query_timeout(Some(Duration::from_millis(600)))
+        .build()
+        .unwrap()
+}
+
 /// A COPY through the driver's client that ends in time leaves nothing bounded behind: the
 /// connection, idle past `query_timeout` afterwards, still serves, and goes back to the pool.
 #[tokio::test]
 async fn a_copy_through_the_drivers_client_that_ends_leaves_the_connection_usable() {
     let admin = admin().await;
-    admin
-        .batch_execute("DROP TABLE IF EXISTS att4_copy_ok; CREATE TABLE att4_copy_ok (a int)")
-        .await
-        .unwrap();
-    let pool = builder("att4_copy_ok")
-        .max_size(1)
-        .query_timeout(Some(Duration::from_millis(600)))
-        .build()
-        .unwrap();
+    let pool = copy_table_and_pool(&admin, "att4_copy_ok").await;
     let c = pool.get().await.unwrap();
     {
         let raw: &tokio_postgres::Client = &c;
@@ -378,15 +386,7 @@ async fn a_copy_through_the_drivers_client_that_ends_leaves_the_connection_usabl
 #[tokio::test]
 async fn a_failed_or_abandoned_copy_through_the_drivers_client_leaves_no_bound_behind() {
     let admin = admin().await;
-    admin
-        .batch_execute("DROP TABLE IF EXISTS att4_copy_bad; CREATE TABLE att4_copy_bad (a int)")
-        .await
-        .unwrap();
-    let pool = builder("att4_copy_bad")
-        .max_size(1)
-        .query_timeout(Some(Duration::from_millis(600)))
-        .build()
-        .unwrap();
+    let pool = copy_table_and_pool(&admin, "att4_copy_bad").await;
     let c = pool.get().await.unwrap();
     {
         let raw: &tokio_postgres::Client = &c;
