@@ -531,3 +531,150 @@ pub async fn until_ready(s: &mut tokio::net::TcpStream) -> Vec<u8> {
         );
     }
 }
+
+/// A PgBouncer of the test's own, on a free port in front of `DATABASE_URL`'s server
+/// (Debian's `pgbouncer` package; `.ci/run` installs it). Stopped when dropped.
+pub struct PgBouncer {
+    child: std::process::Child,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+/// PgBouncer's pool mode.
+#[derive(Clone, Copy, Debug)]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+impl PgBouncer {
+    /// The binary, if installed.
+    pub fn installed() -> Option<std::path::PathBuf> {
+        ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists())
+    }
+
+    /// Starts one with `pool_size` server connections for the database `postgres`, in `mode`,
+    /// with `extra` lines for its `[pgbouncer]` section (`query_wait_timeout = 1`, say).
+    /// Panics when PgBouncer is not installed and `PINPOOL_REQUIRE_PGBOUNCER` is set (CI);
+    /// otherwise returns `None` so the test can say it skipped.
+    pub fn start(name: &str, mode: PoolMode, pool_size: u32, extra: &str) -> Option<PgBouncer> {
+        let Some(bin) = Self::installed() else {
+            assert!(
+                std::env::var_os("PINPOOL_REQUIRE_PGBOUNCER").is_none(),
+                "pgbouncer is not installed (apt-get install pgbouncer)"
+            );
+            eprintln!("{name}: skipped, pgbouncer is not installed");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("pinpool-pgb-{name}-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (host, db_port) = database_addr();
+        let mode = match mode {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        };
+        let ini = format!(
+            "[databases]\n\
+             postgres = host={host} port={db_port} dbname=postgres user=postgres\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = any\n\
+             admin_users = postgres\n\
+             pool_mode = {mode}\n\
+             default_pool_size = {pool_size}\n\
+             max_client_conn = 500\n\
+             ignore_startup_parameters = extra_float_digits,options\n\
+             logfile = {log}\n\
+             pidfile = {pid}\n\
+             {extra}\n",
+            log = dir.join("pgbouncer.log").display(),
+            pid = dir.join("pgbouncer.pid").display(),
+        );
+        let conf = dir.join("pgbouncer.ini");
+        std::fs::write(&conf, ini).unwrap();
+        let mut cmd = std::process::Command::new(bin);
+        // PgBouncer refuses to run as root: as root, it switches to the postgres user, which
+        // must own what it writes.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let (uid, gid) = postgres_ids();
+            for p in [&dir, &conf] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+            }
+            cmd.arg("-u").arg("postgres");
+        }
+        let child = cmd
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start pgbouncer");
+        let bouncer = PgBouncer { child, port, dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pgbouncer did not listen within 20 s: {}",
+                bouncer.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(bouncer)
+    }
+
+    /// A URL for the database through this PgBouncer, connections tagged `app`.
+    pub fn url(&self, app: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?application_name={app}",
+            self.port
+        )
+    }
+
+    /// Its log so far, for a failing assertion's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+
+    /// Runs a command on its admin console (`SHOW POOLS`, `KILL postgres`, `PAUSE`...).
+    pub async fn admin(&self, command: &str) -> Vec<tokio_postgres::SimpleQueryMessage> {
+        let url = format!("postgres://postgres@127.0.0.1:{}/pgbouncer", self.port);
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("the admin console");
+        let task = tokio::spawn(conn);
+        let rows = client.simple_query(command).await.expect(command);
+        drop(client);
+        let _ = task.await;
+        rows
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The postgres user's uid and gid, from /etc/passwd.
+fn postgres_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("a postgres user");
+    let f: Vec<&str> = line.split(':').collect();
+    (f[2].parse().unwrap(), f[3].parse().unwrap())
+}

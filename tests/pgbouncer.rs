@@ -1,0 +1,190 @@
+//! Through a real proxy nobody here wrote: PgBouncer 1.18 (Debian's package) in session mode,
+//! started by each test on a free port. Session mode holds one server connection per client
+//! connection, as RDS Proxy pinned every session before November 2023: parameterised queries,
+//! the statement cache, transactions, streams and COPY work through it, its own errors are
+//! typed and end the session, and its faults (an admin `KILL`) are survived by the safe retry.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{PgBouncer, PoolMode};
+use futures_util::{SinkExt, TryStreamExt};
+use pinpool::{Error, Pool, TimeoutCause};
+
+fn pool(bouncer: &PgBouncer, app: &str, max: usize) -> Pool {
+    Pool::builder(bouncer.url(app))
+        .max_size(max)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn parameterised_queries_transactions_streams_and_copy_work_in_session_mode() {
+    let Some(bouncer) = PgBouncer::start("pgb_session", PoolMode::Session, 4, "") else {
+        return;
+    };
+    // Two pools of two: four client connections, four server connections.
+    let pools = [
+        pool(&bouncer, "pgb_session_a", 2),
+        pool(&bouncer, "pgb_session_b", 2),
+    ];
+    let rounds = pools.iter().flat_map(|p| (0..40).map(move |i| (p, i)));
+    let results = futures_util::future::join_all(rounds.map(|(p, i)| async move {
+        let c = p.get().await?;
+        let a: i32 = c.query_one_scalar("SELECT $1::int + 1", &[&i]).await?;
+        let b: String = c
+            .query_one_scalar("SELECT $1::text || 'x'", &[&i.to_string()])
+            .await?;
+        Ok::<_, Error>((a == i + 1) && (b == format!("{i}x")))
+    }))
+    .await;
+    let failed: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(true))).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 80 rounds failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    for p in &pools {
+        assert!(
+            p.status().cache_hits > 0,
+            "the statement cache served repeats"
+        );
+    }
+
+    let p = &pools[0];
+    let mut c = p.get().await.unwrap();
+    c.batch_execute("DROP TABLE IF EXISTS pgb_rows; CREATE TABLE pgb_rows (n int)")
+        .await
+        .unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO pgb_rows VALUES ($1)", &[&1i32])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let sink = c.copy_in("COPY pgb_rows FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"2\n3\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.as_mut().finish().await.unwrap(), 2);
+    let rows: Vec<tokio_postgres::Row> = c
+        .query_raw("SELECT n FROM pgb_rows ORDER BY n", Vec::<i32>::new())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let ns: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        ns,
+        [2, 3],
+        "the rolled-back row is not there, the copied ones are"
+    );
+    c.batch_execute("DROP TABLE pgb_rows").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deadline_shorter_than_query_wait_timeout_gives_a_typed_error_in_time() {
+    let Some(bouncer) =
+        PgBouncer::start("pgb_wait", PoolMode::Session, 1, "query_wait_timeout = 30")
+    else {
+        return;
+    };
+    // Another client holds the only server connection (a frozen environment's session).
+    let (holder, conn) =
+        tokio_postgres::connect(&bouncer.url("pgb_wait_holder"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let task = tokio::spawn(conn);
+    holder.simple_query("SELECT 1").await.unwrap();
+
+    let p = Pool::builder(bouncer.url("pgb_wait"))
+        .deadline_margin(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let err = p
+        .invocation(SystemTime::now() + Duration::from_millis(1500), async {
+            let c = p.get().await?;
+            c.query_one("SELECT 1", &[]).await.map(drop)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                cause: TimeoutCause::Deadline,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+
+    // Once the holder leaves, the pool serves.
+    drop(holder);
+    let _ = task.await;
+    let ok = common::eventually(10, || async {
+        match p.get().await {
+            Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(ok, "the pool serves once the server connection is free");
+}
+
+#[tokio::test]
+async fn pgbouncers_query_wait_timeout_is_the_servers_word_and_ends_the_session() {
+    let Some(bouncer) = PgBouncer::start("pgb_qwt", PoolMode::Session, 1, "query_wait_timeout = 1")
+    else {
+        return;
+    };
+    let (holder, conn) =
+        tokio_postgres::connect(&bouncer.url("pgb_qwt_holder"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let task = tokio::spawn(conn);
+    holder.simple_query("SELECT 1").await.unwrap();
+
+    let p = Pool::builder(bouncer.url("pgb_qwt")).build().unwrap();
+    let t = Instant::now();
+    let err = match p.get().await {
+        Ok(c) => c.query_one("SELECT 1", &[]).await.map(drop).unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let said = err.to_string();
+    assert!(said.contains("query_wait_timeout"), "{said}");
+    assert_eq!(err.code().map(|c| c.code()), Some("08P01"), "{err:?}");
+    // The session it ended is not handed out again.
+    assert_eq!(p.status().idle, 0, "{:?}", p.status());
+    drop(holder);
+    let _ = task.await;
+}
+
+#[tokio::test]
+async fn an_admin_kill_between_checkout_and_first_statement_is_survived() {
+    let Some(bouncer) = PgBouncer::start("pgb_kill", PoolMode::Session, 4, "") else {
+        return;
+    };
+    let p = pool(&bouncer, "pgb_kill", 2);
+    {
+        let c = p.get().await.unwrap();
+        c.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    let c = p.get().await.unwrap();
+    bouncer.admin("KILL postgres").await;
+    common::until_closed(&c).await;
+    // `KILL` leaves the database paused until `RESUME`.
+    bouncer.admin("RESUME postgres").await;
+    let two: i32 = c
+        .query_one_scalar("SELECT 1 + 1", &[])
+        .await
+        .expect("nothing of it had been sent: run again on a fresh connection");
+    assert_eq!(two, 2);
+    assert_eq!(p.status().retries, 1);
+}
