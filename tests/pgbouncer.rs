@@ -188,3 +188,86 @@ async fn an_admin_kill_between_checkout_and_first_statement_is_survived() {
     assert_eq!(two, 2);
     assert_eq!(p.status().retries, 1);
 }
+
+/// `PAUSE`: queries wait for the proxy, as in a borrow queue. The invocation's cutoff stops
+/// the wait with a typed error; after `RESUME` the pool serves. (In transaction mode with one
+/// server connection, so the `PAUSE` completes while pinpool keeps its client connection
+/// idle: in session mode it would wait for every client to leave.)
+#[tokio::test]
+async fn a_paused_pgbouncer_costs_an_invocation_its_cutoff_not_a_hang() {
+    let Some(bouncer) = PgBouncer::start("pgb_pause", PoolMode::Transaction, 1, "") else {
+        return;
+    };
+    let p = Pool::builder(bouncer.url("pgb_pause"))
+        .deadline_margin(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    p.get()
+        .await
+        .unwrap()
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), bouncer.admin("PAUSE postgres"))
+        .await
+        .expect("PAUSE completes: no transaction is open");
+    let t = Instant::now();
+    let err = p
+        .invocation(SystemTime::now() + Duration::from_millis(1500), async {
+            let c = p.get().await?;
+            c.query_one("SELECT 1", &[]).await.map(drop)
+        })
+        .await
+        .unwrap_err();
+    assert!(err.is_deadline(), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    bouncer.admin("RESUME postgres").await;
+    let one: i32 = p
+        .invocation(SystemTime::now() + Duration::from_secs(20), async {
+            p.get().await?.query_one_scalar("SELECT 1", &[]).await
+        })
+        .await
+        .expect("served after RESUME");
+    assert_eq!(one, 1);
+}
+
+/// `RECONNECT` (server connections replaced as they are released) changes nothing a client
+/// sees; `SHUTDOWN` closes every client connection, and while PgBouncer is down checkouts fail
+/// at once with a connect error; restarted on the same port, the next invocation is served.
+#[tokio::test]
+async fn reconnect_shutdown_and_a_restart_on_the_same_port_are_survived() {
+    let Some(mut bouncer) = PgBouncer::start("pgb_restart", PoolMode::Session, 4, "") else {
+        return;
+    };
+    let p = pool(&bouncer, "pgb_restart", 2);
+    let select = |p: &Pool| {
+        let p = p.clone();
+        async move {
+            p.invocation(SystemTime::now() + Duration::from_secs(20), async {
+                p.get()
+                    .await?
+                    .query_one_scalar::<i32, _>("SELECT 7", &[])
+                    .await
+            })
+            .await
+        }
+    };
+    assert_eq!(select(&p).await.unwrap(), 7);
+    bouncer.admin("RECONNECT postgres").await;
+    assert_eq!(select(&p).await.unwrap(), 7);
+
+    bouncer.shutdown().await;
+    let down = common::eventually(10, || async {
+        matches!(select(&p).await, Err(e) if e.phase() == Some(pinpool::Phase::Connect))
+    })
+    .await;
+    assert!(
+        down,
+        "while PgBouncer is down a checkout fails with a connect error"
+    );
+
+    bouncer.restart();
+    assert_eq!(select(&p).await.expect("served again after the restart"), 7);
+    let s = p.status();
+    assert!(s.idle + s.in_use <= s.size && s.size <= 2, "{s:?}");
+}

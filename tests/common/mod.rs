@@ -538,6 +538,8 @@ pub struct PgBouncer {
     child: std::process::Child,
     pub port: u16,
     dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    conf: std::path::PathBuf,
 }
 
 /// PgBouncer's pool mode.
@@ -603,34 +605,80 @@ impl PgBouncer {
         );
         let conf = dir.join("pgbouncer.ini");
         std::fs::write(&conf, ini).unwrap();
-        let mut cmd = std::process::Command::new(bin);
-        // PgBouncer refuses to run as root: as root, it switches to the postgres user, which
-        // must own what it writes.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
+            // PgBouncer refuses to run as root: it switches to the postgres user, which must
+            // own what it writes.
             let (uid, gid) = postgres_ids();
             for p in [&dir, &conf] {
                 std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
             }
+        }
+        let child = Self::spawn(&bin, &conf);
+        let mut bouncer = PgBouncer {
+            child,
+            port,
+            dir,
+            bin,
+            conf,
+        };
+        bouncer.wait_listening();
+        Some(bouncer)
+    }
+
+    fn spawn(bin: &std::path::Path, conf: &std::path::Path) -> std::process::Child {
+        let mut cmd = std::process::Command::new(bin);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
             cmd.arg("-u").arg("postgres");
         }
-        let child = cmd
-            .arg(&conf)
+        cmd.arg(conf)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("start pgbouncer");
-        let bouncer = PgBouncer { child, port, dir };
+            .expect("start pgbouncer")
+    }
+
+    fn wait_listening(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "pgbouncer did not listen within 20 s: {}",
-                bouncer.log()
+                self.log()
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Some(bouncer)
+    }
+
+    /// `SHUTDOWN` on the admin console (which closes that connection too), then waits for
+    /// the process to end.
+    pub async fn shutdown(&mut self) {
+        let url = format!("postgres://postgres@127.0.0.1:{}/pgbouncer", self.port);
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("the admin console");
+        let task = tokio::spawn(conn);
+        let _ = client.simple_query("SHUTDOWN").await;
+        drop(client);
+        let _ = task.await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pgbouncer did not shut down"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the process to end (after `SHUTDOWN`, say), then starts it again on the same
+    /// port with the same configuration.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.bin, &self.conf);
+        self.wait_listening();
     }
 
     /// A URL for the database through this PgBouncer, connections tagged `app`.
