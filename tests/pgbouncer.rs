@@ -271,3 +271,110 @@ async fn reconnect_shutdown_and_a_restart_on_the_same_port_are_survived() {
     let s = p.status();
     assert!(s.idle + s.in_use <= s.size && s.size <= 2, "{s:?}");
 }
+
+/// pgbench through PgBouncer in transaction mode, beside the emulator's pgbench check
+/// (`tests/emulator.rs`): 16 clients over 4 server connections. With unnamed statements
+/// (`-M extended`) no transaction fails. With named ones (`-M prepared`) PgBouncer 1.18 fails
+/// them ("prepared statement "P_0" does not exist", "... already exists": clients abort, the
+/// server connections they leave in a failed state keep others waiting to
+/// `query_wait_timeout`, 5 s here), where the emulator, modelling today's RDS Proxy, prepares them again on whichever
+/// database connection a transaction lands on: the two proxies disagree there, and this test
+/// says so.
+#[tokio::test]
+async fn pgbench_through_pgbouncer_in_transaction_mode() {
+    let Some(bouncer) = PgBouncer::start(
+        "pgb_bench",
+        PoolMode::Transaction,
+        4,
+        "query_wait_timeout = 5",
+    ) else {
+        return;
+    };
+    let admin = common::admin().await;
+    let db = format!("pinpool_pgb_bench_{}", std::process::id());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let (host, db_port) = common::database_addr();
+    let pgbench = |args: Vec<String>| async move {
+        tokio::process::Command::new("pgbench")
+            .args(&args)
+            .output()
+            .await
+            .expect("pgbench is installed")
+    };
+    let init = pgbench(
+        [
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "-h",
+            &host,
+            "-p",
+            &db_port.to_string(),
+            "-U",
+            "postgres",
+            &db,
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await;
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let port = bouncer.port.to_string();
+    let run = |mode: &str| {
+        [
+            "-M",
+            mode,
+            "-c",
+            "16",
+            "-j",
+            "2",
+            "-T",
+            "3",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            &db,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let extended = pgbench(run("extended")).await;
+    let out = String::from_utf8_lossy(&extended.stdout).into_owned();
+    assert!(
+        extended.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&extended.stderr)
+    );
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+
+    let prepared = pgbench(run("prepared")).await;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&prepared.stdout),
+        String::from_utf8_lossy(&prepared.stderr)
+    );
+    assert!(
+        !prepared.status.success() || !said.contains("number of failed transactions: 0"),
+        "named statements crossed transactions through PgBouncer 1.18: {said}"
+    );
+    drop(bouncer);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

@@ -587,6 +587,7 @@ impl PgBouncer {
         let ini = format!(
             "[databases]\n\
              postgres = host={host} port={db_port} dbname=postgres user=postgres\n\
+             * = host={host} port={db_port} user=postgres\n\
              [pgbouncer]\n\
              listen_addr = 127.0.0.1\n\
              listen_port = {port}\n\
