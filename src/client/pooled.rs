@@ -27,9 +27,11 @@ use super::transaction::{Transaction, TransactionBuilder};
 /// A connection checked out of the pool. It goes back when dropped, synchronously: to the idle
 /// set if its state is known and clean, otherwise it is closed.
 ///
-/// It offers tokio-postgres's statement methods with the same names and argument shapes.
-/// Pool-specific calls are associated functions ([`PooledClient::pin_state`],
-/// [`PooledClient::raw`]) so they never shadow a driver method.
+/// It offers tokio-postgres's statement methods with the same names and argument shapes, and
+/// derefs to the driver's `tokio_postgres::Client` for code written for it (observed and
+/// bounded on the socket, see [`PooledClient::raw`]). Pool-specific calls are associated
+/// functions ([`PooledClient::pin_state`], [`PooledClient::raw`]) so they never shadow a
+/// driver method.
 pub struct PooledClient {
     /// The connection the checkout handed out. If it was closed before anything was sent on
     /// it ([`retry_allowed`]), its `replacement` is where every call runs and the one that
