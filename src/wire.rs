@@ -194,17 +194,25 @@ impl Wire {
             .compare_exchange(self.ticks.from(cutoff), 0, Relaxed, Relaxed);
     }
 
-    /// The bound of a request written now: the earlier of `query_timeout` from now and the
-    /// caller's cutoff, in [`Ticks`] (`u64::MAX`: unbounded).
-    fn bound_of_new_request(&self) -> u64 {
-        let cutoff = match self.cutoff.load(Relaxed) {
-            // No caller said its cutoff (a driver client borrowed before the invocation it is
-            // used in): the invocations running now bound it.
+    /// The cutoff of a request written now, in [`Ticks`] (0: none): the caller's, or, when no
+    /// caller said one (a driver client borrowed before the invocation it is used in), the
+    /// latest of the pool's invocations running now.
+    fn cutoff_now(&self) -> u64 {
+        match self.cutoff.load(Relaxed) {
             0 => self
                 .running
                 .get()
                 .and_then(|r| r.latest())
-                .map_or(u64::MAX, |c| self.ticks.from(Some(c))),
+                .map_or(0, |c| self.ticks.from(Some(c))),
+            c => c,
+        }
+    }
+
+    /// The bound of a request written now: the earlier of `query_timeout` from now and the
+    /// caller's cutoff, in [`Ticks`] (`u64::MAX`: unbounded).
+    fn bound_of_new_request(&self) -> u64 {
+        let cutoff = match self.cutoff_now() {
+            0 => u64::MAX,
             c => c,
         };
         match self.query_timeout.load(Relaxed) {
@@ -229,14 +237,7 @@ impl Wire {
     /// The connection task closed the socket: a request outlived its bound. Returns which
     /// bound it was.
     pub(crate) fn expire(&self) -> TimeoutCause {
-        let cutoff = match self.cutoff.load(Relaxed) {
-            0 => self
-                .running
-                .get()
-                .and_then(|r| r.latest())
-                .map_or(0, |c| self.ticks.from(Some(c))),
-            c => c,
-        };
+        let cutoff = self.cutoff_now();
         let cause = if cutoff != 0 && cutoff <= self.due.load(Relaxed) {
             TimeoutCause::Deadline
         } else {
