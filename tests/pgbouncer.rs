@@ -93,12 +93,7 @@ async fn a_deadline_shorter_than_query_wait_timeout_gives_a_typed_error_in_time(
         return;
     };
     // Another client holds the only server connection (a frozen environment's session).
-    let (holder, conn) =
-        tokio_postgres::connect(&bouncer.url("pgb_wait_holder"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    let task = tokio::spawn(conn);
-    holder.simple_query("SELECT 1").await.unwrap();
+    let holder = bouncer.hold_a_server_connection("pgb_wait_holder").await;
 
     let p = Pool::builder(bouncer.url("pgb_wait"))
         .deadline_margin(Duration::from_millis(200))
@@ -126,7 +121,6 @@ async fn a_deadline_shorter_than_query_wait_timeout_gives_a_typed_error_in_time(
 
     // Once the holder leaves, the pool serves.
     drop(holder);
-    let _ = task.await;
     let ok = common::eventually(10, || async {
         match p.get().await {
             Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
@@ -143,12 +137,7 @@ async fn pgbouncers_query_wait_timeout_is_the_servers_word_and_ends_the_session(
     else {
         return;
     };
-    let (holder, conn) =
-        tokio_postgres::connect(&bouncer.url("pgb_qwt_holder"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    let task = tokio::spawn(conn);
-    holder.simple_query("SELECT 1").await.unwrap();
+    let holder = bouncer.hold_a_server_connection("pgb_qwt_holder").await;
 
     let p = Pool::builder(bouncer.url("pgb_qwt")).build().unwrap();
     let t = Instant::now();
@@ -163,7 +152,6 @@ async fn pgbouncers_query_wait_timeout_is_the_servers_word_and_ends_the_session(
     // The session it ended is not handed out again.
     assert_eq!(p.status().idle, 0, "{:?}", p.status());
     drop(holder);
-    let _ = task.await;
 }
 
 #[tokio::test]

@@ -655,14 +655,8 @@ impl PgBouncer {
     /// `SHUTDOWN` on the admin console (which closes that connection too), then waits for
     /// the process to end.
     pub async fn shutdown(&mut self) {
-        let url = format!("postgres://postgres@127.0.0.1:{}/pgbouncer", self.port);
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("the admin console");
-        let task = tokio::spawn(conn);
-        let _ = client.simple_query("SHUTDOWN").await;
-        drop(client);
-        let _ = task.await;
+        // It closes the console's connection too: no answer comes.
+        let _ = self.console("SHUTDOWN").await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while self.child.try_wait().unwrap().is_none() {
             assert!(
@@ -697,15 +691,34 @@ impl PgBouncer {
 
     /// Runs a command on its admin console (`SHOW POOLS`, `KILL postgres`, `PAUSE`...).
     pub async fn admin(&self, command: &str) -> Vec<tokio_postgres::SimpleQueryMessage> {
+        self.console(command).await.expect(command)
+    }
+
+    /// `command` on the admin console, on a connection of its own.
+    async fn console(
+        &self,
+        command: &str,
+    ) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error> {
         let url = format!("postgres://postgres@127.0.0.1:{}/pgbouncer", self.port);
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .expect("the admin console");
         let task = tokio::spawn(conn);
-        let rows = client.simple_query(command).await.expect(command);
+        let rows = client.simple_query(command).await;
         drop(client);
         let _ = task.await;
         rows
+    }
+
+    /// A client of its own that takes a server connection and keeps it (in session mode,
+    /// until it is dropped): a frozen environment's session. Dropping it also ends its task.
+    pub async fn hold_a_server_connection(&self, app: &str) -> tokio_postgres::Client {
+        let (holder, conn) = tokio_postgres::connect(&self.url(app), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        holder.simple_query("SELECT 1").await.unwrap();
+        holder
     }
 }
 
