@@ -135,12 +135,15 @@ impl<'a> Ctx<'a> {
         // stale rule trusts a failure at Bind only for exactly this request.
         let request = self.g.state.wire.next_request();
         match (call(target).await, cached) {
-            (Err(e), Some(sql)) if self.drop_stale(sql, &e, request) => {
+            // Outside a transaction a statement from the cache runs again, prepared anew.
+            (Err(e), Some(sql))
+                if self.forget_stale(statement, &e, request) && !self.g.state.in_transaction() =>
+            {
                 let stmt = self.cached(sql, self.bound).await?.ok_or(e)?;
                 call(Target::Prepared(stmt.inner)).await
             }
             (Err(e), None) => {
-                self.forget_stale(statement, &e, request);
+                let _ = self.forget_stale(statement, &e, request);
                 Err(e)
             }
             (r, _) => r,
@@ -158,19 +161,23 @@ impl<'a> Ctx<'a> {
         let request = self.g.state.wire.next_request();
         let r = call(target).await;
         if let Err(e) = &r {
-            self.forget_stale(statement, e, request);
+            let _ = self.forget_stale(statement, e, request);
         }
         r
     }
 
-    /// A call that is not run again failed: a statement the server calls stale leaves the cache
-    /// if the cache holds it (a caller's own from `prepare_cached`, a stream's), so the next
-    /// call on its SQL prepares it anew instead of failing the same way for the connection's
-    /// lifetime.
-    fn forget_stale<T: ?Sized + ToStatement>(self, statement: &T, e: &Error, request: u32) {
+    /// A call failed: a statement the server calls stale ([`is_stale`]) leaves the cache if
+    /// the cache holds it (the `&str` methods' own, a caller's from `prepare_cached`, a
+    /// stream's), so the next call on its SQL prepares it anew instead of failing the same way
+    /// for the connection's lifetime. True when the statement was stale.
+    fn forget_stale<T: ?Sized + ToStatement>(self, statement: &T, e: &Error, request: u32) -> bool {
         if !is_stale(e, self.g.state, request) {
-            return;
+            return false;
         }
+        tracing::debug!(
+            connection = self.g.state.id,
+            "pinpool: a cached statement went stale; it leaves the cache"
+        );
         let mut cache = self.g.state.cache();
         let sql = match statement.__statement() {
             StatementRef::Text(sql) => sql,
@@ -178,12 +185,13 @@ impl<'a> Ctx<'a> {
                 let cached = cache.get(&p.sql);
                 // The same entry: a cached statement and its copies share their text.
                 if !cached.is_some_and(|c| Arc::ptr_eq(&c.sql, &p.sql)) {
-                    return;
+                    return true;
                 }
                 &p.sql
             }
         };
         drop(cache.remove(sql));
+        true
     }
 
     /// The connection's prepared statement for `sql`, preparing and caching it on a miss;
@@ -222,19 +230,6 @@ impl<'a> Ctx<'a> {
         // Dropping the evicted statements sends their protocol Close.
         drop(evicted);
         Ok(Some(stmt))
-    }
-
-    /// Drops a stale statement from the cache; true when running it again makes sense.
-    pub(super) fn drop_stale(self, sql: &str, e: &Error, request: u32) -> bool {
-        if !is_stale(e, self.g.state, request) {
-            return false;
-        }
-        drop(self.g.state.cache().remove(sql));
-        tracing::debug!(
-            connection = self.g.state.id,
-            "pinpool: a cached statement went stale; prepared again"
-        );
-        !self.g.state.in_transaction()
     }
 
     pub(super) async fn prepare_typed(
