@@ -1,11 +1,15 @@
 //! A bounded, per-connection cache of prepared statements, least recently used first out.
 //! Evicted statements are closed with the protocol Close message (when their last copy
-//! drops), never with SQL `DEALLOCATE`, which pins an RDS Proxy session.
+//! drops), never with SQL `DEALLOCATE`, which pins an RDS Proxy session. And the pool's
+//! learned statement shapes ([`Learned`]), for a statement new to a connection.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio_postgres::types::Type;
 
 use crate::statement::Statement;
+use crate::sync::lock;
 
 struct Entry {
     stmt: Statement,
@@ -71,5 +75,107 @@ impl StatementCache {
         let e = self.entries.remove(sql)?;
         self.bytes -= e.stmt.sql.len();
         Some(e.stmt)
+    }
+}
+
+/// What a prepare on any of the pool's connections told about a SQL text: the types of its
+/// parameters and how many columns it returns. With them a statement new to a connection is
+/// sent unnamed (Parse, Bind, Execute, Sync) in one round trip instead of a prepare's round
+/// trip and then the execute's.
+#[derive(Clone)]
+pub(crate) struct Shape {
+    pub(crate) params: Arc<[Type]>,
+    pub(crate) columns: usize,
+}
+
+/// The pool's learned [`Shape`]s, bounded in entries and bytes of SQL; the oldest learned
+/// leaves first.
+#[derive(Default)]
+pub(crate) struct Learned {
+    inner: Mutex<LearnedInner>,
+}
+
+#[derive(Default)]
+struct LearnedInner {
+    shapes: HashMap<Arc<str>, Shape>,
+    /// Texts in the order they were learned; may hold texts forgotten since.
+    order: VecDeque<Arc<str>>,
+    bytes: usize,
+}
+
+/// At most this many learned texts...
+const LEARNED_ENTRIES: usize = 1024;
+/// ...and this many bytes of them.
+const LEARNED_BYTES: usize = 1 << 20;
+
+impl Learned {
+    pub(crate) fn get(&self, sql: &str) -> Option<Shape> {
+        lock(&self.inner).shapes.get(sql).cloned()
+    }
+
+    pub(crate) fn learn(&self, sql: &str, params: &[Type], columns: usize) {
+        if sql.len() > LEARNED_BYTES {
+            return;
+        }
+        let mut g = lock(&self.inner);
+        let shape = Shape {
+            params: params.into(),
+            columns,
+        };
+        if let Some(s) = g.shapes.get_mut(sql) {
+            *s = shape;
+            return;
+        }
+        while g.shapes.len() >= LEARNED_ENTRIES || g.bytes + sql.len() > LEARNED_BYTES {
+            let Some(old) = g.order.pop_front() else {
+                break;
+            };
+            if g.shapes.remove(&old).is_some() {
+                g.bytes -= old.len();
+            }
+        }
+        let key: Arc<str> = Arc::from(sql);
+        g.bytes += key.len();
+        g.order.push_back(key.clone());
+        g.shapes.insert(key, shape);
+        if g.order.len() > 2 * LEARNED_ENTRIES {
+            // Forgotten texts pile up in the order: keep those still learned.
+            let LearnedInner { shapes, order, .. } = &mut *g;
+            order.retain(|k| shapes.contains_key(k));
+        }
+    }
+
+    /// The server refused a statement sent with `sql`'s learned shape: DDL may have changed
+    /// it; the next call learns it again.
+    pub(crate) fn forget(&self, sql: &str) {
+        let mut g = lock(&self.inner);
+        if let Some((k, _)) = g.shapes.remove_entry(sql) {
+            g.bytes -= k.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod learned_tests {
+    use super::*;
+
+    #[test]
+    fn learned_shapes_stay_bounded_and_forget() {
+        let l = Learned::default();
+        for i in 0..3 * LEARNED_ENTRIES {
+            let sql = format!("SELECT {i}");
+            l.learn(&sql, &[Type::INT4], 1);
+            if i % 2 == 0 {
+                l.forget(&sql);
+            }
+        }
+        let g = lock(&l.inner);
+        assert!(g.shapes.len() <= LEARNED_ENTRIES);
+        assert!(g.order.len() <= 2 * LEARNED_ENTRIES + 1);
+        assert_eq!(g.bytes, g.shapes.keys().map(|k| k.len()).sum::<usize>());
+        drop(g);
+        let last = format!("SELECT {}", 3 * LEARNED_ENTRIES - 1);
+        assert_eq!(l.get(&last).unwrap().params[..], [Type::INT4]);
+        assert!(l.get("SELECT 0").is_none());
     }
 }

@@ -15,6 +15,46 @@ use crate::pool::Pool;
 /// RDS Proxy closes client connections after 24 hours; `max_lifetime` must stay below.
 pub const PROXY_MAX_CLIENT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// What sits between the pool and PostgreSQL: a profile that decides what may pin or leak
+/// ([`PinRules::for_proxy`]), what the pool does about it, and how statements are sent. Set
+/// with [`Builder::proxy`]; an option set explicitly on the builder overrides the profile's
+/// choice, whatever the order of the calls.
+///
+/// | profile | what pins or leaks | what the pool does | statements |
+/// |---|---|---|---|
+/// | `RdsProxy` (default) | today's documented rules | closes a possibly pinned connection on return | cached named statements; a statement new to a connection in one round trip |
+/// | `RdsProxy2023` | any extended-protocol Parse too | as `RdsProxy` | as `RdsProxy` |
+/// | `PgBouncerSession` | every connection holds a server connection for its session; state changes dirty it | as `RdsProxy`, and closes every idle connection when an invocation ends (`min_idle` 0, `trim_at_invocation_end`) | as `RdsProxy` |
+/// | `PgBouncerTransaction` | state that outlives a transaction leaks into the next client's server connection (`SET LOCAL` does not) | refuses such a statement before sending it ([`Error::PinRefused`](crate::Error::PinRefused)), as `PinPolicy::Refuse` | unnamed statements only, in one round trip; no statement cache; `prepare` and `COPY` outside a transaction refused (`named_statement`) |
+/// | `Direct` | state changes dirty the connection for the next caller | closes a dirty connection on return | as `RdsProxy` |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+#[non_exhaustive]
+pub enum Proxy {
+    /// Amazon RDS Proxy, today's rules (multiplexing of the extended protocol, November 2023).
+    #[default]
+    RdsProxy,
+    /// Amazon RDS Proxy before November 2023: every extended-protocol Parse pins.
+    #[cfg_attr(feature = "serde", serde(rename = "rds_proxy_2023"))]
+    RdsProxy2023,
+    /// PgBouncer (or a pooler built like it) in session mode: a client holds one server
+    /// connection for its whole session, and `query_wait_timeout` plays the part of RDS Proxy's
+    /// borrow timeout.
+    #[cfg_attr(feature = "serde", serde(rename = "pgbouncer_session"))]
+    PgBouncerSession,
+    /// PgBouncer (or a pooler built like it, before PgBouncer 1.21's
+    /// `max_prepared_statements`) in transaction mode: each transaction may run on another
+    /// server connection, so named statements do not carry over and session state leaks.
+    #[cfg_attr(feature = "serde", serde(rename = "pgbouncer_transaction"))]
+    PgBouncerTransaction,
+    /// PostgreSQL itself, no proxy.
+    Direct,
+}
+
 /// What the pool does with a connection that may be pinned to a database connection by RDS
 /// Proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -490,6 +530,21 @@ pub(crate) struct Settings {
     pub(crate) held_too_long: Option<Duration>,
     pub(crate) statement_cache_capacity: usize,
     pub(crate) statement_cache_bytes: usize,
+    pub(crate) proxy: Proxy,
+    /// Named statements are sent: false under a transaction pooler's profile unless the
+    /// statement cache was set explicitly (a pooler that carries them, PgBouncer 1.21's
+    /// `max_prepared_statements`).
+    pub(crate) named_statements: bool,
+}
+
+/// The options a profile sets unless the builder set them explicitly.
+#[derive(Clone, Copy, Default)]
+struct Explicit {
+    pin_rules: bool,
+    pin_policy: bool,
+    min_idle: bool,
+    trim: bool,
+    cache: bool,
 }
 
 /// Builds a [`Pool`]. Every setter takes a value; [`Builder::build`] checks them all and
@@ -513,10 +568,12 @@ pub(crate) struct Settings {
 /// | `trim_at_invocation_end` | false | idle unpinned connections hold no database connection behind RDS Proxy |
 /// | `held_too_long` | off | a warning naming where a client was checked out when it is returned after this long; a client still out when its invocation ends is reported whatever this says |
 /// | `refill_after_invocation` | 250 ms | connections closed in an invocation (pinned ones) are replaced up to `min_idle` after its response, not on the next invocation's critical path; at most this long (billed) |
+/// | `proxy` | `RdsProxy` | the profile of what sits in front of PostgreSQL ([`Proxy`]); sets the defaults of `pin_rules`, `pin_policy`, `min_idle`, `trim_at_invocation_end` and the statement cache |
 #[must_use = "a builder does nothing until build() is called"]
 pub struct Builder {
     conn: ConnectionConfig,
     settings: Settings,
+    explicit: Explicit,
     connector: Option<Arc<dyn Connect>>,
     password: Option<SharedPasswordProvider>,
     #[cfg(feature = "tls")]
@@ -524,6 +581,37 @@ pub struct Builder {
 }
 
 impl Settings {
+    /// The profile's choices for the options the builder did not set.
+    fn apply_profile(&mut self, explicit: Explicit) {
+        let proxy = self.proxy;
+        if !explicit.pin_rules {
+            self.pin_rules = PinRules::for_proxy(proxy);
+        }
+        match proxy {
+            Proxy::PgBouncerSession => {
+                // A connection idle through a freeze holds its server connection: none stays.
+                if !explicit.min_idle {
+                    self.min_idle = 0;
+                }
+                if !explicit.trim {
+                    self.trim_at_invocation_end = true;
+                }
+            }
+            Proxy::PgBouncerTransaction => {
+                // Closing a connection does not undo state that leaked into the server
+                // connection: refuse it before it is sent.
+                if !explicit.pin_policy {
+                    self.pin_policy = PinPolicy::Refuse;
+                }
+                if !explicit.cache {
+                    self.statement_cache_capacity = 0;
+                    self.named_statements = false;
+                }
+            }
+            Proxy::RdsProxy | Proxy::RdsProxy2023 | Proxy::Direct => {}
+        }
+    }
+
     /// What `sql` (of classification `class`, computed when `None`), sent with `protocol`,
     /// may pin that [`PinPolicy::Refuse`] refuses before anything is sent: empty under the
     /// other policies, which classify what is sent on the wire instead. The one place that
@@ -564,6 +652,8 @@ impl Default for Settings {
             held_too_long: None,
             statement_cache_capacity: 100,
             statement_cache_bytes: 256 * 1024,
+            proxy: Proxy::RdsProxy,
+            named_statements: true,
         }
     }
 }
@@ -573,6 +663,7 @@ impl Builder {
         Builder {
             conn,
             settings: Settings::default(),
+            explicit: Explicit::default(),
             connector: None,
             password: None,
             #[cfg(feature = "tls")]
@@ -588,6 +679,7 @@ impl Builder {
 
     /// Connections [`Pool::warm_up`] opens and end-of-invocation trimming keeps. Default 0.
     pub fn min_idle(mut self, n: usize) -> Self {
+        self.explicit.min_idle = true;
         self.settings.min_idle = n;
         self
     }
@@ -671,12 +763,14 @@ impl Builder {
 
     /// The pinning rules the pool classifies statements with. Default: today's AWS rules.
     pub fn pin_rules(mut self, rules: PinRules) -> Self {
+        self.explicit.pin_rules = true;
         self.settings.pin_rules = rules;
         self
     }
 
     /// What to do with a possibly pinned connection. Default [`PinPolicy::CloseOnReturn`].
     pub fn pin_policy(mut self, policy: PinPolicy) -> Self {
+        self.explicit.pin_policy = true;
         self.settings.pin_policy = policy;
         self
     }
@@ -731,6 +825,7 @@ impl Builder {
     /// Close idle connections beyond `min_idle` when an invocation ends. Default false: idle,
     /// unpinned connections hold no database connection behind RDS Proxy.
     pub fn trim_at_invocation_end(mut self, trim: bool) -> Self {
+        self.explicit.trim = true;
         self.settings.trim_at_invocation_end = trim;
         self
     }
@@ -738,6 +833,7 @@ impl Builder {
     /// How many prepared statements each connection keeps for the `&str` statement methods
     /// (least recently used first out); 0 turns the cache off. Default 100.
     pub fn statement_cache_capacity(mut self, n: usize) -> Self {
+        self.explicit.cache = true;
         self.settings.statement_cache_capacity = n;
         self
     }
@@ -748,6 +844,14 @@ impl Builder {
         self
     }
 
+    /// The profile of what sits between the pool and PostgreSQL. Default
+    /// [`Proxy::RdsProxy`]. See [`Proxy`] for what each profile sets; options set explicitly
+    /// on this builder keep their values.
+    pub fn proxy(mut self, proxy: Proxy) -> Self {
+        self.settings.proxy = proxy;
+        self
+    }
+
     /// Validates every option and creates the pool. Opens no connection.
     ///
     /// # Errors
@@ -755,12 +859,14 @@ impl Builder {
     pub fn build(self) -> Result<Pool, Error> {
         let Builder {
             conn,
-            settings: s,
+            settings: mut s,
+            explicit,
             connector,
             password,
             #[cfg(feature = "tls")]
             root_certs_pem,
         } = self;
+        s.apply_profile(explicit);
         let mut pg = conn.parsed?;
         check_hosts(&pg)?;
         if pg.get_user().is_none_or(str::is_empty) {
@@ -911,6 +1017,88 @@ fn choose_connector(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(b: Builder) -> Settings {
+        let mut s = b.settings;
+        s.apply_profile(b.explicit);
+        s
+    }
+
+    fn builder() -> Builder {
+        Pool::builder("postgres://u@h/db")
+    }
+
+    #[test]
+    fn a_profile_sets_defaults_and_explicit_options_win_in_any_order() {
+        let s = settings(builder().proxy(Proxy::PgBouncerTransaction));
+        assert_eq!(s.pin_policy, PinPolicy::Refuse);
+        assert_eq!(s.statement_cache_capacity, 0);
+        assert!(!s.named_statements);
+        assert!(s.pin_rules.is_set_local_safe());
+        for b in [
+            builder()
+                .pin_policy(PinPolicy::Keep)
+                .statement_cache_capacity(5)
+                .proxy(Proxy::PgBouncerTransaction),
+            builder()
+                .proxy(Proxy::PgBouncerTransaction)
+                .pin_policy(PinPolicy::Keep)
+                .statement_cache_capacity(5),
+        ] {
+            let s = settings(b);
+            assert_eq!(s.pin_policy, PinPolicy::Keep);
+            assert_eq!(s.statement_cache_capacity, 5);
+            assert!(s.named_statements);
+        }
+        let s = settings(builder().min_idle(2).proxy(Proxy::PgBouncerSession));
+        assert_eq!((s.min_idle, s.trim_at_invocation_end), (2, true));
+        let s = settings(builder().proxy(Proxy::PgBouncerSession));
+        assert_eq!(s.min_idle, 0);
+        let s = settings(builder().proxy(Proxy::RdsProxy2023));
+        assert!(s.pin_rules.is_legacy_parse());
+        let s = settings(
+            builder()
+                .pin_rules(PinRules::new())
+                .proxy(Proxy::RdsProxy2023),
+        );
+        assert!(!s.pin_rules.is_legacy_parse());
+        let s = settings(builder());
+        assert_eq!(s.pin_rules, PinRules::new());
+        assert_eq!(s.pin_policy, PinPolicy::CloseOnReturn);
+        assert!(s.named_statements);
+    }
+
+    #[test]
+    fn what_pins_or_leaks_depends_on_the_proxy() {
+        use crate::pinning::Reason;
+        let nextval = "SELECT nextval('s')";
+        let set_local = "SET LOCAL work_mem = '8MB'";
+        let rds = PinRules::for_proxy(Proxy::RdsProxy);
+        assert!(
+            rds.check(nextval, Protocol::Parse)
+                .contains(Reason::SequenceFunction)
+        );
+        assert!(!rds.check(set_local, Protocol::Parse).is_empty());
+        let tx = PinRules::for_proxy(Proxy::PgBouncerTransaction);
+        assert!(tx.check(nextval, Protocol::Parse).is_empty());
+        assert!(tx.check(set_local, Protocol::Parse).is_empty());
+        assert!(
+            tx.check("SET work_mem = '8MB'", Protocol::Parse)
+                .contains(Reason::Set)
+        );
+        let long = format!("SELECT '{}'", "x".repeat(20_000));
+        assert!(tx.check(&long, Protocol::Simple).is_empty());
+        assert!(
+            rds.check(&long, Protocol::Simple)
+                .contains(Reason::Oversized)
+        );
+        let legacy = PinRules::for_proxy(Proxy::RdsProxy2023);
+        assert!(
+            legacy
+                .check("SELECT 1", Protocol::Parse)
+                .contains(Reason::Parse)
+        );
+    }
 
     #[test]
     fn verify_modes_become_require() {

@@ -3,7 +3,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -138,7 +138,7 @@ pub(crate) struct ConnState {
     in_flight: AtomicU32,
     flags: AtomicU8,
     /// The pin reasons already reported (metrics, logs), of those the wire saw.
-    reported: AtomicU16,
+    reported: AtomicU32,
     /// The wire's count of requests written when a dropped transaction queued its ROLLBACK:
     /// while nothing more was written, the ROLLBACK still waits ahead of everything else.
     rollback_mark: AtomicU32,
@@ -419,7 +419,7 @@ impl Conn {
                 id,
                 in_flight: AtomicU32::new(0),
                 flags: AtomicU8::new(0),
-                reported: AtomicU16::new(0),
+                reported: AtomicU32::new(0),
                 rollback_mark: AtomicU32::new(0),
                 checkout_mark: AtomicU64::new(0),
                 wire,

@@ -33,7 +33,9 @@ mod tls;
 mod wire;
 
 pub use client::{GenericClient, PinState, PooledClient, Transaction, TransactionBuilder};
-pub use config::{Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy};
+pub use config::{
+    Builder, ConnectionConfig, FreezeCheck, PROXY_MAX_CLIENT_LIFETIME, PinPolicy, Proxy,
+};
 pub(crate) use connect::BoxFuture;
 pub use connect::{CachedPassword, PasswordProvider};
 pub use error::{BoxError, Error, Phase, TimeoutCause};

@@ -53,6 +53,8 @@ pub(crate) struct PoolInner {
     pub(crate) counters: Counters,
     /// The cutoffs of this pool's invocations running now (see [`Running`]).
     pub(crate) running: Arc<Running>,
+    /// The shapes of statements prepared on any of its connections.
+    pub(crate) learned: crate::cache::Learned,
 }
 
 /// Undoes a count on drop unless disarmed: keeps `size` right when a `get()`
@@ -104,6 +106,7 @@ impl Pool {
                 next_id: AtomicU64::new(1),
                 counters: Counters::default(),
                 running: Arc::default(),
+                learned: Default::default(),
             }),
         }
     }

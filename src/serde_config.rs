@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
-use crate::config::{Builder, ConnectionConfig, FreezeCheck, PinPolicy};
+use crate::config::{Builder, ConnectionConfig, FreezeCheck, PinPolicy, Proxy};
 use crate::error::Error;
 use crate::pinning::PinRules;
 use crate::pool::Pool;
@@ -82,6 +82,9 @@ pub struct PoolConfig {
     /// [`Builder::idle_timeout`] (`"off"`: none).
     #[serde(deserialize_with = "named::idle_timeout")]
     pub idle_timeout: Option<Option<Duration>>,
+    /// [`Builder::proxy`]: `rds_proxy` (the default), `rds_proxy_2023`, `pgbouncer_session`,
+    /// `pgbouncer_transaction` or `direct`.
+    pub proxy: Option<Proxy>,
     /// [`Builder::pin_policy`]: `close_on_return`, `keep`, `keep_for_invocation` or `refuse`.
     pub pin_policy: Option<PinPolicy>,
     /// [`Builder::pin_rules`]: `today` (the default) or `legacy` (any Parse pins, as RDS
@@ -214,6 +217,9 @@ impl PoolConfig {
         }
         if let Some(d) = p.idle_timeout {
             b = b.idle_timeout(d);
+        }
+        if let Some(proxy) = p.proxy {
+            b = b.proxy(proxy);
         }
         if let Some(policy) = p.pin_policy {
             b = b.pin_policy(policy);

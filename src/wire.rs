@@ -412,13 +412,17 @@ impl Wire {
 
 /// The facts of a [`Wire`] packed in one word: bits 0-31 the requests waiting for their
 /// ReadyForQuery, 32-39 the last ReadyForQuery's status byte (0 before the first), 40 a COPY
-/// is open, 41 a FATAL or PANIC arrived, 42 the framing broke, 48-63 the pin reasons.
+/// is open, 41 a FATAL or PANIC arrived, 42 the framing broke, 43-63 the pin reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Facts(u64);
 
 const COPY: u64 = 1 << 40;
 const FATAL: u64 = 1 << 41;
 const GARBLED: u64 = 1 << 42;
+/// Where the pin reasons start, and their mask: room for 21.
+const PINS: u32 = 43;
+const PIN_MASK: u64 = (1 << (64 - PINS)) - 1;
+const _: () = assert!(crate::pinning::REASON_COUNT <= 64 - PINS as usize);
 
 impl Facts {
     pub(crate) fn outstanding(self) -> u32 {
@@ -460,11 +464,11 @@ impl Facts {
     }
 
     pub(crate) fn pinned(self) -> Reasons {
-        Reasons::from_bits((self.0 >> 48) as u16)
+        Reasons::from_bits((self.0 >> PINS) as u32)
     }
 
     fn set_pinned(&mut self, r: Reasons) {
-        self.0 = (self.0 & !(0xffff << 48)) | (u64::from(r.bits()) << 48);
+        self.0 = (self.0 & !(PIN_MASK << PINS)) | ((u64::from(r.bits()) & PIN_MASK) << PINS);
     }
 }
 

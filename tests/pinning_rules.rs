@@ -474,7 +474,10 @@ fn the_labelled_table_classifies_as_labelled() {
 #[test]
 fn every_reason_is_covered_by_the_table() {
     for r in Reason::all() {
-        if matches!(r, Parse | Untracked | Oversized | SessionChanged) {
+        if matches!(
+            r,
+            Parse | Untracked | Oversized | SessionChanged | NamedStatement
+        ) {
             continue; // not a property of the text alone
         }
         assert!(

@@ -64,6 +64,26 @@ async fn a_url_with_names_given_beside_it() {
     assert_eq!(app, "serde_url");
 }
 
+#[tokio::test]
+async fn a_proxy_profile_from_data() {
+    let c = config(serde_json::json!({
+        "url": common::database_url(),
+        "application_name": "serde_proxy",
+        "pool": { "proxy": "pgbouncer_transaction" }
+    }))
+    .unwrap();
+    let pool = c.builder().build().unwrap();
+    let client = pool.get().await.unwrap();
+    // The transaction pooler's profile refuses what would leak, before sending it.
+    let e = client
+        .batch_execute("SET work_mem = '8MB'")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PinRefused { .. }), "{e:?}");
+    let e = config(serde_json::json!({ "pool": { "proxy": "pgpool" } })).unwrap_err();
+    assert!(e.to_string().contains("pgpool"), "{e}");
+}
+
 #[test]
 fn bad_data_fails_naming_what_is_wrong() {
     let e = config(serde_json::json!({ "pool": { "max_sise": 3 } })).unwrap_err();

@@ -11,10 +11,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{BorrowToSql, FromSqlOwned, ToSql, Type};
 use tokio_postgres::{Client, Row, SimpleQueryMessage};
 
+use crate::cache::Shape;
 use crate::conn::{ConnState, InFlight};
 use crate::deadline::Bound;
 use crate::error::Error;
-use crate::pinning::{Classification, Protocol, Reasons, TxnControl, classify};
+use crate::pinning::{Classification, Protocol, Reason, Reasons, TxnControl, classify};
 use crate::statement::{Statement, StatementRef, ToStatement};
 use crate::stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream};
 
@@ -36,12 +37,16 @@ pub(super) trait PgStatement: tokio_postgres::ToStatement + std::fmt::Debug + Sy
 impl<T: ?Sized + tokio_postgres::ToStatement + std::fmt::Debug + Sync> PgStatement for T {}
 
 /// A statement argument, checked and ready to run: a prepared statement (for SQL text the
-/// connection's own, from its cache), or the SQL text itself when the cache is off.
+/// connection's own, from its cache), the SQL text itself when the cache is off, or SQL text
+/// new to the connection whose shape the pool learned.
 pub(super) enum Target {
     Prepared(tokio_postgres::Statement),
     /// Owned: a `str` cannot stand behind a `dyn`. Copied only when the cache is off, where
     /// each call prepares its statement with a round trip anyway.
     Text(String),
+    /// Sent unnamed with its learned parameter types, in one round trip ([`Ctx::typed`]).
+    /// A method that cannot send it so runs it as `Text`.
+    Typed(String, Shape),
 }
 
 impl Target {
@@ -49,9 +54,56 @@ impl Target {
     pub(super) fn pg(&self) -> &dyn PgStatement {
         match self {
             Target::Prepared(s) => s,
-            Target::Text(sql) => sql,
+            Target::Text(sql) | Target::Typed(sql, _) => sql,
         }
     }
+}
+
+/// What a statement method can send unnamed: `params` parameters (`None`: not counted
+/// before the call, as for an iterator), and whether it reads one column (the scalar methods,
+/// which then need the learned shape to say so).
+#[derive(Clone, Copy)]
+pub(super) struct Unnamed {
+    params: Option<usize>,
+    scalar: bool,
+}
+
+impl Unnamed {
+    fn rows(params: usize) -> Option<Unnamed> {
+        Some(Unnamed {
+            params: Some(params),
+            scalar: false,
+        })
+    }
+
+    fn scalar(params: usize) -> Option<Unnamed> {
+        Some(Unnamed {
+            params: Some(params),
+            scalar: true,
+        })
+    }
+
+    /// Parameters from an iterator: each is sent with the learned type at its place.
+    fn raw() -> Option<Unnamed> {
+        Some(Unnamed {
+            params: None,
+            scalar: false,
+        })
+    }
+}
+
+/// `params` with the learned `types`, as the typed methods take them. A count that differs
+/// is the caller's mistake: a missing type is `unknown` (the parameter then fails to encode),
+/// a missing value the server's error.
+fn with_types<'p>(
+    params: &[&'p (dyn ToSql + Sync)],
+    types: &[Type],
+) -> Vec<(&'p (dyn ToSql + Sync), Type)> {
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (*p, types.get(i).cloned().unwrap_or(Type::UNKNOWN)))
+        .collect()
 }
 
 /// True for the server's word that a prepared statement no longer fits (DDL changed its
@@ -74,6 +126,41 @@ pub(super) fn is_stale(e: &Error, state: &ConnState, request: u32) -> bool {
     (revalidating || looking_up) && state.wire.failed_before_bind_complete(request)
 }
 
+/// Parameters from an iterator with the learned types, as [`with_types`] pairs them; turned
+/// into an iterator only where tokio-postgres encodes them, so a future holding it is `Send`
+/// when the caller's iterable is.
+struct WithTypes<I>(I, Arc<[Type]>);
+
+impl<I: IntoIterator> IntoIterator for WithTypes<I> {
+    type Item = (I::Item, Type);
+    type IntoIter = Typed<I::IntoIter>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Typed {
+            params: self.0.into_iter(),
+            types: self.1,
+            at: 0,
+        }
+    }
+}
+
+struct Typed<It> {
+    params: It,
+    types: Arc<[Type]>,
+    at: usize,
+}
+
+impl<It: Iterator> Iterator for Typed<It> {
+    type Item = (It::Item, Type);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let p = self.params.next()?;
+        let ty = self.types.get(self.at).cloned().unwrap_or(Type::UNKNOWN);
+        self.at += 1;
+        Some((p, ty))
+    }
+}
+
 impl<'a> Ctx<'a> {
     /// Runs a statement under this call's bound. On timeout the socket closes at once.
     /// (Not an `async fn`: another layer of future would copy the statement's future once
@@ -93,25 +180,41 @@ impl<'a> Ctx<'a> {
         self.g.open(self.bound, fut)
     }
 
-    /// Checks a statement argument for what it may pin and readies it; SQL text is prepared
-    /// and cached on a cache miss. With the target comes the SQL text when the target is
-    /// from the cache.
+    /// Checks a statement argument for what it may pin and readies it. SQL text is the
+    /// connection's cached statement; on a miss, for a method that can send it unnamed
+    /// (`unnamed`), the text with its learned shape; else it is prepared and cached. With the
+    /// target comes the SQL text when the target is from the cache.
     pub(super) async fn ready<T: ?Sized + ToStatement>(
         self,
         statement: &T,
+        unnamed: Option<Unnamed>,
     ) -> Result<(Target, Option<&str>), Error> {
         match statement.__statement() {
-            StatementRef::Text(sql) => match self.cached(sql, self.bound).await? {
-                Some(stmt) => {
+            StatementRef::Text(sql) => {
+                if let Some(stmt) = self.cache_hit(sql) {
                     self.g
                         .check(&stmt.sql, Some(stmt.class), Protocol::Execute)?;
-                    Ok((Target::Prepared(stmt.inner), Some(sql)))
+                    return Ok((Target::Prepared(stmt.inner), Some(sql)));
                 }
-                None => {
+                if let Some(u) = unnamed {
                     self.g.check(sql, None, Protocol::Parse)?;
-                    Ok((Target::Text(sql.to_owned()), None))
+                    if let Some(shape) = self.shape(sql, u).await? {
+                        return Ok((Target::Typed(sql.to_owned(), shape), None));
+                    }
                 }
-            },
+                self.named_allowed(sql)?;
+                match self.cached(sql, self.bound).await? {
+                    Some(stmt) => {
+                        self.g
+                            .check(&stmt.sql, Some(stmt.class), Protocol::Execute)?;
+                        Ok((Target::Prepared(stmt.inner), Some(sql)))
+                    }
+                    None => {
+                        self.g.check(sql, None, Protocol::Parse)?;
+                        Ok((Target::Text(sql.to_owned()), None))
+                    }
+                }
+            }
             StatementRef::Prepared(p) => {
                 self.g.check(&p.sql, Some(p.class), Protocol::Execute)?;
                 Ok((Target::Prepared(p.inner.clone()), None))
@@ -125,12 +228,13 @@ impl<'a> Ctx<'a> {
     pub(super) async fn with_statement<T: ?Sized + ToStatement, R, F>(
         self,
         statement: &T,
+        unnamed: Option<Unnamed>,
         call: impl Fn(Target) -> F,
     ) -> Result<R, Error>
     where
         F: Future<Output = Result<R, Error>>,
     {
-        let (target, cached) = self.ready(statement).await?;
+        let (target, cached) = self.ready(statement, unnamed).await?;
         // The number the call's request will have, taken as `Guarded::run` takes it: the
         // stale rule trusts a failure at Bind only for exactly this request.
         let request = self.g.state.wire.next_request();
@@ -155,9 +259,10 @@ impl<'a> Ctx<'a> {
     pub(super) async fn with_statement_once<T: ?Sized + ToStatement, R>(
         self,
         statement: &T,
+        unnamed: Option<Unnamed>,
         call: impl AsyncFnOnce(Target) -> Result<R, Error>,
     ) -> Result<R, Error> {
-        let target = self.ready(statement).await?.0;
+        let target = self.ready(statement, unnamed).await?.0;
         let request = self.g.state.wire.next_request();
         let r = call(target).await;
         if let Err(e) = &r {
@@ -206,9 +311,7 @@ impl<'a> Ctx<'a> {
             return Ok(None);
         }
         let counters = &self.g.pool.counters;
-        let hit = self.g.state.cache().get(sql);
-        if let Some(stmt) = hit {
-            counters.cache_hit();
+        if let Some(stmt) = self.cache_hit(sql) {
             return Ok(Some(stmt));
         }
         if !settings.refusal(sql, None, Protocol::Execute).is_empty() {
@@ -219,17 +322,179 @@ impl<'a> Ctx<'a> {
         // Boxed: a miss is rare and costs a round trip, and its state inline would make every
         // statement's future larger, copied at each layer on every call.
         let stmt = Box::pin(self.prepare_in(sql, &[], bound)).await?;
+        self.cache_insert(stmt.clone());
+        Ok(Some(stmt))
+    }
+
+    /// The connection's cached statement for `sql`, counted as a hit; `None` (not counted)
+    /// on a miss or with the cache off.
+    fn cache_hit(self, sql: &str) -> Option<Statement> {
+        if self.g.pool.settings.statement_cache_capacity == 0 {
+            return None;
+        }
+        let hit = self.g.state.cache().get(sql);
+        if hit.is_some() {
+            self.g.pool.counters.cache_hit();
+        }
+        hit
+    }
+
+    fn cache_insert(self, stmt: Statement) {
+        let settings = &self.g.pool.settings;
         let evicted = self.g.state.cache().insert(
-            stmt.clone(),
+            stmt,
             settings.statement_cache_capacity,
             settings.statement_cache_bytes,
         );
         if !evicted.is_empty() {
-            counters.cache_evictions(evicted.len() as u64);
+            self.g.pool.counters.cache_evictions(evicted.len() as u64);
         }
         // Dropping the evicted statements sends their protocol Close.
         drop(evicted);
-        Ok(Some(stmt))
+    }
+
+    /// Refuses a named statement for one call where the proxy cannot carry named statements
+    /// ([`Proxy::unnamed_only`](crate::Proxy)), outside a transaction (inside one, the server
+    /// connection stays the same until it ends, and the call closes its statement before).
+    fn named_allowed(self, sql: &str) -> Result<(), Error> {
+        if self.g.state.in_transaction() {
+            return Ok(());
+        }
+        self.named_lent(sql)
+    }
+
+    /// Refuses a named statement lent to the caller where the proxy cannot carry named
+    /// statements: it may outlive the transaction, and its name stays behind on a server
+    /// connection another client gets.
+    fn named_lent(self, sql: &str) -> Result<(), Error> {
+        if self.g.pool.settings.named_statements {
+            return Ok(());
+        }
+        Err(self.g.pool.refuse(Reasons::of(Reason::NamedStatement), sql))
+    }
+
+    /// The shape to send `sql` unnamed with, for a method that sends it as `u` says: the
+    /// learned one; with no parameters and rows wanted, none needed; where named statements
+    /// cannot be used, learned now. `None`: prepare it instead.
+    async fn shape(self, sql: &str, u: Unnamed) -> Result<Option<Shape>, Error> {
+        let unnamed_only = !self.g.pool.settings.named_statements;
+        let shape = match self.g.pool.learned.get(sql) {
+            Some(shape) => shape,
+            None if u.params == Some(0) && !u.scalar => Shape {
+                params: Arc::from([]),
+                columns: 1,
+            },
+            None if unnamed_only => Box::pin(self.learn(sql)).await?,
+            None => return Ok(None),
+        };
+        let fits =
+            u.params.is_none_or(|n| n == shape.params.len()) && (!u.scalar || shape.columns == 1);
+        // Where named statements cannot be used a misfit is sent as it is: the server, or the
+        // encoding of a parameter, says what is wrong.
+        Ok((fits || unnamed_only).then_some(shape))
+    }
+
+    /// Learns `sql`'s shape without leaving a named statement behind on a transaction
+    /// pooler's server connection: the prepare and its Close inside a transaction, the
+    /// caller's or one opened and rolled back around them (pipelined, so the pooler keeps one
+    /// server connection for all of it).
+    async fn learn(self, sql: &str) -> Result<Shape, Error> {
+        let shape = |s: tokio_postgres::Statement| Shape {
+            params: Arc::from(s.params()),
+            columns: s.columns().len(),
+        };
+        // Each prepared statement drops in the block: its Close is queued in the transaction.
+        let shape = if self.g.state.in_transaction() {
+            self.run_all(async { self.client.prepare(sql).await.map(shape) })
+                .await?
+        } else {
+            self.run_all(async {
+                let (begun, prepared) = futures_util::future::join(
+                    self.client.batch_execute("BEGIN"),
+                    self.client.prepare(sql),
+                )
+                .await;
+                let prepared = prepared.map(shape);
+                let rolled_back = self.client.batch_execute("ROLLBACK").await;
+                begun.and(prepared).and_then(|s| rolled_back.map(|()| s))
+            })
+            .await?
+        };
+        self.g.pool.learned.learn(sql, &shape.params, shape.columns);
+        Ok(shape)
+    }
+
+    /// [`Guarded::run`] for a call that writes several requests: it also waits for the
+    /// ReadyForQuery of the last one written, so the connection returns at rest.
+    async fn run_all<T>(
+        self,
+        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Error> {
+        let r = self.run(fut).await;
+        let settled = match &r {
+            Ok(_) => true,
+            Err(e) => e.as_db_error().is_some(),
+        };
+        if settled {
+            let last = self.g.state.wire.next_request().wrapping_sub(1);
+            self.g.state.await_ready(last, self.bound).await;
+        }
+        r
+    }
+
+    /// Runs `fut`, which sends `sql` unnamed with its learned shape: one round trip. Where
+    /// the connection caches named statements, a prepare of the same text is pipelined ahead
+    /// of it (the same round trip) and cached for the next call. An error from the server
+    /// forgets the shape: DDL may have changed it.
+    pub(super) async fn typed<R>(
+        self,
+        sql: &str,
+        fut: impl Future<Output = Result<R, tokio_postgres::Error>>,
+    ) -> Result<R, Error> {
+        let settings = &self.g.pool.settings;
+        let r = if settings.named_statements && settings.statement_cache_capacity > 0 {
+            self.g.pool.counters.cache_miss();
+            let prepare = self.client.prepare(sql);
+            self.run_all(async move {
+                match futures_util::future::join(prepare, fut).await {
+                    (prepared, Ok(r)) => Ok((prepared.ok(), r)),
+                    // The server's word came first, then it closed the session (a pooler's
+                    // `query_wait_timeout`): its word is the error.
+                    (Err(said), Err(e)) if e.is_closed() && said.as_db_error().is_some() => {
+                        Err(said)
+                    }
+                    (_, Err(e)) => Err(e),
+                }
+            })
+            .await
+            .map(|(prepared, r)| {
+                if let Some(inner) = prepared {
+                    self.learn_from(sql, &inner);
+                    self.cache_insert(Statement {
+                        inner,
+                        sql: Arc::from(sql),
+                        class: classify(sql),
+                    });
+                }
+                r
+            })
+        } else {
+            self.run(fut).await
+        };
+        if let Err(e) = &r
+            && e.as_db_error().is_some()
+        {
+            self.g.pool.learned.forget(sql);
+        }
+        r
+    }
+
+    /// Remembers the shape of `sql` from a statement prepared without given types.
+    fn learn_from(self, sql: &str, stmt: &tokio_postgres::Statement) {
+        self.g
+            .pool
+            .learned
+            .learn(sql, stmt.params(), stmt.columns().len());
     }
 
     pub(super) async fn prepare_typed(
@@ -237,12 +502,14 @@ impl<'a> Ctx<'a> {
         query: &str,
         types: &[Type],
     ) -> Result<Statement, Error> {
+        self.named_lent(query)?;
         let stmt = self.prepare_in(query, types, self.bound).await?;
         self.g.state.lend_statement();
         Ok(stmt)
     }
 
     pub(super) async fn prepare_cached(self, query: &str) -> Result<Statement, Error> {
+        self.named_lent(query)?;
         let stmt = match self.cached(query, self.bound).await? {
             Some(stmt) => stmt,
             None => self.prepare_in(query, &[], self.bound).await?,
@@ -263,6 +530,7 @@ impl<'a> Ctx<'a> {
         if types.is_empty() {
             return self.prepare_cached(query).await;
         }
+        self.named_lent(query)?;
         let hit = self.g.state.cache().get(query);
         match hit {
             Some(stmt) if stmt.inner.params() == types => {
@@ -292,6 +560,9 @@ impl<'a> Ctx<'a> {
             .g
             .run(bound, self.client.prepare_typed(query, types))
             .await?;
+        if types.is_empty() {
+            self.learn_from(query, &inner);
+        }
         Ok(Statement {
             inner,
             sql: Arc::from(query),
@@ -304,9 +575,19 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error> {
-        self.with_statement(statement, move |s| async move {
-            self.run(self.client.query(s.pg(), params)).await
-        })
+        self.with_statement(
+            statement,
+            Unnamed::rows(params.len()),
+            move |s| async move {
+                match s {
+                    Target::Typed(sql, shape) => {
+                        let params = with_types(params, &shape.params);
+                        Box::pin(self.typed(&sql, self.client.query_typed(&sql, &params))).await
+                    }
+                    s => self.run(self.client.query(s.pg(), params)).await,
+                }
+            },
+        )
         .await
     }
 
@@ -315,9 +596,19 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, Error> {
-        self.with_statement(statement, move |s| async move {
-            self.run(self.client.query_one(s.pg(), params)).await
-        })
+        self.with_statement(
+            statement,
+            Unnamed::rows(params.len()),
+            move |s| async move {
+                match s {
+                    Target::Typed(sql, shape) => {
+                        let params = with_types(params, &shape.params);
+                        Box::pin(self.typed(&sql, self.client.query_typed_one(&sql, &params))).await
+                    }
+                    s => self.run(self.client.query_one(s.pg(), params)).await,
+                }
+            },
+        )
         .await
     }
 
@@ -326,9 +617,19 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, Error> {
-        self.with_statement(statement, move |s| async move {
-            self.run(self.client.query_opt(s.pg(), params)).await
-        })
+        self.with_statement(
+            statement,
+            Unnamed::rows(params.len()),
+            move |s| async move {
+                match s {
+                    Target::Typed(sql, shape) => {
+                        let params = with_types(params, &shape.params);
+                        Box::pin(self.typed(&sql, self.client.query_typed_opt(&sql, &params))).await
+                    }
+                    s => self.run(self.client.query_opt(s.pg(), params)).await,
+                }
+            },
+        )
         .await
     }
 
@@ -337,9 +638,23 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<R>, Error> {
-        self.with_statement(statement, move |s| async move {
-            self.run(self.client.query_scalar(s.pg(), params)).await
-        })
+        self.with_statement(
+            statement,
+            Unnamed::scalar(params.len()),
+            move |s| async move {
+                match s {
+                    Target::Typed(sql, shape) => {
+                        let params = with_types(params, &shape.params);
+                        Box::pin(self.typed(&sql, async {
+                            let rows = self.client.query_typed(&sql, &params).await?;
+                            rows.iter().map(|r| r.try_get(0)).collect()
+                        }))
+                        .await
+                    }
+                    s => self.run(self.client.query_scalar(s.pg(), params)).await,
+                }
+            },
+        )
         .await
     }
 
@@ -348,9 +663,22 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<R, Error> {
-        self.with_statement(statement, move |s| async move {
-            self.run(self.client.query_one_scalar(s.pg(), params)).await
-        })
+        self.with_statement(
+            statement,
+            Unnamed::scalar(params.len()),
+            move |s| async move {
+                match s {
+                    Target::Typed(sql, shape) => {
+                        let params = with_types(params, &shape.params);
+                        Box::pin(self.typed(&sql, async {
+                            self.client.query_typed_one(&sql, &params).await?.try_get(0)
+                        }))
+                        .await
+                    }
+                    s => self.run(self.client.query_one_scalar(s.pg(), params)).await,
+                }
+            },
+        )
         .await
     }
 
@@ -359,9 +687,23 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<R>, Error> {
-        self.with_statement(statement, move |s| async move {
-            self.run(self.client.query_opt_scalar(s.pg(), params)).await
-        })
+        self.with_statement(
+            statement,
+            Unnamed::scalar(params.len()),
+            move |s| async move {
+                match s {
+                    Target::Typed(sql, shape) => {
+                        let params = with_types(params, &shape.params);
+                        Box::pin(self.typed(&sql, async {
+                            let row = self.client.query_typed_opt(&sql, &params).await?;
+                            row.map(|r| r.try_get(0)).transpose()
+                        }))
+                        .await
+                    }
+                    s => self.run(self.client.query_opt_scalar(s.pg(), params)).await,
+                }
+            },
+        )
         .await
     }
 
@@ -377,8 +719,16 @@ impl<'a> Ctx<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let (s, bound, f) = self
-            .with_statement_once(statement, async |s| {
-                self.open(self.client.query_raw(s.pg(), params)).await
+            .with_statement_once(statement, Unnamed::raw(), async |s| match s {
+                Target::Typed(sql, shape) => {
+                    let params = WithTypes(params, shape.params);
+                    let r = self.open(self.client.query_typed_raw(&sql, params)).await;
+                    if r.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
+                        self.g.pool.learned.forget(&sql);
+                    }
+                    r
+                }
+                s => self.open(self.client.query_raw(s.pg(), params)).await,
             })
             .await?;
         Ok(RowStream::new(s, bound, self.g.state, f))
@@ -432,9 +782,19 @@ impl<'a> Ctx<'a> {
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, Error> {
-        self.with_statement(statement, move |s| async move {
-            self.run(self.client.execute(s.pg(), params)).await
-        })
+        self.with_statement(
+            statement,
+            Unnamed::rows(params.len()),
+            move |s| async move {
+                match s {
+                    Target::Typed(sql, shape) => {
+                        let params = with_types(params, &shape.params);
+                        Box::pin(self.typed(&sql, self.client.execute_typed(&sql, &params))).await
+                    }
+                    s => self.run(self.client.execute(s.pg(), params)).await,
+                }
+            },
+        )
         .await
     }
 
@@ -454,8 +814,21 @@ impl<'a> Ctx<'a> {
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        self.with_statement_once(statement, async |s| {
-            self.run(self.client.execute_raw(s.pg(), params)).await
+        self.with_statement_once(statement, Unnamed::raw(), async |s| match s {
+            Target::Typed(sql, shape) => {
+                let params = WithTypes(params, shape.params);
+                let run = async {
+                    let rows = self.client.query_typed_raw(&sql, params).await?;
+                    let mut rows = std::pin::pin!(rows);
+                    while futures_util::TryStreamExt::try_next(&mut rows)
+                        .await?
+                        .is_some()
+                    {}
+                    Ok(rows.rows_affected().unwrap_or(0))
+                };
+                Box::pin(self.typed(&sql, run)).await
+            }
+            s => self.run(self.client.execute_raw(s.pg(), params)).await,
         })
         .await
     }
@@ -466,7 +839,7 @@ impl<'a> Ctx<'a> {
         U: Buf + 'static + Send,
     {
         let (s, bound, f) = self
-            .with_statement_once(statement, async |s| {
+            .with_statement_once(statement, None, async |s| {
                 self.open(self.client.copy_in(s.pg())).await
             })
             .await?;
@@ -478,7 +851,7 @@ impl<'a> Ctx<'a> {
         statement: &T,
     ) -> Result<CopyOutStream<'a>, Error> {
         let (s, bound, f) = self
-            .with_statement_once(statement, async |s| {
+            .with_statement_once(statement, None, async |s| {
                 self.open(self.client.copy_out(s.pg())).await
             })
             .await?;

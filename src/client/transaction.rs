@@ -339,7 +339,7 @@ impl<'a> Transaction<'a> {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Portal, Error> {
         let ctx = self.ctx()?;
-        ctx.with_statement(statement, move |s| async move {
+        ctx.with_statement(statement, None, move |s| async move {
             ctx.run(self.inner.bind(s.pg(), params)).await
         })
         .await
@@ -357,7 +357,7 @@ impl<'a> Transaction<'a> {
         I::IntoIter: ExactSizeIterator,
     {
         let ctx = self.ctx()?;
-        ctx.with_statement_once(statement, async |s| {
+        ctx.with_statement_once(statement, None, async |s| {
             ctx.run(self.inner.bind_raw(s.pg(), params)).await
         })
         .await

@@ -365,7 +365,7 @@ pub(crate) struct Counters {
     upstream_in_use: AtomicU64,
     pinned_now: AtomicU64,
     peak_pinned: AtomicU64,
-    pins: [AtomicU64; 16],
+    pins: [AtomicU64; crate::pinning::REASON_COUNT],
     borrow_waits: AtomicU64,
     borrow_timeouts: AtomicU64,
     idle_client_closes: AtomicU64,
@@ -380,7 +380,7 @@ pub(crate) struct Counters {
 
 impl Counters {
     fn pin(&self, r: Reason) {
-        let i = Reason::all().iter().position(|x| *x == r).unwrap_or(15);
+        let i = Reason::all().iter().position(|x| *x == r).unwrap_or(0);
         self.pins[i].fetch_add(1, Relaxed);
     }
 }

@@ -46,6 +46,8 @@
 
 use std::fmt;
 
+use crate::config::Proxy;
+
 mod fast;
 mod lexer;
 mod statements;
@@ -94,9 +96,16 @@ pub enum Reason {
     /// The server reported changed session state: a reported setting differs from the
     /// connection's start outside a transaction block (a `SET` hidden in a function, say).
     SessionChanged,
+    /// A protocol-level named statement (`prepare`, a `COPY` prepared before it runs), which a
+    /// transaction pooler cannot carry from one transaction to the next: the next one may run
+    /// on another server connection, and the name stays behind on this one.
+    NamedStatement,
 }
 
-const ALL: [Reason; 16] = [
+/// How many reasons there are.
+pub(crate) const REASON_COUNT: usize = 17;
+
+const ALL: [Reason; REASON_COUNT] = [
     Reason::Set,
     Reason::SetLocal,
     Reason::SetConfig,
@@ -113,6 +122,7 @@ const ALL: [Reason; 16] = [
     Reason::Parse,
     Reason::Untracked,
     Reason::SessionChanged,
+    Reason::NamedStatement,
 ];
 
 impl Reason {
@@ -140,6 +150,7 @@ impl Reason {
             Reason::Parse => "parse",
             Reason::Untracked => "untracked",
             Reason::SessionChanged => "session_changed",
+            Reason::NamedStatement => "named_statement",
         }
     }
 
@@ -196,11 +207,14 @@ impl Reason {
             Reason::SessionChanged => {
                 "a function or procedure changed a session setting: make it SET LOCAL, or set_config(..., true), inside a transaction"
             }
+            Reason::NamedStatement => {
+                "use the &str statement methods (sent as unnamed statements) or query_typed; run COPY inside a transaction"
+            }
         }
     }
 
-    const fn bit(self) -> u16 {
-        1 << (self as u16)
+    const fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 }
 
@@ -212,7 +226,7 @@ impl fmt::Display for Reason {
 
 /// A set of [`Reason`]s (a bit set: copying it allocates nothing).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Reasons(u16);
+pub struct Reasons(u32);
 
 impl Reasons {
     /// The empty set.
@@ -244,6 +258,12 @@ impl Reasons {
         Reasons(self.0 | other.0)
     }
 
+    /// This set without the reasons in `other`.
+    #[must_use]
+    pub fn minus(self, other: Reasons) -> Reasons {
+        Reasons(self.0 & !other.0)
+    }
+
     /// The set without `reason`.
     #[must_use]
     pub fn without(self, reason: Reason) -> Reasons {
@@ -261,11 +281,11 @@ impl Reasons {
         ALL.into_iter().filter(move |r| self.contains(*r))
     }
 
-    pub(crate) fn bits(self) -> u16 {
+    pub(crate) fn bits(self) -> u32 {
         self.0
     }
 
-    pub(crate) fn from_bits(bits: u16) -> Reasons {
+    pub(crate) fn from_bits(bits: u32) -> Reasons {
         Reasons(bits)
     }
 }
@@ -338,6 +358,8 @@ pub enum Protocol {
 pub struct PinRules {
     set_local_safe: bool,
     legacy_parse: bool,
+    /// Reasons that neither pin nor leak behind the proxy these rules are for.
+    ignored: Reasons,
 }
 
 impl PinRules {
@@ -367,6 +389,33 @@ impl PinRules {
         self
     }
 
+    /// The rules for what sits between the pool and the database ([`Proxy`]):
+    /// - RDS Proxy: today's rules ([`PinRules::new`]); before November 2023,
+    ///   [`PinRules::legacy`].
+    /// - A PgBouncer-style pooler in session mode, or no proxy: what changes the session
+    ///   leaves it dirty for the next caller of the pool. A `nextval` (the sequence's session
+    ///   cache is harmless) and a long text change nothing.
+    /// - In transaction mode: what outlives the transaction leaks into the server connection
+    ///   the next client gets; transaction-scoped forms (`SET LOCAL`, `set_config(..., true)`)
+    ///   end with it.
+    pub fn for_proxy(proxy: Proxy) -> PinRules {
+        let mut rules = PinRules::new();
+        match proxy {
+            Proxy::RdsProxy => {}
+            Proxy::RdsProxy2023 => rules = PinRules::legacy(),
+            Proxy::PgBouncerSession | Proxy::Direct => {
+                rules.ignored =
+                    Reasons::of(Reason::SequenceFunction).union(Reasons::of(Reason::Oversized));
+            }
+            Proxy::PgBouncerTransaction => {
+                rules.ignored =
+                    Reasons::of(Reason::SequenceFunction).union(Reasons::of(Reason::Oversized));
+                rules.set_local_safe = true;
+            }
+        }
+        rules
+    }
+
     /// True when transaction-scoped forms are treated as safe.
     pub fn is_set_local_safe(&self) -> bool {
         self.set_local_safe
@@ -379,7 +428,7 @@ impl PinRules {
 
     /// The reasons that pin under these rules, for a classified text sent with `protocol`.
     pub fn pinning_reasons(&self, c: &Classification, protocol: Protocol) -> Reasons {
-        let mut r = c.reasons;
+        let mut r = c.reasons.minus(self.ignored);
         if self.set_local_safe {
             r = r.without(Reason::SetLocal).without(Reason::SetConfigLocal);
         }
