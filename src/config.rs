@@ -525,6 +525,7 @@ pub(crate) struct Settings {
     pub(crate) freeze_check: FreezeCheck,
     pub(crate) validate_idle_after: Option<Duration>,
     pub(crate) validate_timeout: Duration,
+    pub(crate) validate_patience: Option<Duration>,
     pub(crate) trim_at_invocation_end: bool,
     pub(crate) refill_after_invocation: Option<Duration>,
     pub(crate) held_too_long: Option<Duration>,
@@ -563,6 +564,7 @@ struct Explicit {
 /// | `pin_policy` | `CloseOnReturn` | a pinned connection never sits idle while the environment is frozen |
 /// | `pin_rules` | today's AWS rules | see [`crate::pinning`] |
 /// | `freeze_check` | `Validate` | an invocation checks connections idle longer than `validate_idle_after` (5 s) with a round trip bounded by `validate_timeout` (1 s) and half the time left |
+/// | `validate_patience` | 25 ms | a check unanswered this long races a fresh connection: a forgotten flow costs this and a connect, not the whole `validate_timeout` |
 /// | `statement_cache_capacity` | 100 | one round trip per repeated query, without pinning |
 /// | `statement_cache_bytes` | 256 KiB | bounds the cache's memory |
 /// | `trim_at_invocation_end` | false | idle unpinned connections hold no database connection behind RDS Proxy |
@@ -647,6 +649,7 @@ impl Default for Settings {
             freeze_check: FreezeCheck::Validate,
             validate_idle_after: Some(Duration::from_secs(5)),
             validate_timeout: Duration::from_secs(1),
+            validate_patience: Some(Duration::from_millis(25)),
             trim_at_invocation_end: false,
             refill_after_invocation: Some(Duration::from_millis(250)),
             held_too_long: None,
@@ -798,6 +801,17 @@ impl Builder {
         self
     }
 
+    /// How long an invocation's start waits for the check of an idle connection before it
+    /// also opens a fresh one; whichever is ready first serves the invocation, and a
+    /// connection whose check has not answered by then is closed. A healthy check answers in
+    /// one round trip (well under a millisecond from a Lambda function to RDS Proxy in its
+    /// VPC); a flow a NAT forgot never answers, and then costs this plus a connect instead of
+    /// the whole `validate_timeout`. `None`: wait for the checks alone. Default 25 ms.
+    pub fn validate_patience(mut self, d: Option<Duration>) -> Self {
+        self.settings.validate_patience = d;
+        self
+    }
+
     /// How long an invocation's end may spend opening connections to bring the idle set back
     /// to `min_idle` (after connections were closed in it, pinned ones above all), or `None`
     /// for never. It runs after the response is posted and before the next event is asked
@@ -888,6 +902,7 @@ impl Builder {
             ("max_lifetime", s.max_lifetime),
             ("idle_timeout", s.idle_timeout),
             ("validate_timeout", Some(s.validate_timeout)),
+            ("validate_patience", s.validate_patience),
             ("refill_after_invocation", s.refill_after_invocation),
             ("held_too_long", s.held_too_long),
         ] {

@@ -305,7 +305,26 @@ impl Invocation {
         // to connect afresh: at most half of what is left before the cutoff.
         let half_left = cut.saturating_duration_since(Instant::now()) / 2;
         let bound = Bound::new(Some(settings.validate_timeout.min(half_left)), Some(cut));
-        pool.check_all(check, bound, CloseReason::Stale).await;
+        let checks = pool.check_all(check, bound, CloseReason::Stale);
+        let Some(patience) = settings.validate_patience else {
+            return checks.await;
+        };
+        // A check that has not answered within `validate_patience` (a healthy one answers in a
+        // round trip) races a fresh connection: whichever is ready first serves the
+        // invocation, and a connection still unanswered then is closed. A flow a NAT forgot
+        // costs the patience and a connect, not the check's whole bound.
+        let spare = async {
+            tokio::time::sleep(patience).await;
+            if !matches!(pool.open_idle(Some(cut)).await, Ok(true)) {
+                // No free slot, or the connect failed: the checks decide.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = checks => {}
+            () = spare => {}
+        }
     }
 
     /// After the handler, once the invocation has ended (its kept pinned connections closed):

@@ -19,7 +19,8 @@ use std::sync::atomic::{
 };
 use std::time::{Duration, SystemTime};
 
-use futures_util::future::join_all;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 
 use crate::client::PooledClient;
@@ -690,40 +691,44 @@ impl PoolInner {
         bound: Option<Bound>,
         reason: CloseReason,
     ) {
-        // Dropped mid-way (the invocation ended), the connections not yet checked are closed
-        // and counted, the one being checked too: its round trip's state is unknown.
-        struct Unchecked<'a> {
+        // Dropped mid-way (the invocation ended, or a spare connection came first), each
+        // connection not yet answered is closed and counted: its round trip's state is unknown.
+        struct Checking<'a> {
             pool: &'a PoolInner,
-            conns: VecDeque<(Conn, Permit<'a>)>,
+            conn: Option<(Conn, Permit<'a>)>,
             reason: CloseReason,
         }
-        impl Drop for Unchecked<'_> {
+        impl Drop for Checking<'_> {
             fn drop(&mut self) {
-                // Each slot is released after its connection is closed and uncounted.
-                for (conn, _permit) in self.conns.drain(..) {
+                // The slot is released after its connection is closed and uncounted.
+                if let Some((conn, _permit)) = self.conn.take() {
                     self.pool.discard(conn, self.reason);
                 }
             }
         }
-        let mut unchecked = Unchecked {
-            pool: self,
-            conns: conns.into(),
-            reason,
-        };
-        // Side by side: a connection that answers nothing (a flow a NAT forgot) must not use up
-        // the bound of the healthy ones behind it.
-        let answers = join_all(
-            unchecked
-                .conns
-                .iter()
-                .map(|(conn, _)| until(bound, conn.client.check_connection())),
-        )
-        .await;
-        for answer in answers {
-            let ok = matches!(answer, Some(Ok(())));
-            let Some((mut conn, permit)) = unchecked.conns.pop_front() else {
-                break;
+        // Side by side, each handled as it answers: a connection that answers nothing (a flow a
+        // NAT forgot) must not use up the bound of the healthy ones, nor keep them from the
+        // idle set.
+        let mut answers: FuturesUnordered<_> = conns
+            .into_iter()
+            .map(|c| async move {
+                let mut checking = Checking {
+                    pool: self,
+                    conn: Some(c),
+                    reason,
+                };
+                let answer = match &checking.conn {
+                    Some((conn, _)) => until(bound, conn.client.check_connection()).await,
+                    None => None,
+                };
+                (checking.conn.take(), answer)
+            })
+            .collect();
+        while let Some((checked, answer)) = answers.next().await {
+            let Some((mut conn, permit)) = checked else {
+                continue;
             };
+            let ok = matches!(answer, Some(Ok(())));
             if ok {
                 // The round trip came after whatever was queued: the wire now tells all.
                 conn.state.settle();
@@ -771,28 +776,28 @@ impl PoolInner {
     /// its count and frees its slot.
     pub(crate) async fn fill_to_min_idle(&self, cut: Option<Instant>) -> Result<usize, Error> {
         let mut opened = 0;
-        loop {
-            let permit = {
-                let mut idle = self.idle();
-                if idle.len() >= self.settings.min_idle {
-                    break;
-                }
-                let Some(permit) = idle.take_free_to_open() else {
-                    break;
-                };
-                permit
-            };
-            let conn = self.connect(cut).await?;
-            let pushed = self.idle().push_idle(conn);
-            if let Err(conn) = pushed {
-                // Closed meanwhile.
-                self.discard(conn, CloseReason::PoolClosed);
-                break;
-            }
-            drop(permit);
+        while self.idle_len() < self.settings.min_idle && self.open_idle(cut).await? {
             opened += 1;
         }
         Ok(opened)
+    }
+
+    /// Opens one connection into the idle set if a slot is free (a waiting caller comes
+    /// first), within `connect_timeout` and `cut`. False when no slot was free or the pool
+    /// closed meanwhile. Cancel safe, as [`PoolInner::fill_to_min_idle`].
+    pub(crate) async fn open_idle(&self, cut: Option<Instant>) -> Result<bool, Error> {
+        let Some(permit) = self.idle().take_free_to_open() else {
+            return Ok(false);
+        };
+        let conn = self.connect(cut).await?;
+        let pushed = self.idle().push_idle(conn);
+        if let Err(conn) = pushed {
+            // Closed meanwhile.
+            self.discard(conn, CloseReason::PoolClosed);
+            return Ok(false);
+        }
+        drop(permit);
+        Ok(true)
     }
 
     /// A client held from `since` (checked out at `from`) is being returned: warn and count

@@ -98,6 +98,9 @@ pub struct PoolConfig {
     /// [`Builder::validate_timeout`].
     #[serde(deserialize_with = "named::validate_timeout")]
     pub validate_timeout: Option<Duration>,
+    /// [`Builder::validate_patience`] (`"off"`: wait for the checks alone).
+    #[serde(deserialize_with = "named::validate_patience")]
+    pub validate_patience: Option<Option<Duration>>,
     /// [`Builder::refill_after_invocation`] (`"off"`: no refill).
     #[serde(deserialize_with = "named::refill_after_invocation")]
     pub refill_after_invocation: Option<Option<Duration>>,
@@ -239,6 +242,9 @@ impl PoolConfig {
         if let Some(d) = p.validate_timeout {
             b = b.validate_timeout(d);
         }
+        if let Some(d) = p.validate_patience {
+            b = b.validate_patience(d);
+        }
         if let Some(d) = p.refill_after_invocation {
             b = b.refill_after_invocation(d);
         }
@@ -344,6 +350,6 @@ mod named {
     }
 
     named!(duration: acquire_timeout, connect_timeout, deadline_margin, validate_timeout);
-    named!(optional_duration: query_timeout, max_lifetime, idle_timeout, validate_idle_after,
+    named!(optional_duration: query_timeout, max_lifetime, idle_timeout, validate_idle_after, validate_patience,
         refill_after_invocation, held_too_long);
 }

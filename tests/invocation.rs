@@ -321,6 +321,36 @@ mod through_the_emulator {
     }
 
     #[tokio::test]
+    async fn a_forgotten_flow_costs_the_patience_and_a_connect_not_the_checks_bound() {
+        let emu = emulator("inv_nat_race", 4, |c| {
+            c.nat_idle_timeout(Some(Duration::from_millis(300)))
+        })
+        .await;
+        let pool = pinpool::Pool::builder(emu.url("postgres", "postgres"))
+            .validate_idle_after(Some(Duration::from_millis(100)))
+            .validate_timeout(Duration::from_secs(8))
+            .build()
+            .unwrap();
+        select_one(&pool).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Half of the time left is 10 s: the check alone would wait its whole 8 s.
+        let deadline = in_ms(20_000);
+        let started = std::time::Instant::now();
+        let v = pool
+            .invocation(deadline, async {
+                let c = pool.get().await?;
+                c.query_one_scalar::<i32, _>("SELECT 1", &[]).await
+            })
+            .await;
+        assert_eq!(v.unwrap(), 1);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+        assert_eq!(emu.counters().nat_drops, 1);
+        assert_eq!(pool.status().closed.get(CloseReason::Stale), 1);
+        assert_eq!(pool.status().opened, 2);
+    }
+
+    #[tokio::test]
     async fn one_dead_idle_connection_does_not_cost_the_healthy_ones_their_check() {
         // Connection A idles past the NAT's timeout, B does not: the checks at the start of
         // the invocation run side by side, so A's silence costs B nothing.
