@@ -290,30 +290,37 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_freeze_check_closes_a_silent_idle_connection_and_the_invocation_connects_afresh() {
         // Idleness is measured by the wall clock, which the paused clock does not move: every
-        // idle connection counts as idle long enough here.
-        let (pool, memory) = pool(
-            builder()
-                .validate_idle_after(Some(Duration::ZERO))
-                .validate_timeout(Duration::from_secs(1)),
-        );
-        memory.silent.store(true, SeqCst);
-        drop(pool.get().await.unwrap()); // opened silent: it answers nothing from now on
-        memory.silent.store(false, SeqCst);
-        let start = Instant::now();
-        let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
-        let checked = pool
-            .invocation(deadline, async {
-                let c = pool.get().await?;
-                c.check_connection().await
-            })
-            .await;
-        checked.unwrap();
-        // The check's bound, then a fresh connection at once.
-        assert_eq!(start.elapsed(), Duration::from_secs(1));
-        let s = pool.status();
-        assert_eq!(s.closed.get(crate::CloseReason::Stale), 1, "{s:?}");
-        assert_eq!(s.opened, 2, "{s:?}");
-        assert_at_rest(&pool);
+        // idle connection counts as idle long enough here. Without a patience the check's whole
+        // bound passes; with one, a fresh connection is opened once it has passed, and the
+        // silent connection is closed as soon as that one is ready (here at once).
+        for (patience, took) in [
+            (None, Duration::from_secs(1)),
+            (Some(Duration::from_millis(25)), Duration::from_millis(25)),
+        ] {
+            let (pool, memory) = pool(
+                builder()
+                    .validate_idle_after(Some(Duration::ZERO))
+                    .validate_timeout(Duration::from_secs(1))
+                    .validate_patience(patience),
+            );
+            memory.silent.store(true, SeqCst);
+            drop(pool.get().await.unwrap()); // opened silent: it answers nothing from now on
+            memory.silent.store(false, SeqCst);
+            let start = Instant::now();
+            let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+            let checked = pool
+                .invocation(deadline, async {
+                    let c = pool.get().await?;
+                    c.check_connection().await
+                })
+                .await;
+            checked.unwrap();
+            assert_eq!(start.elapsed(), took, "patience {patience:?}");
+            let s = pool.status();
+            assert_eq!(s.closed.get(crate::CloseReason::Stale), 1, "{s:?}");
+            assert_eq!(s.opened, 2, "{s:?}");
+            assert_at_rest(&pool);
+        }
     }
 
     #[tokio::test]
