@@ -599,14 +599,20 @@ impl PoolInner {
     }
 
     /// Takes a connection back from a dropped [`PooledClient`]. Synchronous: it never spawns.
-    pub(crate) fn put_back(&self, mut conn: Conn, inv: Option<&Invocation>) {
+    /// `from`: where the client was checked out, for a pin raw access left unreported.
+    pub(crate) fn put_back(
+        &self,
+        mut conn: Conn,
+        inv: Option<&Invocation>,
+        from: &'static Location<'static>,
+    ) {
         // The caller's cutoff is not the next one's: what is still written (a dropped
         // transaction's ROLLBACK) is bounded by `query_timeout` alone.
         let _ = conn.state.wire.set_cutoff(None);
         if let Some(inv) = inv {
             inv.give_back(conn.state.id);
         }
-        self.report_pins(&conn.state);
+        self.report_pins(&conn.state, Some(from));
         let now = SystemTime::now();
         let fate = if self.closed.load(Relaxed) {
             Fate::Close(CloseReason::PoolClosed)
@@ -732,7 +738,7 @@ impl PoolInner {
             if ok {
                 // The round trip came after whatever was queued: the wire now tells all.
                 conn.state.settle();
-                self.report_pins(&conn.state);
+                self.report_pins(&conn.state, None);
                 let now = SystemTime::now();
                 // Outside any checkout: nothing keeps a pinned connection here.
                 match conn.fate(&self.settings, now, false) {
@@ -828,24 +834,43 @@ impl PoolInner {
         }
     }
 
-    /// Counts and logs the pin reasons the wire saw on `state`'s connection since the last
-    /// report.
-    pub(crate) fn report_pins(&self, state: &ConnState) {
+    /// Counts the pin reasons the wire saw on `state`'s connection since the last report,
+    /// and logs the statement that pinned it the first time this process sees its digest
+    /// ([`pinning::digest`](crate::pinning::digest): no value it carried), with where the call
+    /// that sent it was made (`at`, else where the client was checked out).
+    pub(crate) fn report_pins(&self, state: &ConnState, at: Option<&'static Location<'static>>) {
         let (new, was_pinned) = state.unreported_pins();
         if new.is_empty() {
             return;
         }
         self.counters.pinned(new, !was_pinned);
         let first = state.first_pin();
-        let statement = first.as_deref().unwrap_or("");
-        for reason in new.iter() {
-            tracing::warn!(
-                connection = state.id,
-                reason = reason.as_str(),
-                statement,
-                advice = reason.advice(),
-                "pinpool: this connection may be pinned by the RDS Proxy session"
-            );
+        let digest = crate::pinning::digest(first.as_deref().unwrap_or(""));
+        let at = at.map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        if !first_pin_of(&digest) {
+            tracing::debug!(connection = state.id, reasons = %new, digest, at, "pinpool: this connection may be pinned");
+            return;
         }
+        let advice: Vec<&str> = new.iter().map(|r| r.advice()).collect();
+        tracing::warn!(
+            connection = state.id,
+            reasons = %new,
+            digest,
+            at,
+            advice = advice.join("; "),
+            "pinpool: a statement pinned the connection (logged once per statement and process; pinpool_pinned counts each)"
+        );
     }
+}
+
+/// True the first time this process sees a pinning statement's digest: its log line is
+/// written once. Bounded: past 4,096 digests, none is new any more.
+fn first_pin_of(digest: &str) -> bool {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    static SEEN: std::sync::Mutex<Option<HashSet<u64>>> = std::sync::Mutex::new(None);
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(digest);
+    let mut seen = crate::sync::lock(&SEEN);
+    let seen = seen.get_or_insert_with(HashSet::new);
+    seen.len() < 4096 && seen.insert(hash)
 }

@@ -106,185 +106,237 @@ mod private {
 }
 
 impl GenericClient for PooledClient {
-    async fn prepare(&self, query: &str) -> Result<Statement, Error> {
-        PooledClient::prepare(self, query).await
+    #[track_caller]
+    fn prepare(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send {
+        PooledClient::prepare(self, query)
     }
-    async fn prepare_typed(
+    #[track_caller]
+    fn prepare_typed(
         &self,
         query: &str,
         parameter_types: &[Type],
-    ) -> Result<Statement, Error> {
-        PooledClient::prepare_typed(self, query, parameter_types).await
+    ) -> impl Future<Output = Result<Statement, Error>> + Send {
+        PooledClient::prepare_typed(self, query, parameter_types)
     }
-    async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
-        PooledClient::prepare_cached(self, query).await
+    #[track_caller]
+    fn prepare_cached(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send {
+        PooledClient::prepare_cached(self, query)
     }
-    async fn prepare_typed_cached(
+    #[track_caller]
+    fn prepare_typed_cached(
         &self,
         query: &str,
         parameter_types: &[Type],
-    ) -> Result<Statement, Error> {
-        PooledClient::prepare_typed_cached(self, query, parameter_types).await
+    ) -> impl Future<Output = Result<Statement, Error>> + Send {
+        PooledClient::prepare_typed_cached(self, query, parameter_types)
     }
-    async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+    #[track_caller]
+    fn query_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<RowStream<'_>, Error>> + Send
     where
         T: ?Sized + ToStatement,
         P: BorrowToSql,
         I: IntoIterator<Item = P> + Send,
         I::IntoIter: ExactSizeIterator,
     {
-        PooledClient::query_raw(self, statement, params).await
+        PooledClient::query_raw(self, statement, params)
     }
-    async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    #[track_caller]
+    fn execute_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<u64, Error>> + Send
     where
         T: ?Sized + ToStatement,
         P: BorrowToSql,
         I: IntoIterator<Item = P> + Send,
         I::IntoIter: ExactSizeIterator,
     {
-        PooledClient::execute_raw(self, statement, params).await
+        PooledClient::execute_raw(self, statement, params)
     }
-    async fn query<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn query<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Error> {
-        PooledClient::query(self, statement, params).await
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
+        PooledClient::query(self, statement, params)
     }
-    async fn query_one<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn query_one<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, Error> {
-        PooledClient::query_one(self, statement, params).await
+    ) -> impl Future<Output = Result<Row, Error>> + Send {
+        PooledClient::query_one(self, statement, params)
     }
-    async fn query_opt<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn query_opt<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, Error> {
-        PooledClient::query_opt(self, statement, params).await
+    ) -> impl Future<Output = Result<Option<Row>, Error>> + Send {
+        PooledClient::query_opt(self, statement, params)
     }
-    async fn query_typed(
+    #[track_caller]
+    fn query_typed(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, Error> {
-        PooledClient::query_typed(self, query, params).await
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
+        PooledClient::query_typed(self, query, params)
     }
-    async fn execute<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn execute<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error> {
-        PooledClient::execute(self, statement, params).await
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        PooledClient::execute(self, statement, params)
     }
-    async fn execute_typed(
+    #[track_caller]
+    fn execute_typed(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64, Error> {
-        PooledClient::execute_typed(self, query, params).await
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        PooledClient::execute_typed(self, query, params)
     }
-    async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        PooledClient::simple_query(self, query).await
+    #[track_caller]
+    fn simple_query(
+        &self,
+        query: &str,
+    ) -> impl Future<Output = Result<Vec<SimpleQueryMessage>, Error>> + Send {
+        PooledClient::simple_query(self, query)
     }
-    async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-        PooledClient::batch_execute(self, query).await
+    #[track_caller]
+    fn batch_execute(&self, query: &str) -> impl Future<Output = Result<(), Error>> + Send {
+        PooledClient::batch_execute(self, query)
     }
-    async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        PooledClient::transaction(self).await
+    #[track_caller]
+    fn transaction(&mut self) -> impl Future<Output = Result<Transaction<'_>, Error>> + Send {
+        PooledClient::transaction(self)
     }
 }
 
 impl GenericClient for Transaction<'_> {
-    async fn prepare(&self, query: &str) -> Result<Statement, Error> {
-        Transaction::prepare(self, query).await
+    #[track_caller]
+    fn prepare(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send {
+        Transaction::prepare(self, query)
     }
-    async fn prepare_typed(
+    #[track_caller]
+    fn prepare_typed(
         &self,
         query: &str,
         parameter_types: &[Type],
-    ) -> Result<Statement, Error> {
-        Transaction::prepare_typed(self, query, parameter_types).await
+    ) -> impl Future<Output = Result<Statement, Error>> + Send {
+        Transaction::prepare_typed(self, query, parameter_types)
     }
-    async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
-        Transaction::prepare_cached(self, query).await
+    #[track_caller]
+    fn prepare_cached(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> + Send {
+        Transaction::prepare_cached(self, query)
     }
-    async fn prepare_typed_cached(
+    #[track_caller]
+    fn prepare_typed_cached(
         &self,
         query: &str,
         parameter_types: &[Type],
-    ) -> Result<Statement, Error> {
-        Transaction::prepare_typed_cached(self, query, parameter_types).await
+    ) -> impl Future<Output = Result<Statement, Error>> + Send {
+        Transaction::prepare_typed_cached(self, query, parameter_types)
     }
-    async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+    #[track_caller]
+    fn query_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<RowStream<'_>, Error>> + Send
     where
         T: ?Sized + ToStatement,
         P: BorrowToSql,
         I: IntoIterator<Item = P> + Send,
         I::IntoIter: ExactSizeIterator,
     {
-        Transaction::query_raw(self, statement, params).await
+        Transaction::query_raw(self, statement, params)
     }
-    async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    #[track_caller]
+    fn execute_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<u64, Error>> + Send
     where
         T: ?Sized + ToStatement,
         P: BorrowToSql,
         I: IntoIterator<Item = P> + Send,
         I::IntoIter: ExactSizeIterator,
     {
-        Transaction::execute_raw(self, statement, params).await
+        Transaction::execute_raw(self, statement, params)
     }
-    async fn query<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn query<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Error> {
-        Transaction::query(self, statement, params).await
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
+        Transaction::query(self, statement, params)
     }
-    async fn query_one<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn query_one<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, Error> {
-        Transaction::query_one(self, statement, params).await
+    ) -> impl Future<Output = Result<Row, Error>> + Send {
+        Transaction::query_one(self, statement, params)
     }
-    async fn query_opt<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn query_opt<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, Error> {
-        Transaction::query_opt(self, statement, params).await
+    ) -> impl Future<Output = Result<Option<Row>, Error>> + Send {
+        Transaction::query_opt(self, statement, params)
     }
-    async fn query_typed(
+    #[track_caller]
+    fn query_typed(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, Error> {
-        Transaction::query_typed(self, query, params).await
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
+        Transaction::query_typed(self, query, params)
     }
-    async fn execute<T: ?Sized + ToStatement>(
+    #[track_caller]
+    fn execute<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error> {
-        Transaction::execute(self, statement, params).await
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        Transaction::execute(self, statement, params)
     }
-    async fn execute_typed(
+    #[track_caller]
+    fn execute_typed(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64, Error> {
-        Transaction::execute_typed(self, query, params).await
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        Transaction::execute_typed(self, query, params)
     }
-    async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        Transaction::simple_query(self, query).await
+    #[track_caller]
+    fn simple_query(
+        &self,
+        query: &str,
+    ) -> impl Future<Output = Result<Vec<SimpleQueryMessage>, Error>> + Send {
+        Transaction::simple_query(self, query)
     }
-    async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-        Transaction::batch_execute(self, query).await
+    #[track_caller]
+    fn batch_execute(&self, query: &str) -> impl Future<Output = Result<(), Error>> + Send {
+        Transaction::batch_execute(self, query)
     }
-    async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        Transaction::transaction(self).await
+    #[track_caller]
+    fn transaction(&mut self) -> impl Future<Output = Result<Transaction<'_>, Error>> + Send {
+        Transaction::transaction(self)
     }
 }

@@ -3,6 +3,7 @@
 //! ReadyForQuery, the session-ending errors).
 
 use std::future::Future;
+use std::panic::Location;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,6 +31,9 @@ pub(super) struct Guarded<'a> {
     pub(super) cutoff: Option<Instant>,
     /// The cutoff `get_by` was given, if any.
     pub(super) explicit: Option<Instant>,
+    /// Where the call was made (a statement method is `#[track_caller]`); where the client
+    /// was checked out until a call says.
+    pub(super) at: &'static Location<'static>,
 }
 
 /// The bound of one statement call, made once: its prepare, execute, a stale-statement retry
@@ -75,6 +79,11 @@ impl<'a> Guarded<'a> {
             cutoff: cutoff_now(self.pool, self.cutoff, self.explicit),
             ..self
         }
+    }
+
+    /// This guard for a call made at `at`.
+    pub(super) fn at(self, at: &'static Location<'static>) -> Guarded<'a> {
+        Guarded { at, ..self }
     }
 
     /// The bound of one statement call (see [`call_bound`]).
@@ -123,7 +132,7 @@ impl<'a> Guarded<'a> {
                 if res.as_ref().map_or_else(answered_by_server, |_| true) {
                     self.state.await_ready(request, bound).await;
                 }
-                self.pool.report_pins(self.state);
+                self.pool.report_pins(self.state, Some(self.at));
                 res.map_err(|e| self.failed(e, bound))
             }
             Err(timeout) => Err(self.expire(timeout)),
@@ -140,7 +149,7 @@ impl<'a> Guarded<'a> {
         set_wire_cutoff(&self.state.wire, self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(Ok(s)) => {
-                self.pool.report_pins(self.state);
+                self.pool.report_pins(self.state, Some(self.at));
                 Ok((s, bound, in_flight))
             }
             Ok(Err(e)) => {
@@ -149,7 +158,7 @@ impl<'a> Guarded<'a> {
                 if answered_by_server(&e) {
                     self.state.await_ready(request, bound).await;
                 }
-                self.pool.report_pins(self.state);
+                self.pool.report_pins(self.state, Some(self.at));
                 Err(self.failed(e, bound))
             }
             Err(timeout) => Err(self.expire(timeout)),

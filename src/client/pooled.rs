@@ -1,6 +1,7 @@
 //! [`PooledClient`]: a connection checked out of the pool, its statement methods, raw
 //! access and its return.
 
+use std::future::Future;
 use std::panic::Location;
 use std::sync::Arc;
 
@@ -121,6 +122,7 @@ impl PooledClient {
             pool: &self.pool,
             cutoff: self.cutoff,
             explicit: self.explicit,
+            at: self.from,
         }
         .now()
     }
@@ -130,19 +132,24 @@ impl PooledClient {
         cutoff_now(&self.pool, self.cutoff, self.explicit)
     }
 
-    /// A context for one call on the current connection, with the call's bound.
-    pub(super) fn ctx(&self) -> Result<Ctx<'_>, Error> {
+    /// A context for one call, made at `at`, on the current connection, with the call's
+    /// bound.
+    pub(super) fn ctx_at(&self, at: &'static Location<'static>) -> Result<Ctx<'_>, Error> {
         let conn = self.conn();
-        self.guarded(conn).ctx(&conn.client)
+        self.guarded(conn).at(at).ctx(&conn.client)
     }
 
     /// Prepares a statement (a protocol-level Parse; it does not pin on today's RDS Proxy).
     ///
     /// # Errors
     /// The server's error, a timeout, or [`Error::PinRefused`](crate::Error::PinRefused).
-    pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
-        self.call(true, move |ctx| ctx.prepare_typed(query, &[]))
-            .await
+    #[track_caller]
+    pub fn prepare(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.prepare_typed(query, &[]))
+                .await
+        }
     }
 
     /// The connection's cached prepared statement for `query`, prepared and cached on a
@@ -151,8 +158,13 @@ impl PooledClient {
     ///
     /// # Errors
     /// As [`prepare`](Self::prepare).
-    pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
-        self.call(true, move |ctx| ctx.prepare_cached(query)).await
+    #[track_caller]
+    pub fn prepare_cached(&self, query: &str) -> impl Future<Output = Result<Statement, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.prepare_cached(query))
+                .await
+        }
     }
 
     /// [`prepare_cached`](Self::prepare_cached) with parameter types: the cached statement
@@ -161,28 +173,38 @@ impl PooledClient {
     ///
     /// # Errors
     /// As [`prepare`](Self::prepare).
-    pub async fn prepare_typed_cached(
+    #[track_caller]
+    pub fn prepare_typed_cached(
         &self,
         query: &str,
         parameter_types: &[Type],
-    ) -> Result<Statement, Error> {
-        self.call(true, move |ctx| {
-            ctx.prepare_typed_cached(query, parameter_types)
-        })
-        .await
+    ) -> impl Future<Output = Result<Statement, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| {
+                ctx.prepare_typed_cached(query, parameter_types)
+            })
+            .await
+        }
     }
 
     /// Prepares a statement with the given parameter types.
     ///
     /// # Errors
     /// As [`prepare`](Self::prepare).
-    pub async fn prepare_typed(
+    #[track_caller]
+    pub fn prepare_typed(
         &self,
         query: &str,
         parameter_types: &[Type],
-    ) -> Result<Statement, Error> {
-        self.call(true, move |ctx| ctx.prepare_typed(query, parameter_types))
+    ) -> impl Future<Output = Result<Statement, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| {
+                ctx.prepare_typed(query, parameter_types)
+            })
             .await
+        }
     }
 
     /// Runs a statement and returns its rows.
@@ -190,90 +212,114 @@ impl PooledClient {
     /// # Errors
     /// The server's error, a timeout (the connection is then closed), or
     /// [`Error::PinRefused`](crate::Error::PinRefused).
-    pub async fn query<T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn query<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Error> {
-        self.call(rerunnable(statement), move |ctx| {
-            ctx.query(statement, params)
-        })
-        .await
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.query(statement, params)
+            })
+            .await
+        }
     }
 
     /// Runs a statement that returns exactly one row.
     ///
     /// # Errors
     /// As [`query`](Self::query), and when the row count is not one.
-    pub async fn query_one<T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn query_one<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, Error> {
-        self.call(rerunnable(statement), move |ctx| {
-            ctx.query_one(statement, params)
-        })
-        .await
+    ) -> impl Future<Output = Result<Row, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.query_one(statement, params)
+            })
+            .await
+        }
     }
 
     /// Runs a statement that returns at most one row.
     ///
     /// # Errors
     /// As [`query`](Self::query), and when more than one row comes back.
-    pub async fn query_opt<T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn query_opt<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, Error> {
-        self.call(rerunnable(statement), move |ctx| {
-            ctx.query_opt(statement, params)
-        })
-        .await
+    ) -> impl Future<Output = Result<Option<Row>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.query_opt(statement, params)
+            })
+            .await
+        }
     }
 
     /// Runs a statement returning one column and collects its values.
     ///
     /// # Errors
     /// As [`query`](Self::query), and when a row has more than one column.
-    pub async fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn query_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<R>, Error> {
-        self.call(rerunnable(statement), move |ctx| {
-            ctx.query_scalar(statement, params)
-        })
-        .await
+    ) -> impl Future<Output = Result<Vec<R>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.query_scalar(statement, params)
+            })
+            .await
+        }
     }
 
     /// Runs a statement returning exactly one row of one column.
     ///
     /// # Errors
     /// As [`query_one`](Self::query_one).
-    pub async fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn query_one_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<R, Error> {
-        self.call(rerunnable(statement), move |ctx| {
-            ctx.query_one_scalar(statement, params)
-        })
-        .await
+    ) -> impl Future<Output = Result<R, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.query_one_scalar(statement, params)
+            })
+            .await
+        }
     }
 
     /// Runs a statement returning at most one row of one column.
     ///
     /// # Errors
     /// As [`query_opt`](Self::query_opt).
-    pub async fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn query_opt_scalar<R: FromSqlOwned, T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<R>, Error> {
-        self.call(rerunnable(statement), move |ctx| {
-            ctx.query_opt_scalar(statement, params)
-        })
-        .await
+    ) -> impl Future<Output = Result<Option<R>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.query_opt_scalar(statement, params)
+            })
+            .await
+        }
     }
 
     /// Runs a statement and streams its rows. Read the stream to its end: one dropped
@@ -281,17 +327,25 @@ impl PooledClient {
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn query_raw<T, P, I>(&self, statement: &T, params: I) -> Result<RowStream<'_>, Error>
+    #[track_caller]
+    pub fn query_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<RowStream<'_>, Error>>
     where
         T: ?Sized + ToStatement,
         P: BorrowToSql,
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        self.call_once(rerunnable(statement), move |ctx| {
-            ctx.query_raw(statement, params)
-        })
-        .await
+        let at = Location::caller();
+        async move {
+            self.call_once(at, rerunnable(statement), move |ctx| {
+                ctx.query_raw(statement, params)
+            })
+            .await
+        }
     }
 
     /// Runs a statement with explicitly typed parameters in one round trip (unnamed
@@ -299,126 +353,171 @@ impl PooledClient {
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn query_typed(
+    #[track_caller]
+    pub fn query_typed(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, Error> {
-        self.call(true, move |ctx| ctx.query_typed(query, params))
-            .await
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.query_typed(query, params))
+                .await
+        }
     }
 
     /// [`query_typed`](Self::query_typed) for exactly one row.
     ///
     /// # Errors
     /// As [`query_one`](Self::query_one).
-    pub async fn query_typed_one(
+    #[track_caller]
+    pub fn query_typed_one(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Row, Error> {
-        self.call(true, move |ctx| ctx.query_typed_one(query, params))
-            .await
+    ) -> impl Future<Output = Result<Row, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.query_typed_one(query, params))
+                .await
+        }
     }
 
     /// [`query_typed`](Self::query_typed) for at most one row.
     ///
     /// # Errors
     /// As [`query_opt`](Self::query_opt).
-    pub async fn query_typed_opt(
+    #[track_caller]
+    pub fn query_typed_opt(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Option<Row>, Error> {
-        self.call(true, move |ctx| ctx.query_typed_opt(query, params))
-            .await
+    ) -> impl Future<Output = Result<Option<Row>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.query_typed_opt(query, params))
+                .await
+        }
     }
 
     /// [`query_typed`](Self::query_typed), streaming the rows.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn query_typed_raw<P, I>(
+    #[track_caller]
+    pub fn query_typed_raw<P, I>(
         &self,
         query: &str,
         params: I,
-    ) -> Result<RowStream<'_>, Error>
+    ) -> impl Future<Output = Result<RowStream<'_>, Error>>
     where
         P: BorrowToSql,
         I: IntoIterator<Item = (P, Type)>,
     {
-        self.call_once(true, move |ctx| ctx.query_typed_raw(query, params))
-            .await
+        let at = Location::caller();
+        async move {
+            self.call_once(at, true, move |ctx| ctx.query_typed_raw(query, params))
+                .await
+        }
     }
 
     /// Runs a statement and returns the number of rows it affected.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn execute<T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn execute<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, Error> {
-        self.call(rerunnable(statement), move |ctx| {
-            ctx.execute(statement, params)
-        })
-        .await
+    ) -> impl Future<Output = Result<u64, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.execute(statement, params)
+            })
+            .await
+        }
     }
 
     /// [`execute`](Self::execute) with explicitly typed parameters, in one round trip.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn execute_typed(
+    #[track_caller]
+    pub fn execute_typed(
         &self,
         query: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64, Error> {
-        self.call(true, move |ctx| ctx.execute_typed(query, params))
-            .await
+    ) -> impl Future<Output = Result<u64, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.execute_typed(query, params))
+                .await
+        }
     }
 
     /// [`execute`](Self::execute) with parameters from an iterator.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn execute_raw<T, P, I>(&self, statement: &T, params: I) -> Result<u64, Error>
+    #[track_caller]
+    pub fn execute_raw<T, P, I>(
+        &self,
+        statement: &T,
+        params: I,
+    ) -> impl Future<Output = Result<u64, Error>>
     where
         T: ?Sized + ToStatement,
         P: BorrowToSql,
         I: IntoIterator<Item = P>,
         I::IntoIter: ExactSizeIterator,
     {
-        self.call_once(rerunnable(statement), move |ctx| {
-            ctx.execute_raw(statement, params)
-        })
-        .await
+        let at = Location::caller();
+        async move {
+            self.call_once(at, rerunnable(statement), move |ctx| {
+                ctx.execute_raw(statement, params)
+            })
+            .await
+        }
     }
 
     /// Starts a `COPY ... FROM STDIN`. Call [`CopyInSink::finish`] at the end.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn copy_in<T, U>(&self, statement: &T) -> Result<CopyInSink<'_, U>, Error>
+    #[track_caller]
+    pub fn copy_in<T, U>(
+        &self,
+        statement: &T,
+    ) -> impl Future<Output = Result<CopyInSink<'_, U>, Error>>
     where
         T: ?Sized + ToStatement,
         U: Buf + 'static + Send,
     {
-        self.call(rerunnable(statement), move |ctx| ctx.copy_in(statement))
-            .await
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| ctx.copy_in(statement))
+                .await
+        }
     }
 
     /// Starts a `COPY ... TO STDOUT`. Read the stream to its end.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn copy_out<T: ?Sized + ToStatement>(
+    #[track_caller]
+    pub fn copy_out<T: ?Sized + ToStatement>(
         &self,
         statement: &T,
-    ) -> Result<CopyOutStream<'_>, Error> {
-        self.call(rerunnable(statement), move |ctx| ctx.copy_out(statement))
+    ) -> impl Future<Output = Result<CopyOutStream<'_>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, rerunnable(statement), move |ctx| {
+                ctx.copy_out(statement)
+            })
             .await
+        }
     }
 
     /// Sends a text of one or more statements with the simple protocol; returns their
@@ -426,25 +525,45 @@ impl PooledClient {
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-        self.call(true, move |ctx| ctx.simple_query(query)).await
+    #[track_caller]
+    pub fn simple_query(
+        &self,
+        query: &str,
+    ) -> impl Future<Output = Result<Vec<SimpleQueryMessage>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.simple_query(query))
+                .await
+        }
     }
 
     /// [`simple_query`](Self::simple_query), streaming the messages.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn simple_query_raw(&self, query: &str) -> Result<SimpleQueryStream<'_>, Error> {
-        self.call(true, move |ctx| ctx.simple_query_raw(query))
-            .await
+    #[track_caller]
+    pub fn simple_query_raw(
+        &self,
+        query: &str,
+    ) -> impl Future<Output = Result<SimpleQueryStream<'_>, Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.simple_query_raw(query))
+                .await
+        }
     }
 
     /// Sends a text of one or more statements with the simple protocol, ignoring rows.
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
-        self.call(true, move |ctx| ctx.batch_execute(query)).await
+    #[track_caller]
+    pub fn batch_execute(&self, query: &str) -> impl Future<Output = Result<(), Error>> {
+        let at = Location::caller();
+        async move {
+            self.call(at, true, move |ctx| ctx.batch_execute(query))
+                .await
+        }
     }
 
     /// Checks the connection with a round trip (a protocol Sync), bounded like a statement.
@@ -452,9 +571,13 @@ impl PooledClient {
     ///
     /// # Errors
     /// When the connection is broken or the bound passes.
-    pub async fn check_connection(&self) -> Result<(), Error> {
-        let ctx = self.ctx()?;
-        ctx.g.run(ctx.bound, ctx.client.check_connection()).await
+    #[track_caller]
+    pub fn check_connection(&self) -> impl Future<Output = Result<(), Error>> {
+        let at = Location::caller();
+        async move {
+            let ctx = self.ctx_at(at)?;
+            ctx.g.run(ctx.bound, ctx.client.check_connection()).await
+        }
     }
 
     /// True when raw access was handed out since the connection was last settled (asked at
@@ -483,7 +606,7 @@ impl PooledClient {
             return false;
         }
         conn.state.settle();
-        self.pool.report_pins(&conn.state);
+        self.pool.report_pins(&conn.state, Some(self.from));
         conn.state.mark_checkout();
         conn.fate(&self.pool.settings, std::time::SystemTime::now(), false) == Fate::Idle
     }
@@ -497,8 +620,9 @@ impl PooledClient {
     ///
     /// # Errors
     /// As [`query`](Self::query).
-    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        self.build_transaction().start().await
+    #[track_caller]
+    pub fn transaction(&mut self) -> impl Future<Output = Result<Transaction<'_>, Error>> {
+        self.build_transaction().start()
     }
 
     /// A builder for a transaction with an isolation level, read-only or deferrable.
@@ -572,7 +696,8 @@ impl Drop for PooledClient {
             conn = fresh;
         }
         self.pool.note_held(self.since, self.from);
-        self.pool.put_back(conn, self.invocation.as_ref());
+        self.pool
+            .put_back(conn, self.invocation.as_ref(), self.from);
     }
 }
 

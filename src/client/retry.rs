@@ -2,6 +2,7 @@
 //! the checkout's swap to that connection.
 
 use std::future::Future;
+use std::panic::Location;
 
 use crate::conn::ConnState;
 use crate::deadline::within;
@@ -61,12 +62,17 @@ impl PooledClient {
     /// turned out closed before anything of this checkout was sent ([`retry_allowed`]), once
     /// more on a fresh connection, all within the call's one bound. `rerun`: the call's
     /// statement may run on another connection ([`rerunnable`]).
-    pub(super) async fn call<'s, R, F, Fut>(&'s self, rerun: bool, f: F) -> Result<R, Error>
+    pub(super) async fn call<'s, R, F, Fut>(
+        &'s self,
+        at: &'static Location<'static>,
+        rerun: bool,
+        f: F,
+    ) -> Result<R, Error>
     where
         F: Fn(Ctx<'s>) -> Fut,
         Fut: Future<Output = Result<R, Error>>,
     {
-        let ctx = self.ctx()?;
+        let ctx = self.ctx_at(at)?;
         match f(ctx).await {
             Err(e) if rerun && self.may_swap(&ctx, Some(&e)) => match self.swap(ctx).await {
                 Ok(fresh) => f(fresh).await,
@@ -81,12 +87,17 @@ impl PooledClient {
     /// [`call`](Self::call) for a call whose parameters come from an iterator: a first
     /// attempt would use them up, so it is never run twice. Instead it starts on a fresh
     /// connection when the current one is already known closed, under the same rule.
-    pub(super) async fn call_once<'s, R, F, Fut>(&'s self, rerun: bool, f: F) -> Result<R, Error>
+    pub(super) async fn call_once<'s, R, F, Fut>(
+        &'s self,
+        at: &'static Location<'static>,
+        rerun: bool,
+        f: F,
+    ) -> Result<R, Error>
     where
         F: FnOnce(Ctx<'s>) -> Fut,
         Fut: Future<Output = Result<R, Error>>,
     {
-        let mut ctx = self.ctx()?;
+        let mut ctx = self.ctx_at(at)?;
         if rerun && self.may_swap(&ctx, None) {
             ctx = self.swap(ctx).await?;
         }

@@ -50,6 +50,8 @@ use crate::config::Proxy;
 
 mod fast;
 mod lexer;
+
+use lexer::Tok;
 mod statements;
 
 use fast::plainly_safe;
@@ -459,6 +461,79 @@ pub enum StandardStrings {
     On,
     /// `off`: a backslash escapes the next character, as in `E'...'`.
     Off,
+}
+
+/// A statement's digest, as RDS Proxy's log prints one (`set names $1`): keywords and names
+/// in lower case, every literal (string, dollar-quoted, number) replaced by `?`, comments and
+/// white space collapsed, parameters (`$1`) and quoted names kept. It holds no value the
+/// statement carried, so it can be logged. At most 200 bytes.
+///
+/// ```
+/// assert_eq!(
+///     pinpool::pinning::digest("SET  search_path = 'app' -- tenant 7\n"),
+///     "set search_path = ?"
+/// );
+/// assert_eq!(
+///     pinpool::pinning::digest("SELECT set_config('role', $1, false), 1.5"),
+///     "select set_config(?, $1, false), ?"
+/// );
+/// ```
+pub fn digest(sql: &str) -> String {
+    const MAX: usize = 200;
+    let mut out = String::new();
+    let mut lx = lexer::Lexer::new(sql, false);
+    // Where the last number ended, and a dot right after it: `1.5` is one literal.
+    let mut number_end = None;
+    let mut dot_after_number = false;
+    let mut glue = true;
+    let mut after_word = false;
+    while let Some((start, tok)) = lx.next() {
+        if out.len() >= MAX {
+            break;
+        }
+        let text = &sql[start..lx.i];
+        let is_number = matches!(tok, Tok::Other) && text.as_bytes()[0].is_ascii_digit();
+        if is_number && dot_after_number && number_end == Some(start - 1) {
+            // The fraction of a number already written.
+            dot_after_number = false;
+            number_end = Some(lx.i);
+            continue;
+        }
+        if dot_after_number {
+            // The dot was a name's, not a number's: write it now.
+            out.push('.');
+            glue = true;
+            dot_after_number = false;
+        }
+        if matches!(tok, Tok::Dot) && number_end == Some(start) {
+            dot_after_number = true;
+            continue;
+        }
+        let piece: std::borrow::Cow<'_, str> = match tok {
+            Tok::Word(_) => text.to_ascii_lowercase().into(),
+            Tok::Str(_) | Tok::Dollar(_) => "?".into(),
+            Tok::Other if is_number => "?".into(),
+            _ => text.into(),
+        };
+        number_end = is_number.then_some(lx.i);
+        // A call's parenthesis stays on its name: `set_config(?, ...)`.
+        let tight_before = matches!(tok, Tok::Comma | Tok::RParen | Tok::Dot | Tok::Semi)
+            || (matches!(tok, Tok::LParen) && after_word);
+        if !out.is_empty() && !glue && !tight_before {
+            out.push(' ');
+        }
+        out.push_str(&piece);
+        glue = matches!(tok, Tok::LParen | Tok::Dot);
+        after_word = matches!(tok, Tok::Word(_) | Tok::Quoted(_));
+    }
+    if out.len() > MAX {
+        let mut end = MAX;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
 }
 
 /// Classifies a text that may hold several statements (as `batch_execute` sends), when the
