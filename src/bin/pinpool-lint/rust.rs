@@ -1,0 +1,385 @@
+//! SQL in Rust sources: the string literals passed as the SQL argument of the query calls of
+//! tokio-postgres, pinpool, sqlx and diesel.
+//!
+//! A method call is matched by its name and number of arguments (the receiver's type is not
+//! known); a function or macro call by the last segment of its path. Only a string literal
+//! (plain or raw, or a `concat!` of literals) is read as SQL, which keeps false alarms low: a
+//! query call whose SQL argument is anything else is counted as not checked. Macro bodies are
+//! read too: those of sqlx's query macros by their known shape, any other one where it parses
+//! as comma-separated expressions or as statements.
+
+use proc_macro2::{Span, TokenStream};
+use syn::parse::{ParseStream, Parser};
+use syn::punctuated::Punctuated;
+use syn::visit::{self, Visit};
+use syn::{Block, Expr, ExprCall, ExprMethodCall, Lit, Macro, Token};
+
+/// How a call sends its SQL to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Send {
+    /// A simple-protocol Query message (`simple_query`, `batch_execute`, sqlx's `raw_sql`).
+    Simple,
+    /// An extended-protocol Parse of the unnamed statement (`query_typed`, diesel's
+    /// `sql_query`, sqlx's `.persistent(false)`).
+    Unnamed,
+    /// An extended-protocol Parse of a named statement, kept on the server connection:
+    /// tokio-postgres prepares every `&str` it runs (`query`, `execute`, `prepare`...), and so
+    /// do pinpool's statement cache and sqlx's persistent statements.
+    Named,
+}
+
+/// A string literal read as the SQL of a query call.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// The SQL, as the literal's value (escapes resolved, `concat!` joined).
+    pub sql: String,
+    /// 1-based line of the literal.
+    pub line: usize,
+    /// 1-based column of the literal, in characters.
+    pub column: usize,
+    /// The call as written: `.query`, `sqlx::query`, `sqlx::query_as!`.
+    pub call: String,
+    /// How the call sends the SQL.
+    pub send: Send,
+}
+
+/// A query call whose SQL argument is not a literal.
+#[derive(Debug, Clone)]
+pub struct Unread {
+    /// 1-based line of the SQL argument.
+    pub line: usize,
+    /// 1-based column of the SQL argument, in characters.
+    pub column: usize,
+    /// The call as written.
+    pub call: String,
+    /// What the argument is instead.
+    pub what: Unreadable,
+}
+
+/// Why a query call's SQL argument was not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// Built at run time, or named (a variable, a constant, `format!`, a function's result).
+    RunTime,
+    /// Read from a file by sqlx's `query_file!` family (check that file itself).
+    File,
+}
+
+/// What a Rust source holds: the SQL read, and the query calls not read.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// The literals read, in source order.
+    pub sites: Vec<Site>,
+    /// The query calls whose SQL is not a literal, in source order.
+    pub unread: Vec<Unread>,
+}
+
+/// Parses a Rust source file and finds the SQL of its query calls.
+pub fn scan(source: &str) -> syn::Result<Sources> {
+    let file = syn::parse_file(source)?;
+    let mut finder = Finder::default();
+    finder.visit_file(&file);
+    Ok(finder.found)
+}
+
+/// The method calls, by name: (name, number of arguments, how the SQL is sent, whether a
+/// non-literal first argument counts as a query call not read). The SQL is the first argument.
+const METHODS: &[(&str, usize, Send, bool)] = &[
+    // tokio-postgres's Client and Transaction, and pinpool's PooledClient and Transaction.
+    ("query", 2, Send::Named, true),
+    ("query_one", 2, Send::Named, true),
+    ("query_opt", 2, Send::Named, true),
+    ("query_raw", 2, Send::Named, true),
+    ("execute", 2, Send::Named, true),
+    ("execute_raw", 2, Send::Named, true),
+    ("prepare", 1, Send::Named, true),
+    ("prepare_typed", 2, Send::Named, true),
+    ("copy_in", 1, Send::Named, true),
+    ("copy_out", 1, Send::Named, true),
+    ("query_typed", 2, Send::Unnamed, true),
+    ("query_typed_raw", 2, Send::Unnamed, true),
+    ("simple_query", 1, Send::Simple, true),
+    ("batch_execute", 1, Send::Simple, true),
+    // pinpool's own.
+    ("prepare_cached", 1, Send::Named, true),
+    ("prepare_typed_cached", 2, Send::Named, true),
+    ("query_scalar", 2, Send::Named, true),
+    ("query_one_scalar", 2, Send::Named, true),
+    ("query_opt_scalar", 2, Send::Named, true),
+    ("query_typed_one", 2, Send::Unnamed, true),
+    ("query_typed_opt", 2, Send::Unnamed, true),
+    ("execute_typed", 2, Send::Unnamed, true),
+    ("simple_query_raw", 1, Send::Simple, true),
+    // sqlx's Executor::execute(&str): no arguments, so the simple protocol. One argument is
+    // also diesel's `.execute(&mut conn)`: only a literal counts.
+    ("execute", 1, Send::Simple, false),
+];
+
+/// The function calls, by the last segment of their path: (name, number of arguments, how the
+/// SQL is sent). The SQL is the first argument.
+const FUNCTIONS: &[(&str, usize, Send)] = &[
+    // sqlx: persistent (named) statements unless `.persistent(false)` follows.
+    ("query", 1, Send::Named),
+    ("query_as", 1, Send::Named),
+    ("query_scalar", 1, Send::Named),
+    ("query_with", 2, Send::Named),
+    ("query_as_with", 2, Send::Named),
+    ("query_scalar_with", 2, Send::Named),
+    ("raw_sql", 1, Send::Simple),
+    // diesel: raw SQL is never put in its statement cache.
+    ("sql_query", 1, Send::Unnamed),
+];
+
+/// sqlx's query macros, by the last segment of their path: (name, position of the SQL among
+/// the arguments). The `_as` forms take the output type first.
+const MACROS: &[(&str, usize)] = &[
+    ("query", 0),
+    ("query_scalar", 0),
+    ("query_unchecked", 0),
+    ("query_scalar_unchecked", 0),
+    ("query_as", 1),
+    ("query_as_unchecked", 1),
+];
+
+/// sqlx's macros that read the SQL from a file.
+const FILE_MACROS: &[&str] = &[
+    "query_file",
+    "query_file_as",
+    "query_file_scalar",
+    "query_file_unchecked",
+    "query_file_as_unchecked",
+    "query_file_scalar_unchecked",
+];
+
+#[derive(Default)]
+struct Finder {
+    found: Sources,
+}
+
+/// The 1-based line and column where `span` starts.
+fn position(span: Span) -> (usize, usize) {
+    let start = span.start();
+    (start.line, start.column + 1)
+}
+
+/// A path as written, without generic arguments: `sqlx::query`.
+fn path_text(path: &syn::Path) -> String {
+    let segments: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+    let lead = if path.leading_colon.is_some() {
+        "::"
+    } else {
+        ""
+    };
+    format!("{lead}{}", segments.join("::"))
+}
+
+fn last_ident(path: &syn::Path) -> Option<String> {
+    path.segments.last().map(|s| s.ident.to_string())
+}
+
+/// The comma-separated expressions of a macro body, if it is one.
+fn macro_exprs(tokens: TokenStream) -> Option<Punctuated<Expr, Token![,]>> {
+    Punctuated::<Expr, Token![,]>::parse_terminated
+        .parse2(tokens)
+        .ok()
+}
+
+/// The first argument of a `query_as!`-shaped macro is a type; the rest are expressions.
+fn typed_macro_exprs(tokens: TokenStream) -> Option<Punctuated<Expr, Token![,]>> {
+    let parser = |input: ParseStream| {
+        let _: syn::Type = input.parse()?;
+        let _: Token![,] = input.parse()?;
+        Punctuated::<Expr, Token![,]>::parse_terminated(input)
+    };
+    parser.parse2(tokens).ok()
+}
+
+/// The value of a literal as `concat!` writes it.
+fn concat_piece(lit: &Lit) -> Option<String> {
+    match lit {
+        Lit::Str(s) => Some(s.value()),
+        Lit::Char(c) => Some(c.value().to_string()),
+        Lit::Int(i) => Some(i.base10_digits().to_string()),
+        Lit::Float(f) => Some(f.base10_digits().to_string()),
+        Lit::Bool(b) => Some(b.value.to_string()),
+        _ => None,
+    }
+}
+
+fn is_macro(mac: &Macro, name: &str) -> bool {
+    last_ident(&mac.path).as_deref() == Some(name)
+}
+
+/// The SQL text of an argument and where it starts, when it is a string literal, a `concat!`
+/// of literals, or one of those behind `&`, parentheses or `.to_string()`.
+fn literal_sql(expr: &Expr) -> Option<(String, Span)> {
+    match expr {
+        Expr::Lit(l) => match &l.lit {
+            Lit::Str(s) => Some((s.value(), s.span())),
+            _ => None,
+        },
+        Expr::Reference(r) => literal_sql(&r.expr),
+        Expr::Paren(p) => literal_sql(&p.expr),
+        Expr::Group(g) => literal_sql(&g.expr),
+        Expr::MethodCall(m)
+            if m.args.is_empty()
+                && ["to_string", "to_owned", "into", "as_str"]
+                    .contains(&m.method.to_string().as_str()) =>
+        {
+            literal_sql(&m.receiver)
+        }
+        Expr::Macro(m) if is_macro(&m.mac, "concat") => {
+            let parts = macro_exprs(m.mac.tokens.clone())?;
+            let mut sql = String::new();
+            for part in &parts {
+                match part {
+                    Expr::Lit(l) => sql.push_str(&concat_piece(&l.lit)?),
+                    Expr::Macro(_) => sql.push_str(&literal_sql(part)?.0),
+                    _ => return None,
+                }
+            }
+            let span = m.mac.path.segments.first()?.ident.span();
+            Some((sql, span))
+        }
+        _ => None,
+    }
+}
+
+/// Where an expression starts: its first token.
+fn expr_start(expr: &Expr) -> Span {
+    // Spans of the first token that is easy to reach; the argument's own position matters
+    // only for the report of a call not read.
+    match expr {
+        Expr::Path(p) => p
+            .path
+            .segments
+            .first()
+            .map_or_else(Span::call_site, |s| s.ident.span()),
+        Expr::Macro(m) => m
+            .mac
+            .path
+            .segments
+            .first()
+            .map_or_else(Span::call_site, |s| s.ident.span()),
+        Expr::Reference(r) => r.and_token.span,
+        Expr::Paren(p) => p.paren_token.span.open(),
+        Expr::MethodCall(m) => expr_start(&m.receiver),
+        Expr::Call(c) => expr_start(&c.func),
+        Expr::Field(f) => expr_start(&f.base),
+        Expr::Lit(l) => l.lit.span(),
+        _ => Span::call_site(),
+    }
+}
+
+impl Finder {
+    /// Records the SQL argument of a matched query call: read, or counted as not read.
+    fn argument(&mut self, call: String, arg: &Expr, send: Send, count_unread: bool) {
+        if let Some((sql, span)) = literal_sql(arg) {
+            let (line, column) = position(span);
+            self.found.sites.push(Site {
+                sql,
+                line,
+                column,
+                call,
+                send,
+            });
+        } else if count_unread {
+            self.unread(call, expr_start(arg), Unreadable::RunTime);
+        }
+    }
+
+    fn unread(&mut self, call: String, span: Span, what: Unreadable) {
+        let (line, column) = position(span);
+        self.found.unread.push(Unread {
+            line,
+            column,
+            call,
+            what,
+        });
+    }
+
+    /// A macro: sqlx's query macros by their shape; any other body read as expressions or
+    /// statements where it parses as such, and left alone where it does not.
+    fn mac(&mut self, mac: &Macro) {
+        let name = last_ident(&mac.path).unwrap_or_default();
+        let call = format!("{}!", path_text(&mac.path));
+        if FILE_MACROS.contains(&name.as_str()) {
+            let span = mac
+                .path
+                .segments
+                .first()
+                .map_or_else(Span::call_site, |s| s.ident.span());
+            self.unread(call, span, Unreadable::File);
+            return;
+        }
+        if let Some(&(_, position)) = MACROS.iter().find(|(n, _)| *n == name) {
+            let args = if position == 0 {
+                macro_exprs(mac.tokens.clone())
+            } else {
+                typed_macro_exprs(mac.tokens.clone())
+            };
+            if let Some(args) = args {
+                if let Some(sql) = args.first() {
+                    self.argument(call, sql, Send::Named, true);
+                }
+                for arg in &args {
+                    self.visit_expr(arg);
+                }
+                return;
+            }
+        }
+        if name == "macro_rules" {
+            return;
+        }
+        if let Some(args) = macro_exprs(mac.tokens.clone()) {
+            for arg in &args {
+                self.visit_expr(arg);
+            }
+        } else if let Ok(stmts) = Block::parse_within.parse2(mac.tokens.clone()) {
+            for stmt in &stmts {
+                self.visit_stmt(stmt);
+            }
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Finder {
+    fn visit_expr_method_call(&mut self, node: &'ast ExprMethodCall) {
+        let name = node.method.to_string();
+        let arity = node.args.len();
+        if let Some(&(_, _, send, count)) = METHODS
+            .iter()
+            .find(|(n, a, _, _)| *n == name && *a == arity)
+        {
+            self.argument(format!(".{name}"), &node.args[0], send, count);
+        }
+        // sqlx's `query("...").persistent(false)`: the unnamed statement.
+        let unnamed = name == "persistent"
+            && matches!(node.args.first(), Some(Expr::Lit(l)) if matches!(&l.lit, Lit::Bool(b) if !b.value));
+        let before = self.found.sites.len();
+        visit::visit_expr_method_call(self, node);
+        if unnamed
+            && let Some(site) = self.found.sites.get_mut(before)
+            && site.send == Send::Named
+            && !site.call.starts_with('.')
+        {
+            site.send = Send::Unnamed;
+        }
+    }
+
+    fn visit_expr_call(&mut self, node: &'ast ExprCall) {
+        if let Expr::Path(p) = &*node.func
+            && let Some(name) = last_ident(&p.path)
+            && let Some(&(_, _, send)) = FUNCTIONS
+                .iter()
+                .find(|(n, a, _)| *n == name && *a == node.args.len())
+        {
+            self.argument(path_text(&p.path), &node.args[0], send, true);
+        }
+        visit::visit_expr_call(self, node);
+    }
+
+    fn visit_macro(&mut self, node: &'ast Macro) {
+        self.mac(node);
+    }
+}
