@@ -323,7 +323,7 @@ impl Output {
                 "calls read"
             };
             eprintln!(
-                "pinpool-lint: {files} query_file! {calls} SQL from a file, not checked here: name those files{hint}"
+                "pinpool-lint: {files} query {calls} SQL from a file (include_str!, query_file!), not checked here: name those files{hint}"
             );
         }
         if self.style == Style::Sarif {

@@ -3,10 +3,14 @@
 //!
 //! A method call is matched by its name and number of arguments (the receiver's type is not
 //! known); a function or macro call by the last segment of its path. Only a string literal
-//! (plain or raw, or a `concat!` of literals) is read as SQL, which keeps false alarms low: a
-//! query call whose SQL argument is anything else is counted as not checked. Macro bodies are
+//! (plain or raw, or a `concat!` of literals) is read as SQL, which keeps false alarms low,
+//! also where a name stands for one: a `let` binding in scope (not `mut`, not shadowed since)
+//! or a `const` or `static` of the same file. A query call whose SQL argument is anything else
+//! is counted as not checked. Macro bodies are
 //! read too: those of sqlx's query macros by their known shape, any other one where it parses
 //! as comma-separated expressions or as statements.
+
+use std::collections::{HashMap, HashSet};
 
 use proc_macro2::{Span, TokenStream};
 use syn::parse::{ParseStream, Parser};
@@ -61,7 +65,8 @@ pub struct Unread {
 pub enum Unreadable {
     /// Built at run time, or named (a variable, a constant, `format!`, a function's result).
     RunTime,
-    /// Read from a file by sqlx's `query_file!` family (check that file itself).
+    /// Read from a file: sqlx's `query_file!` family, `include_str!` (check that file
+    /// itself).
     File,
 }
 
@@ -77,7 +82,13 @@ pub struct Sources {
 /// Parses a Rust source file and finds the SQL of its query calls.
 pub fn scan(source: &str) -> syn::Result<Sources> {
     let file = syn::parse_file(source)?;
-    let mut finder = Finder::default();
+    let mut consts = Consts::default();
+    consts.visit_file(&file);
+    let mut finder = Finder {
+        consts: consts.found,
+        included: consts.included,
+        ..Finder::default()
+    };
     finder.visit_file(&file);
     Ok(finder.found)
 }
@@ -151,9 +162,66 @@ const FILE_MACROS: &[&str] = &[
     "query_file_scalar_unchecked",
 ];
 
+/// A string literal's value and where it starts.
+type Literal = Option<(String, Span)>;
+
 #[derive(Default)]
 struct Finder {
     found: Sources,
+    /// The file's `const` and `static` items (and associated constants) bound to a string
+    /// literal, by name; `None` where one name has several values.
+    consts: HashMap<String, Literal>,
+    /// The `let` bindings in scope, innermost last: a name bound to a string literal, or
+    /// `None` where a later binding shadows it with something else.
+    scopes: Vec<Scope>,
+    /// The file's constants bound to `include_str!`.
+    included: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Scope {
+    /// A function's body: the bindings of the scopes around it are not in scope.
+    barrier: bool,
+    names: HashMap<String, Literal>,
+}
+
+/// Collects the file's constants bound to string literals.
+#[derive(Default)]
+struct Consts {
+    found: HashMap<String, Literal>,
+    included: HashSet<String>,
+}
+
+impl Consts {
+    fn add(&mut self, name: String, expr: &Expr) {
+        if matches!(expr, Expr::Macro(m) if is_macro(&m.mac, "include_str")) {
+            self.included.insert(name.clone());
+        }
+        let value = Finder::default().sql_of(expr);
+        let entry = self.found.entry(name).or_insert_with(|| value.clone());
+        if entry.as_ref().map(|(sql, _)| sql) != value.as_ref().map(|(sql, _)| sql) {
+            *entry = None;
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Consts {
+    fn visit_item_const(&mut self, node: &'ast syn::ItemConst) {
+        self.add(node.ident.to_string(), &node.expr);
+        visit::visit_item_const(self, node);
+    }
+
+    fn visit_item_static(&mut self, node: &'ast syn::ItemStatic) {
+        if matches!(node.mutability, syn::StaticMutability::None) {
+            self.add(node.ident.to_string(), &node.expr);
+        }
+        visit::visit_item_static(self, node);
+    }
+
+    fn visit_impl_item_const(&mut self, node: &'ast syn::ImplItemConst) {
+        self.add(node.ident.to_string(), &node.expr);
+        visit::visit_impl_item_const(self, node);
+    }
 }
 
 /// The 1-based line and column where `span` starts.
@@ -210,41 +278,6 @@ fn is_macro(mac: &Macro, name: &str) -> bool {
     last_ident(&mac.path).as_deref() == Some(name)
 }
 
-/// The SQL text of an argument and where it starts, when it is a string literal, a `concat!`
-/// of literals, or one of those behind `&`, parentheses or `.to_string()`.
-fn literal_sql(expr: &Expr) -> Option<(String, Span)> {
-    match expr {
-        Expr::Lit(l) => match &l.lit {
-            Lit::Str(s) => Some((s.value(), s.span())),
-            _ => None,
-        },
-        Expr::Reference(r) => literal_sql(&r.expr),
-        Expr::Paren(p) => literal_sql(&p.expr),
-        Expr::Group(g) => literal_sql(&g.expr),
-        Expr::MethodCall(m)
-            if m.args.is_empty()
-                && ["to_string", "to_owned", "into", "as_str"]
-                    .contains(&m.method.to_string().as_str()) =>
-        {
-            literal_sql(&m.receiver)
-        }
-        Expr::Macro(m) if is_macro(&m.mac, "concat") => {
-            let parts = macro_exprs(m.mac.tokens.clone())?;
-            let mut sql = String::new();
-            for part in &parts {
-                match part {
-                    Expr::Lit(l) => sql.push_str(&concat_piece(&l.lit)?),
-                    Expr::Macro(_) => sql.push_str(&literal_sql(part)?.0),
-                    _ => return None,
-                }
-            }
-            let span = m.mac.path.segments.first()?.ident.span();
-            Some((sql, span))
-        }
-        _ => None,
-    }
-}
-
 /// Where an expression starts: its first token.
 fn expr_start(expr: &Expr) -> Span {
     // Spans of the first token that is easy to reach; the argument's own position matters
@@ -272,9 +305,108 @@ fn expr_start(expr: &Expr) -> Span {
 }
 
 impl Finder {
+    /// The SQL text of an argument and where its literal starts, when it is a string literal,
+    /// a `concat!` of literals, a name bound to one (a `let` in scope, a constant of the
+    /// file), or one of those behind `&`, parentheses or `.to_string()`.
+    fn sql_of(&self, expr: &Expr) -> Literal {
+        match expr {
+            Expr::Lit(l) => match &l.lit {
+                Lit::Str(s) => Some((s.value(), s.span())),
+                _ => None,
+            },
+            Expr::Reference(r) => self.sql_of(&r.expr),
+            Expr::Paren(p) => self.sql_of(&p.expr),
+            Expr::Group(g) => self.sql_of(&g.expr),
+            Expr::MethodCall(m)
+                if m.args.is_empty()
+                    && ["to_string", "to_owned", "into", "as_str"]
+                        .contains(&m.method.to_string().as_str()) =>
+            {
+                self.sql_of(&m.receiver)
+            }
+            Expr::Macro(m) if is_macro(&m.mac, "concat") => {
+                let parts = macro_exprs(m.mac.tokens.clone())?;
+                let mut sql = String::new();
+                for part in &parts {
+                    match part {
+                        Expr::Lit(l) => sql.push_str(&concat_piece(&l.lit)?),
+                        Expr::Macro(_) => sql.push_str(&self.sql_of(part)?.0),
+                        _ => return None,
+                    }
+                }
+                let span = m.mac.path.segments.first()?.ident.span();
+                Some((sql, span))
+            }
+            Expr::Path(p) if p.qself.is_none() => self.resolve(&p.path),
+            _ => None,
+        }
+    }
+
+    /// A name's literal: a local `name`, else a constant `NAME`, `Self::NAME` or
+    /// `Type::NAME` of this file.
+    fn resolve(&self, path: &syn::Path) -> Literal {
+        let name = last_ident(path)?;
+        if path.segments.len() == 1 && path.leading_colon.is_none() {
+            for scope in self.scopes.iter().rev() {
+                if let Some(bound) = scope.names.get(&name) {
+                    return bound.clone();
+                }
+                if scope.barrier {
+                    break;
+                }
+            }
+        } else if path.segments.len() > 2 || path.leading_colon.is_some() {
+            return None;
+        }
+        self.consts.get(&name).cloned().flatten()
+    }
+
+    /// True when an argument is `include_str!(...)` or a constant bound to it.
+    fn included(&self, expr: &Expr) -> bool {
+        match expr {
+            Expr::Reference(r) => self.included(&r.expr),
+            Expr::Paren(p) => self.included(&p.expr),
+            Expr::Macro(m) => is_macro(&m.mac, "include_str"),
+            Expr::Path(p) => {
+                p.path.segments.len() <= 2
+                    && last_ident(&p.path).is_some_and(|name| self.included.contains(&name))
+            }
+            _ => false,
+        }
+    }
+
+    /// Binds `pat` in the innermost scope: to `value` when it is a plain name.
+    fn bind(&mut self, pat: &syn::Pat, value: Literal) {
+        let Some(scope) = self.scopes.last_mut() else {
+            return;
+        };
+        match pat {
+            syn::Pat::Ident(i) => {
+                let value = if i.mutability.is_none() && i.by_ref.is_none() && i.subpat.is_none() {
+                    value
+                } else {
+                    None
+                };
+                scope.names.insert(i.ident.to_string(), value);
+            }
+            syn::Pat::Type(t) => self.bind(&t.pat, value),
+            _ => {}
+        }
+    }
+
+    /// Runs `f` in a new scope.
+    fn scoped(&mut self, barrier: bool, f: impl FnOnce(&mut Finder)) {
+        self.scopes.push(Scope {
+            barrier,
+            names: HashMap::new(),
+        });
+        f(self);
+        self.scopes.pop();
+    }
+
     /// Records the SQL argument of a matched query call: read, or counted as not read.
     fn argument(&mut self, call: String, arg: &Expr, send: Send, count_unread: bool) {
-        if let Some((sql, span)) = literal_sql(arg) {
+        if let Some((sql, span)) = self.sql_of(arg) {
             let (line, column) = position(span);
             self.found.sites.push(Site {
                 sql,
@@ -284,7 +416,12 @@ impl Finder {
                 send,
             });
         } else if count_unread {
-            self.unread(call, expr_start(arg), Unreadable::RunTime);
+            let what = if self.included(arg) {
+                Unreadable::File
+            } else {
+                Unreadable::RunTime
+            };
+            self.unread(call, expr_start(arg), what);
         }
     }
 
@@ -336,9 +473,11 @@ impl Finder {
                 self.visit_expr(arg);
             }
         } else if let Ok(stmts) = Block::parse_within.parse2(mac.tokens.clone()) {
-            for stmt in &stmts {
-                self.visit_stmt(stmt);
-            }
+            self.scoped(false, |f| {
+                for stmt in &stmts {
+                    f.visit_stmt(stmt);
+                }
+            });
         }
     }
 }
@@ -381,5 +520,39 @@ impl<'ast> Visit<'ast> for Finder {
 
     fn visit_macro(&mut self, node: &'ast Macro) {
         self.mac(node);
+    }
+
+    fn visit_block(&mut self, node: &'ast Block) {
+        self.scoped(false, |f| visit::visit_block(f, node));
+    }
+
+    fn visit_local(&mut self, node: &'ast syn::Local) {
+        visit::visit_local(self, node);
+        let value = match &node.init {
+            Some(init) if init.diverge.is_none() => self.sql_of(&init.expr),
+            _ => None,
+        };
+        self.bind(&node.pat, value);
+    }
+
+    fn visit_item_fn(&mut self, node: &'ast syn::ItemFn) {
+        self.scoped(true, |f| visit::visit_item_fn(f, node));
+    }
+
+    fn visit_impl_item_fn(&mut self, node: &'ast syn::ImplItemFn) {
+        self.scoped(true, |f| visit::visit_impl_item_fn(f, node));
+    }
+
+    fn visit_trait_item_fn(&mut self, node: &'ast syn::TraitItemFn) {
+        self.scoped(true, |f| visit::visit_trait_item_fn(f, node));
+    }
+
+    fn visit_expr_closure(&mut self, node: &'ast syn::ExprClosure) {
+        self.scoped(false, |f| {
+            for input in &node.inputs {
+                f.bind(input, None);
+            }
+            visit::visit_expr_closure(f, node);
+        });
     }
 }
