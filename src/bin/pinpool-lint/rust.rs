@@ -408,6 +408,15 @@ impl Finder {
     fn argument(&mut self, call: String, arg: &Expr, send: Send, count_unread: bool) {
         if let Some((sql, span)) = self.sql_of(arg) {
             let (line, column) = position(span);
+            // A constant's literal is reported once for each way calls send it.
+            let seen = self
+                .found
+                .sites
+                .iter()
+                .any(|s| (s.line, s.column, s.send) == (line, column, send));
+            if seen {
+                return;
+            }
             self.found.sites.push(Site {
                 sql,
                 line,
