@@ -145,6 +145,9 @@ fn each_call_shape_is_read_at_its_literal() {
             ".simple_query",
         ),
         (r#""SELECT 4""#, &[], ".query"),
+        // A statement prepared in scope: its SQL is read at the prepare, its uses are not
+        // counted as calls not read.
+        (r#""SELECT pg_advisory_unlock_all()""#, &[], ".prepare"),
     ];
     for (needle, want, call) in cases {
         let (got, got_call) = check(&found, needle);

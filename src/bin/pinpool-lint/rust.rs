@@ -183,6 +183,9 @@ struct Scope {
     /// A function's body: the bindings of the scopes around it are not in scope.
     barrier: bool,
     names: HashMap<String, Literal>,
+    /// The names bound to a statement prepared here (`let s = client.prepare("...")`): its
+    /// SQL was read at the `prepare`.
+    statements: HashSet<String>,
 }
 
 /// Collects the file's constants bound to string literals.
@@ -278,6 +281,21 @@ fn is_macro(mac: &Macro, name: &str) -> bool {
     last_ident(&mac.path).as_deref() == Some(name)
 }
 
+/// True when `expr` is a `prepare*` call, awaited, unwrapped or `?`-ed.
+fn is_prepare(expr: &Expr) -> bool {
+    match expr {
+        Expr::Await(a) => is_prepare(&a.base),
+        Expr::Try(t) => is_prepare(&t.expr),
+        Expr::MethodCall(m) if ["unwrap", "expect"].contains(&m.method.to_string().as_str()) => {
+            is_prepare(&m.receiver)
+        }
+        Expr::MethodCall(m) => METHODS.iter().any(|(name, arity, _, _)| {
+            name.starts_with("prepare") && m.method == name && *arity == m.args.len()
+        }),
+        _ => false,
+    }
+}
+
 /// Where an expression starts: its first token.
 fn expr_start(expr: &Expr) -> Span {
     // Spans of the first token that is easy to reach; the argument's own position matters
@@ -361,6 +379,27 @@ impl Finder {
         self.consts.get(&name).cloned().flatten()
     }
 
+    /// True when an argument names a statement prepared in scope.
+    fn prepared(&self, expr: &Expr) -> bool {
+        match expr {
+            Expr::Reference(r) => self.prepared(&r.expr),
+            Expr::Paren(p) => self.prepared(&p.expr),
+            Expr::Path(p) if p.path.segments.len() == 1 && p.qself.is_none() => {
+                let name = p.path.segments[0].ident.to_string();
+                for scope in self.scopes.iter().rev() {
+                    if scope.statements.contains(&name) {
+                        return true;
+                    }
+                    if scope.names.contains_key(&name) || scope.barrier {
+                        return false;
+                    }
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// True when an argument is `include_str!(...)` or a constant bound to it.
     fn included(&self, expr: &Expr) -> bool {
         match expr {
@@ -387,6 +426,7 @@ impl Finder {
                 } else {
                     None
                 };
+                scope.statements.remove(&i.ident.to_string());
                 scope.names.insert(i.ident.to_string(), value);
             }
             syn::Pat::Type(t) => self.bind(&t.pat, value),
@@ -398,7 +438,7 @@ impl Finder {
     fn scoped(&mut self, barrier: bool, f: impl FnOnce(&mut Finder)) {
         self.scopes.push(Scope {
             barrier,
-            names: HashMap::new(),
+            ..Scope::default()
         });
         f(self);
         self.scopes.pop();
@@ -424,7 +464,7 @@ impl Finder {
                 call,
                 send,
             });
-        } else if count_unread {
+        } else if count_unread && !self.prepared(arg) {
             let what = if self.included(arg) {
                 Unreadable::File
             } else {
@@ -542,6 +582,12 @@ impl<'ast> Visit<'ast> for Finder {
             _ => None,
         };
         self.bind(&node.pat, value);
+        if let (Some(init), syn::Pat::Ident(i)) = (&node.init, &node.pat)
+            && is_prepare(&init.expr)
+            && let Some(scope) = self.scopes.last_mut()
+        {
+            scope.statements.insert(i.ident.to_string());
+        }
     }
 
     fn visit_item_fn(&mut self, node: &'ast syn::ItemFn) {
