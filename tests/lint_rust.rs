@@ -10,6 +10,7 @@ use serde_json::Value;
 const CALLS: &str = "tests/fixtures/lint/calls.rs";
 const CLEAN: &str = "tests/fixtures/lint/clean.rs";
 const BROKEN: &str = "tests/fixtures/lint/broken.rs";
+const ALLOW: &str = "tests/fixtures/lint/allow.rs";
 
 struct Run {
     code: i32,
@@ -549,4 +550,72 @@ fn directories_are_walked_for_rust_and_sql_files() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("cannot read missing"), "{}", r.stderr);
     assert!(r.stdout.contains("src/main.rs:1:"), "{}", r.stdout);
+}
+
+#[test]
+fn allow_comments_allow_the_rules_they_name_and_are_counted() {
+    let r = run(&["--format", "json", ALLOW]);
+    assert_eq!(r.code, 1);
+    let found = objects(&r.stdout);
+    let line = |needle| at(ALLOW, needle).0;
+    let on = |needle| -> Vec<(bool, Value)> {
+        found
+            .iter()
+            .filter(|o| o["line"] == line(needle))
+            .map(|o| (o["pins"].as_bool().unwrap(), o["allowed"].clone()))
+            .collect()
+    };
+    let allowed = |ids: &[&str]| serde_json::json!(ids);
+    // On the line above, naming the rule.
+    assert_eq!(on("overflow"), [(false, allowed(&["temp_object"]))]);
+    // On the same line: only the rule named is allowed, the SET of the next statement pins.
+    assert_eq!(
+        on("t2 (a int)"),
+        [(false, allowed(&["temp_object"])), (true, Value::Null)]
+    );
+    // Every rule.
+    assert_eq!(on("LISTEN everything"), [(false, allowed(&["listen"]))]);
+    assert_eq!(on("LISTEN not_allowed"), [(true, Value::Null)]);
+    assert!(
+        r.stderr.contains(
+            "pinpool-lint: 3 statements breaking a rule were allowed by pinpool-lint: allow comments"
+        ),
+        "{}",
+        r.stderr
+    );
+    let r = run(&[ALLOW]);
+    let (l, _) = at(ALLOW, "LISTEN everything");
+    assert!(
+        r.stdout.contains(&format!(
+            "{ALLOW}:{l}:24: .batch_execute: statement 1 allowed by a pinpool-lint: allow comment (listen)"
+        )),
+        "{}",
+        r.stdout
+    );
+
+    // SARIF: the allowed ones are results suppressed in the source.
+    let r = run(&["--format", "sarif", ALLOW]);
+    let log: Value = serde_json::from_str(&r.stdout).unwrap();
+    let results = log["runs"][0]["results"].as_array().unwrap();
+    let suppressed: Vec<&str> = results
+        .iter()
+        .filter(|r| r["suppressions"][0]["kind"] == "inSource")
+        .map(|r| r["ruleId"].as_str().unwrap())
+        .collect();
+    assert_eq!(suppressed, ["temp_object", "temp_object", "listen"]);
+    assert_eq!(results.len(), 5);
+
+    // In SQL files too.
+    let dir = temp_tree("allow-sql");
+    std::fs::write(
+        dir.join("q.sql"),
+        "-- pinpool-lint: allow: the proxy's initialization query sets it anyway\nSET search_path = app;\nSET role = x;\n",
+    )
+    .unwrap();
+    let r = run_in(&dir, &["--format", "json", "q.sql"]);
+    let pins: Vec<bool> = objects(&r.stdout)
+        .iter()
+        .map(|o| o["pins"].as_bool().unwrap())
+        .collect();
+    assert_eq!(pins, [false, true]);
 }

@@ -152,11 +152,14 @@ fn column_of(text: &str, offset: usize) -> usize {
 /// Checks an SQL file: every statement, sent as the simple protocol (the legacy rules: as a
 /// Parse, as applications send them).
 fn check_sql(out: &mut report::Output, file: &str, sql: &str) {
+    let lines: Vec<&str> = sql.lines().collect();
     for f in lint(sql, &PinRules::new()) {
         let offset = f.text.as_ptr() as usize - sql.as_ptr() as usize;
-        let rules = out
+        let verdict = out
             .profile
             .rules(f.classification.reasons, report::Sent::SqlFile);
+        let found = verdict.found.clone();
+        let (pins, allowed) = verdict.allow(report::allow_comment(&lines, f.line).as_deref());
         out.record(Record {
             file: file.to_owned(),
             statement: f.statement,
@@ -164,8 +167,9 @@ fn check_sql(out: &mut report::Output, file: &str, sql: &str) {
             column: column_of(sql, offset),
             call: None,
             text: f.text.to_owned(),
-            found: rules.found,
-            pins: rules.pins,
+            found,
+            pins,
+            allowed,
         });
     }
 }
@@ -187,11 +191,15 @@ fn check_rust(out: &mut report::Output, file: &str, source: &str) -> bool {
             return false;
         }
     };
+    let lines: Vec<&str> = source.lines().collect();
     for site in &sources.sites {
+        let allow = report::allow_comment(&lines, site.line);
         for f in lint(&site.sql, &PinRules::new()) {
-            let rules = out
+            let verdict = out
                 .profile
                 .rules(f.classification.reasons, report::Sent::Rust(site.send));
+            let found = verdict.found.clone();
+            let (pins, allowed) = verdict.allow(allow.as_deref());
             out.record(Record {
                 file: file.to_owned(),
                 statement: f.statement,
@@ -199,8 +207,9 @@ fn check_rust(out: &mut report::Output, file: &str, source: &str) -> bool {
                 column: site.column,
                 call: Some(site.call.clone()),
                 text: f.text.to_owned(),
-                found: rules.found,
-                pins: rules.pins,
+                found,
+                pins,
+                allowed,
             });
         }
     }

@@ -75,6 +75,49 @@ pub struct Verdict {
     pub pins: Vec<Rule>,
 }
 
+/// The marker of a comment that allows a statement what it breaks: `pinpool-lint: allow`
+/// (every rule) or `pinpool-lint: allow(set, listen)` (those rules).
+const ALLOW: &str = "pinpool-lint: allow";
+
+/// The rule ids a `pinpool-lint: allow` comment on 1-based `line` of a file's `lines`, or on
+/// the line above when that line is a comment alone (not the end of another call's line),
+/// allows: `Some` of an empty list for every rule.
+pub fn allow_comment(lines: &[&str], line: usize) -> Option<Vec<String>> {
+    let here = line.checked_sub(1).and_then(|i| lines.get(i));
+    let above = line.checked_sub(2).and_then(|i| lines.get(i)).filter(|l| {
+        ["//", "--", "/*"]
+            .iter()
+            .any(|c| l.trim_start().starts_with(c))
+    });
+    [here, above].into_iter().flatten().find_map(|l| {
+        let rest = &l[l.find(ALLOW)? + ALLOW.len()..];
+        let Some(list) = rest.strip_prefix('(') else {
+            return Some(Vec::new());
+        };
+        let list = &list[..list.find(')').unwrap_or(list.len())];
+        Some(
+            list.split(',')
+                .map(|id| id.trim().to_owned())
+                .filter(|id| !id.is_empty())
+                .collect(),
+        )
+    })
+}
+
+impl Verdict {
+    /// Moves the rules that `allow` (from [`allow_comment`]) names from the pins to the
+    /// allowed: (pins, allowed).
+    pub fn allow(self, allow: Option<&[String]>) -> (Vec<Rule>, Vec<Rule>) {
+        match allow {
+            None => (self.pins, Vec::new()),
+            Some(ids) => self
+                .pins
+                .into_iter()
+                .partition(|r| !(ids.is_empty() || ids.iter().any(|id| id == r.id()))),
+        }
+    }
+}
+
 impl Profile {
     /// The rules a statement with these reasons, sent this way, breaks.
     pub fn rules(&self, reasons: Reasons, sent: Sent) -> Verdict {
@@ -135,6 +178,8 @@ pub struct Record {
     pub text: String,
     pub found: Vec<Rule>,
     pub pins: Vec<Rule>,
+    /// The rules it breaks that a `pinpool-lint: allow` comment allows.
+    pub allowed: Vec<Rule>,
 }
 
 impl Record {
@@ -175,6 +220,8 @@ pub struct Output {
     pub profile: Profile,
     pub list_unchecked: bool,
     any_pins: bool,
+    /// Statements with rules allowed by a comment.
+    allowed: usize,
     records: Vec<Record>,
     unchecked: Vec<Unchecked>,
     errors: Vec<sarif::Notification>,
@@ -198,6 +245,7 @@ impl Output {
             profile: Profile::RdsProxy(PinRules::new()),
             list_unchecked: false,
             any_pins: false,
+            allowed: 0,
             records: Vec::new(),
             unchecked: Vec::new(),
             errors: Vec::new(),
@@ -218,6 +266,7 @@ impl Output {
     pub fn record(&mut self, r: Record) {
         let pins = !r.pins.is_empty();
         self.any_pins |= pins;
+        self.allowed += usize::from(!r.allowed.is_empty());
         let ids = |rules: &[Rule]| rules.iter().map(|r| r.id()).collect::<Vec<_>>();
         match self.style {
             Style::Json => {
@@ -229,8 +278,16 @@ impl Output {
                     }
                     None => String::new(),
                 };
+                let allowed = if r.allowed.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ",\"allowed\":{}",
+                        serde_json::to_string(&ids(&r.allowed)).expect("strings serialize")
+                    )
+                };
                 println!(
-                    "{{\"file\":{},\"statement\":{},\"line\":{}{rust},\"pins\":{},\"possibly\":{},\"reasons\":{}}}",
+                    "{{\"file\":{},\"statement\":{},\"line\":{}{rust},\"pins\":{},\"possibly\":{},\"reasons\":{}{allowed}}}",
                     json_string(&r.file),
                     r.statement,
                     r.line,
@@ -242,6 +299,8 @@ impl Output {
             Style::Text if !r.found.is_empty() => {
                 let verdict = if pins {
                     self.profile.verb(r.possibly())
+                } else if !r.allowed.is_empty() {
+                    "allowed by a pinpool-lint: allow comment"
                 } else {
                     "allowed by the rules in force"
                 };
@@ -324,6 +383,17 @@ impl Output {
             };
             eprintln!(
                 "pinpool-lint: {files} query {calls} SQL from a file (include_str!, query_file!), not checked here: name those files{hint}"
+            );
+        }
+        if self.allowed > 0 {
+            let (statements, were) = if self.allowed == 1 {
+                ("statement", "was")
+            } else {
+                ("statements", "were")
+            };
+            eprintln!(
+                "pinpool-lint: {} {statements} breaking a rule {were} allowed by pinpool-lint: allow comments",
+                self.allowed
             );
         }
         if self.style == Style::Sarif {

@@ -107,7 +107,8 @@ pub fn log(
     let mut results = Vec::new();
     for rec in records {
         let possibly = rec.pins.iter().all(|r| r.is_possible());
-        for rule in &rec.pins {
+        let allowed = rec.allowed.iter().map(|r| (r, true));
+        for (rule, suppressed) in rec.pins.iter().map(|r| (r, false)).chain(allowed) {
             let index = rules.iter().position(|r| r == rule).unwrap_or(0);
             let head: String = rec.text.split_whitespace().collect::<Vec<_>>().join(" ");
             let head: String = head.chars().take(80).collect();
@@ -116,7 +117,7 @@ pub fn log(
                 .as_deref()
                 .map(|c| format!("{c}: "))
                 .unwrap_or_default();
-            results.push(json!({
+            let mut result = json!({
                 "ruleId": rule.id(),
                 "ruleIndex": index,
                 "level": level(*rule),
@@ -130,7 +131,14 @@ pub fn log(
                     )
                 },
                 "locations": [location(&rec.file, Some((rec.line, rec.column)))],
-            }));
+            });
+            if suppressed {
+                result["suppressions"] = json!([{
+                    "kind": "inSource",
+                    "justification": "a pinpool-lint: allow comment",
+                }]);
+            }
+            results.push(result);
         }
     }
     let notifications: Vec<Value> = errors
