@@ -12,11 +12,14 @@
 
 use std::collections::{HashMap, HashSet};
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Spacing, Span, TokenStream, TokenTree};
 use syn::parse::{ParseStream, Parser};
 use syn::punctuated::Punctuated;
 use syn::visit::{self, Visit};
 use syn::{Block, Expr, ExprCall, ExprMethodCall, Lit, Macro, Token};
+
+/// How deep the last resort for macro bodies looks into nested groups.
+const MAX_DEPTH: usize = 32;
 
 /// How a call sends its SQL to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,6 +530,66 @@ impl Finder {
                     f.visit_stmt(stmt);
                 }
             });
+        } else {
+            self.pieces(mac.tokens.clone(), 0);
+        }
+    }
+
+    /// The last resort for a macro body that is neither expressions nor statements
+    /// (`tokio::select! { rows = client.query("...", &[]) => ... }`): its pieces between `,`,
+    /// `;`, `=>` and a lone `=` are read as expressions where they parse, and the groups of
+    /// the pieces that do not are looked into the same way.
+    fn pieces(&mut self, tokens: TokenStream, depth: usize) {
+        if depth > MAX_DEPTH {
+            return;
+        }
+        let trees: Vec<TokenTree> = tokens.into_iter().collect();
+        let mut piece: Vec<TokenTree> = Vec::new();
+        for (i, tree) in trees.iter().enumerate() {
+            let ends = match tree {
+                TokenTree::Punct(p) => match p.as_char() {
+                    ',' | ';' => true,
+                    // `=>`: the `=` joined to a `>`, which then ends nothing itself.
+                    '=' if p.spacing() == Spacing::Joint => {
+                        matches!(trees.get(i + 1), Some(TokenTree::Punct(q)) if q.as_char() == '>')
+                    }
+                    // A lone `=`, not the end of `==`, `<=`, `+=`...
+                    '=' => !matches!(
+                        i.checked_sub(1).map(|j| &trees[j]),
+                        Some(TokenTree::Punct(q)) if q.spacing() == Spacing::Joint
+                    ),
+                    '>' => {
+                        matches!(
+                            i.checked_sub(1).map(|j| &trees[j]),
+                            Some(TokenTree::Punct(q)) if q.as_char() == '=' && q.spacing() == Spacing::Joint
+                        ) && piece.is_empty()
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if ends {
+                self.piece(std::mem::take(&mut piece), depth);
+            } else {
+                piece.push(tree.clone());
+            }
+        }
+        self.piece(piece, depth);
+    }
+
+    fn piece(&mut self, piece: Vec<TokenTree>, depth: usize) {
+        if piece.is_empty() {
+            return;
+        }
+        let tokens: TokenStream = piece.iter().cloned().collect();
+        if let Ok(expr) = syn::parse2::<Expr>(tokens) {
+            self.visit_expr(&expr);
+        } else {
+            for tree in piece {
+                if let TokenTree::Group(g) = tree {
+                    self.pieces(g.stream(), depth + 1);
+                }
+            }
         }
     }
 }
