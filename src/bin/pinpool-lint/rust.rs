@@ -6,9 +6,9 @@
 //! (plain or raw, or a `concat!` of literals) is read as SQL, which keeps false alarms low,
 //! also where a name stands for one: a `let` binding in scope (not `mut`, not shadowed since)
 //! or a `const` or `static` of the same file. A query call whose SQL argument is anything else
-//! is counted as not checked. Macro bodies are
-//! read too: those of sqlx's query macros by their known shape, any other one where it parses
-//! as comma-separated expressions or as statements.
+//! is counted as not checked. Macro bodies are read too: those of sqlx's query macros by their
+//! known shape, any other one as comma-separated expressions, as statements, or else piece by
+//! piece; one that parses in none of these ways is skipped, never an error.
 
 use std::collections::{HashMap, HashSet};
 
