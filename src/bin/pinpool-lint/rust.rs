@@ -124,9 +124,16 @@ const METHODS: &[(&str, usize, Send, bool)] = &[
     ("query_typed_opt", 2, Send::Unnamed, true),
     ("execute_typed", 2, Send::Unnamed, true),
     ("simple_query_raw", 1, Send::Simple, true),
-    // sqlx's Executor::execute(&str): no arguments, so the simple protocol. One argument is
-    // also diesel's `.execute(&mut conn)`: only a literal counts.
+    // sqlx's Executor methods given a `&str`: no arguments, so the simple protocol. With one
+    // argument these are also the methods that run a built query (`sqlx::query(..)
+    // .fetch_all(&pool)`, diesel's `.execute(&mut conn)`): only a literal counts.
     ("execute", 1, Send::Simple, false),
+    ("execute_many", 1, Send::Simple, false),
+    ("fetch", 1, Send::Simple, false),
+    ("fetch_all", 1, Send::Simple, false),
+    ("fetch_many", 1, Send::Simple, false),
+    ("fetch_one", 1, Send::Simple, false),
+    ("fetch_optional", 1, Send::Simple, false),
 ];
 
 /// The function calls, by the last segment of their path: (name, number of arguments, how the
