@@ -209,7 +209,7 @@ fn query_calls_not_read_are_counted_and_listed() {
     );
     assert!(
         r.stderr
-            .contains("1 query call reads SQL from a file (include_str!, query_file!)"),
+            .contains("2 query calls read SQL from a file (include_str!, query_file!)"),
         "{}",
         r.stderr
     );
@@ -238,6 +238,7 @@ fn query_calls_not_read_are_counted_and_listed() {
             "not_literal",
         ),
         (line("query_file!"), "sqlx::query_file!", "sql_file"),
+        (line("client.query(REPORT"), ".query", "sql_file"),
         (
             line("batch_execute(hidden)"),
             ".batch_execute",
@@ -474,9 +475,9 @@ fn sarif_log_has_rules_results_and_notifications() {
     let invocation = &run0["invocations"][0];
     assert_eq!(invocation["executionSuccessful"], true);
     let notes = invocation["toolExecutionNotifications"].as_array().unwrap();
-    assert_eq!(notes.len(), 6);
+    assert_eq!(notes.len(), 7);
     assert!(notes.iter().all(|n| n["level"] == "note"));
-    assert_eq!(run0["properties"]["uncheckedQueryCalls"], 6);
+    assert_eq!(run0["properties"]["uncheckedQueryCalls"], 7);
 
     // A file not parsed: the invocation did not succeed, and says why.
     let r = run(&["--format", "sarif", BROKEN]);
