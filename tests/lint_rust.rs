@@ -510,6 +510,24 @@ fn sarif_uris_are_relative_and_sql_files_have_columns() {
         assert_eq!(loc["region"]["startLine"], 2);
         assert_eq!(loc["region"]["startColumn"], 3);
     }
+    // Characters a URI cannot hold are percent-encoded; a file outside the working directory
+    // gets a file URI.
+    std::fs::create_dir_all(dir.join("a dir")).unwrap();
+    std::fs::write(dir.join("a dir/q%.sql"), "LISTEN x;").unwrap();
+    let uri_of = |cwd: &Path, arg: &str| {
+        let r = run_in(cwd, &["--format", "sarif", arg]);
+        let log: Value = serde_json::from_str(&r.stdout).unwrap();
+        log["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(uri_of(&dir, "a dir/q%.sql"), "a%20dir/q%25.sql");
+    let outside = dir.join("a dir");
+    assert_eq!(
+        uri_of(&outside, absolute.to_str().unwrap()),
+        format!("file://{}", absolute.to_str().unwrap())
+    );
 }
 
 /// A new directory under the system's temporary one.

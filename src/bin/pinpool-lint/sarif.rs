@@ -54,26 +54,42 @@ fn level(rule: Rule) -> &'static str {
 }
 
 /// A path as a SARIF artifact URI: relative to the working directory where it can be, with
-/// forward slashes.
+/// forward slashes, its other characters percent-encoded where a URI needs it.
 pub fn uri(file: &str) -> String {
     let path = Path::new(file);
-    let relative = if path.is_absolute() {
+    let (scheme, relative) = if path.is_absolute() {
         match std::env::current_dir()
             .ok()
             .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
         {
-            Some(p) => p,
-            None => return format!("file://{}", path.to_string_lossy().replace('\\', "/")),
+            Some(p) => ("", p),
+            None => ("file://", path.to_path_buf()),
         }
     } else {
-        path.to_path_buf()
+        ("", path.to_path_buf())
     };
     let parts: Vec<String> = relative
         .components()
         .filter(|c| !matches!(c, Component::CurDir))
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .map(|c| match c {
+            Component::RootDir => String::new(),
+            c => encode(&c.as_os_str().to_string_lossy()),
+        })
         .collect();
-    parts.join("/")
+    format!("{scheme}{}", parts.join("/"))
+}
+
+/// Percent-encodes what a URI's path segment cannot hold as it is.
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn location(file: &str, at: Option<(usize, usize)>) -> Value {
