@@ -203,7 +203,7 @@ fn query_calls_not_read_are_counted_and_listed() {
     let r = run(&["--format", "json", CALLS]);
     assert!(
         r.stderr
-            .contains("pinpool-lint: 5 query calls with SQL built at run time were not checked"),
+            .contains("pinpool-lint: 6 query calls with SQL built at run time were not checked"),
         "{}",
         r.stderr
     );
@@ -232,6 +232,7 @@ fn query_calls_not_read_are_counted_and_listed() {
         (line("client.query(&sql"), ".query", "not_literal"),
         (line("sqlx::query(&format!"), "sqlx::query", "not_literal"),
         (line("queries::INSERT"), ".execute", "not_literal"),
+        (line("*boxed_sql"), ".query", "not_literal"),
         (
             line("batch_execute(&shadowed)"),
             ".batch_execute",
@@ -250,6 +251,14 @@ fn query_calls_not_read_are_counted_and_listed() {
         .map(|(l, c, u)| (l, c.to_owned(), u.to_owned()))
         .collect();
     assert_eq!(unchecked, want);
+
+    // Each at its argument, whatever its shape.
+    let (l, c) = at(CALLS, "*boxed_sql");
+    let deref = objects(&r.stdout)
+        .into_iter()
+        .find(|o| o["line"] == l && o.get("unchecked").is_some())
+        .unwrap();
+    assert_eq!(deref["column"], c);
 
     let r = run(&["--list-unchecked", CALLS]);
     let (l, c) = at(CALLS, "client.query(&sql");
@@ -475,9 +484,9 @@ fn sarif_log_has_rules_results_and_notifications() {
     let invocation = &run0["invocations"][0];
     assert_eq!(invocation["executionSuccessful"], true);
     let notes = invocation["toolExecutionNotifications"].as_array().unwrap();
-    assert_eq!(notes.len(), 7);
+    assert_eq!(notes.len(), 8);
     assert!(notes.iter().all(|n| n["level"] == "note"));
-    assert_eq!(run0["properties"]["uncheckedQueryCalls"], 7);
+    assert_eq!(run0["properties"]["uncheckedQueryCalls"], 8);
 
     // A file not parsed: the invocation did not succeed, and says why.
     let r = run(&["--format", "sarif", BROKEN]);

@@ -306,30 +306,46 @@ fn is_prepare(expr: &Expr) -> bool {
     }
 }
 
-/// Where an expression starts: its first token.
-fn expr_start(expr: &Expr) -> Span {
-    // Spans of the first token that is easy to reach; the argument's own position matters
-    // only for the report of a call not read.
+/// Where an expression starts, where its first token is easy to reach (the position of a
+/// call not read; the call's own is used otherwise).
+fn expr_start(expr: &Expr) -> Option<Span> {
     match expr {
-        Expr::Path(p) => p
-            .path
-            .segments
-            .first()
-            .map_or_else(Span::call_site, |s| s.ident.span()),
-        Expr::Macro(m) => m
-            .mac
-            .path
-            .segments
-            .first()
-            .map_or_else(Span::call_site, |s| s.ident.span()),
-        Expr::Reference(r) => r.and_token.span,
-        Expr::Paren(p) => p.paren_token.span.open(),
+        Expr::Path(p) => p.path.segments.first().map(|s| s.ident.span()),
+        Expr::Macro(m) => m.mac.path.segments.first().map(|s| s.ident.span()),
+        Expr::Reference(r) => Some(r.and_token.span),
+        Expr::Paren(p) => Some(p.paren_token.span.open()),
+        Expr::Block(b) => Some(b.block.brace_token.span.open()),
+        Expr::If(i) => Some(i.if_token.span),
+        Expr::Match(m) => Some(m.match_token.span),
+        Expr::Unsafe(u) => Some(u.unsafe_token.span),
+        Expr::Unary(u) => match &u.op {
+            syn::UnOp::Deref(t) => Some(t.span),
+            syn::UnOp::Not(t) => Some(t.span),
+            syn::UnOp::Neg(t) => Some(t.span),
+            _ => None,
+        },
         Expr::MethodCall(m) => expr_start(&m.receiver),
         Expr::Call(c) => expr_start(&c.func),
         Expr::Field(f) => expr_start(&f.base),
-        Expr::Lit(l) => l.lit.span(),
-        _ => Span::call_site(),
+        Expr::Index(i) => expr_start(&i.expr),
+        Expr::Cast(c) => expr_start(&c.expr),
+        Expr::Try(t) => expr_start(&t.expr),
+        Expr::Await(a) => expr_start(&a.base),
+        Expr::Group(g) => expr_start(&g.expr),
+        Expr::Lit(l) => Some(l.lit.span()),
+        _ => None,
     }
+}
+
+/// A query call as written, and where it starts.
+struct Call(String, Span);
+
+/// Where a macro call starts.
+fn macro_span(mac: &Macro) -> Span {
+    mac.path
+        .segments
+        .first()
+        .map_or_else(|| mac.bang_token.span, |s| s.ident.span())
 }
 
 impl Finder {
@@ -455,7 +471,8 @@ impl Finder {
     }
 
     /// Records the SQL argument of a matched query call: read, or counted as not read.
-    fn argument(&mut self, call: String, arg: &Expr, send: Send, count_unread: bool) {
+    fn argument(&mut self, call: Call, arg: &Expr, send: Send, count_unread: bool) {
+        let Call(call, call_span) = call;
         if let Some((sql, span)) = self.sql_of(arg) {
             let (line, column) = position(span);
             // A constant's literal is reported once for each way calls send it.
@@ -480,7 +497,7 @@ impl Finder {
             } else {
                 Unreadable::RunTime
             };
-            self.unread(call, expr_start(arg), what);
+            self.unread(call, expr_start(arg).unwrap_or(call_span), what);
         }
     }
 
@@ -500,12 +517,7 @@ impl Finder {
         let name = last_ident(&mac.path).unwrap_or_default();
         let call = format!("{}!", path_text(&mac.path));
         if FILE_MACROS.contains(&name.as_str()) {
-            let span = mac
-                .path
-                .segments
-                .first()
-                .map_or_else(Span::call_site, |s| s.ident.span());
-            self.unread(call, span, Unreadable::File);
+            self.unread(call, macro_span(mac), Unreadable::File);
             return;
         }
         if let Some(&(_, position)) = MACROS.iter().find(|(n, _)| *n == name) {
@@ -516,7 +528,7 @@ impl Finder {
             };
             if let Some(args) = args {
                 if let Some(sql) = args.first() {
-                    self.argument(call, sql, Send::Named, true);
+                    self.argument(Call(call, macro_span(mac)), sql, Send::Named, true);
                 }
                 for arg in &args {
                     self.visit_expr(arg);
@@ -609,7 +621,8 @@ impl<'ast> Visit<'ast> for Finder {
             .iter()
             .find(|(n, a, _, _)| *n == name && *a == arity)
         {
-            self.argument(format!(".{name}"), &node.args[0], send, count);
+            let call = Call(format!(".{name}"), node.method.span());
+            self.argument(call, &node.args[0], send, count);
         }
         // sqlx's `query("...").persistent(false)`: the unnamed statement.
         let unnamed = name == "persistent"
@@ -632,7 +645,12 @@ impl<'ast> Visit<'ast> for Finder {
                 .iter()
                 .find(|(n, a, _)| *n == name && *a == node.args.len())
         {
-            self.argument(path_text(&p.path), &node.args[0], send, true);
+            let span = p
+                .path
+                .segments
+                .first()
+                .map_or_else(|| node.paren_token.span.open(), |s| s.ident.span());
+            self.argument(Call(path_text(&p.path), span), &node.args[0], send, true);
         }
         visit::visit_expr_call(self, node);
     }
