@@ -28,8 +28,10 @@ use report::{Profile, Record, Unchecked};
 ///
 /// A directory is walked for `.rs` and `.sql` files (hidden directories and `target/`
 /// skipped); a file named on the command line is read as Rust when it ends in `.rs`, as SQL
-/// otherwise. Query calls whose SQL is not a literal are counted and named in a summary on
-/// standard error.
+/// otherwise. Query calls whose SQL is not a literal are counted in a summary on standard
+/// error (--list-unchecked lists them). A comment `pinpool-lint: allow(set, listen)` (or
+/// `pinpool-lint: allow`, every rule) on a statement's line, or alone on the line above,
+/// allows what it names there; allowed statements are counted too.
 ///
 /// Exit status: 0 when no statement breaks the rules in force, 1 when one does (pins, or
 /// breaks on the transaction pooler), 2 when an argument is wrong or a file cannot be read or
