@@ -44,7 +44,8 @@ impl Rule {
     pub fn all() -> Vec<Rule> {
         Reason::all()
             .iter()
-            .filter(|r| **r != Reason::SessionChanged)
+            // Observed on the wire only; and the lint's own rule for named statements.
+            .filter(|r| !matches!(r, Reason::SessionChanged | Reason::NamedStatement))
             .map(|r| Rule::Pin(*r))
             .chain([Rule::NamedStatement])
             .collect()
@@ -139,12 +140,15 @@ impl Profile {
                 }
             }
             Profile::PgbouncerTransaction => {
-                // A transaction pooler keeps a transaction on one server connection, so what
-                // is scoped to a transaction is safe; its limit is not RDS Proxy's 16 KiB.
-                let pins = reasons
-                    .without(Reason::SetLocal)
-                    .without(Reason::SetConfigLocal)
-                    .without(Reason::Oversized);
+                // The pool's own rules for the profile (`PinRules::for_proxy`): what is scoped
+                // to a transaction is safe, a nextval leaks nothing, and the pooler's limit is
+                // not RDS Proxy's 16 KiB.
+                let c = pinpool::pinning::Classification {
+                    reasons,
+                    txn: pinpool::pinning::TxnControl::None,
+                };
+                let pins = PinRules::for_proxy(pinpool::Proxy::PgBouncerTransaction)
+                    .pinning_reasons(&c, Protocol::Simple);
                 let mut found: Vec<Rule> = reasons.iter().map(Rule::Pin).collect();
                 let mut pins: Vec<Rule> = pins.iter().map(Rule::Pin).collect();
                 if matches!(sent, Sent::Rust(Send::Named)) {
