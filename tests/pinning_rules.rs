@@ -396,6 +396,13 @@ const TABLE: &[(&str, &[Reason])] = &[
         &[AdvisoryLock],
     ),
     ("DO $$ BEGIN RAISE NOTICE 'x'; END $$", &[]),
+    // PL/pgSQL's DECLARE is its declaration section, not a cursor; its EXECUTE runs a string
+    // (not read: untracked), not a prepared statement.
+    ("DO $$ DECLARE t text; BEGIN PERFORM 1; END $$", &[]),
+    (
+        "DO $$ DECLARE t TEXT; BEGIN PERFORM 1; EXECUTE format('SELECT %s', 1); END $$",
+        &[Untracked],
+    ),
     ("SELECT $$ nextval('s') $$", &[]),
     // Updating pg_settings in every spelling
     (

@@ -84,8 +84,10 @@ impl<'a> Stmt<'a> {
         }
     }
 
-    /// Statement-level rules, decided from the leading words.
-    fn leading(&self) -> (Reasons, TxnControl) {
+    /// Statement-level rules, decided from the leading words. `nested`: inside a `DO` body,
+    /// where PL/pgSQL reads `DECLARE` as its declaration section (no cursor) and `EXECUTE`
+    /// as a string run as SQL (not read: untracked), never SQL's own statements.
+    fn leading(&self, nested: bool) -> (Reasons, TxnControl) {
         let w = |i| self.word(i);
         let mut r = Reasons::EMPTY;
         let mut txn = TxnControl::None;
@@ -106,11 +108,13 @@ impl<'a> Stmt<'a> {
             if eq(w(1), "transaction") {
                 txn = TxnControl::End;
             }
+        } else if nested && eq(w0, "execute") {
+            r.insert(Reason::Untracked);
         } else if eq(w0, "execute") || eq(w0, "deallocate") {
             r.insert(Reason::PreparedStatement);
         } else if eq(w0, "discard") {
             r.insert(Reason::Discard);
-        } else if eq(w0, "declare") {
+        } else if eq(w0, "declare") && !nested {
             r.insert(Reason::Cursor);
         } else if eq(w0, "listen") {
             r.insert(Reason::Listen);
@@ -398,7 +402,7 @@ fn scan_at(
     let mut from = 0;
     while let Some((at, tok)) = lx.next() {
         if tok == Tok::Semi {
-            st.emit(end, from..at, &mut report);
+            st.emit(end, from..at, nested, &mut report);
             from = at + 1;
             prev = Tok::None;
             prev2 = Tok::None;
@@ -414,7 +418,7 @@ fn scan_at(
         prev2 = prev;
         prev = tok;
     }
-    st.emit(end, from..text.len(), &mut report);
+    st.emit(end, from..text.len(), nested, &mut report);
     lx.depends_on_setting
 }
 
@@ -425,11 +429,12 @@ impl<'a> Stmt<'a> {
         &mut self,
         end: usize,
         sent: std::ops::Range<usize>,
+        nested: bool,
         report: &mut impl FnMut(StmtInfo),
     ) {
         self.finish_set_config();
         if let Some(start) = self.start {
-            let (lead, txn) = self.leading();
+            let (lead, txn) = self.leading(nested);
             let mut reasons = self.reasons.union(lead);
             if self.update && self.pg_settings {
                 reasons.insert(Reason::SetConfig);
