@@ -17,6 +17,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Network
+//!
+//! By default the emulator adds no latency: clients and database are reached over loopback.
+//! [`EmulatorConfig::client_latency`] and [`EmulatorConfig::upstream_latency`] model the two
+//! hops of a real deployment (a Lambda function to RDS Proxy, RDS Proxy to the database) as
+//! delay lines: each chunk of bytes reaches the other side that long after the emulator read
+//! it, in order, without waiting for earlier chunks still in flight, so pipelined requests
+//! share one wait. [`EmulatorCounters::round_trips`] counts the times clients waited for an
+//! answer, and [`Emulator::track_round_trips`] those of one `application_name`.
+//!
 //! Named protocol-level statements keep working when a client's next transaction lands on
 //! another database connection (the emulator prepares them again there, under names of its
 //! own), as RDS Proxy does since November 2023; [`PinRules::legacy`] brings back the older
