@@ -588,6 +588,8 @@ struct Outcome {
     nat_drops: u64,
     /// The median round trips of a warm invocation that succeeded (none behind PgBouncer).
     warm_round_trips: Option<f64>,
+    /// Their mean: the median hides a minority of invocations with more.
+    warm_round_trips_mean: Option<f64>,
     /// Billed time of every invocation that ran (not throttled).
     billed_p50: f64,
     billed_mean: f64,
@@ -615,6 +617,7 @@ impl Outcome {
             "borrow_timeouts": self.borrow_timeouts,
             "nat_drops": self.nat_drops,
             "warm_round_trips": self.warm_round_trips,
+            "warm_round_trips_mean": self.warm_round_trips_mean.map(|m| (m * 100.0).round() / 100.0),
             "billed_p50_ms": round1(self.billed_p50),
             "billed_mean_ms": round1(self.billed_mean),
         })
@@ -791,6 +794,8 @@ async fn run_one(
         borrow_timeouts,
         nat_drops,
         warm_round_trips: (!warm_trips.is_empty()).then(|| percentile(&warm_trips, 0.5)),
+        warm_round_trips_mean: (!warm_trips.is_empty())
+            .then(|| warm_trips.iter().sum::<f64>() / warm_trips.len() as f64),
         billed_p50: percentile(&billed, 0.5),
         billed_mean: billed.iter().sum::<f64>() / billed.len().max(1) as f64,
         samples,
