@@ -29,7 +29,9 @@ counts instructions repeatably on a noisy machine):
   --only <pinpool|deadpool|deadpool_bounded|bb8> <c1|c16|c64|c16_held|c64_held>
       1,000 checkouts per task of that shape (16,000 for c1)
   --only <pinpool|raw> <prepared|stream>
-      2,000 prepared SELECTs, or 20 streams of 10,000 rows"
+      2,000 prepared SELECTs, or 20 streams of 10,000 rows
+  --only emulator select1
+      2,000 prepared SELECT 1 through the RDS Proxy emulator (no modelled latency)"
 )]
 struct Args {
     /// Run one pool and shape alone (see below) [default: the whole comparison]
@@ -287,6 +289,7 @@ async fn main() {
         };
         match (kind.as_str(), shape.as_str()) {
             ("pinpool" | "raw", "prepared" | "stream") => statements_alone(kind, shape).await,
+            ("emulator", "select1") => emulator_alone().await,
             ("pinpool" | "deadpool" | "deadpool_bounded" | "bb8", _)
                 if SHAPES.iter().any(|s| s.name == shape) =>
             {
@@ -297,7 +300,8 @@ async fn main() {
                     ErrorKind::InvalidValue,
                     format!(
                         "--only {kind} {shape}: use <pinpool|deadpool|deadpool_bounded|bb8> \
-                         <c1|c16|c64|c16_held|c64_held> or <pinpool|raw> <prepared|stream>"
+                         <c1|c16|c64|c16_held|c64_held>, <pinpool|raw> <prepared|stream> or \
+                         emulator select1"
                     ),
                 )
                 .exit(),
@@ -305,6 +309,32 @@ async fn main() {
         return;
     }
     everything().await;
+}
+
+/// 2,000 prepared `SELECT 1` through the emulator (no modelled latency), for counting what
+/// the emulator's sessions cost per round trip (`--toggle-collect='*emulator*session*'`).
+async fn emulator_alone() {
+    let emulator = Emulator::start(
+        EmulatorConfig::new(database_url())
+            .max_connections(2)
+            .application_name("compare"),
+    )
+    .await
+    .unwrap();
+    let (client, conn) =
+        tokio_postgres::connect(&emulator.url("postgres", "postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let stmt = client.prepare("SELECT 1").await.unwrap();
+    let start = Instant::now();
+    for _ in 0..2_000 {
+        client.query_one(&stmt, &[]).await.unwrap();
+    }
+    eprintln!(
+        "compare: emulator select1 {:.1} us per round trip",
+        start.elapsed().as_secs_f64() / 2_000.0 * 1e6
+    );
 }
 
 /// Statements through pinpool or a raw client (`raw`), for counting what pinpool adds: 2,000

@@ -6,8 +6,18 @@
 //! ```
 //!
 //! Time is scaled down (a 2 s Lambda timeout, a 10 s proxy borrow timeout, a 3 s NAT idle
-//! timeout) so a run takes about a minute and a half. `--help` lists the flags with their
-//! defaults. The last line of stdout is one JSON object.
+//! timeout) so a run takes about a minute and a half. The network is modelled: 250 µs one way
+//! between each environment and the proxy and between the proxy and the database (a same-AZ
+//! hop; `--client-latency`, `--upstream-latency`), and the emulator counts each invocation's
+//! round trips (`warm_rt`: the median of the warm invocations that succeeded). `billed` is
+//! the invocation's time until its work ended (the answer, then the end-of-invocation work
+//! after it; the Lambda timeout for one that timed out), over every invocation that ran.
+//! `baseline` and `plain-pool` send each statement as the incident's code did (knex on
+//! node-postgres: one unnamed Parse/Bind/Execute/Sync, `query_typed`), one round trip each.
+//! The `pgbouncer` scenario runs the variants against a real PgBouncer in session mode
+//! instead of the emulator (skipped when PgBouncer is not installed; no modelled network
+//! there, no round-trip count). `--help` lists the flags with their defaults. The last line
+//! of stdout is one JSON object.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -17,10 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Parser, ValueEnum};
-use pinpool::emulator::{Emulator, EmulatorConfig};
+use pinpool::emulator::{Emulator, EmulatorConfig, RoundTrips};
 use pinpool::pinning::PinRules;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use tokio_postgres::types::Type;
+
+#[path = "support/pgbouncer.rs"]
+mod pgbouncer;
+use pgbouncer::PgBouncer;
 
 /// The incident soak: Lambda environments behind the RDS Proxy emulator, with and without
 /// pinpool.
@@ -56,14 +71,29 @@ struct Options {
     /// The share of invocations that run a pinning `SET` first (proxies `today` and `nat`)
     #[arg(long, default_value_t = 0.2)]
     pin_share: f64,
-    /// The proxies to run against
+    /// The proxies to run against (`pgbouncer` is skipped, with a message, when PgBouncer is
+    /// not installed)
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "2023,today,nat"
+        default_value = "2023,today,nat,pgbouncer"
     )]
     scenarios: Vec<Scenario>,
+    /// The one-way latency between a Lambda environment and the proxy (the emulator's
+    /// `client_latency`). AWS publishes no latency for this hop nor for RDS Proxy itself; it
+    /// describes Availability Zones as "close enough to use synchronous replication with
+    /// single-digit millisecond latency" (AWS Fault Isolation Boundaries whitepaper) and
+    /// public pings between instances in one AZ measure about 0.45 ms round trip (1.3 to
+    /// 2.1 ms between AZs). 250 µs one way is a same-AZ hop: conservative, since a longer hop
+    /// only makes each round trip dearer. Not applied to the `pgbouncer` scenario.
+    #[arg(long, default_value = "250us", value_parser = humantime::parse_duration)]
+    client_latency: Duration,
+    /// The one-way latency between the proxy and the database (the emulator's
+    /// `upstream_latency`): a same-AZ hop too (see --client-latency). A statement then waits
+    /// at least 2 × (250 + 250) µs = 1 ms for its answer.
+    #[arg(long, default_value = "250us", value_parser = humantime::parse_duration)]
+    upstream_latency: Duration,
     /// The proxy's database connections
     #[arg(long, default_value_t = 40)]
     upstream_connections: usize,
@@ -123,6 +153,12 @@ enum Scenario {
     Today,
     /// Today's rules, behind a NAT that silently forgets idle flows
     Nat,
+    /// A real PgBouncer in session mode instead of the emulator: the proxy's database
+    /// connections as its pool size, the borrow timeout as its `query_wait_timeout`. A client
+    /// holds a server connection for its whole session: every environment's connection is
+    /// pinned
+    #[value(name = "pgbouncer")]
+    PgBouncer,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,6 +209,8 @@ struct Env {
     /// The `application_name` of every connection this environment opens: the emulator
     /// names the pinned sessions by it, so pins of frozen environments can be told apart.
     name: String,
+    /// The emulator's round trips of this environment's sessions (none behind PgBouncer).
+    trips: Option<RoundTrips>,
     pg: tokio_postgres::Config,
     conn: Conn,
     last_used: Instant,
@@ -190,14 +228,92 @@ impl Drop for Env {
 /// One invocation's answer time, and whether it was the environment's first (a cold start).
 struct Latency {
     ms: f64,
+    /// Billed: until the invocation's work ended (the handler, then the end-of-invocation
+    /// work after the answer), or the Lambda timeout.
+    billed_ms: f64,
+    /// The round trips the environment's sessions made during the invocation (its
+    /// end-of-invocation work included), when the emulator counts them.
+    round_trips: Option<u64>,
     cold: bool,
     ok: bool,
+}
+
+/// What the variants connect to: the emulator, or a real PgBouncer.
+enum Proxy {
+    Emulator(Emulator),
+    PgBouncer {
+        bouncer: PgBouncer,
+        /// Its admin console, for SHOW POOLS and SHOW CLIENTS.
+        console: tokio_postgres::Client,
+        peak_server: AtomicU64,
+    },
+}
+
+/// What the proxy holds now: connections pinned (behind PgBouncer in session mode, every
+/// server connection a client holds) and the `application_name` of each pinned client.
+struct Held {
+    pinned: u64,
+    names: Vec<String>,
+}
+
+impl Proxy {
+    fn url(&self) -> String {
+        match self {
+            Proxy::Emulator(e) => e.url("postgres", "postgres"),
+            Proxy::PgBouncer { bouncer, .. } => bouncer.url(),
+        }
+    }
+
+    fn track(&self, app: &str) -> Option<RoundTrips> {
+        match self {
+            Proxy::Emulator(e) => Some(e.track_round_trips(app)),
+            Proxy::PgBouncer { .. } => None,
+        }
+    }
+
+    async fn held(&self) -> Held {
+        match self {
+            Proxy::Emulator(e) => Held {
+                pinned: e.counters().pinned_now,
+                names: e.pinned_sessions(),
+            },
+            Proxy::PgBouncer {
+                console,
+                peak_server,
+                ..
+            } => {
+                // A client with a server connection linked to it holds it (session mode).
+                let rows = console
+                    .simple_query("SHOW CLIENTS")
+                    .await
+                    .unwrap_or_default();
+                let mut names = Vec::new();
+                for m in rows {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                        let linked = r
+                            .try_get("link")
+                            .ok()
+                            .flatten()
+                            .is_some_and(|l| !l.is_empty());
+                        if linked {
+                            let app = r.try_get("application_name").ok().flatten().unwrap_or("");
+                            names.push(app.to_string());
+                        }
+                    }
+                }
+                let pinned = names.len() as u64;
+                peak_server.fetch_max(pinned, Relaxed);
+                Held { pinned, names }
+            }
+        }
+    }
 }
 
 struct Run {
     scenario: Scenario,
     variant: Variant,
     url: String,
+    proxy: Arc<Proxy>,
     opts: Options,
     idle: Mutex<Vec<Env>>,
     live_envs: AtomicUsize,
@@ -248,17 +364,24 @@ impl Run {
                 } else {
                     PinRules::new()
                 };
-                Conn::Pin(
-                    pinpool::Pool::builder(pg.clone())
-                        .pin_rules(rules)
-                        .min_idle(1)
-                        .validate_idle_after(Some(self.opts.pinpool_validate_idle_after))
-                        .build()
-                        .expect("pinpool"),
-                )
+                let builder = pinpool::Pool::builder(pg.clone())
+                    .pin_rules(rules)
+                    .validate_idle_after(Some(self.opts.pinpool_validate_idle_after));
+                let builder = if self.scenario == Scenario::PgBouncer {
+                    // In session mode every connection holds a server connection until it
+                    // closes: close them all at the end of each invocation, and open none
+                    // after it.
+                    // TODO(profile): `.proxy(Proxy::PgBouncerSession)` once the builder
+                    // has proxy profiles; until then, what it should amount to:
+                    builder.min_idle(0).trim_at_invocation_end(true)
+                } else {
+                    builder.min_idle(1)
+                };
+                Conn::Pin(builder.build().expect("pinpool"))
             }
         };
         Env {
+            trips: self.proxy.track(&name),
             name,
             pg,
             conn,
@@ -297,6 +420,7 @@ impl Run {
         };
         self.in_flight.fetch_add(1, Relaxed);
         let start = Instant::now();
+        let trips_before = env.trips.as_ref().map(RoundTrips::get);
         let deadline = SystemTime::now() + self.opts.lambda_timeout;
         let mut answered = None;
         let outcome = tokio::time::timeout(
@@ -312,9 +436,17 @@ impl Run {
                 .as_secs_f64()
                 * 1000.0
         };
+        let billed_ms = ms(None);
         let ok = matches!(outcome, Ok(Ok(())));
+        let round_trips = env
+            .trips
+            .as_ref()
+            .zip(trips_before)
+            .map(|(t, before)| t.get() - before);
         self.latencies.lock().unwrap().push(Latency {
             ms: ms(answered),
+            billed_ms,
+            round_trips,
             cold,
             ok,
         });
@@ -343,6 +475,7 @@ impl Run {
     }
 
     /// Pinned sessions whose environment is not running an invocation: frozen pins.
+    /// Behind PgBouncer, server connections held by such environments' clients.
     fn frozen_pins(&self, pinned: &[String]) -> u64 {
         let frozen: HashSet<String> = self
             .idle
@@ -373,6 +506,17 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
+/// The statements as the incident's code sent them (knex on node-postgres): each
+/// parameterised statement one unnamed Parse/Bind/Execute/Sync, one round trip.
+async fn knex_like(c: &tokio_postgres::Client, k: i64, pin: bool) -> Result<(), BoxError> {
+    if pin {
+        c.batch_execute(PIN).await?;
+    }
+    c.query_typed(READ, &[(&k, Type::INT8)]).await?;
+    c.execute_typed(WRITE, &[(&k, Type::INT8)]).await?;
+    Ok(())
+}
+
 async fn workload(
     env: &mut Env,
     deadline: SystemTime,
@@ -390,19 +534,11 @@ async fn workload(
                 *slot = Some((client, task));
             }
             let (c, _) = slot.as_ref().expect("connected");
-            if pin {
-                c.batch_execute(PIN).await?;
-            }
-            c.query(READ, &[&k]).await?;
-            c.execute(WRITE, &[&k]).await?;
+            knex_like(c, k, pin).await?;
         }
         Conn::Plain(pool) => {
             let c = pool.get().await?;
-            if pin {
-                c.batch_execute(PIN).await?;
-            }
-            c.query(READ, &[&k]).await?;
-            c.execute(WRITE, &[&k]).await?;
+            knex_like(&c, k, pin).await?;
         }
         Conn::Pin(pool) => {
             pool.invocation(deadline, async {
@@ -450,6 +586,13 @@ struct Outcome {
     frozen_pins_peak: u64,
     borrow_timeouts: u64,
     nat_drops: u64,
+    /// The median round trips of a warm invocation that succeeded (none behind PgBouncer).
+    warm_round_trips: Option<f64>,
+    /// Their mean: the median hides a minority of invocations with more.
+    warm_round_trips_mean: Option<f64>,
+    /// Billed time of every invocation that ran (not throttled).
+    billed_p50: f64,
+    billed_mean: f64,
     samples: Vec<Sample>,
 }
 
@@ -473,6 +616,10 @@ impl Outcome {
             "frozen_pins_peak": self.frozen_pins_peak,
             "borrow_timeouts": self.borrow_timeouts,
             "nat_drops": self.nat_drops,
+            "warm_round_trips": self.warm_round_trips,
+            "warm_round_trips_mean": self.warm_round_trips_mean.map(|m| (m * 100.0).round() / 100.0),
+            "billed_p50_ms": round1(self.billed_p50),
+            "billed_mean_ms": round1(self.billed_mean),
         })
     }
 }
@@ -506,20 +653,44 @@ async fn run_one(
         PinRules::new()
     };
     let nat = (scenario == Scenario::Nat).then_some(opts.nat_idle_timeout);
-    let emulator = Emulator::start(
-        EmulatorConfig::new(database_url(opts))
-            .max_connections(opts.upstream_connections)
-            .borrow_timeout(opts.borrow_timeout)
-            .idle_client_timeout(opts.idle_client_timeout)
-            .nat_idle_timeout(nat)
-            .rules(rules)
-            .application_name("pinpool-soak"),
-    )
-    .await?;
+    let proxy = if scenario == Scenario::PgBouncer {
+        let bin = PgBouncer::installed().ok_or("pgbouncer is not installed")?;
+        let bouncer = PgBouncer::start_session_mode(
+            &bin,
+            &database_url(opts),
+            opts.upstream_connections,
+            opts.borrow_timeout,
+        )?;
+        let (console, conn) =
+            tokio_postgres::connect(&bouncer.console_url(), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Proxy::PgBouncer {
+            bouncer,
+            console,
+            peak_server: AtomicU64::new(0),
+        }
+    } else {
+        Proxy::Emulator(
+            Emulator::start(
+                EmulatorConfig::new(database_url(opts))
+                    .max_connections(opts.upstream_connections)
+                    .borrow_timeout(opts.borrow_timeout)
+                    .idle_client_timeout(opts.idle_client_timeout)
+                    .nat_idle_timeout(nat)
+                    .rules(rules)
+                    .application_name("pinpool-soak")
+                    .client_latency(opts.client_latency)
+                    .upstream_latency(opts.upstream_latency),
+            )
+            .await?,
+        )
+    };
+    let proxy = Arc::new(proxy);
     let run = Arc::new(Run {
         scenario,
         variant,
-        url: emulator.url("postgres", "postgres"),
+        url: proxy.url(),
+        proxy: proxy.clone(),
         opts: opts.clone(),
         idle: Mutex::new(Vec::new()),
         live_envs: AtomicUsize::new(0),
@@ -539,11 +710,11 @@ async fn run_one(
     let mut last_print = Instant::now();
     while load.iter().any(|t| !t.is_finished()) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let c = emulator.counters();
+        let held = proxy.held().await;
         let sample = Sample {
             t: started.elapsed().as_secs_f64(),
-            pinned: c.pinned_now,
-            frozen: run.frozen_pins(&emulator.pinned_sessions()),
+            pinned: held.pinned,
+            frozen: run.frozen_pins(&held.names),
             in_flight: run.in_flight.load(Relaxed),
             timeouts: run.timeouts.load(Relaxed),
         };
@@ -564,7 +735,24 @@ async fn run_one(
         }
         samples.push(sample);
     }
-    let c = emulator.counters();
+    let (peak_pinned, borrow_timeouts, nat_drops) = match &*proxy {
+        Proxy::Emulator(e) => {
+            let c = e.counters();
+            (c.peak_pinned, c.borrow_timeouts, c.nat_drops)
+        }
+        Proxy::PgBouncer { peak_server, .. } => {
+            // PgBouncer's answer to a query that waited past query_wait_timeout.
+            let waited: u64 = run
+                .errors
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(e, _)| e.contains("query_wait_timeout"))
+                .map(|(_, n)| *n)
+                .sum();
+            (peak_server.load(Relaxed), waited, 0)
+        }
+    };
     for (error, n) in run.errors.lock().unwrap().iter() {
         eprintln!(
             "  {:>5} {:<10} {n} failed with: {error}",
@@ -578,6 +766,15 @@ async fn run_one(
     let all = times(&lat, |_| true);
     let warm = times(&lat, |l| l.ok && !l.cold);
     let cold = times(&lat, |l| l.ok && l.cold);
+    let mut warm_trips: Vec<f64> = lat
+        .iter()
+        .filter(|l| l.ok && !l.cold)
+        .filter_map(|l| l.round_trips)
+        .map(|n| n as f64)
+        .collect();
+    warm_trips.sort_by(f64::total_cmp);
+    let mut billed: Vec<f64> = lat.iter().map(|l| l.billed_ms).collect();
+    billed.sort_by(f64::total_cmp);
     Ok(Outcome {
         scenario,
         variant,
@@ -592,10 +789,15 @@ async fn run_one(
         warm_p99: percentile(&warm, 0.99),
         cold_p99: percentile(&cold, 0.99),
         cold_starts: lat.iter().filter(|l| l.cold).count() as u64,
-        peak_pinned: c.peak_pinned,
+        peak_pinned,
         frozen_pins_peak: samples.iter().map(|s| s.frozen).max().unwrap_or(0),
-        borrow_timeouts: c.borrow_timeouts,
-        nat_drops: c.nat_drops,
+        borrow_timeouts,
+        nat_drops,
+        warm_round_trips: (!warm_trips.is_empty()).then(|| percentile(&warm_trips, 0.5)),
+        warm_round_trips_mean: (!warm_trips.is_empty())
+            .then(|| warm_trips.iter().sum::<f64>() / warm_trips.len() as f64),
+        billed_p50: percentile(&billed, 0.5),
+        billed_mean: billed.iter().sum::<f64>() / billed.len().max(1) as f64,
         samples,
     })
 }
@@ -783,8 +985,19 @@ async fn main() -> Result<(), BoxError> {
         humantime::format_duration(opts.nat_idle_timeout),
         humantime::format_duration(opts.duration)
     );
+    eprintln!(
+        "soak: network {} one way to the proxy, {} from the proxy to the database (not behind pgbouncer)",
+        humantime::format_duration(opts.client_latency),
+        humantime::format_duration(opts.upstream_latency)
+    );
     let mut outcomes = Vec::new();
     for &scenario in &opts.scenarios {
+        if scenario == Scenario::PgBouncer && PgBouncer::installed().is_none() {
+            eprintln!(
+                "soak: the pgbouncer scenario is skipped: pgbouncer is not installed (apt-get install pgbouncer)"
+            );
+            continue;
+        }
         for &variant in &opts.variants {
             outcomes.push(run_one(&opts, scenario, variant).await?);
         }
@@ -801,7 +1014,7 @@ async fn main() -> Result<(), BoxError> {
 
 fn print_table(outcomes: &[Outcome]) {
     println!(
-        "{:<6} {:<11} {:>11} {:>6} {:>15} {:>13} {:>11} {:>12} {:>12} {:>12} {:>11} {:>11} {:>16}",
+        "{:<9} {:<11} {:>11} {:>6} {:>15} {:>13} {:>11} {:>12} {:>12} {:>12} {:>11} {:>11} {:>16} {:>8} {:>11} {:>12}",
         "proxy",
         "variant",
         "invocations",
@@ -814,11 +1027,17 @@ fn print_table(outcomes: &[Outcome]) {
         "cold_p99_ms",
         "peak_pinned",
         "frozen_pins",
-        "borrow_timeouts"
+        "borrow_timeouts",
+        "warm_rt",
+        "billed_p50",
+        "billed_mean"
     );
     for o in outcomes {
+        let rt = o
+            .warm_round_trips
+            .map_or_else(|| "-".to_string(), |v| format!("{v}"));
         println!(
-            "{:<6} {:<11} {:>11} {:>6} {:>15} {:>13} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>11} {:>11} {:>16}",
+            "{:<9} {:<11} {:>11} {:>6} {:>15} {:>13} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>11} {:>11} {:>16} {:>8} {:>11.1} {:>12.1}",
             name(o.scenario),
             name(o.variant),
             o.invocations,
@@ -831,7 +1050,10 @@ fn print_table(outcomes: &[Outcome]) {
             o.cold_p99,
             o.peak_pinned,
             o.frozen_pins_peak,
-            o.borrow_timeouts
+            o.borrow_timeouts,
+            rt,
+            o.billed_p50,
+            o.billed_mean
         );
     }
 }

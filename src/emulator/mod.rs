@@ -17,6 +17,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Network
+//!
+//! By default the emulator adds no latency: clients and database are reached over loopback.
+//! [`EmulatorConfig::client_latency`] and [`EmulatorConfig::upstream_latency`] model the two
+//! hops of a real deployment (a Lambda function to RDS Proxy, RDS Proxy to the database) as
+//! delay lines: each chunk of bytes reaches the other side that long after the emulator read
+//! it, in order, without waiting for earlier chunks still in flight, so pipelined requests
+//! share one wait. [`EmulatorCounters::round_trips`] counts the times clients waited for an
+//! answer, and [`Emulator::track_round_trips`] those of one `application_name`.
+//!
 //! Named protocol-level statements keep working when a client's next transaction lands on
 //! another database connection (the emulator prepares them again there, under names of its
 //! own), as RDS Proxy does since November 2023; [`PinRules::legacy`] brings back the older
@@ -64,6 +74,7 @@
 //!   under the client's own name.
 
 mod budget;
+mod net;
 mod session;
 mod stream;
 mod upstream;
@@ -98,6 +109,8 @@ pub struct EmulatorConfig {
     session_buffer_bytes: usize,
     max_buffered_bytes: usize,
     max_statement_bytes: usize,
+    client_latency: Duration,
+    upstream_latency: Duration,
     #[cfg(feature = "tls")]
     tls: Option<Arc<TlsSetting>>,
 }
@@ -118,7 +131,9 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("session_buffer_bytes", &self.session_buffer_bytes)
             .field("max_buffered_bytes", &self.max_buffered_bytes)
-            .field("max_statement_bytes", &self.max_statement_bytes);
+            .field("max_statement_bytes", &self.max_statement_bytes)
+            .field("client_latency", &self.client_latency)
+            .field("upstream_latency", &self.upstream_latency);
         #[cfg(feature = "tls")]
         d.field("tls", &self.tls);
         d.finish()
@@ -192,6 +207,8 @@ impl EmulatorConfig {
             session_buffer_bytes: 1 << 20,
             max_buffered_bytes: 64 << 20,
             max_statement_bytes: 4 << 20,
+            client_latency: Duration::ZERO,
+            upstream_latency: Duration::ZERO,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -351,6 +368,31 @@ impl EmulatorConfig {
         self.max_statement_bytes = n;
         self
     }
+
+    /// The one-way latency of the network between each client and the proxy (a Lambda
+    /// function in a VPC and its RDS Proxy endpoint). Each chunk of bytes one side sends
+    /// reaches the other this long after the emulator read it, in order, in each direction:
+    /// a query waits at least twice this for its answer, and pipelined requests share one
+    /// wait (a chunk is never held up by an earlier one still in flight, as on a real link).
+    /// A client's first bytes also wait one round trip more, the TCP handshake. The delays
+    /// are kept to a fraction of a millisecond (by a thread of the emulator's own: tokio's
+    /// timer counts whole milliseconds). Each direction of a connection holds at most
+    /// 512 KiB in flight. Default zero: no delay, no timer, no task per connection.
+    #[must_use]
+    pub fn client_latency(mut self, d: Duration) -> Self {
+        self.client_latency = d;
+        self
+    }
+
+    /// The one-way latency of the network between the proxy and the database, applied as
+    /// [`client_latency`](Self::client_latency) is, to every database connection (its login
+    /// too, after one round trip for the TCP handshake). A query through the emulator then
+    /// waits at least `2 × (client_latency + upstream_latency)` for its answer. Default zero.
+    #[must_use]
+    pub fn upstream_latency(mut self, d: Duration) -> Self {
+        self.upstream_latency = d;
+        self
+    }
 }
 
 /// The smallest [`EmulatorConfig::session_buffer_bytes`].
@@ -376,6 +418,7 @@ pub(crate) struct Counters {
     refused_messages: AtomicU64,
     /// Bytes of statement names and texts the sessions keep.
     statement_bytes: AtomicU64,
+    round_trips: AtomicU64,
 }
 
 impl Counters {
@@ -423,6 +466,14 @@ pub struct EmulatorCounters {
     /// Bytes of named prepared statements the client sessions keep now
     /// ([`EmulatorConfig::max_statement_bytes`]).
     pub statement_bytes: u64,
+    /// Round trips of all client sessions since start: the times a client waited for the
+    /// emulator's answer. A round trip is a batch of client messages the client waits on
+    /// (not one made only of Close and Sync messages, which clients send without waiting),
+    /// followed by bytes from the emulator before the client's next batch; pipelined
+    /// requests the emulator read before it wrote the first answer count once. During login,
+    /// each answer (to an SSLRequest, the startup message, a password) counts one. See
+    /// [`Emulator::track_round_trips`] for one client's.
+    pub round_trips: u64,
 }
 
 impl EmulatorCounters {
@@ -443,6 +494,29 @@ pub(crate) struct Shared {
     epoch: tokio::sync::watch::Sender<u64>,
     /// The `application_name` each pinned session gave at login, by session id.
     pinned: std::sync::Mutex<std::collections::HashMap<u64, String>>,
+    /// The round-trip counters of tracked application names.
+    tracked: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<AtomicU64>>>,
+}
+
+impl Shared {
+    /// The counter of a tracked `application_name`.
+    pub(crate) fn tracker(&self, app: &str) -> Option<Arc<AtomicU64>> {
+        crate::sync::lock(&self.tracked)
+            .get(app)
+            .and_then(std::sync::Weak::upgrade)
+    }
+}
+
+/// The round trips of the client sessions that log in with one `application_name`
+/// ([`Emulator::track_round_trips`]). Counting stops when it is dropped.
+#[derive(Debug, Clone)]
+pub struct RoundTrips(Arc<AtomicU64>);
+
+impl RoundTrips {
+    /// The round trips counted so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
 }
 
 /// A running emulator. Dropping it stops it: every client and database connection closes.
@@ -483,6 +557,7 @@ impl Emulator {
                 .to_string(),
             password: pg.get_password().map(<[u8]>::to_vec),
             application_name: config.application_name.clone(),
+            latency: config.upstream_latency,
         };
         let counters = Arc::new(Counters::default());
         let pool = UpstreamPool::new(upstream, config.max_connections, counters.clone());
@@ -502,6 +577,7 @@ impl Emulator {
             silent: AtomicBool::new(false),
             epoch: tokio::sync::watch::channel(0).0,
             pinned: std::sync::Mutex::default(),
+            tracked: std::sync::Mutex::default(),
         });
         let accepting = shared.clone();
         let accept = tokio::spawn(async move {
@@ -569,7 +645,28 @@ impl Emulator {
             peak_buffered_bytes: c.peak_buffered.load(Relaxed),
             refused_messages: c.refused_messages.load(Relaxed),
             statement_bytes: c.statement_bytes.load(Relaxed),
+            round_trips: c.round_trips.load(Relaxed),
         }
+    }
+
+    /// Counts the round trips (as [`EmulatorCounters::round_trips`] defines them) of every
+    /// client session that logs in with this `application_name` from now on, for as long as
+    /// the returned counter (or a clone) lives. A name tracked twice shares one counter.
+    /// Sessions open before the call are not counted.
+    pub fn track_round_trips(&self, application_name: &str) -> RoundTrips {
+        let mut tracked = crate::sync::lock(&self.shared.tracked);
+        if let Some(c) = tracked
+            .get(application_name)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return RoundTrips(c);
+        }
+        // Names nobody tracks any more are let go, so the map stays as large as what is
+        // tracked.
+        tracked.retain(|_, c| c.strong_count() > 0);
+        let c = Arc::new(AtomicU64::new(0));
+        tracked.insert(application_name.to_string(), Arc::downgrade(&c));
+        RoundTrips(c)
     }
 
     /// The `application_name` each client session pinned now gave at login (empty when it

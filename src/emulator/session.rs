@@ -13,7 +13,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 
 use super::Shared;
 use super::budget::{CHUNK, Charge, RETRY, poll_read_charged, poll_read_into};
+use super::net::{Opened, Socket};
 use super::stream::ClientStream;
 use super::upstream::{BorrowError, Upstream, cancel};
 use super::wire::{self, Frame, cstr, take_frame};
@@ -182,6 +183,45 @@ pub(crate) struct Session {
     /// When something last happened (the idle timeouts count from it; waiting for room under
     /// the process-wide bound is not activity).
     active: tokio::time::Instant,
+    /// What the client sent since the emulator last wrote to it.
+    turn: Turn,
+    /// This session's round trips ([`Turn`]).
+    round_trips: u64,
+    /// The counter of the session's `application_name`, when someone tracks it.
+    tracker: Option<Arc<AtomicU64>>,
+}
+
+/// The client's messages since the emulator last wrote to it, for counting round trips.
+///
+/// A round trip is a batch of client messages the client waits on, followed by bytes from
+/// the emulator before the client's next batch: the emulator's first write to the client
+/// after such a batch counts one. Pipelined requests read before the first answer is written
+/// are one batch, one round trip. A batch the client does not wait on does not count: one
+/// made only of Close and Sync messages (tokio-postgres closes a dropped statement that way,
+/// without waiting for the answer). A lone Sync (a connection check) counts. During login,
+/// each answer to the client (to an SSLRequest, the startup message, a password) counts one;
+/// the TLS handshake's own round trips do not.
+#[derive(Default, Clone, Copy)]
+struct Turn {
+    /// A message other than Close or Sync.
+    asked: bool,
+    closed: bool,
+    synced: bool,
+}
+
+impl Turn {
+    fn saw(&mut self, tag: u8) {
+        match tag {
+            b'C' => self.closed = true,
+            b'S' => self.synced = true,
+            b'X' => {}
+            _ => self.asked = true,
+        }
+    }
+
+    fn awaited(self) -> bool {
+        self.asked || (self.synced && !self.closed)
+    }
 }
 
 enum Flow {
@@ -208,6 +248,8 @@ enum Event {
 impl Session {
     pub(crate) fn new(shared: Arc<Shared>, client: TcpStream, id: u64) -> Session {
         let epoch = shared.epoch.subscribe();
+        let _ = client.set_nodelay(true);
+        let client = Socket::new(client, shared.config.client_latency, Opened::ByPeer);
         Session {
             id,
             client: ClientStream::Plain(client),
@@ -226,15 +268,15 @@ impl Session {
             charge: Charge::new(shared.counters.clone()),
             kept: 0,
             active: tokio::time::Instant::now(),
+            turn: Turn::default(),
+            round_trips: 0,
+            tracker: None,
             shared,
         }
     }
 
     /// Serves the client until it leaves, then resets and returns what it held.
     pub(crate) async fn run(mut self) {
-        if let ClientStream::Plain(s) = &self.client {
-            let _ = s.set_nodelay(true);
-        }
         let c = &self.shared.counters;
         c.clients.fetch_add(1, Relaxed);
         c.clients_total.fetch_add(1, Relaxed);
@@ -254,9 +296,23 @@ impl Session {
     async fn write_client(&mut self) -> io::Result<()> {
         if !self.to_client.is_empty() {
             let out = self.to_client.split();
+            self.answered();
             self.client.write_all(&out).await?;
         }
         Ok(())
+    }
+
+    /// The emulator writes to the client: a round trip if the client waits on what it sent
+    /// since the last write ([`Turn`]).
+    fn answered(&mut self) {
+        if self.turn.awaited() {
+            self.round_trips += 1;
+            self.shared.counters.round_trips.fetch_add(1, Relaxed);
+            if let Some(t) = &self.tracker {
+                t.fetch_add(1, Relaxed);
+            }
+        }
+        self.turn = Turn::default();
     }
 
     async fn fatal(&mut self, code: &str, text: &str) -> io::Result<bool> {
@@ -273,10 +329,12 @@ impl Session {
             let Some(mut body) = wire::read_startup(&mut self.client, &mut self.cbuf).await? else {
                 return Ok(false);
             };
+            self.turn.asked = true;
             match body.get_i32() {
                 80_877_103 if self.tls_offered() => self.start_tls().await?,
                 80_877_103 | 80_877_104 => {
                     // SSLRequest without TLS configured, or GSSENCRequest: plain TCP.
+                    self.answered();
                     self.client.write_all(b"N").await?;
                 }
                 80_877_102 => return Ok(false), // CancelRequest: RDS Proxy does not support it
@@ -320,6 +378,7 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             };
+            self.turn.asked = true;
             let mut body = frame.body.clone();
             let answer = if frame.tag == b'p' {
                 cstr(&mut body).unwrap_or_default()
@@ -348,6 +407,10 @@ impl Session {
             }
         }
         self.app = params.get("application_name").cloned().unwrap_or_default();
+        self.tracker = self.shared.tracker(&self.app);
+        if let Some(t) = &self.tracker {
+            t.fetch_add(self.round_trips, Relaxed);
+        }
         wire::parameter_status(&mut self.to_client, "application_name", &self.app);
         wire::backend_key(&mut self.to_client, self.id as i32, 0x5eed);
         wire::ready(&mut self.to_client, b'I');
@@ -385,6 +448,7 @@ impl Session {
                 "data after SSLRequest",
             ));
         }
+        self.answered();
         self.client.write_all(b"S").await?;
         let ClientStream::Plain(tcp) = std::mem::replace(&mut self.client, ClientStream::Upgrading)
         else {
@@ -463,6 +527,7 @@ impl Session {
                 Ok(None) => return Ok(Flow::Continue),
                 Err(e) => return self.refuse(&e).await,
             };
+            self.turn.saw(frame.tag);
             if frame.tag == b'P' && frame.more == 0 && self.parse_locally(&frame)? {
                 continue;
             }
@@ -526,6 +591,7 @@ impl Session {
         } = self;
         let quiet =
             to_client.is_empty() && held.as_ref().is_none_or(|h| h.quiet() && h.out.is_empty());
+        let mut wrote_client = false;
         let event = {
             let mut idle_past = pin!(tokio::time::sleep_until(self_active + idle));
             let mut retry = pin!(tokio::time::sleep(RETRY));
@@ -536,6 +602,7 @@ impl Session {
                     && let Poll::Ready(n) = Pin::new(&mut *client).poll_write(cx, to_client)
                 {
                     to_client.advance(written(n)?);
+                    wrote_client = true;
                     return Poll::Ready(Ok(Event::Moved));
                 }
                 if let Some(h) = held.as_mut() {
@@ -575,6 +642,9 @@ impl Session {
             })
             .await?
         };
+        if wrote_client {
+            self.answered();
+        }
         if !matches!(event, Event::Retry) {
             self.active = tokio::time::Instant::now();
         }

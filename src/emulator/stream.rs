@@ -1,16 +1,17 @@
-//! A client connection, plain or TLS.
+//! A client connection, plain or TLS, over a socket used as it is or behind a modelled hop.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use super::net::Socket;
 
 pub(crate) enum ClientStream {
-    Plain(TcpStream),
+    Plain(Socket),
     #[cfg(feature = "tls")]
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<Socket>>),
     /// Between taking the plain stream out and putting the TLS one in.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     Upgrading,

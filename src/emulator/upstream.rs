@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::Counters;
+use super::net::{Opened, Socket};
 
 /// Where and how the emulator logs in upstream.
 #[derive(Clone)]
@@ -27,12 +28,14 @@ pub(crate) struct UpstreamConfig {
     pub(crate) database: String,
     pub(crate) password: Option<Vec<u8>>,
     pub(crate) application_name: String,
+    /// The one-way latency between the emulator and the database.
+    pub(crate) latency: Duration,
 }
 
 /// One database connection.
 pub(crate) struct Upstream {
     pub(crate) id: u64,
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Socket,
     pub(crate) rbuf: BytesMut,
     pub(crate) pid: i32,
     pub(crate) key: i32,
@@ -50,11 +53,8 @@ impl Upstream {
     /// True when the database has closed this idle connection (a failover, a terminated
     /// backend, a server-side timeout) or sent something nobody asked for, as it does with a
     /// FATAL before it closes: a peek that does not wait sees the end of the stream or bytes.
-    fn died_while_idle(&self) -> bool {
-        let mut byte = [0u8; 1];
-        let mut buf = tokio::io::ReadBuf::new(&mut byte);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        !self.rbuf.is_empty() || self.stream.poll_peek(&mut cx, &mut buf).is_ready()
+    fn died_while_idle(&mut self) -> bool {
+        !self.rbuf.is_empty() || self.stream.closed_or_spoke(&mut self.rbuf)
     }
 }
 
@@ -204,7 +204,7 @@ impl UpstreamPool {
             let mut st = self.0.state.lock().unwrap();
             let epoch = self.0.epoch.load(Relaxed);
             // A connection the database closed while it was idle is let go, not lent.
-            while let Some(u) = st.idle.pop() {
+            while let Some(mut u) = st.idle.pop() {
                 if u.epoch == epoch && !u.died_while_idle() {
                     return Ok(self.lent(u));
                 }
@@ -312,10 +312,14 @@ impl UpstreamPool {
     pub(crate) fn prune_idle(&self) {
         let dead: Vec<Upstream> = {
             let mut st = self.0.state.lock().unwrap();
-            let (dead, live) = std::mem::take(&mut st.idle)
-                .into_iter()
-                .partition(Upstream::died_while_idle);
-            st.idle = live;
+            let mut dead = Vec::new();
+            for mut u in std::mem::take(&mut st.idle) {
+                if u.died_while_idle() {
+                    dead.push(u);
+                } else {
+                    st.idle.push(u);
+                }
+            }
             dead
         };
         // Dropped outside the state's lock: each one's drop takes the registry's.
@@ -330,12 +334,13 @@ impl UpstreamPool {
     }
 }
 
-type Connected = (TcpStream, BytesMut, i32, i32, Vec<(String, String)>);
+type Connected = (Socket, BytesMut, i32, i32, Vec<(String, String)>);
 
 /// Opens and authenticates one database connection (trust, cleartext, md5, SCRAM-SHA-256).
 async fn connect(c: &UpstreamConfig) -> io::Result<Connected> {
-    let mut stream = TcpStream::connect((c.host.as_str(), c.port)).await?;
-    stream.set_nodelay(true)?;
+    let tcp = TcpStream::connect((c.host.as_str(), c.port)).await?;
+    tcp.set_nodelay(true)?;
+    let mut stream = Socket::new(tcp, c.latency, Opened::ByEmulator);
     let mut out = BytesMut::new();
     frontend::startup_message(
         [

@@ -66,6 +66,7 @@ fn bad(msg: &str) -> io::Error {
 /// else its head (the rest is in `Frame::more`). A message longer than `limit(tag)` (its
 /// length word, counting itself, as PostgreSQL counts) is refused with "invalid message
 /// length", PostgreSQL's words.
+#[inline]
 pub(crate) fn take_frame(
     buf: &mut BytesMut,
     limit: impl Fn(u8) -> usize,
