@@ -369,11 +369,9 @@ impl Run {
                     .validate_idle_after(Some(self.opts.pinpool_validate_idle_after));
                 let builder = if self.scenario == Scenario::PgBouncer {
                     // In session mode every connection holds a server connection until it
-                    // closes: close them all at the end of each invocation, and open none
-                    // after it.
-                    // TODO(profile): `.proxy(Proxy::PgBouncerSession)` once the builder
-                    // has proxy profiles; until then, what it should amount to:
-                    builder.min_idle(0).trim_at_invocation_end(true)
+                    // closes: the profile closes them all at the end of each invocation, and
+                    // opens none after it.
+                    builder.proxy(pinpool::Proxy::PgBouncerSession)
                 } else {
                     builder.min_idle(1)
                 };
