@@ -106,6 +106,29 @@ fn with_types<'p>(
         .collect()
 }
 
+/// True when a call sent with a learned shape failed in a way that says the shape may be
+/// stale, so it is forgotten and the next call learns it again: the server refused it (DDL
+/// may have changed it), or a value did not encode as the learned type of its parameter (DDL
+/// changed a column from `int4` to `int8`, and the caller now passes an `i64`: a prepare of
+/// the text today would accept it) or decode as its column's type.
+fn refuses_shape(e: &Error) -> bool {
+    e.as_db_error().is_some()
+        || matches!(e, Error::Query(pg) if std::error::Error::source(pg)
+            .is_some_and(|s| s.is::<tokio_postgres::types::WrongType>()))
+}
+
+/// Column 0 of a row read by a scalar method sent unnamed. A row of more columns is an error,
+/// as tokio-postgres's scalar methods say for a prepared statement, never its first column
+/// read silently: a learned shape may be stale (DDL added a column to a `SELECT *`), and
+/// where named statements cannot be used a misfit shape is sent as it is. (tokio-postgres
+/// makes its column-count error privately: this is its nearest public one.)
+fn scalar<R: FromSqlOwned>(row: &Row) -> Result<R, tokio_postgres::Error> {
+    if row.len() != 1 {
+        return row.try_get("(a scalar method reads rows of exactly one column)");
+    }
+    row.try_get(0)
+}
+
 /// True for the server's word that a prepared statement no longer fits (DDL changed its
 /// result type) or no longer exists, and that it said so while binding it, before anything
 /// ran. Decided from structure, never from the error's text: the error answered the Bind of
@@ -444,8 +467,8 @@ impl<'a> Ctx<'a> {
 
     /// Runs `fut`, which sends `sql` unnamed with its learned shape: one round trip. Where
     /// the connection caches named statements, a prepare of the same text is pipelined ahead
-    /// of it (the same round trip) and cached for the next call. An error from the server
-    /// forgets the shape: DDL may have changed it.
+    /// of it (the same round trip) and cached for the next call. An error saying the
+    /// shape may be stale ([`refuses_shape`]) forgets it: DDL may have changed it.
     pub(super) async fn typed<R>(
         self,
         sql: &str,
@@ -482,7 +505,7 @@ impl<'a> Ctx<'a> {
             self.run(fut).await
         };
         if let Err(e) = &r
-            && e.as_db_error().is_some()
+            && refuses_shape(e)
         {
             self.g.pool.learned.forget(sql);
         }
@@ -647,7 +670,7 @@ impl<'a> Ctx<'a> {
                         let params = with_types(params, &shape.params);
                         Box::pin(self.typed(&sql, async {
                             let rows = self.client.query_typed(&sql, &params).await?;
-                            rows.iter().map(|r| r.try_get(0)).collect()
+                            rows.iter().map(scalar).collect()
                         }))
                         .await
                     }
@@ -671,7 +694,7 @@ impl<'a> Ctx<'a> {
                     Target::Typed(sql, shape) => {
                         let params = with_types(params, &shape.params);
                         Box::pin(self.typed(&sql, async {
-                            self.client.query_typed_one(&sql, &params).await?.try_get(0)
+                            scalar(&self.client.query_typed_one(&sql, &params).await?)
                         }))
                         .await
                     }
@@ -696,7 +719,7 @@ impl<'a> Ctx<'a> {
                         let params = with_types(params, &shape.params);
                         Box::pin(self.typed(&sql, async {
                             let row = self.client.query_typed_opt(&sql, &params).await?;
-                            row.map(|r| r.try_get(0)).transpose()
+                            row.as_ref().map(scalar).transpose()
                         }))
                         .await
                     }
@@ -723,7 +746,7 @@ impl<'a> Ctx<'a> {
                 Target::Typed(sql, shape) => {
                     let params = WithTypes(params, shape.params);
                     let r = self.open(self.client.query_typed_raw(&sql, params)).await;
-                    if r.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
+                    if r.as_ref().is_err_and(refuses_shape) {
                         self.g.pool.learned.forget(&sql);
                     }
                     r

@@ -1,0 +1,104 @@
+//! Attacks on the statement path (learned shapes sent unnamed) and the transaction pooler's
+//! profile.
+
+mod common;
+
+use pinpool::{Pool, Proxy};
+
+fn pool(app: &str, proxy: Option<Proxy>) -> Pool {
+    let mut b = common::builder(app).max_size(2);
+    if let Some(p) = proxy {
+        b = b.proxy(p);
+    }
+    b.build().unwrap()
+}
+
+/// A scalar method on a statement returning two columns is an error on every path (as
+/// tokio-postgres says for a prepared statement), never the first column read silently.
+#[tokio::test]
+async fn a_scalar_method_never_reads_the_first_of_several_columns() {
+    // Under the transaction pooler's profile a misfit shape is sent as it is.
+    let p = pool("att6_scalar_tx", Some(Proxy::PgBouncerTransaction));
+    let c = p.get().await.unwrap();
+    let r = c.query_one_scalar::<i32, _>("SELECT 1, 2", &[]).await;
+    assert!(r.is_err(), "two columns read as a scalar: {r:?}");
+    let r = c
+        .query_scalar::<i32, _>("SELECT $1::int4, 2", &[&1i32])
+        .await;
+    assert!(r.is_err(), "two columns read as a scalar: {r:?}");
+    drop(c);
+
+    // A shape learned before DDL added a column says one column: the connection new to the
+    // text trusts it.
+    let t = "att6_scalar_t";
+    let admin = common::admin().await;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (a int4); INSERT INTO {t} VALUES (7)"
+        ))
+        .await
+        .unwrap();
+    let p = pool("att6_scalar_d", None);
+    let sql = format!("SELECT * FROM {t} WHERE a = $1");
+    let c1 = p.get().await.unwrap();
+    let v: i32 = c1.query_one_scalar(sql.as_str(), &[&7i32]).await.unwrap();
+    assert_eq!(v, 7);
+    admin
+        .batch_execute(&format!("ALTER TABLE {t} ADD COLUMN b int4 DEFAULT 8"))
+        .await
+        .unwrap();
+    let c2 = p.get().await.unwrap();
+    let r = c2.query_one_scalar::<i32, _>(sql.as_str(), &[&7i32]).await;
+    assert!(r.is_err(), "two columns read as a scalar: {r:?}");
+    drop((c1, c2));
+    admin
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+/// DDL changed a parameter's type (int4 to int8) after the pool learned it: a call with the
+/// new type fails to encode against the learned one. That is the caller-side twin of the
+/// server's refusal, and must forget the shape too: a prepare of the text accepts the call,
+/// and before, every connection new to the text failed it for the pool's lifetime.
+#[tokio::test]
+async fn a_parameter_type_changed_by_ddl_is_learned_again() {
+    for (app, proxy) in [
+        ("att6_ddl_d", None),
+        ("att6_ddl_tx", Some(Proxy::PgBouncerTransaction)),
+    ] {
+        let t = format!("{app}_t");
+        let admin = common::admin().await;
+        admin
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (x int4); INSERT INTO {t} VALUES (5)"
+            ))
+            .await
+            .unwrap();
+        let p = pool(app, proxy);
+        let sql = format!("SELECT count(*) FROM {t} WHERE x = $1");
+        let c1 = p.get().await.unwrap();
+        let n: i64 = c1.query_one_scalar(sql.as_str(), &[&5i32]).await.unwrap();
+        assert_eq!(n, 1);
+        admin
+            .batch_execute(&format!("ALTER TABLE {t} ALTER COLUMN x TYPE int8"))
+            .await
+            .unwrap();
+        // A connection new to the text (the profile has no cache: any connection). The
+        // first call may fail, as one the server refuses does; the next ones learn again.
+        let c2 = p.get().await.unwrap();
+        let _ = c2.query_one_scalar::<i64, _>(sql.as_str(), &[&5i64]).await;
+        for i in 1..3 {
+            let r = c2.query_one_scalar::<i64, _>(sql.as_str(), &[&5i64]).await;
+            assert!(
+                matches!(r, Ok(1)),
+                "{app}: call {i} with the column's new type: {r:?}"
+            );
+        }
+        drop((c1, c2));
+        admin
+            .batch_execute(&format!("DROP TABLE {t}"))
+            .await
+            .unwrap();
+    }
+}
