@@ -102,3 +102,39 @@ async fn a_parameter_type_changed_by_ddl_is_learned_again() {
             .unwrap();
     }
 }
+
+/// A transaction dropped unfinished queues its ROLLBACK, which runs ahead of the next call:
+/// that call runs outside a transaction, where the transaction pooler's profile refuses a
+/// named statement (a COPY prepares one), though the last status the server sent says a
+/// transaction is open.
+#[tokio::test]
+async fn a_dropped_transaction_does_not_open_the_door_to_named_statements() {
+    let t = "att6_dropped_t";
+    let admin = common::admin().await;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (n int4)"
+        ))
+        .await
+        .unwrap();
+    let p = pool("att6_dropped", Some(Proxy::PgBouncerTransaction));
+    let mut c = p.get().await.unwrap();
+    let copy = format!("COPY {t} (n) FROM STDIN");
+    {
+        let tx = c.transaction().await.unwrap();
+        tx.execute("SELECT 1", &[]).await.unwrap();
+    }
+    let r = c.copy_in::<_, bytes::Bytes>(copy.as_str()).await.map(drop);
+    match r {
+        Err(pinpool::Error::PinRefused { reasons, .. }) => {
+            assert!(reasons.contains(pinpool::pinning::Reason::NamedStatement))
+        }
+        other => panic!("COPY outside a transaction after a dropped one: {other:?}"),
+    }
+    assert!(!common::in_transaction_block(&c).await);
+    drop(c);
+    admin
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
