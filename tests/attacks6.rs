@@ -138,3 +138,69 @@ async fn a_dropped_transaction_does_not_open_the_door_to_named_statements() {
         .await
         .unwrap();
 }
+
+/// Under the transaction pooler's profile a shape is learned in a rolled-back transaction of
+/// its own, a round trip: an error from running a statement (a unique violation) says
+/// nothing of its shape and must not make every next call learn it again. Counted by the
+/// learning's ROLLBACK on the wire.
+#[tokio::test]
+async fn an_error_from_running_a_statement_keeps_its_learned_shape() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rollbacks = Arc::new(AtomicU64::new(0));
+    let seen = rollbacks.clone();
+    let port = common::relay(move |mut sr, mut cw| {
+        let seen = seen.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                // CommandComplete "ROLLBACK": a chunk holds whole small messages here.
+                let tag = b"ROLLBACK\0";
+                let hits = buf[..n].windows(tag.len()).filter(|w| w == tag).count();
+                seen.fetch_add(hits as u64, SeqCst);
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = cw.shutdown().await;
+        }
+    })
+    .await;
+    let t = "att6_unique_t";
+    let admin = common::admin().await;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (id int4 PRIMARY KEY)"
+        ))
+        .await
+        .unwrap();
+    let p = common::relayed(port, "att6_unique")
+        .max_size(1)
+        .proxy(Proxy::PgBouncerTransaction)
+        .build()
+        .unwrap();
+    let c = p.get().await.unwrap();
+    let insert = format!("INSERT INTO {t} VALUES ($1)");
+    c.execute(insert.as_str(), &[&1i32]).await.unwrap();
+    assert_eq!(rollbacks.load(SeqCst), 1, "learned once");
+    for _ in 0..5 {
+        let r = c.execute(insert.as_str(), &[&1i32]).await;
+        assert_eq!(
+            r.as_ref().err().and_then(|e| e.code()),
+            Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        rollbacks.load(SeqCst),
+        1,
+        "a unique violation made the next calls learn the shape again"
+    );
+    drop(c);
+    admin
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}

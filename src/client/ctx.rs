@@ -107,14 +107,29 @@ fn with_types<'p>(
 }
 
 /// True when a call sent with a learned shape failed in a way that says the shape may be
-/// stale, so it is forgotten and the next call learns it again: the server refused it (DDL
-/// may have changed it), or a value did not encode as the learned type of its parameter (DDL
-/// changed a column from `int4` to `int8`, and the caller now passes an `i64`: a prepare of
-/// the text today would accept it) or decode as its column's type.
+/// stale, so it is forgotten and the next call learns it again: the server refused the text
+/// or its types (DDL may have changed them: SQLSTATE class 42, an undefined column or
+/// operator, a type mismatch, ...; a Bind whose parameter count no longer fits, 08P01; a
+/// plan that may not change its result type, 0A000; a statement gone, 26000), or a value did
+/// not encode as the learned type of its parameter (DDL changed a column from `int4` to
+/// `int8`, and the caller now passes an `i64`: a prepare of the text today would accept it)
+/// or decode as its column's type. An error from running the statement with its values (a
+/// unique violation, a division by zero, a serialization failure, a timeout) says nothing of
+/// the shape: forgetting it would only make the next call learn it again, under a
+/// transaction pooler's profile with a round trip of its own.
 fn refuses_shape(e: &Error) -> bool {
-    e.as_db_error().is_some()
-        || matches!(e, Error::Query(pg) if std::error::Error::source(pg)
-            .is_some_and(|s| s.is::<tokio_postgres::types::WrongType>()))
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        return code.code().starts_with("42")
+            || [
+                SqlState::PROTOCOL_VIOLATION,
+                SqlState::FEATURE_NOT_SUPPORTED,
+                SqlState::INVALID_SQL_STATEMENT_NAME,
+            ]
+            .contains(code);
+    }
+    matches!(e, Error::Query(pg) if std::error::Error::source(pg)
+        .is_some_and(|s| s.is::<tokio_postgres::types::WrongType>()))
 }
 
 /// Column 0 of a row read by a scalar method sent unnamed. A row of more columns is an error,
