@@ -204,3 +204,68 @@ async fn an_error_from_running_a_statement_keeps_its_learned_shape() {
         .await
         .unwrap();
 }
+
+/// Under the transaction pooler's profile a shape is learned inside a BEGIN ... ROLLBACK of
+/// the pool's own. A caller dropping the call's future (a `tokio::time::timeout` of its own)
+/// after the BEGIN was sent, before the ROLLBACK was, left the connection in that
+/// transaction: the caller's next INSERT on it was answered `Ok(1)`, then rolled back when
+/// the connection closed. And the prepare, sent with no statement made, was never closed.
+#[tokio::test]
+async fn a_learning_cancelled_midway_leaves_no_transaction_open() {
+    let t = "att6_cancel_t";
+    let admin = common::admin().await;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (n int4)"
+        ))
+        .await
+        .unwrap();
+    let port = common::slow_relay(std::time::Duration::from_millis(100)).await;
+    let p = common::relayed(port, "att6_cancel")
+        .max_size(1)
+        .proxy(Proxy::PgBouncerTransaction)
+        .build()
+        .unwrap();
+    let c = p.get().await.unwrap();
+    // Dropped while the BEGIN and the prepare are on their way.
+    let r = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        c.query("SELECT $1::int4", &[&1i32]),
+    )
+    .await;
+    assert!(r.is_err(), "not cancelled: {r:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ins = c
+        .execute(&*format!("INSERT INTO {t} VALUES (1)"), &[])
+        .await;
+    assert!(matches!(ins, Ok(1)), "{ins:?}");
+    assert!(
+        !common::in_transaction_block(&c).await,
+        "the learning's transaction is still open"
+    );
+    assert_eq!(named_on_server(&c).await, Vec::<String>::new());
+    drop(c);
+    let n: i64 = admin
+        .query_one(&*format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the insert was answered Ok(1) and rolled back");
+}
+
+/// The protocol-level named statements on the server connection behind `c`.
+async fn named_on_server(c: &pinpool::PooledClient) -> Vec<String> {
+    c.simple_query("SELECT name FROM pg_prepared_statements")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect()
+}

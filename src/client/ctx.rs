@@ -199,6 +199,33 @@ impl<It: Iterator> Iterator for Typed<It> {
     }
 }
 
+/// A learning's own transaction ([`Ctx::learn`]) while it may be open. Dropped armed (the
+/// caller dropped the call's future after the BEGIN was sent, before the ROLLBACK was), it
+/// queues what the learning would have sent: without it the connection stays in the
+/// learning's transaction, and the caller's next statements on it run there, answered as
+/// done, then roll back when the connection closes. First a `DEALLOCATE ALL`, inside that
+/// transaction, so on the pooler's server connection it ran on: the prepare may have been
+/// sent and its statement never made, so never closed (the pool keeps no named statement
+/// there under this profile, and a connection whose call was dropped closes on return);
+/// then the `ROLLBACK`. Both ahead of any later
+/// request; their answers are dropped.
+struct Unfinished<'c> {
+    client: &'c Client,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            for sql in ["DEALLOCATE ALL", "ROLLBACK"] {
+                // The first poll writes the query to the client's queue.
+                let queued = std::pin::pin!(self.client.batch_execute(sql));
+                let _ = queued.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            }
+        }
+    }
+}
+
 impl<'a> Ctx<'a> {
     /// Runs a statement under this call's bound. On timeout the socket closes at once.
     /// (Not an `async fn`: another layer of future would copy the statement's future once
@@ -446,17 +473,24 @@ impl<'a> Ctx<'a> {
             self.run_all(async { self.client.prepare(sql).await.map(shape) })
                 .await?
         } else {
-            self.run_all(async {
-                let (begun, prepared) = futures_util::future::join(
-                    self.client.batch_execute("BEGIN"),
-                    self.client.prepare(sql),
-                )
+            let mut open = Unfinished {
+                client: self.client,
+                armed: true,
+            };
+            let r = self
+                .run_all(async {
+                    let (begun, prepared) = futures_util::future::join(
+                        self.client.batch_execute("BEGIN"),
+                        self.client.prepare(sql),
+                    )
+                    .await;
+                    let prepared = prepared.map(shape);
+                    let rolled_back = self.client.batch_execute("ROLLBACK").await;
+                    begun.and(prepared).and_then(|s| rolled_back.map(|()| s))
+                })
                 .await;
-                let prepared = prepared.map(shape);
-                let rolled_back = self.client.batch_execute("ROLLBACK").await;
-                begun.and(prepared).and_then(|s| rolled_back.map(|()| s))
-            })
-            .await?
+            open.armed = false;
+            r?
         };
         self.g.pool.learned.learn(sql, &shape.params, shape.columns);
         Ok(shape)
