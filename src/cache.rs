@@ -130,7 +130,8 @@ impl Learned {
             let Some(old) = g.order.pop_front() else {
                 break;
             };
-            if g.shapes.remove(&old).is_some() {
+            if g.learned_as(&old) {
+                g.shapes.remove(&old);
                 g.bytes -= old.len();
             }
         }
@@ -139,9 +140,13 @@ impl Learned {
         g.order.push_back(key.clone());
         g.shapes.insert(key, shape);
         if g.order.len() > 2 * LEARNED_ENTRIES {
-            // Forgotten texts pile up in the order: keep those still learned.
+            // Forgotten texts pile up in the order: keep those still learned, each once.
             let LearnedInner { shapes, order, .. } = &mut *g;
-            order.retain(|k| shapes.contains_key(k));
+            order.retain(|k| {
+                shapes
+                    .get_key_value(k)
+                    .is_some_and(|(learned, _)| Arc::ptr_eq(learned, k))
+            });
         }
     }
 
@@ -152,6 +157,16 @@ impl Learned {
         if let Some((k, _)) = g.shapes.remove_entry(sql) {
             g.bytes -= k.len();
         }
+    }
+}
+
+impl LearnedInner {
+    /// True when `key` in the order is the text as learned now, not an earlier copy of a
+    /// text forgotten and learned again since: that copy says nothing of its age.
+    fn learned_as(&self, key: &Arc<str>) -> bool {
+        self.shapes
+            .get_key_value(key)
+            .is_some_and(|(learned, _)| Arc::ptr_eq(learned, key))
     }
 }
 
@@ -176,6 +191,42 @@ mod learned_tests {
         drop(g);
         let last = format!("SELECT {}", 3 * LEARNED_ENTRIES - 1);
         assert_eq!(l.get(&last).unwrap().params[..], [Type::INT4]);
-        assert!(l.get("SELECT 0").is_none());
+    }
+
+    /// A text the server keeps refusing (a unique violation each call: any server error
+    /// forgets the shape) is forgotten and learned again each call: each learning left one
+    /// more copy of the text in the order, kept by the trim since the text is learned, so the
+    /// order grew without bound.
+    #[test]
+    fn a_text_forgotten_and_learned_again_stays_once_in_the_order() {
+        let l = Learned::default();
+        let sql = format!("INSERT INTO t VALUES ($1) -- {}", "x".repeat(1000));
+        for _ in 0..10 * LEARNED_ENTRIES {
+            l.learn(&sql, &[Type::INT4], 0);
+            l.forget(&sql);
+        }
+        l.learn(&sql, &[Type::INT4], 0);
+        let g = lock(&l.inner);
+        assert!(
+            g.order.len() <= 2 * LEARNED_ENTRIES + 1,
+            "{}",
+            g.order.len()
+        );
+        drop(g);
+        // An older copy leaving the order first does not take the text learned since with it.
+        let l = Learned::default();
+        l.learn("SELECT $1", &[Type::INT4], 1);
+        l.forget("SELECT $1");
+        for i in 0..LEARNED_ENTRIES - 2 {
+            l.learn(&format!("SELECT {i}"), &[], 1);
+        }
+        l.learn("SELECT $1", &[Type::INT4], 1);
+        l.learn("SELECT 'b'", &[], 1);
+        l.learn("SELECT 'c'", &[], 1);
+        assert!(l.get("SELECT $1").is_some(), "learned late, evicted first");
+        assert!(
+            l.get("SELECT 0").is_none(),
+            "the oldest learned leaves first"
+        );
     }
 }

@@ -298,9 +298,14 @@ impl ConnState {
     }
 
     /// True unless the server's last word is that no transaction block is open: a failed
-    /// statement there has aborted the transaction, so retrying it is pointless.
+    /// statement there has aborted the transaction, so retrying it is pointless. False too
+    /// while a dropped transaction's ROLLBACK waits to run ahead of the next request
+    /// ([`ConnState::rollback_pending`]): that request runs outside any transaction, where
+    /// the transaction pooler's profile refuses a named statement and learns a shape in a
+    /// transaction of its own.
     pub(crate) fn in_transaction(&self) -> bool {
-        self.wire.status() != TxnStatus::Idle
+        let wire = self.wire.facts();
+        wire.status() != TxnStatus::Idle && !self.rollback_pending(self.flags.load(Relaxed), wire)
     }
 
     pub(crate) fn pinned(&self) -> Reasons {

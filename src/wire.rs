@@ -285,6 +285,7 @@ impl Wire {
         self.facts.store(facts.0, Relaxed);
     }
 
+    #[cfg(test)]
     pub(crate) fn status(&self) -> TxnStatus {
         self.facts().status()
     }

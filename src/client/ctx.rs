@@ -106,6 +106,44 @@ fn with_types<'p>(
         .collect()
 }
 
+/// True when a call sent with a learned shape failed in a way that says the shape may be
+/// stale, so it is forgotten and the next call learns it again: the server refused the text
+/// or its types (DDL may have changed them: SQLSTATE class 42, an undefined column or
+/// operator, a type mismatch, ...; a Bind whose parameter count no longer fits, 08P01; a
+/// plan that may not change its result type, 0A000; a statement gone, 26000), or a value did
+/// not encode as the learned type of its parameter (DDL changed a column from `int4` to
+/// `int8`, and the caller now passes an `i64`: a prepare of the text today would accept it)
+/// or decode as its column's type. An error from running the statement with its values (a
+/// unique violation, a division by zero, a serialization failure, a timeout) says nothing of
+/// the shape: forgetting it would only make the next call learn it again, under a
+/// transaction pooler's profile with a round trip of its own.
+fn refuses_shape(e: &Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        return code.code().starts_with("42")
+            || [
+                SqlState::PROTOCOL_VIOLATION,
+                SqlState::FEATURE_NOT_SUPPORTED,
+                SqlState::INVALID_SQL_STATEMENT_NAME,
+            ]
+            .contains(code);
+    }
+    matches!(e, Error::Query(pg) if std::error::Error::source(pg)
+        .is_some_and(|s| s.is::<tokio_postgres::types::WrongType>()))
+}
+
+/// Column 0 of a row read by a scalar method sent unnamed. A row of more columns is an error,
+/// as tokio-postgres's scalar methods say for a prepared statement, never its first column
+/// read silently: a learned shape may be stale (DDL added a column to a `SELECT *`), and
+/// where named statements cannot be used a misfit shape is sent as it is. (tokio-postgres
+/// makes its column-count error privately: this is its nearest public one.)
+fn scalar<R: FromSqlOwned>(row: &Row) -> Result<R, tokio_postgres::Error> {
+    if row.len() != 1 {
+        return row.try_get("(a scalar method reads rows of exactly one column)");
+    }
+    row.try_get(0)
+}
+
 /// True for the server's word that a prepared statement no longer fits (DDL changed its
 /// result type) or no longer exists, and that it said so while binding it, before anything
 /// ran. Decided from structure, never from the error's text: the error answered the Bind of
@@ -158,6 +196,33 @@ impl<It: Iterator> Iterator for Typed<It> {
         let ty = self.types.get(self.at).cloned().unwrap_or(Type::UNKNOWN);
         self.at += 1;
         Some((p, ty))
+    }
+}
+
+/// A learning's own transaction ([`Ctx::learn`]) while it may be open. Dropped armed (the
+/// caller dropped the call's future after the BEGIN was sent, before the ROLLBACK was), it
+/// queues what the learning would have sent: without it the connection stays in the
+/// learning's transaction, and the caller's next statements on it run there, answered as
+/// done, then roll back when the connection closes. First a `DEALLOCATE ALL`, inside that
+/// transaction, so on the pooler's server connection it ran on: the prepare may have been
+/// sent and its statement never made, so never closed (the pool keeps no named statement
+/// there under this profile, and a connection whose call was dropped closes on return);
+/// then the `ROLLBACK`. Both ahead of any later
+/// request; their answers are dropped.
+struct Unfinished<'c> {
+    client: &'c Client,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            for sql in ["DEALLOCATE ALL", "ROLLBACK"] {
+                // The first poll writes the query to the client's queue.
+                let queued = std::pin::pin!(self.client.batch_execute(sql));
+                let _ = queued.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            }
+        }
     }
 }
 
@@ -408,17 +473,24 @@ impl<'a> Ctx<'a> {
             self.run_all(async { self.client.prepare(sql).await.map(shape) })
                 .await?
         } else {
-            self.run_all(async {
-                let (begun, prepared) = futures_util::future::join(
-                    self.client.batch_execute("BEGIN"),
-                    self.client.prepare(sql),
-                )
+            let mut open = Unfinished {
+                client: self.client,
+                armed: true,
+            };
+            let r = self
+                .run_all(async {
+                    let (begun, prepared) = futures_util::future::join(
+                        self.client.batch_execute("BEGIN"),
+                        self.client.prepare(sql),
+                    )
+                    .await;
+                    let prepared = prepared.map(shape);
+                    let rolled_back = self.client.batch_execute("ROLLBACK").await;
+                    begun.and(prepared).and_then(|s| rolled_back.map(|()| s))
+                })
                 .await;
-                let prepared = prepared.map(shape);
-                let rolled_back = self.client.batch_execute("ROLLBACK").await;
-                begun.and(prepared).and_then(|s| rolled_back.map(|()| s))
-            })
-            .await?
+            open.armed = false;
+            r?
         };
         self.g.pool.learned.learn(sql, &shape.params, shape.columns);
         Ok(shape)
@@ -444,8 +516,8 @@ impl<'a> Ctx<'a> {
 
     /// Runs `fut`, which sends `sql` unnamed with its learned shape: one round trip. Where
     /// the connection caches named statements, a prepare of the same text is pipelined ahead
-    /// of it (the same round trip) and cached for the next call. An error from the server
-    /// forgets the shape: DDL may have changed it.
+    /// of it (the same round trip) and cached for the next call. An error saying the
+    /// shape may be stale ([`refuses_shape`]) forgets it: DDL may have changed it.
     pub(super) async fn typed<R>(
         self,
         sql: &str,
@@ -482,7 +554,7 @@ impl<'a> Ctx<'a> {
             self.run(fut).await
         };
         if let Err(e) = &r
-            && e.as_db_error().is_some()
+            && refuses_shape(e)
         {
             self.g.pool.learned.forget(sql);
         }
@@ -647,7 +719,7 @@ impl<'a> Ctx<'a> {
                         let params = with_types(params, &shape.params);
                         Box::pin(self.typed(&sql, async {
                             let rows = self.client.query_typed(&sql, &params).await?;
-                            rows.iter().map(|r| r.try_get(0)).collect()
+                            rows.iter().map(scalar).collect()
                         }))
                         .await
                     }
@@ -671,7 +743,7 @@ impl<'a> Ctx<'a> {
                     Target::Typed(sql, shape) => {
                         let params = with_types(params, &shape.params);
                         Box::pin(self.typed(&sql, async {
-                            self.client.query_typed_one(&sql, &params).await?.try_get(0)
+                            scalar(&self.client.query_typed_one(&sql, &params).await?)
                         }))
                         .await
                     }
@@ -696,7 +768,7 @@ impl<'a> Ctx<'a> {
                         let params = with_types(params, &shape.params);
                         Box::pin(self.typed(&sql, async {
                             let row = self.client.query_typed_opt(&sql, &params).await?;
-                            row.map(|r| r.try_get(0)).transpose()
+                            row.as_ref().map(scalar).transpose()
                         }))
                         .await
                     }
@@ -723,7 +795,7 @@ impl<'a> Ctx<'a> {
                 Target::Typed(sql, shape) => {
                     let params = WithTypes(params, shape.params);
                     let r = self.open(self.client.query_typed_raw(&sql, params)).await;
-                    if r.as_ref().is_err_and(|e| e.as_db_error().is_some()) {
+                    if r.as_ref().is_err_and(refuses_shape) {
                         self.g.pool.learned.forget(&sql);
                     }
                     r
