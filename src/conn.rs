@@ -3,7 +3,9 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst, fence,
+};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -136,6 +138,13 @@ pub(crate) struct ConnState {
     /// Statements, streams and copies started and not finished. A future dropped mid-way
     /// leaves its count here, so the connection is closed on return.
     in_flight: AtomicU32,
+    /// A shape is being learned in a transaction of its own ([`ConnState::begin_learning`]):
+    /// no other call may start, or it would run inside that transaction.
+    learning: AtomicBool,
+    /// Wakes the calls that wait for a learning to end.
+    learned: tokio::sync::Notify,
+    /// Wakes the learner that waits for the calls in flight to be done.
+    calls_done: tokio::sync::Notify,
     flags: AtomicU8,
     /// The pin reasons already reported (metrics, logs), of those the wire saw.
     reported: AtomicU32,
@@ -223,6 +232,51 @@ impl ConnState {
         InFlight {
             state: self,
             request: self.wire.next_request(),
+        }
+    }
+
+    /// [`ConnState::begin`] for a call where a shape may be learned on this connection in a
+    /// transaction of its own (a transaction pooler's profile): waits while one is. The call
+    /// is counted before the flag is read and the learner sets the flag before it reads the
+    /// count (both with a fence), so one of the two sees the other.
+    pub(crate) async fn begin_turn(&self) -> InFlight<'_> {
+        loop {
+            let ended = self.learned.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            let call = self.begin();
+            fence(SeqCst);
+            if !self.learning.load(Relaxed) {
+                return call;
+            }
+            call.done();
+            ended.await;
+        }
+    }
+
+    /// Takes this connection for a learning: no call starts until the returned guard drops,
+    /// and this waits until the calls already started are done (a call dropped mid-way stays
+    /// counted: the caller's bound ends the wait).
+    pub(crate) async fn begin_learning(&self) -> Learning<'_> {
+        loop {
+            let ended = self.learned.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            if !self.learning.swap(true, Relaxed) {
+                break;
+            }
+            ended.await;
+        }
+        let learning = Learning(self);
+        fence(SeqCst);
+        loop {
+            let done = self.calls_done.notified();
+            let mut done = std::pin::pin!(done);
+            done.as_mut().enable();
+            if self.in_flight.load(Relaxed) == 0 {
+                return learning;
+            }
+            done.await;
         }
     }
 
@@ -354,6 +408,22 @@ pub(crate) struct InFlight<'a> {
 impl InFlight<'_> {
     pub(crate) fn done(self) {
         self.state.in_flight.fetch_sub(1, Relaxed);
+        // Paired with the learner's fence: it sees the count go down, or this sees it wait.
+        fence(SeqCst);
+        if self.state.learning.load(Relaxed) {
+            self.state.calls_done.notify_waiters();
+        }
+    }
+}
+
+/// A learning holds the connection ([`ConnState::begin_learning`]) until this drops, however
+/// the learning ends.
+pub(crate) struct Learning<'a>(&'a ConnState);
+
+impl Drop for Learning<'_> {
+    fn drop(&mut self) {
+        self.0.learning.store(false, Relaxed);
+        self.0.learned.notify_waiters();
     }
 }
 
@@ -423,6 +493,9 @@ impl Conn {
             state: ConnState {
                 id,
                 in_flight: AtomicU32::new(0),
+                learning: AtomicBool::new(false),
+                learned: tokio::sync::Notify::new(),
+                calls_done: tokio::sync::Notify::new(),
                 flags: AtomicU8::new(0),
                 reported: AtomicU32::new(0),
                 rollback_mark: AtomicU32::new(0),

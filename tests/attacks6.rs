@@ -269,3 +269,42 @@ async fn named_on_server(c: &pinpool::PooledClient) -> Vec<String> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn a_call_made_while_a_shape_is_learned_never_runs_inside_its_transaction() {
+    // The learning opens a transaction of its own and rolls it back: a write pipelined on
+    // the same client meanwhile must wait for its turn, not run inside it and vanish.
+    let t = "att6_conc_t";
+    let admin = common::admin().await;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (n int4)"
+        ))
+        .await
+        .unwrap();
+    let p = pool("att6_conc", Some(Proxy::PgBouncerTransaction));
+    let c = p.get().await.unwrap();
+    let insert = format!("INSERT INTO {t} VALUES (1)");
+    for i in 0..5 {
+        // A text new to the pool each round: each one is learned.
+        let learned = format!("SELECT $1::int4 + {i}");
+        let (a, b) = futures_util::future::join(
+            c.query(learned.as_str(), &[&1i32]),
+            c.execute(insert.as_str(), &[]),
+        )
+        .await;
+        assert_eq!(a.unwrap().len(), 1);
+        assert_eq!(b.unwrap(), 1);
+    }
+    drop(c);
+    let n: i64 = admin
+        .query_one(&*format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+    assert_eq!(n, 5, "every insert answered Ok is there");
+}

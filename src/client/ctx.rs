@@ -13,8 +13,8 @@ use tokio_postgres::{Client, Row, SimpleQueryMessage};
 
 use crate::cache::Shape;
 use crate::conn::{ConnState, InFlight};
-use crate::deadline::Bound;
-use crate::error::Error;
+use crate::deadline::{Bound, within};
+use crate::error::{Error, Phase};
 use crate::pinning::{Classification, Protocol, Reason, Reasons, TxnControl, classify};
 use crate::statement::{Statement, StatementRef, ToStatement};
 use crate::stream::{CopyInSink, CopyOutStream, RowStream, SimpleQueryStream};
@@ -473,11 +473,25 @@ impl<'a> Ctx<'a> {
             self.run_all(async { self.client.prepare(sql).await.map(shape) })
                 .await?
         } else {
+            // Alone on the connection: a call that started meanwhile would run inside the
+            // learning's transaction and be rolled back with it.
+            let _alone = match within(self.bound, Phase::Query, self.g.state.begin_learning()).await
+            {
+                Ok(alone) => alone,
+                Err(timeout) => return Err(timeout),
+            };
+            let this = Ctx {
+                g: Guarded {
+                    alone: true,
+                    ..self.g
+                },
+                ..self
+            };
             let mut open = Unfinished {
                 client: self.client,
                 armed: true,
             };
-            let r = self
+            let r = this
                 .run_all(async {
                     let (begun, prepared) = futures_util::future::join(
                         self.client.batch_execute("BEGIN"),

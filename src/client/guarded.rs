@@ -34,6 +34,9 @@ pub(super) struct Guarded<'a> {
     /// Where the call was made (a statement method is `#[track_caller]`); where the client
     /// was checked out until a call says.
     pub(super) at: &'static Location<'static>,
+    /// The call holds the connection alone (a learning, [`ConnState::begin_learning`]): it
+    /// does not wait for its turn.
+    pub(super) alone: bool,
 }
 
 /// The bound of one statement call, made once: its prepare, execute, a stale-statement retry
@@ -123,7 +126,7 @@ impl<'a> Guarded<'a> {
         bound: Option<Bound>,
         fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, Error> {
-        let in_flight = self.state.begin();
+        let in_flight = self.begin().await;
         let request = in_flight.request;
         set_wire_cutoff(&self.state.wire, self.cutoff);
         match within(bound, Phase::Query, fut).await {
@@ -139,13 +142,23 @@ impl<'a> Guarded<'a> {
         }
     }
 
+    /// Counts the call in flight; where a shape may be learned on the connection in a
+    /// transaction of its own (no named statements), after any such learning (boxed: only
+    /// that profile pays for the wait's state).
+    async fn begin(&self) -> InFlight<'a> {
+        if self.pool.settings.named_statements || self.alone {
+            return self.state.begin();
+        }
+        Box::pin(self.state.begin_turn()).await
+    }
+
     /// Starts a stream or copy under `bound`; it stays in flight until the wrapper finishes.
     pub(super) async fn open<S>(
         self,
         bound: Option<Bound>,
         fut: impl Future<Output = Result<S, tokio_postgres::Error>>,
     ) -> Result<(S, Option<Bound>, InFlight<'a>), Error> {
-        let in_flight = self.state.begin();
+        let in_flight = self.begin().await;
         set_wire_cutoff(&self.state.wire, self.cutoff);
         match within(bound, Phase::Query, fut).await {
             Ok(Ok(s)) => {

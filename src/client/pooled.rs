@@ -123,6 +123,7 @@ impl PooledClient {
             cutoff: self.cutoff,
             explicit: self.explicit,
             at: self.from,
+            alone: false,
         }
         .now()
     }

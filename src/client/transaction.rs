@@ -658,6 +658,7 @@ pub(super) async fn begin<'c>(
         cutoff,
         explicit,
         at,
+        alone: false,
     };
     let mut builder = client.build_transaction();
     if let Some(level) = isolation_level {
