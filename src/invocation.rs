@@ -312,12 +312,22 @@ impl Invocation {
         // A check that has not answered within `validate_patience` (a healthy one answers in a
         // round trip) races a fresh connection: whichever is ready first serves the
         // invocation, and a connection still unanswered then is closed. A flow a NAT forgot
-        // costs the patience and a connect, not the check's whole bound.
+        // costs the patience and a connect, not the check's whole bound. A connection already
+        // idle (one whose check answered) is as ready as a fresh one: in a full pool no spare
+        // can open, and the healthy connection must not wait for the silent one's bound.
+        // Looked at again each `patience` while no slot is free.
         let spare = async {
-            tokio::time::sleep(patience).await;
-            if !matches!(pool.open_idle(Some(cut)).await, Ok(true)) {
-                // No free slot, or the connect failed: the checks decide.
-                std::future::pending::<()>().await;
+            loop {
+                tokio::time::sleep(patience).await;
+                if pool.idle_len() > 0 {
+                    return;
+                }
+                match pool.open_idle(Some(cut)).await {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    // The connect failed: the checks decide.
+                    Err(_) => std::future::pending::<()>().await,
+                }
             }
         };
         tokio::select! {
