@@ -466,7 +466,9 @@ pub enum StandardStrings {
 /// A statement's digest, as RDS Proxy's log prints one (`set names $1`): keywords and names
 /// in lower case, every literal (string, dollar-quoted, number) replaced by `?`, comments and
 /// white space collapsed, parameters (`$1`) and quoted names kept. It holds no value the
-/// statement carried, so it can be logged. At most 200 bytes.
+/// statement carried, so it can be logged, whatever `standard_conforming_strings` says: it
+/// ends at a `'...'` literal holding a backslash, after which the two settings read the text
+/// differently. At most 200 bytes.
 ///
 /// ```
 /// assert_eq!(
@@ -516,6 +518,11 @@ pub fn digest(sql: &str) -> String {
             _ => text.into(),
         };
         number_end = is_number.then_some(lx.i);
+        // A `'...'` literal that held a backslash ends elsewhere when
+        // `standard_conforming_strings` is `off` (`'O\'Brien ...'`), which the text alone
+        // does not say: what follows may be the rest of a value under the other reading, so
+        // the digest stops at it.
+        let ambiguous = matches!(tok, Tok::Str(_)) && lx.depends_on_setting;
         // A call's parenthesis stays on its name: `set_config(?, ...)`.
         let tight_before = matches!(tok, Tok::Comma | Tok::RParen | Tok::Dot | Tok::Semi)
             || (matches!(tok, Tok::LParen) && after_word);
@@ -523,6 +530,9 @@ pub fn digest(sql: &str) -> String {
             out.push(' ');
         }
         out.push_str(&piece);
+        if ambiguous {
+            break;
+        }
         glue = matches!(tok, Tok::LParen | Tok::Dot);
         after_word = matches!(tok, Tok::Word(_) | Tok::Quoted(_));
     }

@@ -1,0 +1,105 @@
+//! Attacks on the pin log's digest, the statement methods' futures and the DO-body rules.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+/// Log lines, captured.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+/// With `standard_conforming_strings = off` (a role's or the server's default), `\'` escapes a
+/// quote in a plain literal. The digest read the text the standard way: the literal ended at
+/// the backslash, and the words after it (the rest of the value) were written as names.
+#[test]
+fn the_digest_keeps_no_value_whatever_standard_conforming_strings_says() {
+    for sql in [
+        r"SELECT set_config('app.note', 'O\'Brien hunter2', false)",
+        r"SET application_name = 'it\'s hunter2 here'",
+        r"SELECT set_config('a', 'x\\', false), 'hunter2'",
+    ] {
+        let d = pinpool::pinning::digest(sql);
+        assert!(!d.contains("hunter2"), "{sql} -> {d}");
+        assert!(!d.contains("brien"), "{sql} -> {d}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_pin_on_a_connection_without_standard_strings_logs_no_value() {
+    let (log, _guard) = capture();
+    let url = format!(
+        "{}&options=-c%20standard_conforming_strings%3Doff",
+        common::url_for("attacks7_sco")
+    );
+    let pool = pinpool::Pool::builder(&url).build().unwrap();
+    let c = pool.get().await.unwrap();
+    c.batch_execute(r"SELECT set_config('attacks7.note', 'O\'Brien hunter2 x', false)")
+        .await
+        .unwrap();
+    drop(c);
+    assert_eq!(pool.status().pinned, 1);
+    let text = log.text();
+    assert!(text.contains("a statement pinned"), "{text}");
+    assert!(!text.contains("hunter2"), "a value reached the log: {text}");
+}
+
+/// The statement methods are `#[track_caller]` functions returning `impl Future`: their
+/// futures must still be `Send` and `'static` once their arguments are owned, as users spawn
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn statement_futures_can_be_spawned_and_used_generically() {
+    use pinpool::GenericClient;
+
+    async fn generic<C: GenericClient + Sync>(c: &C, sql: &str) -> i32 {
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+    fn assert_send<T: Send>(t: T) -> T {
+        t
+    }
+
+    let pool = common::builder("attacks7_spawn").build().unwrap();
+    let p = pool.clone();
+    let got = tokio::spawn(async move {
+        let mut c = p.get().await.unwrap();
+        let sql = String::from("SELECT 1");
+        let a: i32 = c.query_one(&sql, &[]).await.unwrap().get(0);
+        let b = assert_send(generic(&c, "SELECT 2")).await;
+        let tx = c.transaction().await.unwrap();
+        let t = assert_send(generic(&tx, "SELECT 3")).await;
+        let n: i64 = 4;
+        let r: i64 = tx.query_one("SELECT $1::int8", &[&n]).await.unwrap().get(0);
+        tx.commit().await.unwrap();
+        a + b + t + r as i32
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, 10);
+}
