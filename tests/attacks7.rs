@@ -103,3 +103,23 @@ async fn statement_futures_can_be_spawned_and_used_generically() {
     .unwrap();
     assert_eq!(got, 10);
 }
+
+/// A `SET`'s value may be a name, bare or double-quoted (`SET app.key = s3cr3t`): PostgreSQL
+/// takes it as the value. The digest kept it as a name, at WARN in the pin log.
+#[test]
+fn the_digest_keeps_no_set_value_given_as_a_name() {
+    for (sql, want) in [
+        ("SET app.secret = hunter2", "set app.secret = ?"),
+        (
+            "SET LOCAL app.secret TO \"hunter2\"",
+            "set local app.secret to ?",
+        ),
+        (
+            "SET search_path TO app, public; SELECT a.b FROM t",
+            "set search_path to ?, ?; select a.b from t",
+        ),
+        ("UPDATE t SET c = d", "update t set c = d"),
+    ] {
+        assert_eq!(pinpool::pinning::digest(sql), want, "{sql}");
+    }
+}
