@@ -835,31 +835,38 @@ impl PoolInner {
     }
 
     /// Counts the pin reasons the wire saw on `state`'s connection since the last report,
-    /// and logs the statement that pinned it the first time this process sees its digest
-    /// ([`pinning::digest`](crate::pinning::digest): no value it carried), with where the call
-    /// that sent it was made (`at`, else where the client was checked out).
+    /// and logs each statement that brought new ones the first time this process sees its
+    /// digest ([`pinning::digest`](crate::pinning::digest): no value it carried), with where
+    /// the call that sent it was made (`at`, else where the client was checked out).
     pub(crate) fn report_pins(&self, state: &ConnState, at: Option<&'static Location<'static>>) {
         let (new, was_pinned) = state.unreported_pins();
         if new.is_empty() {
             return;
         }
         self.counters.pinned(new, !was_pinned);
-        let first = state.first_pin();
-        let digest = crate::pinning::digest(first.as_deref().unwrap_or(""));
         let at = at.map_or_else(|| "unknown".to_owned(), ToString::to_string);
-        if !first_pin_of(&digest) {
-            tracing::debug!(connection = state.id, reasons = %new, digest, at, "pinpool: this connection may be pinned");
-            return;
+        // Each statement that brought new reasons is logged as itself: a pinned connection
+        // may be pinned for another reason by a later statement, with its own digest and line.
+        let mut pins = state.take_new_pins();
+        if pins.is_empty() {
+            pins.push((new, state.first_pin().unwrap_or_default().into()));
         }
-        let advice: Vec<&str> = new.iter().map(|r| r.advice()).collect();
-        tracing::warn!(
-            connection = state.id,
-            reasons = %new,
-            digest,
-            at,
-            advice = advice.join("; "),
-            "pinpool: a statement pinned the connection (logged once per statement and process; pinpool_pinned counts each)"
-        );
+        for (reasons, statement) in pins {
+            let digest = crate::pinning::digest(&statement);
+            if !first_pin_of(&digest) {
+                tracing::debug!(connection = state.id, reasons = %reasons, digest, at, "pinpool: this connection may be pinned");
+                continue;
+            }
+            let advice: Vec<&str> = reasons.iter().map(|r| r.advice()).collect();
+            tracing::warn!(
+                connection = state.id,
+                reasons = %reasons,
+                digest,
+                at,
+                advice = advice.join("; "),
+                "pinpool: a statement pinned the connection (logged once per statement and process; pinpool_pinned counts each)"
+            );
+        }
     }
 }
 

@@ -123,3 +123,27 @@ fn the_digest_keeps_no_set_value_given_as_a_name() {
         assert_eq!(pinpool::pinning::digest(sql), want, "{sql}");
     }
 }
+
+/// Two statements pin one connection for different reasons: each is logged once, with its own
+/// digest and line. The log took the connection's first pinning statement for every report:
+/// the LISTEN was logged (at DEBUG only, the SET's digest being known) as the SET, at the
+/// LISTEN's line.
+#[tokio::test(flavor = "current_thread")]
+async fn a_second_pinning_statement_on_a_pinned_connection_is_logged_as_itself() {
+    let (log, _guard) = capture();
+    let pool = common::builder("attacks7_second").build().unwrap();
+    let c = pool.get().await.unwrap();
+    c.batch_execute("SET work_mem = '64MB'").await.unwrap();
+    let line = line!() + 1;
+    c.batch_execute("LISTEN attacks7_chan").await.unwrap();
+    drop(c);
+    let text = log.text();
+    let warns: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("a statement pinned the connection"))
+        .collect();
+    assert_eq!(warns.len(), 2, "{text}");
+    assert!(warns[0].contains("set work_mem = ?"), "{text}");
+    assert!(warns[1].contains("listen attacks7_chan"), "{text}");
+    assert!(warns[1].contains(&format!("attacks7.rs:{line}:")), "{text}");
+}
