@@ -147,3 +147,27 @@ async fn a_second_pinning_statement_on_a_pinned_connection_is_logged_as_itself()
     assert!(warns[1].contains("listen attacks7_chan"), "{text}");
     assert!(warns[1].contains(&format!("attacks7.rs:{line}:")), "{text}");
 }
+
+/// A statement retried on a fresh connection (the first one was found closed before anything
+/// was sent) is logged at its own line: the swap built the fresh connection's guard with the
+/// checkout's line.
+#[tokio::test(flavor = "current_thread")]
+async fn a_retried_statement_that_pins_is_logged_at_its_own_line() {
+    let (log, _guard) = capture();
+    let app = "attacks7_retry";
+    let pool = common::builder(app).max_size(2).build().unwrap();
+    let c = pool.get().await.unwrap();
+    let admin = common::admin().await;
+    assert_eq!(common::kill_backends(&admin, app).await, 1);
+    common::until_closed(&c).await;
+    let line = line!() + 1;
+    c.batch_execute("SET work_mem = '66MB'").await.unwrap();
+    assert_eq!(pool.status().retries, 1);
+    drop(c);
+    let text = log.text();
+    let warn = text
+        .lines()
+        .find(|l| l.contains("a statement pinned the connection"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(warn.contains(&format!("attacks7.rs:{line}:")), "{text}");
+}
