@@ -823,11 +823,13 @@ impl PoolInner {
         }
     }
 
-    /// Refuses a statement that may pin, under the strict policy: counts and logs it.
+    /// Refuses a statement that may pin, under the strict policy: counts and logs it, by its
+    /// digest as a pin is ([`pinning::digest`](crate::pinning::digest): no value it carried).
     pub(crate) fn refuse(&self, pins: Reasons, sql: &str) -> Error {
         let statement = truncate(sql, 120);
         self.counters.refused(pins);
-        tracing::warn!(reasons = %pins, statement, "pinpool: refused a statement that may pin the RDS Proxy session");
+        let digest = crate::pinning::digest(statement);
+        tracing::warn!(reasons = %pins, digest, "pinpool: refused a statement that may pin the RDS Proxy session");
         Error::PinRefused {
             reasons: pins,
             statement: statement.to_owned(),

@@ -171,3 +171,31 @@ async fn a_retried_statement_that_pins_is_logged_at_its_own_line() {
         .unwrap_or_else(|| panic!("{text}"));
     assert!(warn.contains(&format!("attacks7.rs:{line}:")), "{text}");
 }
+
+/// Under the strict policy a refused statement was logged at WARN with its text, and its error
+/// displayed it: the value the pin log's digest keeps out (a password set with set_config)
+/// reached the log all the same.
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_statement_reaches_no_log_with_its_values() {
+    let (log, _guard) = capture();
+    let pool = common::builder("attacks7_refuse")
+        .pin_policy(pinpool::PinPolicy::Refuse)
+        .build()
+        .unwrap();
+    let c = pool.get().await.unwrap();
+    let err = c
+        .batch_execute("SELECT set_config('app.password', 'hunter2', false)")
+        .await
+        .unwrap_err();
+    let pinpool::Error::PinRefused { statement, .. } = &err else {
+        panic!("{err:?}");
+    };
+    // The caller's own error still holds the text it sent.
+    assert!(statement.contains("hunter2"), "{statement}");
+    let shown = err.to_string();
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("set_config(?, ?, false)"), "{shown}");
+    let text = log.text();
+    assert!(text.contains("refused a statement"), "{text}");
+    assert!(!text.contains("hunter2"), "a value reached the log: {text}");
+}
