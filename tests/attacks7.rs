@@ -199,3 +199,27 @@ async fn a_refused_statement_reaches_no_log_with_its_values() {
     assert!(text.contains("refused a statement"), "{text}");
     assert!(!text.contains("hunter2"), "a value reached the log: {text}");
 }
+
+/// A statement sent through generic code (`C: GenericClient`) is logged at the generic
+/// code's line, not at pinpool's trait impl.
+#[tokio::test(flavor = "current_thread")]
+async fn a_pin_through_a_generic_client_is_logged_at_the_generic_callers_line() {
+    use pinpool::GenericClient;
+
+    async fn set_it<C: GenericClient>(c: &C) -> u32 {
+        let line = line!() + 1;
+        c.batch_execute("SET work_mem = '67MB'").await.unwrap();
+        line
+    }
+    let (log, _guard) = capture();
+    let pool = common::builder("attacks7_generic").build().unwrap();
+    let c = pool.get().await.unwrap();
+    let line = set_it(&c).await;
+    drop(c);
+    let text = log.text();
+    let warn = text
+        .lines()
+        .find(|l| l.contains("a statement pinned the connection"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(warn.contains(&format!("attacks7.rs:{line}:")), "{text}");
+}
