@@ -855,7 +855,7 @@ impl PoolInner {
         }
         for (reasons, statement) in pins {
             let digest = crate::pinning::digest(&statement);
-            if !first_pin_of(&digest) {
+            if !first_pin_of(&digest, reasons) {
                 tracing::debug!(connection = state.id, reasons = %reasons, digest, at, "pinpool: this connection may be pinned");
                 continue;
             }
@@ -872,13 +872,15 @@ impl PoolInner {
     }
 }
 
-/// True the first time this process sees a pinning statement's digest: its log line is
-/// written once. Bounded: past 4,096 digests, none is new any more.
-fn first_pin_of(digest: &str) -> bool {
+/// True the first time this process sees a pinning statement's digest with these reasons: its
+/// log line is written once. The reasons are part of the key: the digest of a text cut at 120
+/// characters may be the same for statements that pin differently after the cut. Bounded: past
+/// 4,096 digests, none is new any more.
+fn first_pin_of(digest: &str, reasons: Reasons) -> bool {
     use std::collections::HashSet;
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     static SEEN: std::sync::Mutex<Option<HashSet<u64>>> = std::sync::Mutex::new(None);
-    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(digest);
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one((digest, reasons.bits()));
     let mut seen = crate::sync::lock(&SEEN);
     let seen = seen.get_or_insert_with(HashSet::new);
     seen.len() < 4096 && seen.insert(hash)

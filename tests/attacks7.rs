@@ -223,3 +223,30 @@ async fn a_pin_through_a_generic_client_is_logged_at_the_generic_callers_line() 
         .unwrap_or_else(|| panic!("{text}"));
     assert!(warn.contains(&format!("attacks7.rs:{line}:")), "{text}");
 }
+
+/// The wire keeps the first 120 characters of a pinning statement: two statements alike that
+/// far, pinning for different reasons after it, have one digest. The second was never logged
+/// at WARN (its digest was known), so its reason had no advice line.
+#[tokio::test(flavor = "current_thread")]
+async fn statements_alike_for_120_characters_pinning_differently_are_each_logged() {
+    let (log, _guard) = capture();
+    let pool = common::builder("attacks7_prefix").build().unwrap();
+    let prefix = format!("SELECT 1 AS {}", "x".repeat(120));
+    let c = pool.get().await.unwrap();
+    c.batch_execute(&format!("{prefix}, set_config('attacks7.a', 'b', false)"))
+        .await
+        .unwrap();
+    drop(c);
+    let c = pool.get().await.unwrap();
+    c.batch_execute(&format!("{prefix}, pg_advisory_lock(7)"))
+        .await
+        .unwrap();
+    drop(c);
+    let text = log.text();
+    let warns: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("a statement pinned the connection"))
+        .collect();
+    assert_eq!(warns.len(), 2, "{text}");
+    assert!(warns[1].contains("advisory_lock"), "{text}");
+}
