@@ -849,11 +849,8 @@ impl PoolInner {
         let at = at.map_or_else(|| "unknown".to_owned(), ToString::to_string);
         // Each statement that brought new reasons is logged as itself: a pinned connection
         // may be pinned for another reason by a later statement, with its own digest and line.
-        let mut pins = state.take_new_pins();
-        if pins.is_empty() {
-            pins.push((new, state.first_pin().unwrap_or_default().into()));
-        }
-        for (reasons, statement) in pins {
+        // Every reason is listed with its message before the wire sets it: none is missed.
+        for (reasons, statement) in state.take_new_pins() {
             let digest = crate::pinning::digest(&statement);
             if !first_pin_of(&digest, reasons) {
                 tracing::debug!(connection = state.id, reasons = %reasons, digest, at, "pinpool: this connection may be pinned");
