@@ -803,7 +803,9 @@ impl Builder {
 
     /// How long an invocation's start waits for the check of an idle connection before it
     /// also opens a fresh one; whichever is ready first serves the invocation, and a
-    /// connection whose check has not answered by then is closed. A healthy check answers in
+    /// connection whose check has not answered by then is closed. An idle connection (one
+    /// whose check answered) serves as well: in a full pool, where no fresh one can open, a
+    /// healthy connection does not wait for a silent one's bound. A healthy check answers in
     /// one round trip (well under a millisecond from a Lambda function to RDS Proxy in its
     /// VPC); a flow a NAT forgot never answers, and then costs this plus a connect instead of
     /// the whole `validate_timeout`. `None`: wait for the checks alone. Default 25 ms.

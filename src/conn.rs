@@ -370,6 +370,11 @@ impl ConnState {
         self.wire.first_pin()
     }
 
+    /// The messages that brought new pin reasons since the last call ([`Wire::take_new_pins`]).
+    pub(crate) fn take_new_pins(&self) -> Vec<(Reasons, Box<str>)> {
+        self.wire.take_new_pins()
+    }
+
     /// The pin reasons the wire saw that were not reported yet, marked reported now, and
     /// whether any reason had been reported before.
     pub(crate) fn unreported_pins(&self) -> (Reasons, bool) {

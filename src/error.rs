@@ -90,7 +90,8 @@ pub enum Error {
     PinRefused {
         /// Why the statement may pin.
         reasons: Reasons,
-        /// The start of the statement's text.
+        /// The start of the statement's text (displayed by its
+        /// [digest](crate::pinning::digest), which holds none of its values).
         statement: String,
     },
     /// The pool was closed with [`Pool::close`](crate::Pool::close).
@@ -210,9 +211,11 @@ impl fmt::Display for Error {
             }
             Error::Password(e) => write!(f, "pinpool: the password provider failed: {e}"),
             Error::Query(e) => write!(f, "pinpool: statement failed: {}", Said(e)),
+            // By its digest: an error is logged, and the statement's values must not be.
             Error::PinRefused { reasons, statement } => write!(
                 f,
-                "pinpool: refused a statement that may pin an RDS Proxy session ({reasons}): {statement:?}"
+                "pinpool: refused a statement that may pin an RDS Proxy session ({reasons}): {:?}",
+                crate::pinning::digest(statement)
             ),
             Error::Closed => write!(f, "pinpool: the pool is closed"),
         }

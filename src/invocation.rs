@@ -312,12 +312,20 @@ impl Invocation {
         // A check that has not answered within `validate_patience` (a healthy one answers in a
         // round trip) races a fresh connection: whichever is ready first serves the
         // invocation, and a connection still unanswered then is closed. A flow a NAT forgot
-        // costs the patience and a connect, not the check's whole bound.
+        // costs the patience and a connect, not the check's whole bound. In a full pool no
+        // spare can open: there a connection already idle (one whose check answered) serves
+        // instead, as a healthy one must not wait for a silent one's bound. Looked at again
+        // each `patience` while no slot is free.
         let spare = async {
-            tokio::time::sleep(patience).await;
-            if !matches!(pool.open_idle(Some(cut)).await, Ok(true)) {
-                // No free slot, or the connect failed: the checks decide.
-                std::future::pending::<()>().await;
+            loop {
+                tokio::time::sleep(patience).await;
+                match pool.open_idle(Some(cut)).await {
+                    Ok(true) => return,
+                    Ok(false) if pool.idle_len() > 0 => return,
+                    Ok(false) => {}
+                    // The connect failed: the checks decide.
+                    Err(_) => std::future::pending::<()>().await,
+                }
             }
         };
         tokio::select! {

@@ -323,6 +323,87 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_beside_a_healthy_one_costs_the_patience_in_a_full_pool() {
+        // max_size connections idle, one silent: no slot is free for a spare, but the healthy
+        // one answered and is ready to serve. The silent one's whole bound must not pass.
+        let (pool, memory) = pool(
+            builder()
+                .max_size(2)
+                .validate_idle_after(Some(Duration::ZERO))
+                .validate_timeout(Duration::from_secs(1)),
+        );
+        memory.silent.store(true, SeqCst);
+        let silent = pool.get().await.unwrap();
+        memory.silent.store(false, SeqCst);
+        let healthy = pool.get().await.unwrap();
+        drop((silent, healthy));
+        let start = Instant::now();
+        let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+        pool.invocation(deadline, async {
+            let c = pool.get().await?;
+            c.check_connection().await
+        })
+        .await
+        .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
+        let s = pool.status();
+        assert_eq!(s.closed.get(crate::CloseReason::Stale), 1, "{s:?}");
+        assert_invariants(&pool);
+        assert_at_rest(&pool);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invocation_dropped_anywhere_in_the_spare_race_leaves_the_pool_whole() {
+        // A silent and a healthy idle connection, a free slot: the spare is opened after the
+        // patience. Dropped after any number of steps (before the spare, during its connect,
+        // after it), the invocation leaves every slot and count right.
+        // With two slots no spare can open: the race ends when the healthy one is idle.
+        for (max, steps) in [2, 3]
+            .into_iter()
+            .flat_map(|m| (0..40).map(move |s| (m, s)))
+        {
+            let (pool, memory) = pool(
+                builder()
+                    .max_size(max)
+                    .validate_idle_after(Some(Duration::ZERO))
+                    .validate_timeout(Duration::from_secs(1)),
+            );
+            memory.silent.store(true, SeqCst);
+            let silent = pool.get().await.unwrap();
+            memory.silent.store(false, SeqCst);
+            let healthy = pool.get().await.unwrap();
+            drop((silent, healthy));
+            let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+            let mut inv = Box::pin(pool.invocation(deadline, async {
+                let c = pool.get().await?;
+                c.check_connection().await
+            }));
+            for _ in 0..steps {
+                if poll_once(inv.as_mut()).await.is_ready() {
+                    break;
+                }
+                assert_invariants(&pool);
+                tokio::time::advance(Duration::from_millis(2)).await;
+            }
+            drop(inv);
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            assert_invariants(&pool);
+            let s = pool.status();
+            assert_eq!(s.idle, s.size, "steps {steps}: {s:?}");
+            assert!(s.size <= max, "steps {steps}: {s:?}");
+            // Every connection is accounted for: opened = open + closed.
+            let closed: u64 = s.closed.total();
+            assert_eq!(s.opened, s.size as u64 + closed, "steps {steps}: {s:?}");
+        }
+    }
+
     #[tokio::test]
     async fn random_operations_keep_the_invariants() {
         let seed = seed(7);

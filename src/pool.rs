@@ -823,11 +823,13 @@ impl PoolInner {
         }
     }
 
-    /// Refuses a statement that may pin, under the strict policy: counts and logs it.
+    /// Refuses a statement that may pin, under the strict policy: counts and logs it, by its
+    /// digest as a pin is ([`pinning::digest`](crate::pinning::digest): no value it carried).
     pub(crate) fn refuse(&self, pins: Reasons, sql: &str) -> Error {
         let statement = truncate(sql, 120);
         self.counters.refused(pins);
-        tracing::warn!(reasons = %pins, statement, "pinpool: refused a statement that may pin the RDS Proxy session");
+        let digest = crate::pinning::digest(statement);
+        tracing::warn!(reasons = %pins, digest, "pinpool: refused a statement that may pin the RDS Proxy session");
         Error::PinRefused {
             reasons: pins,
             statement: statement.to_owned(),
@@ -835,41 +837,47 @@ impl PoolInner {
     }
 
     /// Counts the pin reasons the wire saw on `state`'s connection since the last report,
-    /// and logs the statement that pinned it the first time this process sees its digest
-    /// ([`pinning::digest`](crate::pinning::digest): no value it carried), with where the call
-    /// that sent it was made (`at`, else where the client was checked out).
+    /// and logs each statement that brought new ones the first time this process sees its
+    /// digest ([`pinning::digest`](crate::pinning::digest): no value it carried), with where
+    /// the call that sent it was made (`at`, else where the client was checked out).
     pub(crate) fn report_pins(&self, state: &ConnState, at: Option<&'static Location<'static>>) {
         let (new, was_pinned) = state.unreported_pins();
         if new.is_empty() {
             return;
         }
         self.counters.pinned(new, !was_pinned);
-        let first = state.first_pin();
-        let digest = crate::pinning::digest(first.as_deref().unwrap_or(""));
         let at = at.map_or_else(|| "unknown".to_owned(), ToString::to_string);
-        if !first_pin_of(&digest) {
-            tracing::debug!(connection = state.id, reasons = %new, digest, at, "pinpool: this connection may be pinned");
-            return;
+        // Each statement that brought new reasons is logged as itself: a pinned connection
+        // may be pinned for another reason by a later statement, with its own digest and line.
+        // Every reason is listed with its message before the wire sets it: none is missed.
+        for (reasons, statement) in state.take_new_pins() {
+            let digest = crate::pinning::digest(&statement);
+            if !first_pin_of(&digest, reasons) {
+                tracing::debug!(connection = state.id, reasons = %reasons, digest, at, "pinpool: this connection may be pinned");
+                continue;
+            }
+            let advice: Vec<&str> = reasons.iter().map(|r| r.advice()).collect();
+            tracing::warn!(
+                connection = state.id,
+                reasons = %reasons,
+                digest,
+                at,
+                advice = advice.join("; "),
+                "pinpool: a statement pinned the connection (logged once per statement and process; pinpool_pinned counts each)"
+            );
         }
-        let advice: Vec<&str> = new.iter().map(|r| r.advice()).collect();
-        tracing::warn!(
-            connection = state.id,
-            reasons = %new,
-            digest,
-            at,
-            advice = advice.join("; "),
-            "pinpool: a statement pinned the connection (logged once per statement and process; pinpool_pinned counts each)"
-        );
     }
 }
 
-/// True the first time this process sees a pinning statement's digest: its log line is
-/// written once. Bounded: past 4,096 digests, none is new any more.
-fn first_pin_of(digest: &str) -> bool {
+/// True the first time this process sees a pinning statement's digest with these reasons: its
+/// log line is written once. The reasons are part of the key: the digest of a text cut at 120
+/// characters may be the same for statements that pin differently after the cut. Bounded: past
+/// 4,096 digests, none is new any more.
+fn first_pin_of(digest: &str, reasons: Reasons) -> bool {
     use std::collections::HashSet;
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     static SEEN: std::sync::Mutex<Option<HashSet<u64>>> = std::sync::Mutex::new(None);
-    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(digest);
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one((digest, reasons.bits()));
     let mut seen = crate::sync::lock(&SEEN);
     let seen = seen.get_or_insert_with(HashSet::new);
     seen.len() < 4096 && seen.insert(hash)

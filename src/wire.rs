@@ -73,6 +73,10 @@ pub(crate) struct Wire {
     expected: AtomicU32,
     ready: AtomicU32,
     first_pin: Mutex<Option<Box<str>>>,
+    /// Each message that brought a pin reason the connection did not have yet (its start) and
+    /// the reasons it brought, until the pool reports them ([`Wire::take_new_pins`]): at most
+    /// one per reason.
+    new_pins: Mutex<Vec<(Reasons, Box<str>)>>,
     /// Tasks waiting for a ReadyForQuery ([`Wire::ready_for`]); `waiting` says whether there
     /// are any.
     waiters: Mutex<Vec<Waker>>,
@@ -143,6 +147,7 @@ impl Wire {
             expected: AtomicU32::new(1),
             ready: AtomicU32::new(0),
             first_pin: Mutex::new(None),
+            new_pins: Mutex::new(Vec::new()),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicBool::new(false),
             ended: AtomicBool::new(false),
@@ -336,6 +341,12 @@ impl Wire {
             .map(str::to_owned)
     }
 
+    /// The messages that brought new pin reasons since the last call, each with the reasons
+    /// it brought, in order.
+    pub(crate) fn take_new_pins(&self) -> Vec<(Reasons, Box<str>)> {
+        std::mem::take(&mut *crate::sync::lock(&self.new_pins))
+    }
+
     /// Waits until the ReadyForQuery of request number `target` arrived ([`Wire::next_request`]
     /// taken just before a call's request was queued), or the connection ended. tokio-postgres
     /// hands a result over at its CommandComplete, which a socket read may deliver apart from
@@ -403,6 +414,11 @@ impl Wire {
             return;
         }
         let before = self.pinned();
+        let added = reasons.minus(before);
+        if !added.is_empty() {
+            // Kept before the reasons are set: a report that sees them finds their message.
+            crate::sync::lock(&self.new_pins).push((added, truncate(what, 120).into()));
+        }
         self.update(|f| f.set_pinned(before.union(reasons)));
         if before.is_empty() {
             let mut first = crate::sync::lock(&self.first_pin);

@@ -135,7 +135,8 @@ impl PooledClient {
         self.pool.retried(old, fresh.state.id);
         Ok(Ctx {
             client: &fresh.client,
-            g: self.guarded(fresh),
+            // The call's line, not the checkout's: a pin of the rerun is reported at it.
+            g: self.guarded(fresh).at(ctx.g.at),
             bound: ctx.bound,
         })
     }

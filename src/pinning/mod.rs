@@ -464,9 +464,12 @@ pub enum StandardStrings {
 }
 
 /// A statement's digest, as RDS Proxy's log prints one (`set names $1`): keywords and names
-/// in lower case, every literal (string, dollar-quoted, number) replaced by `?`, comments and
-/// white space collapsed, parameters (`$1`) and quoted names kept. It holds no value the
-/// statement carried, so it can be logged. At most 200 bytes.
+/// in lower case, every literal (string, dollar-quoted, number) and a `SET`'s value (a name
+/// too: `SET app.key = s3cr3t`) replaced by `?`, comments and white space collapsed,
+/// parameters (`$1`) and quoted names kept. It holds no value the
+/// statement carried, so it can be logged, whatever `standard_conforming_strings` says: it
+/// ends at a `'...'` literal holding a backslash, after which the two settings read the text
+/// differently. At most 200 bytes.
 ///
 /// ```
 /// assert_eq!(
@@ -487,6 +490,12 @@ pub fn digest(sql: &str) -> String {
     let mut dot_after_number = false;
     let mut glue = true;
     let mut after_word = false;
+    // A `SET`'s value may be a name, bare or quoted (`SET app.key = s3cr3t`): a value all the
+    // same, written as `?` like a literal. Whether the statement is a `SET`, and its value
+    // has begun (after `=` or `TO`).
+    let mut statement_start = true;
+    let mut set = false;
+    let mut set_value = false;
     while let Some((start, tok)) = lx.next() {
         if out.len() >= MAX {
             break;
@@ -509,13 +518,30 @@ pub fn digest(sql: &str) -> String {
             dot_after_number = true;
             continue;
         }
+        if statement_start {
+            set = matches!(tok, Tok::Word(w) if w.eq_ignore_ascii_case(b"set"));
+        }
+        let value_name =
+            set_value && matches!(tok, Tok::Word(_) | Tok::Quoted(_) | Tok::UQuoted(..));
         let piece: std::borrow::Cow<'_, str> = match tok {
+            _ if value_name => "?".into(),
             Tok::Word(_) => text.to_ascii_lowercase().into(),
             Tok::Str(_) | Tok::Dollar(_) => "?".into(),
             Tok::Other if is_number => "?".into(),
             _ => text.into(),
         };
         number_end = is_number.then_some(lx.i);
+        set_value |=
+            set && (text == "=" || matches!(tok, Tok::Word(w) if w.eq_ignore_ascii_case(b"to")));
+        statement_start = matches!(tok, Tok::Semi);
+        if statement_start {
+            (set, set_value) = (false, false);
+        }
+        // A `'...'` literal that held a backslash ends elsewhere when
+        // `standard_conforming_strings` is `off` (`'O\'Brien ...'`), which the text alone
+        // does not say: what follows may be the rest of a value under the other reading, so
+        // the digest stops at it.
+        let ambiguous = matches!(tok, Tok::Str(_)) && lx.depends_on_setting;
         // A call's parenthesis stays on its name: `set_config(?, ...)`.
         let tight_before = matches!(tok, Tok::Comma | Tok::RParen | Tok::Dot | Tok::Semi)
             || (matches!(tok, Tok::LParen) && after_word);
@@ -523,6 +549,9 @@ pub fn digest(sql: &str) -> String {
             out.push(' ');
         }
         out.push_str(&piece);
+        if ambiguous {
+            break;
+        }
         glue = matches!(tok, Tok::LParen | Tok::Dot);
         after_word = matches!(tok, Tok::Word(_) | Tok::Quoted(_));
     }
