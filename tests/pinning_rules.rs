@@ -364,6 +364,12 @@ const TABLE: &[(&str, &[Reason])] = &[
     ),
     ("ALTER TABLE t ADD COLUMN id serial", &[SequenceFunction]),
     ("ALTER TABLE t ADD id bigserial", &[SequenceFunction]),
+    // Only a leading ALTER adds a column: these words elsewhere are names.
+    ("SELECT serial(alter) FROM t", &[]),
+    (
+        "DO $$ BEGIN ALTER TABLE t ADD id serial; END $$",
+        &[SequenceFunction],
+    ),
     (
         "ALTER TABLE t ADD COLUMN id int GENERATED ALWAYS AS IDENTITY",
         &[SequenceFunction],

@@ -508,7 +508,12 @@ impl<'a> Stmt<'a> {
                 Definition::Default => {
                     self.set_default = matches!(prev, Tok::Word(p) if eq(p, "set"));
                 }
-                Definition::Alter => self.alter = true,
+                // The statement's leading word (the same slice the words collected hold);
+                // anywhere in a `DO` body, where a block's `BEGIN` may come first.
+                Definition::Alter => {
+                    self.alter |= nested
+                        || (self.nwords > 0 && std::ptr::eq(self.words[0].as_ptr(), w.as_ptr()));
+                }
                 Definition::Serial => self.sequence_column = true,
                 // GENERATED ... AS IDENTITY, not REPLICA IDENTITY.
                 Definition::Identity => {
