@@ -259,3 +259,24 @@ async fn a_shape_the_server_refuses_is_learned_again() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn with_the_cache_off_a_statement_is_learned_and_then_takes_one_round_trip() {
+    let turns = Arc::new(Turns::default());
+    let port = counting_relay(turns.clone()).await;
+    let pool = common::relayed(port, "sp_cache_off")
+        .max_size(1)
+        .statement_cache_capacity(0)
+        .build()
+        .unwrap();
+    let sql = "SELECT $1::int4 * 3";
+    let c = pool.get().await.unwrap();
+    let (n, trips) = counted(&turns, c.query_one_scalar::<i32, _>(sql, &[&2i32])).await;
+    assert_eq!(n.unwrap(), 6);
+    assert_eq!(trips, 2, "first use: prepare (learned), execute");
+    for i in 0..3 {
+        let (n, trips) = counted(&turns, c.query_one_scalar::<i32, _>(sql, &[&i])).await;
+        assert_eq!(n.unwrap(), i * 3);
+        assert_eq!(trips, 1, "learned: unnamed, one round trip");
+    }
+}

@@ -274,6 +274,17 @@ impl<'a> Ctx<'a> {
                             .check(&stmt.sql, Some(stmt.class), Protocol::Execute)?;
                         Ok((Target::Prepared(stmt.inner), Some(sql)))
                     }
+                    // The cache is off: prepared for this call alone, through the pool, so its
+                    // shape is learned and the next call on any connection takes one round
+                    // trip.
+                    None if unnamed.is_some()
+                        && self.g.pool.settings.statement_cache_capacity == 0 =>
+                    {
+                        let stmt = Box::pin(self.prepare_in(sql, &[], self.bound)).await?;
+                        self.g
+                            .check(&stmt.sql, Some(stmt.class), Protocol::Execute)?;
+                        Ok((Target::Prepared(stmt.inner), None))
+                    }
                     None => {
                         self.g.check(sql, None, Protocol::Parse)?;
                         Ok((Target::Text(sql.to_owned()), None))
