@@ -2,38 +2,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use common::capture;
 
-/// Log lines, captured.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+fn debug_log() -> (common::Captured, tracing::subscriber::DefaultGuard) {
+    capture(tracing::Level::DEBUG)
 }
 
 /// With `standard_conforming_strings = off` (a role's or the server's default), `\'` escapes a
@@ -54,7 +26,7 @@ fn the_digest_keeps_no_value_whatever_standard_conforming_strings_says() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_pin_on_a_connection_without_standard_strings_logs_no_value() {
-    let (log, _guard) = capture();
+    let (log, _guard) = debug_log();
     let url = format!(
         "{}&options=-c%20standard_conforming_strings%3Doff",
         common::url_for("attacks7_sco")
@@ -130,7 +102,7 @@ fn the_digest_keeps_no_set_value_given_as_a_name() {
 /// LISTEN's line.
 #[tokio::test(flavor = "current_thread")]
 async fn a_second_pinning_statement_on_a_pinned_connection_is_logged_as_itself() {
-    let (log, _guard) = capture();
+    let (log, _guard) = debug_log();
     let pool = common::builder("attacks7_second").build().unwrap();
     let c = pool.get().await.unwrap();
     c.batch_execute("SET work_mem = '64MB'").await.unwrap();
@@ -153,7 +125,7 @@ async fn a_second_pinning_statement_on_a_pinned_connection_is_logged_as_itself()
 /// checkout's line.
 #[tokio::test(flavor = "current_thread")]
 async fn a_retried_statement_that_pins_is_logged_at_its_own_line() {
-    let (log, _guard) = capture();
+    let (log, _guard) = debug_log();
     let app = "attacks7_retry";
     let pool = common::builder(app).max_size(2).build().unwrap();
     let c = pool.get().await.unwrap();
@@ -177,7 +149,7 @@ async fn a_retried_statement_that_pins_is_logged_at_its_own_line() {
 /// reached the log all the same.
 #[tokio::test(flavor = "current_thread")]
 async fn a_refused_statement_reaches_no_log_with_its_values() {
-    let (log, _guard) = capture();
+    let (log, _guard) = debug_log();
     let pool = common::builder("attacks7_refuse")
         .pin_policy(pinpool::PinPolicy::Refuse)
         .build()
@@ -211,7 +183,7 @@ async fn a_pin_through_a_generic_client_is_logged_at_the_generic_callers_line() 
         c.batch_execute("SET work_mem = '67MB'").await.unwrap();
         line
     }
-    let (log, _guard) = capture();
+    let (log, _guard) = debug_log();
     let pool = common::builder("attacks7_generic").build().unwrap();
     let c = pool.get().await.unwrap();
     let line = set_it(&c).await;
@@ -229,7 +201,7 @@ async fn a_pin_through_a_generic_client_is_logged_at_the_generic_callers_line() 
 /// at WARN (its digest was known), so its reason had no advice line.
 #[tokio::test(flavor = "current_thread")]
 async fn statements_alike_for_120_characters_pinning_differently_are_each_logged() {
-    let (log, _guard) = capture();
+    let (log, _guard) = debug_log();
     let pool = common::builder("attacks7_prefix").build().unwrap();
     let prefix = format!("SELECT 1 AS {}", "x".repeat(120));
     let c = pool.get().await.unwrap();

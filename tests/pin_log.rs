@@ -4,49 +4,20 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use pinpool::GenericClient;
 
-/// Log lines, captured.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains("a statement pinned the connection"))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+/// The once-per-statement lines of the pin log.
+fn pin_lines(log: &common::Captured) -> Vec<String> {
+    log.text()
+        .lines()
+        .filter(|l| l.contains("a statement pinned the connection"))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_pin_is_logged_once_per_statement_with_its_digest_and_the_callers_line() {
-    let (log, _guard) = capture();
+    let (log, _guard) = common::capture(tracing::Level::WARN);
     let pool = common::builder("pin_log").build().unwrap();
     let this_file = file!();
 
@@ -54,7 +25,7 @@ async fn a_pin_is_logged_once_per_statement_with_its_digest_and_the_callers_line
     let line = line!() + 1;
     c.batch_execute("SET work_mem = '77MB'").await.unwrap();
     drop(c);
-    let lines = log.lines();
+    let lines = pin_lines(&log);
     assert_eq!(lines.len(), 1, "{lines:?}");
     let l = &lines[0];
     assert!(l.contains("set work_mem = ?"), "{l}");
@@ -65,7 +36,7 @@ async fn a_pin_is_logged_once_per_statement_with_its_digest_and_the_callers_line
     let c = pool.get().await.unwrap();
     c.batch_execute("SET work_mem = '78MB'").await.unwrap();
     drop(c);
-    assert_eq!(log.lines().len(), 1);
+    assert_eq!(pin_lines(&log).len(), 1);
     assert_eq!(pool.status().pinned, 2);
 
     // Another statement, through a transaction and through GenericClient: its own line.
@@ -86,7 +57,7 @@ async fn a_pin_is_logged_once_per_statement_with_its_digest_and_the_callers_line
         .await
         .unwrap();
     drop(c);
-    let lines = log.lines();
+    let lines = pin_lines(&log);
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(
         lines[1].contains("select set_config(?, $1, false)"),
