@@ -132,8 +132,12 @@ async fn a_retried_statement_that_pins_is_logged_at_its_own_line() {
     let admin = common::admin().await;
     assert_eq!(common::kill_backends(&admin, app).await, 1);
     common::until_closed(&c).await;
+    // Each test pins with a statement of its own: the log is once per statement and process,
+    // and `cargo test` runs a file's tests in one process.
     let line = line!() + 1;
-    c.batch_execute("SET work_mem = '66MB'").await.unwrap();
+    c.batch_execute("SET maintenance_work_mem = '66MB'")
+        .await
+        .unwrap();
     assert_eq!(pool.status().retries, 1);
     drop(c);
     let text = log.text();
@@ -180,7 +184,7 @@ async fn a_pin_through_a_generic_client_is_logged_at_the_generic_callers_line() 
 
     async fn set_it<C: GenericClient>(c: &C) -> u32 {
         let line = line!() + 1;
-        c.batch_execute("SET work_mem = '67MB'").await.unwrap();
+        c.batch_execute("SET temp_buffers = '67MB'").await.unwrap();
         line
     }
     let (log, _guard) = debug_log();
